@@ -1,0 +1,275 @@
+"""The NID state algebra: state blocks, snapshots, deltas and compaction.
+
+Pure Python, no database and no Synapse. Everything here works on numeric IDs
+(NIDs); turning strings into NIDs and back is the storage layer's job.
+
+Vocabulary (Dendrite's, see its roomserver README):
+
+* A *state entry* is a triple ``(type_nid, state_key_nid, event_nid)``.
+  ``event_nid == 0`` is a *tombstone*: the key is absent from the state.
+* A *block* is an immutable tuple of entries, sorted by ``(type_nid,
+  state_key_nid)``, with at most one entry per key.
+* A *snapshot* is an ordered sequence of at most :data:`MAX_BLOCKS` blocks.
+  The state it stands for is read by walking its blocks in order; a later block
+  wins for a given ``(type_nid, state_key_nid)``; tombstones are dropped last.
+
+The order of a snapshot's blocks is its meaning: block NIDs are deduplicated by
+content, so an *older* block NID can carry a *newer* delta, and nothing here
+relies on NIDs sorting by age.
+"""
+
+import hashlib
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import attr
+
+#: A snapshot never holds more blocks than this; reads touch at most this many.
+MAX_BLOCKS = 64
+
+#: A compaction aims at at most this many full-state blocks, leaving the rest of
+#: :data:`MAX_BLOCKS` for deltas before the next compaction.
+COMPACTED_BLOCKS_TARGET = 16
+
+#: Compacted blocks are cut where a key's hash says so, so that a change to one
+#: key changes one block and the others dedupe against the previous
+#: compaction. Blocks are at least this big (unless the state is smaller).
+MIN_CHUNK_ENTRIES = 64
+
+StateKeyNids = tuple[int, int]
+Entry = tuple[int, int, int]
+Block = tuple[Entry, ...]
+NidStateMap = dict[StateKeyNids, int]
+
+_LITTLE = sys.byteorder == "little"
+
+
+class AlgebraError(ValueError):
+    """An input breaks an invariant of blocks or snapshots."""
+
+
+def make_block(entries: Iterable[Entry]) -> Block:
+    """Build a block: sorted by key, one entry per key.
+
+    Raises AlgebraError if a key is given twice or a NID is not positive.
+    """
+    block = tuple(sorted(entries))
+    previous: StateKeyNids | None = None
+    for type_nid, state_key_nid, event_nid in block:
+        if type_nid <= 0 or state_key_nid <= 0 or event_nid < 0:
+            raise AlgebraError(
+                f"bad entry {(type_nid, state_key_nid, event_nid)} in block"
+            )
+        if previous == (type_nid, state_key_nid):
+            raise AlgebraError(f"key {previous} twice in one block")
+        previous = (type_nid, state_key_nid)
+    return block
+
+
+def _pack_int64s(values: Iterable[int]) -> bytes:
+    packed = array("q", values)
+    if not _LITTLE:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_int64s(data: bytes) -> array:
+    if len(data) % 8:
+        raise AlgebraError("packed NIDs are not a whole number of int64s")
+    values = array("q")
+    values.frombytes(data)
+    if not _LITTLE:
+        values.byteswap()
+    return values
+
+
+def pack_block(block: Block) -> bytes:
+    """Encode a block as little-endian int64 triples (24 bytes an entry)."""
+    return _pack_int64s(n for entry in block for n in entry)
+
+
+def unpack_block(data: bytes) -> Block:
+    """Inverse of :func:`pack_block`."""
+    values = _unpack_int64s(bytes(data))
+    if len(values) % 3:
+        raise AlgebraError("packed block is not a whole number of entries")
+    it = iter(values)
+    return tuple(zip(it, it, it))
+
+
+def pack_nids(nids: Sequence[int]) -> bytes:
+    """Encode a list of NIDs (a snapshot's blocks) as little-endian int64s."""
+    return _pack_int64s(nids)
+
+
+def unpack_nids(data: bytes) -> tuple[int, ...]:
+    """Inverse of :func:`pack_nids`."""
+    return tuple(_unpack_int64s(bytes(data)))
+
+
+def content_hash(packed: bytes) -> bytes:
+    """The dedupe key of a packed block or snapshot (scoped to a room by storage)."""
+    return hashlib.sha256(packed).digest()
+
+
+def resolve(blocks: Iterable[Block]) -> NidStateMap:
+    """The state a sequence of blocks stands for: later blocks win, tombstones drop."""
+    state: NidStateMap = {}
+    for block in blocks:
+        for type_nid, state_key_nid, event_nid in block:
+            state[(type_nid, state_key_nid)] = event_nid
+    return {key: event_nid for key, event_nid in state.items() if event_nid}
+
+
+def lookup(blocks: Sequence[Block], keys: Iterable[StateKeyNids]) -> NidStateMap:
+    """Resolve only ``keys``: binary search each block, newest block first.
+
+    Equal to ``{k: v for k, v in resolve(blocks).items() if k in keys}`` but
+    touches O(len(keys) * len(blocks) * log(block size)) entries.
+    """
+    wanted = set(keys)
+    found: NidStateMap = {}
+    for block in reversed(blocks):
+        if not wanted:
+            break
+        for key in list(wanted):
+            i = bisect_left(block, key)
+            if i < len(block) and block[i][:2] == key:
+                wanted.discard(key)
+                if block[i][2]:
+                    found[key] = block[i][2]
+    return found
+
+
+def delta(base: Mapping[StateKeyNids, int], new: Mapping[StateKeyNids, int]) -> Block:
+    """The block that turns state ``base`` into state ``new`` when appended.
+
+    Keys in ``base`` but not in ``new`` become tombstones.
+    """
+    entries = [(t, s, e) for (t, s), e in new.items() if base.get((t, s)) != e]
+    entries.extend((t, s, 0) for (t, s) in base.keys() - new.keys())
+    return make_block(entries)
+
+
+def _is_boundary(key: StateKeyNids, modulus: int) -> bool:
+    # A cheap deterministic integer hash (splitmix64 finaliser) of the key.
+    x = (key[0] * 0x9E3779B97F4A7C15 + key[1]) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x % modulus == 0
+
+
+def compact(state: Mapping[StateKeyNids, int]) -> list[Block]:
+    """Cut a full state into deterministic, content-defined blocks.
+
+    Entries are sorted by key and a block ends after a key whose hash hits a
+    boundary; the expected block size grows with the state so that the result
+    stays near :data:`COMPACTED_BLOCKS_TARGET` blocks. Because boundaries depend
+    only on keys, two compactions of states that differ in a few keys share all
+    the other blocks (and storage dedupes them). Never more than
+    ``MAX_BLOCKS // 2`` blocks; an empty state gives no block.
+    """
+    entries = make_block((t, s, e) for (t, s), e in state.items() if e)
+    if not entries:
+        return []
+    modulus = MIN_CHUNK_ENTRIES
+    while modulus * COMPACTED_BLOCKS_TARGET < len(entries):
+        modulus *= 2
+    blocks: list[Block] = []
+    start = 0
+    for i, entry in enumerate(entries):
+        if i + 1 - start >= MIN_CHUNK_ENTRIES and _is_boundary(entry[:2], modulus):
+            blocks.append(entries[start : i + 1])
+            start = i + 1
+    if start < len(entries):
+        blocks.append(entries[start:])
+    # Unlucky hashes can cut too often; merge neighbours pairwise (still
+    # deterministic) until the snapshot has room for deltas again.
+    while len(blocks) > MAX_BLOCKS // 2:
+        blocks = [
+            blocks[i] + blocks[i + 1] if i + 1 < len(blocks) else blocks[i]
+            for i in range(0, len(blocks), 2)
+        ]
+    return blocks
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class SnapshotPlan:
+    """How to store a new state: ``blocks`` to write, in snapshot order.
+
+    ``base`` is the NIDs of the blocks kept from the parent snapshot (a prefix of
+    the new snapshot); ``blocks`` are the new blocks appended after them.
+    """
+
+    base: tuple[int, ...]
+    blocks: tuple[Block, ...]
+    compacted: bool
+
+
+def extend(
+    parent_blocks: Sequence[int],
+    change: Block,
+    parent_state: Callable[[], NidStateMap],
+) -> SnapshotPlan:
+    """Plan the snapshot of ``parent`` with ``change`` applied.
+
+    While the parent has fewer than :data:`MAX_BLOCKS` blocks the new snapshot
+    is the parent's blocks plus one delta block. At the limit the full state is
+    compacted (``parent_state`` is only called then).
+    """
+    if not change:
+        return SnapshotPlan(tuple(parent_blocks), (), False)
+    if len(parent_blocks) < MAX_BLOCKS:
+        return SnapshotPlan(tuple(parent_blocks), (change,), False)
+    state = parent_state()
+    for type_nid, state_key_nid, event_nid in change:
+        state[(type_nid, state_key_nid)] = event_nid
+    return SnapshotPlan((), tuple(compact(state)), True)
+
+
+def full(state: Mapping[StateKeyNids, int]) -> SnapshotPlan:
+    """Plan a snapshot from a full state with no parent."""
+    return SnapshotPlan((), tuple(compact(state)), True)
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class NidFilter:
+    """A Synapse ``StateFilter`` translated to NIDs.
+
+    ``types`` maps a type NID to the state key NIDs wanted (``None``: every key).
+    With ``include_others`` every type not in ``types`` is wanted too. Strings
+    that have no NID cannot be in any state, so the translation drops them; that
+    is why a filter naming only unknown keys matches nothing.
+    """
+
+    types: Mapping[int, frozenset[int] | None]
+    include_others: bool
+
+    def is_full(self) -> bool:
+        return self.include_others and not self.types
+
+    def matches(self, key: StateKeyNids) -> bool:
+        keys = self.types.get(key[0], False)
+        if keys is False:
+            return self.include_others
+        return keys is None or key[1] in keys
+
+    def concrete_keys(self) -> list[StateKeyNids] | None:
+        """The exact keys wanted, or None if the filter has wildcards or others."""
+        if self.include_others or any(k is None for k in self.types.values()):
+            return None
+        return [(t, s) for t, keys in self.types.items() for s in keys or ()]
+
+    def apply(self, blocks: Sequence[Block]) -> NidStateMap:
+        """Resolve ``blocks`` and keep what the filter wants."""
+        keys = self.concrete_keys()
+        if keys is not None:
+            return lookup(blocks, keys)
+        state = resolve(blocks)
+        if self.is_full():
+            return state
+        return {key: e for key, e in state.items() if self.matches(key)}
+

@@ -1,0 +1,96 @@
+"""The module's configuration: parsed and checked once, at Synapse's start-up."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import attr
+
+from synapse.config._base import ConfigError
+
+#: What the module does with state-at-event lookups.
+#: mirror: only writes the NID tables; every lookup is Synapse's own.
+#: shadow: answers with Synapse's own lookup, also computes the NID answer for
+#:   the events it can, and counts and logs every difference.
+#: serve: answers from the NID tables, per event falling back to Synapse's own
+#:   lookup where the mirror has no answer.
+MODES = ("mirror", "shadow", "serve")
+
+#: The Synapse releases this module was tested against (inclusive, exclusive).
+TESTED_SYNAPSE = ((1, 163, 0), (1, 164, 0))
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class NidStateConfig:
+    mode: str = "shadow"
+    #: Entries of the immutable-block cache (one entry is one state block).
+    block_cache_size: int = 20_000
+    #: Entries of each NID <-> string cache (events, types, state keys, rooms).
+    string_cache_size: int = 500_000
+    #: Entries of the event -> snapshot and state group -> snapshot caches.
+    snapshot_cache_size: int = 100_000
+    #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
+    allow_untested_synapse: bool = False
+
+
+_KEYS = {field.name for field in attr.fields(NidStateConfig)}
+_CACHE_KEYS = ("block_cache_size", "string_cache_size", "snapshot_cache_size")
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
+    """Check the `config:` mapping of the module's entry in homeserver.yaml.
+
+    Raises ConfigError naming the offending key (with Synapse's
+    `modules.<n>.config` prefix added by Synapse's module loader).
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("synapse-nidstate's config must be a mapping")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_KEYS))}",
+            path=(unknown[0],),
+        )
+    mode = raw.get("mode", "shadow")
+    if mode not in MODES:
+        raise ConfigError(
+            f"must be one of {', '.join(MODES)}, not {mode!r}", path=("mode",)
+        )
+    values: dict[str, Any] = {"mode": mode}
+    for key in _CACHE_KEYS:
+        if key in raw:
+            value = raw[key]
+            if type(value) is not int or value < 1:
+                raise ConfigError(
+                    f"must be a positive integer, not {value!r}", path=(key,)
+                )
+            values[key] = value
+    if "allow_untested_synapse" in raw:
+        value = raw["allow_untested_synapse"]
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, not {value!r}", path=("allow_untested_synapse",))
+        values["allow_untested_synapse"] = value
+    return NidStateConfig(**values)
+
+
+def check_synapse_version(version: str, config: NidStateConfig) -> None:
+    """Refuse to start on a Synapse release this module was not tested with.
+
+    Wrapping Synapse's private persistence and state methods is only safe where
+    their signatures and semantics are known; `allow_untested_synapse: true`
+    overrides this at the operator's risk.
+    """
+    try:
+        release = tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        release = ()
+    low, high = TESTED_SYNAPSE
+    if low <= release < high or config.allow_untested_synapse:
+        return
+    raise ConfigError(
+        f"synapse-nidstate is tested with Synapse {'.'.join(map(str, low))} up to "
+        f"(not including) {'.'.join(map(str, high))}, and this is Synapse {version}. "
+        "Install a tested release, or set allow_untested_synapse: true to start anyway",
+        path=("allow_untested_synapse",),
+    )

@@ -1,0 +1,146 @@
+"""State-at-event lookups answered from the NID tables.
+
+These replace ``StateStorageController.get_state_ids_for_events`` and
+``get_state_for_events`` on the instance (see :mod:`synapse_nidstate.hooks`),
+so every caller in Synapse reaches them, and they answer exactly as those
+methods do: the state after each event (before it, for a rejected event),
+filtered by the ``StateFilter``, as strings, in the order of ``event_ids``,
+raising like Synapse for outliers and unknown events.
+
+Events the mirror has no snapshot for are answered by Synapse's own methods,
+per event, so a request mixing both still gets every event's right answer.
+"""
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+
+from synapse.events import EventBase
+from synapse.storage.controllers.state import StateStorageController
+from synapse.types import MutableStateMap, StateMap
+from synapse.types.state import StateFilter
+from synapse.util.cancellation import cancellable
+
+from synapse_nidstate.metrics import LookupStats
+from synapse_nidstate.storage import NidStore
+
+logger = logging.getLogger(__name__)
+
+NativeStateIds = Callable[..., Awaitable[dict[str, StateMap[str]]]]
+
+#: Mismatches logged in full at most this often per process (then only counted).
+_MAX_LOGGED_MISMATCHES = 100
+
+
+class StateLookups:
+    def __init__(
+        self,
+        controller: StateStorageController,
+        store: NidStore,
+        stats: LookupStats,
+        mode: str,
+        native_state_ids: NativeStateIds,
+    ) -> None:
+        self._controller = controller
+        self._store = store
+        self._stats = stats
+        self._mode = mode
+        self._native_state_ids = native_state_ids
+
+    async def mirrored_state_ids(
+        self, event_ids: Collection[str], state_filter: StateFilter
+    ) -> dict[str, MutableStateMap[str]]:
+        """The mirror's answer for the events it has a snapshot for (others left out)."""
+        return await self._store.db_pool.runInteraction(
+            "nidstate_get_state_for_events",
+            self._store.state_for_events_txn,
+            event_ids,
+            state_filter.types,
+            state_filter.include_others,
+            db_autocommit=True,
+        )
+
+    @cancellable
+    async def get_state_ids_for_events(
+        self,
+        event_ids: Collection[str],
+        state_filter: StateFilter | None = None,
+        await_full_state: bool = True,
+    ) -> dict[str, StateMap[str]]:
+        """Replacement of ``StateStorageController.get_state_ids_for_events``."""
+        if state_filter is None:
+            state_filter = StateFilter.all()
+        if self._mode == "shadow":
+            return await self._shadow(event_ids, state_filter, await_full_state)
+
+        # Keep Synapse's meaning of await_full_state (faster joins): wait until
+        # the events' state is complete unless the filter can do with partial
+        # state. Partial-state events have no snapshot, so they fall back.
+        if await_full_state and state_filter.must_await_full_state(
+            self._controller._is_mine_id
+        ):
+            await self._controller._partial_state_events_tracker.await_full_state(
+                event_ids
+            )
+        served = await self.mirrored_state_ids(event_ids, state_filter)
+        missing = [e for e in event_ids if e not in served]
+        self._stats.served += len(event_ids) - len(missing)
+        if missing:
+            self._stats.fallback += len(missing)
+            served.update(
+                await self._native_state_ids(missing, state_filter, await_full_state)
+            )
+        return {event_id: served[event_id] for event_id in event_ids}
+
+    async def _shadow(
+        self,
+        event_ids: Collection[str],
+        state_filter: StateFilter,
+        await_full_state: bool,
+    ) -> dict[str, StateMap[str]]:
+        """Answer with Synapse's own lookup; compare with the mirror's where it has one."""
+        native = await self._native_state_ids(event_ids, state_filter, await_full_state)
+        try:
+            mirrored = await self.mirrored_state_ids(event_ids, state_filter)
+        except Exception:
+            logger.exception("synapse-nidstate: shadow lookup failed")
+            mirrored = {}
+        self._stats.fallback += len(set(event_ids) - mirrored.keys())
+        for event_id, state in mirrored.items():
+            self._stats.compared += 1
+            if state != native[event_id]:
+                self._stats.mismatched += 1
+                if self._stats.mismatched <= _MAX_LOGGED_MISMATCHES:
+                    differing = sorted(
+                        key
+                        for key in state.keys() | native[event_id].keys()
+                        if state.get(key) != native[event_id].get(key)
+                    )
+                    logger.error(
+                        "synapse-nidstate: state at %s differs from Synapse's for %s "
+                        "(filter %s)",
+                        event_id,
+                        differing,
+                        state_filter,
+                    )
+        return native
+
+    async def get_state_for_events(
+        self, event_ids: Collection[str], state_filter: StateFilter | None = None
+    ) -> dict[str, StateMap[EventBase]]:
+        """Replacement of ``StateStorageController.get_state_for_events``.
+
+        Synapse's own method with the ids lookup above: same waiting for full
+        state (decided by the filter), same dropping of state events it cannot
+        load.
+        """
+        if state_filter is None:
+            state_filter = StateFilter.all()
+        state_ids = await self.get_state_ids_for_events(event_ids, state_filter)
+        state_events = await self._controller.stores.main.get_events(
+            [e for ids in state_ids.values() for e in ids.values()],
+            get_prev_content=False,
+        )
+        return {
+            event_id: {k: state_events[e] for k, e in ids.items() if e in state_events}
+            for event_id, ids in state_ids.items()
+        }

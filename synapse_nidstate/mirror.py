@@ -1,0 +1,204 @@
+"""The mirror: what Synapse persists, recorded as NID snapshots in the same transaction.
+
+Two steps per batch of events Synapse persists (one room, up to 100 events):
+
+1. :meth:`Mirror.prepare` runs before Synapse's transaction (it may await):
+   for every state group the batch's events will point at and the mirror does
+   not have yet, it plans how to build a snapshot: from the group's predecessor
+   plus the delta Synapse computed (from the events' contexts, else from
+   ``state_group_edges``), and only as a counted fallback from the full state.
+2. :meth:`Mirror.write_txn` runs inside Synapse's persistence transaction,
+   right after Synapse wrote ``event_to_state_groups``, and writes the
+   snapshots and the events' rows, so both commit or roll back together.
+"""
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import attr
+
+from synapse.events import EventBase
+from synapse.events.snapshot import EventContext
+from synapse.storage.database import LoggingTransaction
+from synapse.types import StateMap
+
+from synapse_nidstate.metrics import MirrorStats
+from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+#: How many state-group edges the planner follows back to a group the mirror
+#: has before it reads the full state instead.
+MAX_PLAN_HOPS = 16
+
+
+def state_group_at(event: EventBase, context: EventContext) -> int | None:
+    """The group Synapse records in ``event_to_state_groups`` for this event.
+
+    Mirrors ``PersistEventsStore._store_event_state_mappings_txn``: none for an
+    outlier (outside MSC4242 rooms), the state before a rejected event, the
+    state after any other.
+    """
+    if (
+        not event.room_version.msc4242_state_dags
+        and event.internal_metadata.is_outlier()
+    ):
+        return None
+    if context.rejected:
+        return context.state_group_before_event
+    return context._state_group
+
+
+@attr.s(slots=True, auto_attribs=True)
+class BatchPlan:
+    """What :meth:`Mirror.prepare` found for one batch, used by the transaction."""
+
+    steps: list[GroupStep]
+    scope: WriteScope = attr.Factory(WriteScope)
+
+
+class Mirror:
+    def __init__(self, hs: "HomeServer", store: NidStore, stats: MirrorStats) -> None:
+        self._store = store
+        self._state_store = hs.get_datastores().state
+        self._engine = store.engine
+        self.stats = stats
+        # room_id -> plan of the batch being persisted. Synapse persists one
+        # batch per room at a time (its per-room persistence queue).
+        self._plans: dict[str, BatchPlan] = {}
+
+    async def prepare(
+        self, room_id: str, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
+    ) -> BatchPlan:
+        """Plan the snapshots the batch needs; never fails the persistence.
+
+        On an error the plan is empty: the events are still recorded, without
+        a snapshot, and their lookups fall back to Synapse.
+        """
+        try:
+            return BatchPlan(await self._plan(events_and_contexts))
+        except Exception:
+            logger.exception("synapse-nidstate: could not plan snapshots for %s", room_id)
+            self.stats.plan_failures += 1
+            return BatchPlan([])
+
+    async def _plan(
+        self, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
+    ) -> list[GroupStep]:
+        needed: set[int] = set()
+        hints: dict[int, tuple[int, StateMap[str]]] = {}
+        for event, context in events_and_contexts:
+            group = state_group_at(event, context)
+            if group is None or context.partial_state:
+                continue
+            needed.add(group)
+            for (prev_group, to_group), delta in context.state_group_deltas.items():
+                if prev_group != to_group:
+                    hints[to_group] = (prev_group, delta)
+        known = set(await self._store.known_groups(needed))
+        planned: set[int] = set()
+        steps: list[GroupStep] = []
+        for group in sorted(needed - known):
+            await self._plan_group(group, hints, known, planned, steps, 0)
+        return steps
+
+    async def _plan_group(
+        self,
+        group: int,
+        hints: dict[int, tuple[int, StateMap[str]]],
+        known: set[int],
+        planned: set[int],
+        steps: list[GroupStep],
+        hops: int,
+    ) -> None:
+        """Append the steps that build ``group`` (its unknown ancestors first)."""
+        if group in known or group in planned:
+            return
+        if group in hints:
+            prev_group, delta = hints[group]
+        else:
+            edge = await self._state_store.get_state_group_delta(group)
+            prev_group, delta = edge.prev_group, edge.delta_ids
+        if prev_group is not None and delta is not None and hops < MAX_PLAN_HOPS:
+            if prev_group not in known and prev_group not in planned:
+                known.update(await self._store.known_groups([prev_group]))
+            await self._plan_group(prev_group, hints, known, planned, steps, hops + 1)
+            steps.append(GroupStep(group, prev_group, delta, None))
+        else:
+            # A group stored as full state (a new room, a state-resolution
+            # result, Synapse's 100-hop limit) or a long unmirrored chain.
+            state = (await self._state_store._get_state_for_groups([group]))[group]
+            self.stats.full_state_reads += 1
+            steps.append(GroupStep(group, None, None, state))
+        planned.add(group)
+
+    def begin_batch(self, room_id: str, plan: BatchPlan) -> bool:
+        if room_id in self._plans:
+            logger.error(
+                "synapse-nidstate: two batches of %s persisted at once; "
+                "the second one's events fall back to Synapse",
+                room_id,
+            )
+            return False
+        self._plans[room_id] = plan
+        return True
+
+    def end_batch(self, room_id: str) -> None:
+        self._plans.pop(room_id, None)
+
+    def write_txn(
+        self,
+        txn: LoggingTransaction,
+        events_and_contexts: Iterable[tuple[EventBase, EventContext]],
+    ) -> None:
+        """Record the events Synapse just mapped to state groups, in its transaction.
+
+        A failure of the mirror itself is contained in a savepoint: Synapse's
+        writes go on and the events are left for the catch-up (their lookups
+        fall back). A database error that makes Synapse retry the transaction
+        (deadlock, serialization failure, lock timeout) is raised for it to retry.
+        """
+        events_and_contexts = list(events_and_contexts)
+        if not events_and_contexts:
+            return
+        room_id = events_and_contexts[0][0].room_id
+        plan = self._plans.get(room_id)
+        if plan is None:
+            plan = BatchPlan([])
+        rows = [
+            EventRow(
+                event_id=event.event_id,
+                event_type=event.type,
+                state_key=event.get_state_key(),
+                state_group=None if context.partial_state else state_group_at(event, context),
+                rejected=bool(context.rejected),
+                stream_ordering=event.internal_metadata.stream_ordering,
+            )
+            for event, context in events_and_contexts
+            if state_group_at(event, context) is not None
+        ]
+        if not rows:
+            return
+        txn.execute("SAVEPOINT nidstate_mirror")
+        try:
+            self._store.mirror_events_txn(txn, plan.scope, room_id, rows, plan.steps, self.stats)
+        except Exception as e:
+            module = self._engine.module
+            if isinstance(e, module.OperationalError) or (
+                isinstance(e, module.DatabaseError) and self._engine.is_deadlock(e)
+            ):
+                raise
+            txn.execute("ROLLBACK TO SAVEPOINT nidstate_mirror")
+            plan.scope.discard()
+            self.stats.write_failures += 1
+            logger.exception(
+                "synapse-nidstate: could not mirror %d events of %s; they fall back",
+                len(rows),
+                room_id,
+            )
+        else:
+            txn.execute("RELEASE SAVEPOINT nidstate_mirror")

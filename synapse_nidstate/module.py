@@ -1,0 +1,107 @@
+"""The Synapse module: what `modules: - module: synapse_nidstate.NidStateModule` loads."""
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import synapse
+from synapse.config._base import ConfigError
+from synapse.module_api import ModuleApi
+from synapse.storage.database import make_conn
+
+from synapse_nidstate import hooks
+from synapse_nidstate.config import NidStateConfig, check_synapse_version, parse_config
+from synapse_nidstate.lookups import StateLookups
+from synapse_nidstate.metrics import COLLECTOR, NidStateStats
+from synapse_nidstate.mirror import Mirror
+from synapse_nidstate.schema import apply_schema_txn
+from synapse_nidstate.storage import NidStore
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+# The module instance of each homeserver of this process, for the CLI, the demo
+# and tests (Synapse keeps no reference to the modules it loads).
+_INSTANCES: "weakref.WeakKeyDictionary[HomeServer, NidStateModule]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def module_for(hs: "HomeServer") -> "NidStateModule | None":
+    """The NidStateModule loaded into ``hs``, if any."""
+    return _INSTANCES.get(hs)
+
+
+class NidStateModule:
+    """Mirrors room state into NID tables and (mode serve) answers lookups from them.
+
+    Built by Synapse on every process (main and workers) before its listeners
+    start. The schema is brought up to date here, synchronously, so that a
+    process never persists an event before the module's tables exist, and a
+    failure stops Synapse at start-up.
+    """
+
+    def __init__(self, config: NidStateConfig, api: ModuleApi) -> None:
+        self.config = config
+        self._api = api
+        hs = api._hs
+        self.stats = NidStateStats(hs.hostname)
+        COLLECTOR.add(self.stats)
+
+        self.schema_version = _apply_schema(hs)
+        self.store = NidStore(hs, config)
+        self.mirror = Mirror(hs, self.store, self.stats.mirror)
+        self.persists_events = hooks.install_mirror(hs, self.mirror)
+
+        controller = hs.get_storage_controllers().state
+        self.lookups = StateLookups(
+            controller,
+            self.store,
+            self.stats.lookups,
+            config.mode,
+            native_state_ids=controller.get_state_ids_for_events,
+        )
+        if config.mode != "mirror":
+            hooks.install_lookups(hs, self.lookups)
+        _INSTANCES[hs] = self
+        logger.info(
+            "synapse-nidstate: mode %s, schema %d, %s",
+            config.mode,
+            self.schema_version,
+            "mirroring events persisted here"
+            if self.persists_events
+            else "no events persisted by this process",
+        )
+
+    @staticmethod
+    def parse_config(config: dict[str, Any]) -> NidStateConfig:
+        parsed = parse_config(config)
+        check_synapse_version(synapse.__version__, parsed)
+        return parsed
+
+
+def _apply_schema(hs: Any) -> int:
+    """Create or upgrade the module's tables in the main database, now."""
+    db_pool = hs.get_datastores().main.db_pool
+    database_config = db_pool._database_config
+    if database_config.config.get("args", {}).get("database") in (None, ":memory:"):
+        raise ConfigError(
+            "synapse-nidstate needs an on-disk database: an in-memory SQLite "
+            "database cannot be opened a second time to create the module's tables",
+            path=("database", "args", "database"),
+        )
+    conn = make_conn(
+        db_config=database_config,
+        engine=db_pool.engine,
+        default_txn_name="nidstate_schema",
+        server_name=hs.hostname,
+    )
+    try:
+        cursor = conn.cursor(txn_name="nidstate_apply_schema")
+        version = apply_schema_txn(cursor)
+        conn.commit()
+        return version
+    finally:
+        conn.close()

@@ -1,0 +1,116 @@
+"""Creating and upgrading the module's tables in Synapse's main database.
+
+Schema files live in ``sql/<engine>/NN_name.sql`` (shipped inside the package
+as ``synapse_nidstate/sql``). Each is applied once, in order, in one transaction
+that also records the new version, so a crash half-way leaves the old schema.
+"""
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
+from synapse.storage.prepare_database import get_statements
+
+logger = logging.getLogger(__name__)
+
+#: Held while the schema is checked, so that the processes of a Synapse worker
+#: deployment starting together apply it once.
+_ADVISORY_LOCK_KEY = 0x6E6964737461  # "nidsta"
+
+_FILE_RE = re.compile(r"^(\d+)_[a-z0-9_]+\.sql$")
+
+
+def engine_name(engine: BaseDatabaseEngine) -> str:
+    return "postgres" if isinstance(engine, PostgresEngine) else "sqlite"
+
+
+def _sql_dir() -> Path:
+    shipped = resources.files("synapse_nidstate") / "sql"
+    if shipped.is_dir():
+        return Path(str(shipped))
+    # A source checkout: sql/ sits beside the package.
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def schema_files(engine: BaseDatabaseEngine) -> list[tuple[int, Path]]:
+    """The schema files for this engine, by version."""
+    directory = _sql_dir() / engine_name(engine)
+    files = []
+    for path in directory.iterdir():
+        match = _FILE_RE.match(path.name)
+        if match:
+            files.append((int(match.group(1)), path))
+    if not files:
+        raise RuntimeError(f"synapse-nidstate: no schema files in {directory}")
+    return sorted(files)
+
+
+def latest_version(engine: BaseDatabaseEngine) -> int:
+    return schema_files(engine)[-1][0]
+
+
+def current_version_txn(txn: LoggingTransaction) -> int:
+    """The applied schema version, 0 if the module's tables do not exist."""
+    if isinstance(txn.database_engine, PostgresEngine):
+        txn.execute("SELECT to_regclass('nidstate_meta') IS NOT NULL")
+    else:
+        txn.execute(
+            "SELECT COUNT(*) > 0 FROM sqlite_master"
+            " WHERE type = 'table' AND name = 'nidstate_meta'"
+        )
+    row = txn.fetchone()
+    if not row or not row[0]:
+        return 0
+    txn.execute("SELECT value FROM nidstate_meta WHERE key = 'schema_version'")
+    row = txn.fetchone()
+    return int(row[0]) if row else 0
+
+
+def apply_schema_txn(txn: LoggingTransaction) -> int:
+    """Bring the module's tables up to the latest version; idempotent.
+
+    Returns the version now applied. Raises RuntimeError if the database holds
+    a newer schema than this release knows (a downgrade).
+    """
+    engine = txn.database_engine
+    if isinstance(engine, PostgresEngine):
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (_ADVISORY_LOCK_KEY,))
+    current = current_version_txn(txn)
+    files = schema_files(engine)
+    if current > files[-1][0]:
+        raise RuntimeError(
+            f"synapse-nidstate: the database has schema version {current}, newer than "
+            f"this release's {files[-1][0]}; upgrade synapse-nidstate"
+        )
+    for version, path in files:
+        if version <= current:
+            continue
+        logger.info("synapse-nidstate: applying schema %s", path.name)
+        with path.open() as f:
+            for statement in get_statements(f):
+                txn.execute(statement)
+        current = version
+    txn.execute(
+        "DELETE FROM nidstate_meta WHERE key = 'schema_version'",
+    )
+    txn.execute(
+        "INSERT INTO nidstate_meta (key, value) VALUES ('schema_version', ?)",
+        (str(current),),
+    )
+    return current
+
+
+#: Every table the module owns, for `drop` and for storage statistics.
+TABLES = (
+    "nidstate_meta",
+    "nidstate_rooms",
+    "nidstate_event_types",
+    "nidstate_state_keys",
+    "nidstate_events",
+    "nidstate_blocks",
+    "nidstate_snapshots",
+    "nidstate_state_groups",
+)

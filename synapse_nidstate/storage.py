@@ -1,0 +1,689 @@
+"""The NID tables: interning strings, writing and reading blocks and snapshots.
+
+Every ``*_txn`` function runs inside a transaction it is given (Synapse's own
+persistence transaction for the mirror) and is idempotent, because Synapse's
+``runInteraction`` retries a transaction function after a deadlock or a
+serialization failure. In-process caches are filled only through
+``txn.call_after``, so a NID from a rolled-back transaction is never cached.
+
+The SQL is the same on SQLite and PostgreSQL (``?`` placeholders, ``ON
+CONFLICT ... DO NOTHING``, Synapse's ``make_in_list_sql_clause``); the DDL,
+which is not, lives in ``sql/<engine>/``.
+"""
+
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attr
+
+from synapse.storage.database import (
+    DatabasePool,
+    LoggingTransaction,
+    make_in_list_sql_clause,
+)
+from synapse.types import StateMap
+from synapse.util.caches.lrucache import LruCache
+from synapse.util.iterutils import batch_iter
+
+from synapse_nidstate import algebra
+from synapse_nidstate.algebra import Block, NidStateMap
+from synapse_nidstate.metrics import MirrorStats
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_nidstate.config import NidStateConfig
+
+logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+# Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
+# `bytes` parameters (matrix-org/synapse#6186).
+
+#: Bound on the number of values in one IN list (SQLite's variable limit).
+_CHUNK = 500
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _StringTable:
+    """An interned-string table: ``table(nid_column, string_column UNIQUE)``."""
+
+    table: str
+    nid_column: str
+    string_column: str
+
+
+ROOMS = _StringTable("nidstate_rooms", "room_nid", "room_id")
+TYPES = _StringTable("nidstate_event_types", "type_nid", "event_type")
+STATE_KEYS = _StringTable("nidstate_state_keys", "state_key_nid", "state_key")
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class GroupStep:
+    """How the mirror builds the snapshot of one Synapse state group.
+
+    Exactly one of ``delta`` (with ``prev_group``) and ``full_state`` is set:
+    the state of ``group`` is the state of ``prev_group`` with ``delta``
+    applied, or it is ``full_state``.
+    """
+
+    group: int
+    prev_group: int | None
+    delta: StateMap[str] | None
+    full_state: StateMap[str] | None
+
+
+@attr.s(slots=True, auto_attribs=True)
+class EventRow:
+    """What the mirror records for an event persisted with state."""
+
+    event_id: str
+    event_type: str
+    state_key: str | None
+    state_group: int | None  # None: no snapshot (e.g. partial state)
+    rejected: bool
+    stream_ordering: int | None
+
+
+class _TxnCaches:
+    """Values learnt in one transaction attempt; published to the caches after commit."""
+
+    def __init__(self) -> None:
+        self.strings: dict[_StringTable, dict[str, int]] = {
+            ROOMS: {},
+            TYPES: {},
+            STATE_KEYS: {},
+        }
+        self.events: dict[str, int] = {}
+        self.groups: dict[int, int] = {}
+        self.snapshots: dict[int, tuple[int, ...]] = {}
+        self.blocks: dict[int, Block] = {}
+
+
+class WriteScope:
+    """What a write transaction learnt, published only if its last attempt commits.
+
+    Synapse retries a transaction function after a deadlock or serialization
+    failure and runs *every* ``call_after`` callback of *every* attempt once an
+    attempt commits. So the callback is registered once and publishes what the
+    last attempt (the one that committed) learnt: a NID from a rolled-back
+    attempt never reaches a cache. Create one scope per ``runInteraction``,
+    outside the transaction function.
+    """
+
+    def __init__(self) -> None:
+        self._txn: LoggingTransaction | None = None
+        self.learnt = _TxnCaches()
+
+    def begin(self, txn: LoggingTransaction, store: "NidStore") -> _TxnCaches:
+        """Start (or continue, for the same attempt) writing in ``txn``."""
+        if self._txn is None:
+            txn.call_after(lambda: store._publish(self.learnt))
+        if txn is not self._txn:
+            self._txn = txn
+            self.learnt = _TxnCaches()
+        return self.learnt
+
+    def discard(self) -> None:
+        """Forget what was learnt (the writes were rolled back to a savepoint)."""
+        self.learnt = _TxnCaches()
+
+
+class NidStore:
+    """Reads and writes the module's tables in Synapse's main database."""
+
+    def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
+        self.db_pool: DatabasePool = hs.get_datastores().main.db_pool
+        self.engine = self.db_pool.engine
+        clock = hs.get_clock()
+        name = hs.hostname
+
+        def cache(cache_name: str, size: int, **kwargs: Any) -> LruCache:
+            return LruCache(
+                max_size=size,
+                clock=clock,
+                server_name=name,
+                cache_name=f"nidstate_{cache_name}",
+                **kwargs,
+            )
+
+        strings = config.string_cache_size
+        self._string_nids: dict[_StringTable, LruCache[str, int]] = {
+            table: cache(f"{table.table[9:]}_nids", strings)
+            for table in (ROOMS, TYPES, STATE_KEYS)
+        }
+        self._nid_strings: dict[_StringTable, LruCache[int, str]] = {
+            table: cache(f"{table.table[9:]}_strings", strings)
+            for table in (ROOMS, TYPES, STATE_KEYS)
+        }
+        self._event_nids: LruCache[str, int] = cache("event_nids", strings)
+        self._event_ids: LruCache[int, str] = cache("event_ids", strings)
+        self._group_snapshots: LruCache[int, int] = cache(
+            "group_snapshots", config.snapshot_cache_size
+        )
+        self._event_snapshots: LruCache[str, int] = cache(
+            "event_snapshots", config.snapshot_cache_size
+        )
+        self._snapshot_blocks: LruCache[int, tuple[int, ...]] = cache(
+            "snapshot_blocks", config.snapshot_cache_size
+        )
+        self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
+
+    # ------------------------------------------------------------------ caches
+
+    def _publish(self, learnt: _TxnCaches) -> None:
+        """Fill the shared caches with what a committed transaction learnt."""
+        for table, values in learnt.strings.items():
+            for string, nid in values.items():
+                self._string_nids[table].set(string, nid)
+                self._nid_strings[table].set(nid, string)
+        for event_id, nid in learnt.events.items():
+            self._event_nids.set(event_id, nid)
+            self._event_ids.set(nid, event_id)
+        for group, snapshot_nid in learnt.groups.items():
+            self._group_snapshots.set(group, snapshot_nid)
+        for snapshot_nid, block_nids in learnt.snapshots.items():
+            self._snapshot_blocks.set(snapshot_nid, block_nids)
+        for block_nid, block in learnt.blocks.items():
+            self._blocks.set(block_nid, block)
+
+    @staticmethod
+    def _split_cached(
+        cache: LruCache[K, V], keys: Iterable[K]
+    ) -> tuple[dict[K, V], list[K]]:
+        found: dict[K, V] = {}
+        missing: list[K] = []
+        for key in keys:
+            value = cache.get(key)
+            if value is None:
+                missing.append(key)
+            else:
+                found[key] = value
+        return found, missing
+
+    def _select_in_txn(
+        self,
+        txn: LoggingTransaction,
+        sql: str,
+        column: str,
+        values: Collection[Any],
+        args: tuple = (),
+    ) -> list[tuple]:
+        """Run ``sql`` (which ends in ``WHERE ... AND``-ready text) for chunks of values."""
+        rows: list[tuple] = []
+        for chunk in batch_iter(values, _CHUNK):
+            clause, clause_args = make_in_list_sql_clause(self.engine, column, chunk)
+            txn.execute(f"{sql} {clause}", (*args, *clause_args))
+            rows.extend(txn.fetchall())
+        return rows
+
+    # -------------------------------------------------------------- interning
+
+    def _intern_strings_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        table: _StringTable,
+        strings: Iterable[str],
+    ) -> dict[str, int]:
+        """Return the NID of each string, creating the missing ones.
+
+        Safe under concurrent writers: a row another writer inserts first wins
+        (``ON CONFLICT DO NOTHING``) and is read back.
+        """
+        known, missing = self._split_cached(self._string_nids[table], set(strings))
+        for string in list(missing):
+            if string in learnt.strings[table]:
+                known[string] = learnt.strings[table][string]
+                missing.remove(string)
+        if not missing:
+            return known
+        select = f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE"
+        found = dict(self._select_in_txn(txn, select, table.string_column, missing))
+        absent = [s for s in missing if s not in found]
+        if absent:
+            txn.execute_batch(
+                f"INSERT INTO {table.table} ({table.string_column}) VALUES (?)"
+                f" ON CONFLICT ({table.string_column}) DO NOTHING",
+                [(s,) for s in absent],
+            )
+            found.update(self._select_in_txn(txn, select, table.string_column, absent))
+        learnt.strings[table].update(found)
+        known.update(found)
+        return known
+
+    def _intern_events_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        room_nid: int,
+        events: Mapping[str, tuple[int, int]],
+    ) -> dict[str, int]:
+        """Return the NID of each event ID, given ``event_id -> (type_nid, state_key_nid)``.
+
+        A new row has no snapshot; :meth:`_set_event_state_txn` adds it for
+        events persisted with state.
+        """
+        known, missing = self._split_cached(self._event_nids, events)
+        missing = [e for e in missing if e not in learnt.events]
+        known.update((e, learnt.events[e]) for e in events if e in learnt.events)
+        if not missing:
+            return known
+        select = "SELECT event_id, event_nid FROM nidstate_events WHERE"
+        found = dict(self._select_in_txn(txn, select, "event_id", missing))
+        absent = [e for e in missing if e not in found]
+        if absent:
+            txn.execute_batch(
+                "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                [(e, room_nid, *events[e]) for e in absent],
+            )
+            found.update(self._select_in_txn(txn, select, "event_id", absent))
+        learnt.events.update(found)
+        known.update(found)
+        return known
+
+    def _intern_state_map_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        room_nid: int,
+        state_maps: Iterable[StateMap[str]],
+    ) -> Callable[[StateMap[str]], NidStateMap]:
+        """Intern every string of ``state_maps``; return a converter to NID maps."""
+        state_maps = list(state_maps)
+        types = {t for m in state_maps for t, _ in m}
+        keys = {s for m in state_maps for _, s in m}
+        type_nids = self._intern_strings_txn(txn, learnt, TYPES, types)
+        key_nids = self._intern_strings_txn(txn, learnt, STATE_KEYS, keys)
+        events = {
+            e: (type_nids[t], key_nids[s]) for m in state_maps for (t, s), e in m.items()
+        }
+        event_nids = self._intern_events_txn(txn, learnt, room_nid, events)
+
+        def convert(state: StateMap[str]) -> NidStateMap:
+            return {
+                (type_nids[t], key_nids[s]): event_nids[e] for (t, s), e in state.items()
+            }
+
+        return convert
+
+    # ------------------------------------------------------------ the mirror
+
+    def known_groups_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: Collection[int],
+        learnt: _TxnCaches | None = None,
+    ) -> dict[int, int]:
+        """State group -> snapshot NID, for the groups the mirror has.
+
+        In a write transaction pass its ``learnt``: rows it wrote itself must
+        not be cached before it commits.
+        """
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if learnt is not None:
+            found.update((g, learnt.groups[g]) for g in missing if g in learnt.groups)
+            missing = [g for g in missing if g not in learnt.groups]
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                "SELECT state_group, snapshot_nid FROM nidstate_state_groups WHERE",
+                "state_group",
+                missing,
+            )
+            found.update(rows)
+            if learnt is None:
+                txn.call_after(self._fill, self._group_snapshots, rows)
+            else:
+                learnt.groups.update(rows)
+        return found
+
+    async def known_groups(self, groups: Collection[int]) -> dict[int, int]:
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if not missing:
+            return found
+        found.update(
+            await self.db_pool.runInteraction(
+                "nidstate_known_groups", self.known_groups_txn, missing
+            )
+        )
+        return found
+
+    @staticmethod
+    def _fill(cache: LruCache[K, V], rows: Iterable[tuple[K, V]]) -> None:
+        for key, value in rows:
+            cache.set(key, value)
+
+    def _blocks_txn(
+        self, txn: LoggingTransaction, learnt: _TxnCaches, block_nids: Collection[int]
+    ) -> dict[int, Block]:
+        found, missing = self._split_cached(self._blocks, block_nids)
+        missing = [b for b in missing if b not in learnt.blocks]
+        found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
+        if missing:
+            rows = self._select_in_txn(
+                txn, "SELECT block_nid, entries FROM nidstate_blocks WHERE", "block_nid", missing
+            )
+            loaded = {nid: algebra.unpack_block(entries) for nid, entries in rows}
+            if len(loaded) != len(missing):
+                raise RuntimeError(f"state blocks missing: {set(missing) - set(loaded)}")
+            learnt.blocks.update(loaded)
+            found.update(loaded)
+        return found
+
+    def _snapshots_txn(
+        self, txn: LoggingTransaction, learnt: _TxnCaches, snapshot_nids: Collection[int]
+    ) -> dict[int, tuple[int, ...]]:
+        found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        missing = [s for s in missing if s not in learnt.snapshots]
+        found.update(
+            (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
+        )
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                "SELECT snapshot_nid, block_nids FROM nidstate_snapshots WHERE",
+                "snapshot_nid",
+                missing,
+            )
+            loaded = {nid: algebra.unpack_nids(blocks) for nid, blocks in rows}
+            if len(loaded) != len(missing):
+                raise RuntimeError(f"snapshots missing: {set(missing) - set(loaded)}")
+            learnt.snapshots.update(loaded)
+            found.update(loaded)
+        return found
+
+    def _store_blocks_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        room_nid: int,
+        blocks: Collection[Block],
+    ) -> list[int]:
+        """Insert-or-select blocks by content; returns their NIDs in order."""
+        packed = [algebra.pack_block(b) for b in blocks]
+        hashes = [algebra.content_hash(p) for p in packed]
+        txn.execute_batch(
+            "INSERT INTO nidstate_blocks (room_nid, content_hash, entry_count, entries)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
+            [
+                (room_nid, bytearray(h), len(b), bytearray(p))
+                for h, b, p in zip(hashes, blocks, packed)
+            ],
+        )
+        rows = self._select_in_txn(
+            txn,
+            "SELECT content_hash, block_nid FROM nidstate_blocks WHERE room_nid = ? AND",
+            "content_hash",
+            [bytearray(h) for h in set(hashes)],
+            (room_nid,),
+        )
+        by_hash = {bytes(h): nid for h, nid in rows}
+        nids = [by_hash[h] for h in hashes]
+        learnt.blocks.update(zip(nids, blocks))
+        return nids
+
+    def _store_snapshot_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        room_nid: int,
+        block_nids: tuple[int, ...],
+    ) -> int:
+        """Insert-or-select a snapshot by its ordered block list."""
+        if len(block_nids) > algebra.MAX_BLOCKS:
+            raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
+        packed = algebra.pack_nids(block_nids)
+        digest = algebra.content_hash(packed)
+        txn.execute(
+            "INSERT INTO nidstate_snapshots (room_nid, content_hash, block_nids)"
+            " VALUES (?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
+            (room_nid, bytearray(digest), bytearray(packed)),
+        )
+        txn.execute(
+            "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ? AND content_hash = ?",
+            (room_nid, bytearray(digest)),
+        )
+        (snapshot_nid,) = txn.fetchone()  # type: ignore[misc]
+        learnt.snapshots[snapshot_nid] = block_nids
+        return snapshot_nid
+
+    def _build_groups_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: _TxnCaches,
+        room_nid: int,
+        steps: list[GroupStep],
+        stats: MirrorStats,
+    ) -> None:
+        """Give each step's state group a snapshot (parents before children)."""
+        if not steps:
+            return
+        known = self.known_groups_txn(
+            txn,
+            {s.group for s in steps} | {s.prev_group for s in steps if s.prev_group},
+            learnt,
+        )
+        todo = [s for s in steps if s.group not in known]
+        convert = self._intern_state_map_txn(
+            txn,
+            learnt,
+            room_nid,
+            [s.delta if s.delta is not None else s.full_state for s in todo],  # type: ignore[misc]
+        )
+        for step in todo:
+            if step.full_state is not None:
+                plan = algebra.full(convert(step.full_state))
+            else:
+                assert step.prev_group is not None and step.delta is not None
+                parent = self._snapshots_txn(txn, learnt, [known[step.prev_group]])
+                parent_blocks = parent[known[step.prev_group]]
+
+                def parent_state(blocks: tuple[int, ...] = parent_blocks) -> NidStateMap:
+                    loaded = self._blocks_txn(txn, learnt, blocks)
+                    return algebra.resolve(loaded[b] for b in blocks)
+
+                change = algebra.make_block(
+                    (t, s, e) for (t, s), e in convert(step.delta).items()
+                )
+                plan = algebra.extend(parent_blocks, change, parent_state)
+            if plan.compacted:
+                stats.compactions += 1
+            new_nids = self._store_blocks_txn(txn, learnt, room_nid, plan.blocks)
+            snapshot_nid = self._store_snapshot_txn(
+                txn, learnt, room_nid, plan.base + tuple(new_nids)
+            )
+            txn.execute(
+                "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
+                " ON CONFLICT (state_group) DO NOTHING",
+                (step.group, snapshot_nid),
+            )
+            known[step.group] = snapshot_nid
+            learnt.groups[step.group] = snapshot_nid
+            stats.snapshots_built += 1
+
+    def mirror_events_txn(
+        self,
+        txn: LoggingTransaction,
+        scope: WriteScope,
+        room_id: str,
+        rows: list[EventRow],
+        steps: list[GroupStep],
+        stats: MirrorStats,
+    ) -> None:
+        """Record ``rows`` and the snapshots of their state groups, in ``txn``.
+
+        An event whose state group the mirror has no snapshot for (and no step
+        to build one) is recorded without a snapshot; lookups for it fall back
+        to Synapse.
+        """
+        learnt = scope.begin(txn, self)
+        (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
+        self._build_groups_txn(txn, learnt, room_nid, steps, stats)
+        groups = self.known_groups_txn(
+            txn, {r.state_group for r in rows if r.state_group is not None}, learnt
+        )
+        type_nids = self._intern_strings_txn(txn, learnt, TYPES, {r.event_type for r in rows})
+        key_nids = self._intern_strings_txn(
+            txn, learnt, STATE_KEYS, {r.state_key for r in rows if r.state_key is not None}
+        )
+        event_nids = self._intern_events_txn(
+            txn,
+            learnt,
+            room_nid,
+            {
+                r.event_id: (
+                    type_nids[r.event_type],
+                    0 if r.state_key is None else key_nids[r.state_key],
+                )
+                for r in rows
+            },
+        )
+        updates = []
+        for row in rows:
+            snapshot_nid = groups.get(row.state_group) if row.state_group else None
+            if row.state_group is not None and snapshot_nid is None:
+                stats.unprepared += 1
+            updates.append(
+                (snapshot_nid, row.rejected, row.stream_ordering, event_nids[row.event_id])
+            )
+            if snapshot_nid is not None:
+                stats.events_mirrored += 1
+        txn.execute_batch(
+            "UPDATE nidstate_events SET snapshot_nid = ?, rejected = ?, stream_ordering = ?"
+            " WHERE event_nid = ?",
+            updates,
+        )
+
+    # ---------------------------------------------------------------- lookups
+
+    def _event_snapshots_txn(
+        self, txn: LoggingTransaction, event_ids: Collection[str]
+    ) -> dict[str, int]:
+        rows = self._select_in_txn(
+            txn,
+            "SELECT event_id, snapshot_nid FROM nidstate_events"
+            " WHERE snapshot_nid IS NOT NULL AND",
+            "event_id",
+            event_ids,
+        )
+        txn.call_after(self._fill, self._event_snapshots, rows)
+        return dict(rows)
+
+    def _nid_strings_txn(
+        self,
+        txn: LoggingTransaction,
+        table: _StringTable,
+        nids: Collection[int],
+    ) -> dict[int, str]:
+        found, missing = self._split_cached(self._nid_strings[table], nids)
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                f"SELECT {table.nid_column}, {table.string_column} FROM {table.table} WHERE",
+                table.nid_column,
+                missing,
+            )
+            found.update(rows)
+            txn.call_after(self._fill, self._nid_strings[table], rows)
+        return found
+
+    def _event_ids_txn(
+        self, txn: LoggingTransaction, nids: Collection[int]
+    ) -> dict[int, str]:
+        found, missing = self._split_cached(self._event_ids, nids)
+        if missing:
+            rows = self._select_in_txn(
+                txn, "SELECT event_nid, event_id FROM nidstate_events WHERE", "event_nid", missing
+            )
+            found.update(rows)
+            txn.call_after(self._fill, self._event_ids, rows)
+        return found
+
+    def _string_nids_txn(
+        self, txn: LoggingTransaction, table: _StringTable, strings: Collection[str]
+    ) -> dict[str, int]:
+        """Existing NIDs of ``strings``; a read never creates a NID."""
+        found, missing = self._split_cached(self._string_nids[table], strings)
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
+                table.string_column,
+                missing,
+            )
+            found.update(rows)
+            txn.call_after(self._fill, self._string_nids[table], rows)
+        return found
+
+    def state_for_events_txn(
+        self,
+        txn: LoggingTransaction,
+        event_ids: Collection[str],
+        types: Mapping[str, Collection[str] | None],
+        include_others: bool,
+    ) -> dict[str, dict[tuple[str, str], str]]:
+        """The state at each event the mirror has a snapshot for, filtered.
+
+        ``types``/``include_others`` are a Synapse ``StateFilter``'s fields.
+        Events without a snapshot are left out of the result.
+        """
+        snapshots, missing = self._split_cached(self._event_snapshots, event_ids)
+        if missing:
+            snapshots.update(self._event_snapshots_txn(txn, missing))
+        if not snapshots:
+            return {}
+        learnt = _TxnCaches()
+        nid_filter = self._nid_filter_txn(txn, types, include_others)
+        block_lists = self._snapshots_txn(txn, learnt, set(snapshots.values()))
+        blocks = self._blocks_txn(
+            txn, learnt, {b for nids in block_lists.values() for b in nids}
+        )
+        # Caching what a read loaded is safe: blocks and snapshots never change.
+        txn.call_after(self._publish, learnt)
+        by_snapshot = {
+            snapshot_nid: nid_filter.apply([blocks[b] for b in block_nids])
+            for snapshot_nid, block_nids in block_lists.items()
+        }
+        type_strings = self._nid_strings_txn(
+            txn, TYPES, {t for m in by_snapshot.values() for t, _ in m}
+        )
+        key_strings = self._nid_strings_txn(
+            txn, STATE_KEYS, {s for m in by_snapshot.values() for _, s in m}
+        )
+        event_strings = self._event_ids_txn(
+            txn, {e for m in by_snapshot.values() for e in m.values()}
+        )
+        as_strings = {
+            snapshot_nid: {
+                (type_strings[t], key_strings[s]): event_strings[e]
+                for (t, s), e in state.items()
+            }
+            for snapshot_nid, state in by_snapshot.items()
+        }
+        return {event_id: as_strings[nid] for event_id, nid in snapshots.items()}
+
+    def _nid_filter_txn(
+        self,
+        txn: LoggingTransaction,
+        types: Mapping[str, Collection[str] | None],
+        include_others: bool,
+    ) -> algebra.NidFilter:
+        type_nids = self._string_nids_txn(txn, TYPES, list(types))
+        key_nids = self._string_nids_txn(
+            txn, STATE_KEYS, {k for keys in types.values() if keys for k in keys}
+        )
+        nid_types: dict[int, frozenset[int] | None] = {}
+        for event_type, keys in types.items():
+            if event_type not in type_nids:
+                continue  # no event of this type was ever mirrored
+            nid_types[type_nids[event_type]] = (
+                None
+                if keys is None
+                else frozenset(key_nids[k] for k in keys if k in key_nids)
+            )
+        return algebra.NidFilter(nid_types, include_others)

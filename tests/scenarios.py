@@ -1,0 +1,272 @@
+"""Room histories written through Synapse's own handlers, and the native-vs-mirror check."""
+
+from typing import Any
+
+import attr
+
+from synapse.api.constants import EventTypes, Membership, RejectedReason
+from synapse.events import EventBase
+from synapse.events.snapshot import EventContext
+from synapse.server import HomeServer
+from synapse.types import Requester, UserID, create_requester
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.module import module_for
+
+
+@attr.s(auto_attribs=True)
+class History:
+    rooms: list[str]
+    users: list[str]
+    rejected: list[str] = attr.Factory(list)
+    outliers: list[str] = attr.Factory(list)
+    forks: list[str] = attr.Factory(list)
+
+
+class Driver:
+    """Writes room histories as a client (through Synapse's handlers) would."""
+
+    def __init__(self, hs: HomeServer) -> None:
+        self.hs = hs
+        self.rooms = hs.get_room_creation_handler()
+        self.members = hs.get_room_member_handler()
+        self.creator = hs.get_event_creation_handler()
+
+    async def register(self, localpart: str) -> str:
+        return await self.hs.get_registration_handler().register_user(
+            localpart=localpart, password_hash=None
+        )
+
+    @staticmethod
+    def requester(user_id: str) -> Requester:
+        return create_requester(user_id)
+
+    async def create_room(self, user_id: str, preset: str, **extra: Any) -> str:
+        room_id, _, _ = await self.rooms.create_room(
+            self.requester(user_id), {"preset": preset, **extra}, ratelimit=False
+        )
+        return room_id
+
+    async def membership(
+        self, sender: str, target: str, room_id: str, action: str, **kwargs: Any
+    ) -> str:
+        event_id, _ = await self.members.update_membership(
+            self.requester(sender),
+            UserID.from_string(target),
+            room_id,
+            action,
+            ratelimit=False,
+            **kwargs,
+        )
+        return event_id
+
+    async def send(
+        self,
+        sender: str,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        prev_event_ids: list[str] | None = None,
+    ) -> EventBase:
+        event_dict: dict[str, Any] = {
+            "type": event_type,
+            "room_id": room_id,
+            "sender": sender,
+            "content": content,
+        }
+        if state_key is not None:
+            event_dict["state_key"] = state_key
+        event, _ = await self.creator.create_and_send_nonmember_event(
+            self.requester(sender),
+            event_dict,
+            prev_event_ids=prev_event_ids,
+            ratelimit=False,
+        )
+        return event
+
+    async def message(self, sender: str, room_id: str, body: str) -> EventBase:
+        return await self.send(
+            sender, room_id, EventTypes.Message, {"msgtype": "m.text", "body": body}
+        )
+
+    async def _build(
+        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
+    ) -> tuple[EventBase, EventContext]:
+        event_dict: dict[str, Any] = {
+            "type": event_type,
+            "room_id": room_id,
+            "sender": sender,
+            "content": content,
+        }
+        if state_key is not None:
+            event_dict["state_key"] = state_key
+        event, unpersisted = await self.creator.create_event(
+            self.requester(sender), event_dict
+        )
+        context = await unpersisted.persist(event)
+        return event, context
+
+    async def rejected_event(
+        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
+    ) -> str:
+        """Persist an event as rejected, as federation does when auth fails.
+
+        The event is built and its context computed by Synapse; only the
+        rejection is forced, which is what ``_check_event_auth`` would decide
+        for an event from a server we do not trust.
+        """
+        event, context = await self._build(sender, room_id, event_type, content, state_key)
+        context.rejected = RejectedReason.AUTH_ERROR
+        await self.hs.get_storage_controllers().persistence.persist_event(event, context)
+        return event.event_id
+
+    async def outlier_then_normal(
+        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str
+    ) -> tuple[str, EventBase, EventContext]:
+        """Persist an event as an outlier; return what is needed to de-outlier it."""
+        event, context = await self._build(sender, room_id, event_type, content, state_key)
+        event.internal_metadata.outlier = True
+        await self.hs.get_storage_controllers().persistence.persist_event(
+            event, EventContext.for_outlier(self.hs.get_storage_controllers())
+        )
+        return event.event_id, event, context
+
+
+async def build_history(hs: HomeServer, messages_per_room: int = 3) -> History:
+    """Rooms with every kind of event the issue names, including a fork and a merge."""
+    d = Driver(hs)
+    users = [await d.register(name) for name in ("alice", "bob", "carol", "dave", "eve")]
+    alice, bob, carol, dave, eve = users
+    history = History(rooms=[], users=users)
+
+    # A public room: joins, a leave, a kick, a ban, an invite, power levels,
+    # name, topic and join-rule changes, messages.
+    public = await d.create_room(alice, "public_chat", name="Public", topic="first")
+    history.rooms.append(public)
+    for user in (bob, carol, dave):
+        await d.membership(user, user, public, Membership.JOIN)
+    for i in range(messages_per_room):
+        await d.message(bob, public, f"hello {i}")
+    await d.send(alice, public, EventTypes.Name, {"name": "Renamed"}, "")
+    await d.send(alice, public, EventTypes.Topic, {"topic": "second"}, "")
+    await d.send(
+        alice,
+        public,
+        EventTypes.PowerLevels,
+        {"users": {bob: 50}, "users_default": 0, "events_default": 0},
+        "",
+    )
+    await d.membership(carol, carol, public, Membership.LEAVE)
+    await d.membership(alice, dave, public, "kick", content={"reason": "test"})
+    await d.membership(alice, eve, public, Membership.BAN)
+    await d.membership(alice, carol, public, Membership.INVITE)
+    await d.membership(carol, carol, public, Membership.JOIN)
+    await d.send(alice, public, EventTypes.JoinRules, {"join_rule": "invite"}, "")
+    await d.message(carol, public, "back")
+
+    # A private room with invites and a fork that needs state resolution: two
+    # state events on the same prev event, then an event that merges them.
+    private = await d.create_room(alice, "private_chat", name="Private")
+    history.rooms.append(private)
+    await d.membership(alice, bob, private, Membership.INVITE)
+    await d.membership(bob, bob, private, Membership.JOIN)
+    base = await d.message(alice, private, "before the fork")
+    left = await d.send(
+        alice, private, EventTypes.Topic, {"topic": "left"}, "", prev_event_ids=[base.event_id]
+    )
+    right = await d.send(
+        alice, private, EventTypes.Name, {"name": "right"}, "", prev_event_ids=[base.event_id]
+    )
+    history.forks = [left.event_id, right.event_id]
+    merge = await d.message(bob, private, "after the merge")
+    assert set(merge.prev_event_ids()) == {left.event_id, right.event_id}, (
+        merge.prev_event_ids()
+    )
+
+    # A rejected state event (state at it is the state before it) and a
+    # rejected message.
+    history.rejected.append(
+        await d.rejected_event(bob, private, EventTypes.Topic, {"topic": "nope"}, "")
+    )
+    history.rejected.append(
+        await d.rejected_event(bob, private, EventTypes.Message, {"msgtype": "m.text", "body": "nope"}, None)
+    )
+    await d.message(alice, private, "after the rejections")
+
+    # An outlier, later persisted as a normal event (de-outliered).
+    outlier_id, event, context = await d.outlier_then_normal(
+        alice, public, EventTypes.Topic, {"topic": "from an outlier"}, ""
+    )
+    history.outliers.append(outlier_id)
+    event.internal_metadata.outlier = False
+    await hs.get_storage_controllers().persistence.persist_event(event, context)
+    # A second outlier that stays one.
+    kept_id, _, _ = await d.outlier_then_normal(
+        alice, private, EventTypes.Topic, {"topic": "stays an outlier"}, ""
+    )
+    history.outliers.append(kept_id)
+    await d.message(alice, public, "after the outliers")
+    return history
+
+
+def filters_for(hs: HomeServer, users: list[str]) -> dict[str, StateFilter]:
+    """The filters the issue names, built with Synapse's own constructors."""
+    return {
+        "all": StateFilter.all(),
+        "none": StateFilter.none(),
+        "members": StateFilter.from_types([(EventTypes.Member, None)]),
+        "lazy_load": StateFilter.from_lazy_load_member_list(users[:2] + ["@nobody:x"]),
+        "wildcard_key": StateFilter.from_types(
+            [(EventTypes.Member, None), (EventTypes.Name, ""), ("m.unknown.type", None)]
+        ),
+        "include_others": StateFilter.freeze(
+            {EventTypes.Member: frozenset({users[1]}), EventTypes.Topic: frozenset()},
+            include_others=True,
+        ),
+        "one_member": StateFilter.from_types([(EventTypes.Member, users[0])]),
+        "history_visibility": StateFilter.from_types(
+            [(EventTypes.RoomHistoryVisibility, ""), (EventTypes.Member, users[2])]
+        ),
+    }
+
+
+async def room_event_ids(hs: HomeServer, room_id: str) -> tuple[list[str], list[str]]:
+    """(events with state, outliers) of a room, in stream order, from Synapse's tables."""
+    rows = await hs.get_datastores().main.db_pool.simple_select_list(
+        "events",
+        {"room_id": room_id},
+        ("event_id", "outlier", "stream_ordering"),
+        desc="nidstate_test_room_events",
+    )
+    rows = sorted(rows, key=lambda r: r[2])
+    return [r[0] for r in rows if not r[1]], [r[0] for r in rows if r[1]]
+
+
+async def compare_room(
+    testcase: Any, hs: HomeServer, room_id: str, filters: dict[str, StateFilter]
+) -> int:
+    """Assert the mirror's answer equals Synapse's for every event and filter.
+
+    Returns how many (event, filter) pairs were compared. Every non-outlier
+    event must be answered by the mirror (no fallback).
+    """
+    module = module_for(hs)
+    assert module is not None
+    native = module.lookups._native_state_ids
+    event_ids, _ = await room_event_ids(hs, room_id)
+    compared = 0
+    for name, state_filter in filters.items():
+        expected = await native(event_ids, state_filter)
+        mirrored = await module.lookups.mirrored_state_ids(event_ids, state_filter)
+        testcase.assertEqual(
+            set(event_ids) - set(mirrored), set(), f"events not mirrored ({name})"
+        )
+        for event_id in event_ids:
+            testcase.assertEqual(
+                dict(mirrored[event_id]),
+                dict(expected[event_id]),
+                f"state at {event_id} with filter {name}",
+            )
+            compared += 1
+    return compared

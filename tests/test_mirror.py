@@ -1,0 +1,136 @@
+"""The mirror against Synapse's native state, for every event and filter, on both engines."""
+
+from synapse.api.constants import EventTypes
+from synapse.types.state import StateFilter
+
+from tests.harness import HomeserverTestCase, in_logcontext
+from tests.scenarios import Driver, build_history, compare_room, filters_for, room_event_ids
+
+
+class MirrorTests:
+    """Shared by the SQLite and PostgreSQL classes below."""
+
+    @in_logcontext
+    async def test_every_event_every_filter(self) -> None:
+        hs = await self.make_homeserver({"mode": "shadow"})
+        history = await build_history(hs)
+        filters = filters_for(hs, history.users)
+        compared = 0
+        for room_id in history.rooms:
+            compared += await compare_room(self, hs, room_id, filters)
+        self.assertGreater(compared, 300)
+        stats = self.module(hs).stats
+        self.assertEqual(stats.mirror.unprepared, 0)
+        self.assertEqual(stats.mirror.plan_failures, 0)
+        self.assertEqual(stats.mirror.write_failures, 0)
+        # Only the empty state before each m.room.create is read in full.
+        self.assertEqual(stats.mirror.full_state_reads, len(history.rooms))
+        # Shadow mode: Synapse's lookups answer natively and are compared.
+        controller = hs.get_storage_controllers().state
+        for room_id in history.rooms:
+            event_ids, _ = await room_event_ids(hs, room_id)
+            for state_filter in filters.values():
+                await controller.get_state_ids_for_events(event_ids, state_filter)
+        self.assertGreaterEqual(stats.lookups.compared, compared)
+        self.assertEqual(stats.lookups.mismatched, 0)
+        self.assertEqual(stats.lookups.served, 0)
+
+    @in_logcontext
+    async def test_serve_mode_answers_from_the_mirror(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs)
+        module = self.module(hs)
+        controller = hs.get_storage_controllers().state
+        native = module.lookups._native_state_ids
+        filters = filters_for(hs, history.users)
+        outliers_asked = 0
+        for room_id in history.rooms:
+            event_ids, outliers = await room_event_ids(hs, room_id)
+            outliers_asked += len(outliers)
+            served_before = module.stats.lookups.served
+            for state_filter in filters.values():
+                self.assertEqual(
+                    await controller.get_state_ids_for_events(event_ids, state_filter),
+                    await native(event_ids, state_filter),
+                )
+                # The single-event form goes through the replacement too.
+                last = event_ids[-1]
+                self.assertEqual(
+                    await controller.get_state_ids_for_event(last, state_filter),
+                    (await native([last], state_filter))[last],
+                )
+            self.assertGreaterEqual(
+                module.stats.lookups.served - served_before,
+                len(filters) * (len(event_ids) + 1),
+            )
+            # Full events, as /context and visibility filtering ask for them.
+            events = await controller.get_state_for_events(event_ids)
+            for event_id in event_ids:
+                state = await native([event_id], StateFilter.all())
+                self.assertEqual(
+                    {k: e.event_id for k, e in events[event_id].items()}, state[event_id]
+                )
+            # Outliers have no state: Synapse raises, and so do we, alike.
+            for outlier in outliers:
+                with self.assertRaises(Exception) as native_error:
+                    await native([outlier], StateFilter.all())
+                with self.assertRaises(type(native_error.exception)):
+                    await controller.get_state_ids_for_events([outlier])
+        # Only the outliers were answered (by raising) by Synapse's own code.
+        self.assertEqual(module.stats.lookups.fallback, outliers_asked)
+
+    @in_logcontext
+    async def test_rejected_and_forked_events(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs)
+        controller = hs.get_storage_controllers().state
+        store = hs.get_datastores().main
+        for event_id in history.rejected:
+            event = await store.get_event(event_id, allow_rejected=True)
+            self.assertIsNotNone(event.rejected_reason)
+            state = await controller.get_state_ids_for_event(event_id)
+            if event.is_state():
+                # State at a rejected event is the state before it.
+                self.assertNotEqual(state.get((event.type, event.state_key)), event_id)
+        left, right = history.forks
+        for event_id in history.forks:
+            state = await controller.get_state_ids_for_event(event_id)
+            self.assertEqual(
+                state[(EventTypes.Topic if event_id == left else EventTypes.Name, "")],
+                event_id,
+            )
+        # The merge sees both sides of the fork.
+        event_ids, _ = await room_event_ids(hs, history.rooms[1])
+        merged = await controller.get_state_ids_for_event(event_ids[-1])
+        self.assertEqual(merged[(EventTypes.Topic, "")], left)
+        self.assertEqual(merged[(EventTypes.Name, "")], right)
+
+    @in_logcontext
+    async def test_events_before_the_module_fall_back(self) -> None:
+        # Written with the module off, then served with it on: every answer is
+        # still right, from Synapse's own tables.
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        history = await build_history(hs)
+        await self.stop_homeserver(hs)
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        controller = hs.get_storage_controllers().state
+        old_ids, _ = await room_event_ids(hs, history.rooms[0])
+        d = Driver(hs)
+        new = await d.message(history.users[0], history.rooms[0], "after enabling")
+        answers = await controller.get_state_ids_for_events(old_ids + [new.event_id])
+        expected = await module.lookups._native_state_ids(
+            old_ids + [new.event_id], StateFilter.all()
+        )
+        self.assertEqual(answers, expected)
+        self.assertEqual(module.stats.lookups.fallback, len(old_ids))
+        self.assertGreaterEqual(module.stats.lookups.served, 1)
+
+
+class SqliteMirrorTests(MirrorTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresMirrorTests(MirrorTests, HomeserverTestCase):
+    engine = "postgres"
