@@ -35,7 +35,7 @@ COMPACTED_BLOCKS_TARGET = 16
 
 #: Compacted blocks are cut where a key's hash says so, so that a change to one
 #: key changes one block and the others dedupe against the previous
-#: compaction. Blocks are at least this big (unless the state is smaller).
+#: compaction. The expected block size is at least this.
 MIN_CHUNK_ENTRIES = 64
 
 StateKeyNids = tuple[int, int]
@@ -165,11 +165,15 @@ def _is_boundary(key: StateKeyNids, modulus: int) -> bool:
 def compact(state: Mapping[StateKeyNids, int]) -> list[Block]:
     """Cut a full state into deterministic, content-defined blocks.
 
-    Entries are sorted by key and a block ends after a key whose hash hits a
-    boundary; the expected block size grows with the state so that the result
-    stays near :data:`COMPACTED_BLOCKS_TARGET` blocks. Because boundaries depend
-    only on keys, two compactions of states that differ in a few keys share all
-    the other blocks (and storage dedupes them). Never more than
+    Entries are sorted by key and a block ends after every key whose hash hits
+    a boundary (content-defined chunking with no minimum size, so a cut never
+    depends on where the previous one fell). The expected block size, a power
+    of two at least :data:`MIN_CHUNK_ENTRIES`, grows with the state so that the
+    result stays near :data:`COMPACTED_BLOCKS_TARGET` blocks. Two compactions
+    of states that differ in a few keys and use the same block size share every
+    block those keys do not fall in, and storage dedupes the shared ones; when
+    the state doubles past a power of two the block size doubles and every
+    block is new once (so O(log n) times over a room's life). Never more than
     ``MAX_BLOCKS // 2`` blocks; an empty state gives no block.
     """
     entries = make_block((t, s, e) for (t, s), e in state.items() if e)
@@ -181,7 +185,7 @@ def compact(state: Mapping[StateKeyNids, int]) -> list[Block]:
     blocks: list[Block] = []
     start = 0
     for i, entry in enumerate(entries):
-        if i + 1 - start >= MIN_CHUNK_ENTRIES and _is_boundary(entry[:2], modulus):
+        if _is_boundary(entry[:2], modulus):
             blocks.append(entries[start : i + 1])
             start = i + 1
     if start < len(entries):
@@ -224,7 +228,7 @@ def extend(
         return SnapshotPlan(tuple(parent_blocks), (), False)
     if len(parent_blocks) < MAX_BLOCKS:
         return SnapshotPlan(tuple(parent_blocks), (change,), False)
-    state = parent_state()
+    state = dict(parent_state())  # never modify the caller's (maybe cached) map
     for type_nid, state_key_nid, event_nid in change:
         state[(type_nid, state_key_nid)] = event_nid
     return SnapshotPlan((), tuple(compact(state)), True)

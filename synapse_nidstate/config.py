@@ -4,7 +4,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import attr
-
 from synapse.config._base import ConfigError
 
 #: What the module does with state-at-event lookups.

@@ -61,7 +61,7 @@ class StatsCollector(Collector):
     """Exports every live module instance's counters (one per homeserver)."""
 
     def __init__(self) -> None:
-        self._stats: "weakref.WeakSet[NidStateStats]" = weakref.WeakSet()
+        self._stats: weakref.WeakSet[NidStateStats] = weakref.WeakSet()
 
     def add(self, stats: NidStateStats) -> None:
         self._stats.add(stats)

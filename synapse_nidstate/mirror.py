@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import attr
-
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction

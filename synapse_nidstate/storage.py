@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attr
-
 from synapse.storage.database import (
     DatabasePool,
     LoggingTransaction,

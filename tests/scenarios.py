@@ -3,14 +3,11 @@
 from typing import Any
 
 import attr
-
-from synapse.api.constants import EventTypes, Membership, RejectedReason
-from synapse.events import EventBase
-from synapse.events.snapshot import EventContext
+from synapse.api.constants import EventTypes, Membership
 from synapse.server import HomeServer
-from synapse.types import Requester, UserID, create_requester
 from synapse.types.state import StateFilter
 
+from synapse_nidstate.history import Driver
 from synapse_nidstate.module import module_for
 
 
@@ -21,116 +18,6 @@ class History:
     rejected: list[str] = attr.Factory(list)
     outliers: list[str] = attr.Factory(list)
     forks: list[str] = attr.Factory(list)
-
-
-class Driver:
-    """Writes room histories as a client (through Synapse's handlers) would."""
-
-    def __init__(self, hs: HomeServer) -> None:
-        self.hs = hs
-        self.rooms = hs.get_room_creation_handler()
-        self.members = hs.get_room_member_handler()
-        self.creator = hs.get_event_creation_handler()
-
-    async def register(self, localpart: str) -> str:
-        return await self.hs.get_registration_handler().register_user(
-            localpart=localpart, password_hash=None
-        )
-
-    @staticmethod
-    def requester(user_id: str) -> Requester:
-        return create_requester(user_id)
-
-    async def create_room(self, user_id: str, preset: str, **extra: Any) -> str:
-        room_id, _, _ = await self.rooms.create_room(
-            self.requester(user_id), {"preset": preset, **extra}, ratelimit=False
-        )
-        return room_id
-
-    async def membership(
-        self, sender: str, target: str, room_id: str, action: str, **kwargs: Any
-    ) -> str:
-        event_id, _ = await self.members.update_membership(
-            self.requester(sender),
-            UserID.from_string(target),
-            room_id,
-            action,
-            ratelimit=False,
-            **kwargs,
-        )
-        return event_id
-
-    async def send(
-        self,
-        sender: str,
-        room_id: str,
-        event_type: str,
-        content: dict[str, Any],
-        state_key: str | None = None,
-        prev_event_ids: list[str] | None = None,
-    ) -> EventBase:
-        event_dict: dict[str, Any] = {
-            "type": event_type,
-            "room_id": room_id,
-            "sender": sender,
-            "content": content,
-        }
-        if state_key is not None:
-            event_dict["state_key"] = state_key
-        event, _ = await self.creator.create_and_send_nonmember_event(
-            self.requester(sender),
-            event_dict,
-            prev_event_ids=prev_event_ids,
-            ratelimit=False,
-        )
-        return event
-
-    async def message(self, sender: str, room_id: str, body: str) -> EventBase:
-        return await self.send(
-            sender, room_id, EventTypes.Message, {"msgtype": "m.text", "body": body}
-        )
-
-    async def _build(
-        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
-    ) -> tuple[EventBase, EventContext]:
-        event_dict: dict[str, Any] = {
-            "type": event_type,
-            "room_id": room_id,
-            "sender": sender,
-            "content": content,
-        }
-        if state_key is not None:
-            event_dict["state_key"] = state_key
-        event, unpersisted = await self.creator.create_event(
-            self.requester(sender), event_dict
-        )
-        context = await unpersisted.persist(event)
-        return event, context
-
-    async def rejected_event(
-        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
-    ) -> str:
-        """Persist an event as rejected, as federation does when auth fails.
-
-        The event is built and its context computed by Synapse; only the
-        rejection is forced, which is what ``_check_event_auth`` would decide
-        for an event from a server we do not trust.
-        """
-        event, context = await self._build(sender, room_id, event_type, content, state_key)
-        context.rejected = RejectedReason.AUTH_ERROR
-        await self.hs.get_storage_controllers().persistence.persist_event(event, context)
-        return event.event_id
-
-    async def outlier_then_normal(
-        self, sender: str, room_id: str, event_type: str, content: dict, state_key: str
-    ) -> tuple[str, EventBase, EventContext]:
-        """Persist an event as an outlier; return what is needed to de-outlier it."""
-        event, context = await self._build(sender, room_id, event_type, content, state_key)
-        event.internal_metadata.outlier = True
-        await self.hs.get_storage_controllers().persistence.persist_event(
-            event, EventContext.for_outlier(self.hs.get_storage_controllers())
-        )
-        return event.event_id, event, context
 
 
 async def build_history(hs: HomeServer, messages_per_room: int = 3) -> History:

@@ -3,8 +3,9 @@
 from synapse.api.constants import EventTypes
 from synapse.types.state import StateFilter
 
+from synapse_nidstate.history import Driver
 from tests.harness import HomeserverTestCase, in_logcontext
-from tests.scenarios import Driver, build_history, compare_room, filters_for, room_event_ids
+from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
 
 
 class MirrorTests:

@@ -1,0 +1,730 @@
+"""Tests for :mod:`synapse_nidstate.algebra`.
+
+Most properties are checked against a plain ``dict`` model of the state: a
+snapshot is a list of blocks, and whatever the algebra does to it, resolving it
+must give the dict we computed by hand.
+"""
+
+import random
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from synapse_nidstate.algebra import (
+    COMPACTED_BLOCKS_TARGET,
+    MAX_BLOCKS,
+    MIN_CHUNK_ENTRIES,
+    AlgebraError,
+    NidFilter,
+    SnapshotPlan,
+    _is_boundary,
+    compact,
+    content_hash,
+    delta,
+    extend,
+    full,
+    lookup,
+    make_block,
+    pack_block,
+    pack_nids,
+    resolve,
+    unpack_block,
+    unpack_nids,
+)
+
+# Reproducible, CI-friendly hypothesis settings (no example database on disk).
+_SETTINGS = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+}
+
+MAX_TYPE = 12
+MAX_STATE_KEY = 300
+MAX_EVENT = 50
+
+INT64_MAX = 2**63 - 1
+
+# Small NID ranges so that keys collide and get overwritten often.
+type_nids = st.integers(1, MAX_TYPE)
+state_key_nids = st.integers(1, MAX_STATE_KEY)
+event_nids = st.integers(1, MAX_EVENT)
+keys = st.tuples(type_nids, state_key_nids)
+states = st.dictionaries(keys, event_nids, max_size=60)
+
+# Even smaller ranges for reads, so that filters and lookups hit present keys,
+# tombstoned keys and never-seen keys in the same example.
+small_types = st.integers(1, 5)
+small_state_keys = st.integers(1, 12)
+small_keys = st.tuples(small_types, small_state_keys)
+# event_nid 0 is a tombstone.
+small_blocks = st.dictionaries(small_keys, st.integers(0, 9), max_size=20).map(
+    lambda d: make_block((t, s, e) for (t, s), e in d.items())
+)
+small_block_seqs = st.lists(small_blocks, max_size=8)
+
+filters = st.builds(
+    NidFilter,
+    types=st.dictionaries(
+        small_types,
+        st.one_of(st.none(), st.frozensets(small_state_keys, max_size=4)),
+        max_size=4,
+    ),
+    include_others=st.booleans(),
+)
+
+
+def model_resolve(blocks):
+    """An independent, obviously-correct resolve: newest entry per key wins."""
+    newest = {}
+    for block in blocks:
+        for t, s, e in block:
+            newest[(t, s)] = e
+    return {k: e for k, e in newest.items() if e != 0}
+
+
+def model_matches(nid_filter, key):
+    """Synapse StateFilter semantics, written out independently of NidFilter."""
+    t, s = key
+    if t in nid_filter.types:
+        wanted = nid_filter.types[t]
+        return wanted is None or s in wanted
+    return nid_filter.include_others
+
+
+def assert_valid_block(case, block):
+    """A block is a tuple of int triples, sorted, one entry per key."""
+    case.assertIsInstance(block, tuple)
+    case.assertEqual(make_block(block), block)
+    for entry in block:
+        case.assertIsInstance(entry, tuple)
+        case.assertEqual(len(entry), 3)
+
+
+class Store:
+    """An in-memory stand-in for the storage layer.
+
+    Blocks are deduplicated by ``content_hash(pack_block(block))``; a snapshot
+    is a tuple of block NIDs; ``models`` holds, per snapshot, the dict we expect
+    it to resolve to.
+    """
+
+    def __init__(self, case):
+        self.case = case
+        self.blocks = {}  # block NID -> Block
+        self.by_hash = {}  # content hash -> block NID
+        self.snapshots = []  # snapshot index -> tuple of block NIDs
+        self.models = []  # snapshot index -> expected state dict
+        self.compactions = 0
+        self.appends = 0
+        self.noops = 0
+        self.max_read = 0
+        self.longest_lineage = []  # lineage depth per snapshot
+
+    # -- storage ----------------------------------------------------------
+    def put_block(self, block):
+        assert_valid_block(self.case, block)
+        self.case.assertTrue(block, "plans never write empty blocks")
+        packed = pack_block(block)
+        self.case.assertEqual(unpack_block(packed), block)
+        h = content_hash(packed)
+        nid = self.by_hash.get(h)
+        if nid is None:
+            nid = len(self.blocks) + 1
+            self.by_hash[h] = nid
+            self.blocks[nid] = block
+        else:
+            self.case.assertEqual(self.blocks[nid], block)
+        return nid
+
+    def read(self, snap):
+        return [self.blocks[nid] for nid in self.snapshots[snap]]
+
+    def state(self, snap):
+        return resolve(self.read(snap))
+
+    def _store(self, plan, expected, parent=None):
+        nids = tuple(plan.base) + tuple(self.put_block(b) for b in plan.blocks)
+        self.snapshots.append(nids)
+        self.models.append(dict(expected))
+        depth = 0 if parent is None else self.longest_lineage[parent] + 1
+        self.longest_lineage.append(depth)
+        snap = len(self.snapshots) - 1
+        self.check(snap)
+        return snap
+
+    def check(self, snap):
+        nids = self.snapshots[snap]
+        self.case.assertLessEqual(len(nids), MAX_BLOCKS)
+        self.max_read = max(self.max_read, len(nids))
+        blocks = self.read(snap)
+        self.case.assertEqual(resolve(blocks), self.models[snap])
+        self.case.assertEqual(model_resolve(blocks), self.models[snap])
+        # The stored snapshot survives its own encoding.
+        self.case.assertEqual(unpack_nids(pack_nids(nids)), nids)
+
+    # -- operations -------------------------------------------------------
+    def build_full(self, state):
+        plan = full(state)
+        self.case.assertIsInstance(plan, SnapshotPlan)
+        self.case.assertTrue(plan.compacted)
+        self.case.assertEqual(plan.base, ())
+        self.case.assertLessEqual(len(plan.blocks), MAX_BLOCKS // 2)
+        return self._store(plan, {k: e for k, e in state.items() if e})
+
+    def store_child(self, parent, new_state):
+        """Store ``new_state`` as ``parent`` plus a delta."""
+        parent_nids = self.snapshots[parent]
+        parent_state = self.state(parent)
+        self.case.assertEqual(parent_state, self.models[parent])
+        change = delta(parent_state, new_state)
+        assert_valid_block(self.case, change)
+        # Appending the delta gives the new state, whatever is underneath.
+        self.case.assertEqual(resolve([*self.read(parent), change]), new_state)
+
+        calls = []
+
+        def load_parent_state():
+            calls.append(parent)
+            return self.state(parent)
+
+        plan = extend(parent_nids, change, load_parent_state)
+        if not change:
+            self.case.assertEqual(plan, SnapshotPlan(tuple(parent_nids), (), False))
+            self.noops += 1
+        elif len(parent_nids) < MAX_BLOCKS:
+            self.case.assertFalse(plan.compacted)
+            self.case.assertEqual(plan.base, tuple(parent_nids))
+            self.case.assertEqual(plan.blocks, (change,))
+            self.appends += 1
+        else:
+            self.case.assertTrue(plan.compacted)
+            self.case.assertEqual(plan.base, ())
+            self.case.assertLessEqual(len(plan.blocks), MAX_BLOCKS // 2)
+            self.compactions += 1
+        # The full state is only loaded to compact.
+        self.case.assertEqual(calls, [parent] if plan.compacted else [])
+        return self._store(plan, new_state, parent)
+
+    def apply_delta(self, parent, sets, removes):
+        new_state = dict(self.models[parent])
+        new_state.update(sets)
+        present = sorted(new_state)
+        for i in removes:
+            if present:
+                new_state.pop(present[i % len(present)], None)
+        return self.store_child(parent, new_state)
+
+    def merge(self, left, right, right_wins, drops, extra):
+        a = self.models[left]
+        b = self.models[right]
+        merged = {**a, **b} if right_wins else {**b, **a}
+        merged.update(extra)
+        present = sorted(merged)
+        for i in drops:
+            if present:
+                merged.pop(present[i % len(present)], None)
+        # Store against the parent whose delta is smaller.
+        d_left = delta(self.state(left), merged)
+        d_right = delta(self.state(right), merged)
+        best = left if len(d_left) <= len(d_right) else right
+        return self.store_child(best, merged)
+
+    def random_chain(self, rng, parent, length):
+        """``length`` random deltas, each on top of the previous one."""
+        snap = parent
+        for _ in range(length):
+            sets = {
+                (rng.randint(1, MAX_TYPE), rng.randint(1, MAX_STATE_KEY)): rng.randint(1, MAX_EVENT)
+                for _ in range(rng.randint(0, 4))
+            }
+            removes = [rng.randrange(1 << 30) for _ in range(rng.randint(0, 3))]
+            snap = self.apply_delta(snap, sets, removes)
+        return snap
+
+
+# Operations for the model-based test. A parent "pick" of None means the most
+# recent snapshot (so lineages get long); an int picks any snapshot.
+picks = st.one_of(st.none(), st.integers(0, 1 << 16))
+removal_indexes = st.lists(st.integers(0, 1 << 30), max_size=4)
+operations = st.one_of(
+    st.tuples(st.just("chain"), picks, st.integers(1, 150), st.randoms(use_true_random=False)),
+    st.tuples(
+        st.just("delta"),
+        picks,
+        st.dictionaries(keys, event_nids, max_size=8),
+        removal_indexes,
+    ),
+    st.tuples(
+        st.just("merge"),
+        picks,
+        picks,
+        st.booleans(),
+        removal_indexes,
+        st.dictionaries(keys, event_nids, max_size=3),
+    ),
+    st.tuples(st.just("full"), states),
+)
+
+
+class ModelBasedTests(unittest.TestCase):
+    def _pick(self, store, pick):
+        if pick is None:
+            return len(store.snapshots) - 1
+        return pick % len(store.snapshots)
+
+    @settings(max_examples=60, **_SETTINGS)
+    @given(initial=states, ops=st.lists(operations, min_size=1, max_size=8))
+    def test_random_operations_match_dict_model(self, initial, ops):
+        store = Store(self)
+        store.build_full(initial)
+        for op in ops:
+            kind = op[0]
+            if kind == "chain":
+                _, pick, length, rng = op
+                store.random_chain(rng, self._pick(store, pick), length)
+            elif kind == "delta":
+                _, pick, sets, removes = op
+                store.apply_delta(self._pick(store, pick), sets, removes)
+            elif kind == "merge":
+                _, left, right, right_wins, drops, extra = op
+                store.merge(
+                    self._pick(store, left),
+                    self._pick(store, right),
+                    right_wins,
+                    drops,
+                    extra,
+                )
+            else:
+                store.build_full(op[1])
+        # Every snapshot still reads back as its model (nothing written later
+        # changed an older snapshot's meaning), and reads stay bounded.
+        for snap in range(len(store.snapshots)):
+            store.check(snap)
+            probe = [(t, s) for t in range(1, 4) for s in range(1, 40)]
+            probe += list(store.models[snap])[:20]
+            self.assertEqual(
+                lookup(store.read(snap), probe),
+                {k: e for k, e in store.models[snap].items() if k in set(probe)},
+            )
+        self.assertLessEqual(store.max_read, MAX_BLOCKS)
+
+    def test_long_chain_compacts_and_reads_stay_bounded(self):
+        rng = random.Random(1234)
+        store = Store(self)
+        snap = store.build_full({})
+        lengths = []
+        for _ in range(700):
+            snap = store.random_chain(rng, snap, 1)
+            lengths.append(len(store.snapshots[snap]))
+        self.assertGreaterEqual(store.compactions, 5)
+        self.assertEqual(store.max_read, MAX_BLOCKS)
+        self.assertLessEqual(max(lengths), MAX_BLOCKS)
+        self.assertGreaterEqual(store.longest_lineage[snap], 700)
+        # Right after each compaction the snapshot has room for deltas again.
+        for before, after in zip(lengths, lengths[1:], strict=False):
+            if after < before:
+                self.assertEqual(before, MAX_BLOCKS)
+                self.assertLessEqual(after, MAX_BLOCKS // 2)
+
+    def test_merges_of_diverged_lineages(self):
+        rng = random.Random(99)
+        store = Store(self)
+        root = store.build_full({(t, s): 1 for t in range(1, 4) for s in range(1, 200)})
+        left = store.random_chain(rng, root, 90)
+        right = store.random_chain(rng, root, 140)
+        merged = store.merge(left, right, True, [3, 17], {(7, 7): 7})
+        # Keep going on the merged lineage past another compaction.
+        store.random_chain(rng, merged, 80)
+        self.assertGreaterEqual(store.compactions, 3)
+        self.assertLessEqual(store.max_read, MAX_BLOCKS)
+
+
+class ExtendTests(unittest.TestCase):
+    def _fail_state(self):
+        raise AssertionError("parent_state must not be called")
+
+    def test_append_below_limit(self):
+        change = make_block([(1, 1, 5)])
+        plan = extend([3, 1, 2], change, self._fail_state)
+        self.assertEqual(plan, SnapshotPlan((3, 1, 2), (change,), False))
+
+    def test_empty_change_keeps_parent(self):
+        parent = list(range(1, MAX_BLOCKS + 1))
+        plan = extend(parent, (), self._fail_state)
+        self.assertEqual(plan, SnapshotPlan(tuple(parent), (), False))
+
+    def test_compacts_at_limit(self):
+        blocks = [make_block([(1, i, i)]) for i in range(1, MAX_BLOCKS + 1)]
+        change = make_block([(1, 1, 0), (2, 2, 9), (1, 5, 77)])
+        plan = extend(list(range(1, MAX_BLOCKS + 1)), change, lambda: resolve(blocks))
+        self.assertTrue(plan.compacted)
+        self.assertEqual(plan.base, ())
+        expected = resolve([*blocks, change])
+        self.assertEqual(resolve(plan.blocks), expected)
+        self.assertEqual(list(plan.blocks), compact(expected))
+
+
+class NidFilterTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(blocks=small_block_seqs, nid_filter=filters)
+    # Full state.
+    @example(
+        blocks=[make_block([(1, 1, 1), (2, 2, 2)]), make_block([(1, 1, 0)])],
+        nid_filter=NidFilter({}, True),
+    )
+    # Nothing.
+    @example(blocks=[make_block([(1, 1, 1)])], nid_filter=NidFilter({}, False))
+    # Concrete keys only, one tombstoned, one never present.
+    @example(
+        blocks=[make_block([(1, 1, 1), (1, 2, 2)]), make_block([(1, 2, 0)])],
+        nid_filter=NidFilter({1: frozenset({1, 2, 3}), 4: frozenset()}, False),
+    )
+    # Wildcard type.
+    @example(
+        blocks=[make_block([(1, 1, 1), (1, 2, 2), (2, 1, 3)])],
+        nid_filter=NidFilter({1: None}, False),
+    )
+    # include_others with a listed type: other keys of that type are excluded.
+    @example(
+        blocks=[make_block([(1, 1, 1), (1, 2, 2), (2, 1, 3)])],
+        nid_filter=NidFilter({1: frozenset({2})}, True),
+    )
+    def test_apply_matches_filtered_model(self, blocks, nid_filter):
+        model = model_resolve(blocks)
+        for key in model:
+            self.assertEqual(nid_filter.matches(key), model_matches(nid_filter, key))
+        expected = {k: e for k, e in model.items() if nid_filter.matches(k)}
+        self.assertEqual(nid_filter.apply(blocks), expected)
+
+        self.assertEqual(nid_filter.is_full(), nid_filter.include_others and not nid_filter.types)
+        concrete = nid_filter.concrete_keys()
+        if concrete is None:
+            self.assertTrue(nid_filter.include_others or None in nid_filter.types.values())
+        else:
+            self.assertEqual(
+                set(concrete),
+                {(t, s) for t, ks in nid_filter.types.items() for s in ks},
+            )
+
+    def test_filter_shapes(self):
+        blocks = [
+            make_block([(1, 1, 10), (1, 2, 11), (2, 1, 12), (3, 3, 13)]),
+            make_block([(1, 2, 0), (2, 2, 14)]),
+        ]
+        self.assertEqual(
+            NidFilter({}, True).apply(blocks),
+            {(1, 1): 10, (2, 1): 12, (2, 2): 14, (3, 3): 13},
+        )
+        self.assertEqual(NidFilter({}, False).apply(blocks), {})
+        self.assertEqual(NidFilter({}, False).concrete_keys(), [])
+        self.assertEqual(
+            NidFilter({1: frozenset({1, 2}), 9: frozenset({1})}, False).apply(blocks),
+            {(1, 1): 10},
+        )
+        self.assertEqual(NidFilter({2: None}, False).apply(blocks), {(2, 1): 12, (2, 2): 14})
+        self.assertEqual(
+            NidFilter({1: frozenset({1})}, True).apply(blocks),
+            {(1, 1): 10, (2, 1): 12, (2, 2): 14, (3, 3): 13},
+        )
+        self.assertEqual(
+            NidFilter({1: frozenset()}, True).apply(blocks),
+            {(2, 1): 12, (2, 2): 14, (3, 3): 13},
+        )
+
+
+class LookupTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(blocks=small_block_seqs, wanted=st.lists(small_keys, max_size=15))
+    def test_lookup_equals_restricted_resolve(self, blocks, wanted):
+        # Also ask for every key the blocks mention, tombstoned or not.
+        mentioned = [(t, s) for block in blocks for t, s, _ in block]
+        for ks in (wanted, mentioned, wanted + mentioned):
+            model = model_resolve(blocks)
+            self.assertEqual(lookup(blocks, ks), {k: e for k, e in model.items() if k in set(ks)})
+        # Unpacked blocks (as read from the database) behave the same.
+        unpacked = [unpack_block(pack_block(b)) for b in blocks]
+        self.assertEqual(lookup(unpacked, wanted), lookup(blocks, wanted))
+
+    def test_lookup_tombstones_and_missing(self):
+        blocks = [
+            make_block([(1, 1, 1), (1, 2, 2), (2, 5, 3)]),
+            make_block([(1, 2, 0), (3, 3, 4)]),
+            make_block([(2, 5, 9), (3, 3, 0), (4, 4, 0)]),
+        ]
+        self.assertEqual(
+            lookup(blocks, [(1, 1), (1, 2), (2, 5), (3, 3), (4, 4), (9, 9)]),
+            {(1, 1): 1, (2, 5): 9},
+        )
+        self.assertEqual(lookup(blocks, []), {})
+        self.assertEqual(lookup([], [(1, 1)]), {})
+
+
+class DeltaTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(base=states, new=states, blocks=st.lists(states, max_size=3))
+    def test_delta_turns_base_into_new(self, base, new, blocks):
+        change = delta(base, new)
+        assert_valid_block(self, change)
+        self.assertEqual(resolve([*compact(base), change]), new)
+        # Only changed keys are written.
+        changed = {k for k in base.keys() | new.keys() if base.get(k) != new.get(k)}
+        self.assertEqual({(t, s) for t, s, _ in change}, changed)
+        self.assertEqual(delta(new, new), ())
+        # Stacking: whatever blocks produced ``base``, the delta gives ``new``.
+        stack = [delta({}, b) for b in blocks]
+        stack.append(delta(resolve(stack), base))
+        self.assertEqual(resolve(stack), base)
+        self.assertEqual(resolve([*stack, change]), new)
+
+
+class PackingTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(
+        entries=st.dictionaries(
+            st.tuples(st.integers(1, INT64_MAX), st.integers(1, INT64_MAX)),
+            st.integers(0, INT64_MAX),
+            max_size=30,
+        )
+    )
+    def test_block_round_trip(self, entries):
+        block = make_block((t, s, e) for (t, s), e in entries.items())
+        packed = pack_block(block)
+        self.assertIsInstance(packed, bytes)
+        self.assertEqual(len(packed), 24 * len(block))
+        self.assertEqual(unpack_block(packed), block)
+        # Database drivers hand back memoryview / bytearray.
+        self.assertEqual(unpack_block(memoryview(packed)), block)
+        self.assertEqual(unpack_block(bytearray(packed)), block)
+        self.assertEqual(content_hash(packed), content_hash(pack_block(block)))
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(nids=st.lists(st.integers(0, INT64_MAX), max_size=MAX_BLOCKS))
+    def test_nids_round_trip(self, nids):
+        packed = pack_nids(nids)
+        self.assertEqual(len(packed), 8 * len(nids))
+        self.assertEqual(unpack_nids(packed), tuple(nids))
+        self.assertEqual(unpack_nids(memoryview(packed)), tuple(nids))
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(
+        entries=st.dictionaries(keys, st.integers(0, INT64_MAX), min_size=1, max_size=10),
+        data=st.data(),
+    )
+    def test_truncated_block_raises(self, entries, data):
+        packed = pack_block(make_block((t, s, e) for (t, s), e in entries.items()))
+        cut = data.draw(st.integers(1, len(packed)).filter(lambda n: n % 24))
+        with self.assertRaises(AlgebraError):
+            unpack_block(packed[: len(packed) - cut])
+        if cut % 8:
+            with self.assertRaises(AlgebraError):
+                unpack_nids(packed[: len(packed) - cut])
+
+    def test_encoding_is_little_endian_int64(self):
+        self.assertEqual(pack_nids([1, 258]), bytes([1] + [0] * 7 + [2, 1] + [0] * 6))
+        self.assertEqual(
+            pack_block(((1, 2, 3),)),
+            bytes([1] + [0] * 7 + [2] + [0] * 7 + [3] + [0] * 7),
+        )
+        self.assertEqual(unpack_block(b""), ())
+        self.assertEqual(unpack_nids(b""), ())
+
+    def test_truncated_buffers(self):
+        packed = pack_block(make_block([(1, 1, 1), (1, 2, 2)]))
+        for cut in (1, 7, 8, 16, 23, 25, 47):
+            with self.assertRaises(AlgebraError):
+                unpack_block(packed[: len(packed) - cut])
+        with self.assertRaises(AlgebraError):
+            unpack_nids(b"\x01\x00\x00")
+
+
+def random_state(seed, size, max_type=50):
+    """A state with ``size`` distinct keys, built from a seed (fast for 50k)."""
+    rng = random.Random(seed)
+    key_space = max(size * 4, 1000)
+    raw = rng.sample(range(key_space), size)
+    return {(k % max_type + 1, k // max_type + 1): rng.randint(1, 10**9) for k in raw}
+
+
+def blocks_not_in(a, b):
+    """How many of ``a``'s blocks ``b`` lacks (what storage would newly write)."""
+    return len(set(a) - set(b))
+
+
+class CompactTests(unittest.TestCase):
+    def assert_good_compaction(self, state, blocks):
+        expected = {k: e for k, e in state.items() if e}
+        self.assertLessEqual(len(blocks), MAX_BLOCKS // 2)
+        self.assertEqual(resolve(blocks), expected)
+        for block in blocks:
+            assert_valid_block(self, block)
+            self.assertTrue(block)
+        # Blocks are disjoint and in key order; every block but the last ends
+        # on a boundary key (content-defined cuts, no minimum size), unless the
+        # pairwise merge for too many cuts ran.
+        flat = [entry for block in blocks for entry in block]
+        self.assertEqual(make_block(flat), tuple(flat))
+        self.assertEqual(len(flat), len(expected))
+        modulus = MIN_CHUNK_ENTRIES
+        while modulus * COMPACTED_BLOCKS_TARGET < len(flat):
+            modulus *= 2
+        cuts = [i for i, entry in enumerate(flat) if _is_boundary(entry[:2], modulus)]
+        if blocks and len([c for c in cuts if c != len(flat) - 1]) < MAX_BLOCKS // 2:
+            ends = [sum(len(b) for b in blocks[: j + 1]) - 1 for j in range(len(blocks))]
+            self.assertEqual(
+                [e for e in ends if e != len(flat) - 1], [c for c in cuts if c != len(flat) - 1]
+            )
+
+    @settings(max_examples=40, **_SETTINGS)
+    @given(seed=st.integers(0, 2**32), size=st.integers(0, 50_000))
+    def test_compact_large_states(self, seed, size):
+        state = random_state(seed, size)
+        blocks = compact(state)
+        self.assert_good_compaction(state, blocks)
+        # Deterministic, whatever the dict's insertion order.
+        self.assertEqual(compact(dict(reversed(list(state.items())))), blocks)
+        self.assertEqual(list(full(state).blocks), blocks)
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(state=st.dictionaries(keys, st.integers(0, MAX_EVENT), max_size=400))
+    def test_compact_small_states(self, state):
+        blocks = compact(state)
+        self.assert_good_compaction(state, blocks)
+        self.assertEqual(compact(dict(sorted(state.items(), reverse=True))), blocks)
+
+    def test_empty_state(self):
+        self.assertEqual(compact({}), [])
+        self.assertEqual(compact({(1, 1): 0}), [])
+        self.assertEqual(full({}), SnapshotPlan((), (), True))
+
+    def test_unlucky_hashes_are_merged(self):
+        # Every key is a boundary for the modulus 3000 entries use (256), so
+        # the first pass cuts every MIN_CHUNK_ENTRIES entries: 46 blocks.
+        hits = []
+        t = 0
+        while len(hits) < 3000:
+            t += 1
+            hits.extend((t, s) for s in range(1, 33) if _is_boundary((t, s), 256))
+        state = {k: 1 for k in hits[:3000]}
+        self.assertGreater(3000 // MIN_CHUNK_ENTRIES, MAX_BLOCKS // 2)
+        blocks = compact(state)
+        self.assert_good_compaction(state, blocks)
+        self.assertGreater(len(blocks), COMPACTED_BLOCKS_TARGET)
+
+    @settings(max_examples=60, **_SETTINGS)
+    @given(
+        seed=st.integers(0, 2**32),
+        size=st.integers(1000, 5000),
+        how=st.sampled_from(["change", "add", "remove"]),
+        which=st.integers(0, 2**32),
+    )
+    def test_one_key_change_shares_blocks(self, seed, size, how, which):
+        state = random_state(seed, size)
+        other = dict(state)
+        present = sorted(state)
+        key = present[which % len(present)]
+        if how == "change":
+            other[key] += 1
+        elif how == "remove":
+            del other[key]
+        else:
+            t, s = key
+            while (t, s) in other:
+                s += 1
+            other[(t, s)] = 1
+        a = compact(state)
+        b = compact(other)
+        if how == "change":
+            # Same keys, same cuts: exactly one block differs.
+            self.assertEqual(len(a), len(b))
+            self.assertEqual(blocks_not_in(a, b), 1)
+            self.assertEqual(blocks_not_in(b, a), 1)
+        else:
+            self.assertLessEqual(blocks_not_in(a, b), 2)
+            self.assertLessEqual(blocks_not_in(b, a), 2)
+
+    # The two tests below fail: they pin down cases where compact() breaks its
+    # documented promise that "two compactions of states that differ in a few
+    # keys share all the other blocks".
+
+    def test_block_size_doubles_past_a_power_of_two(self):
+        # 2048 entries use modulus 128, 2049 use 256: the documented case where
+        # a compaction shares nothing with the previous one, but stays right.
+        state = {(1, s): 7 for s in range(1, 2049)}
+        other = {**state, (2, 1): 7}
+        a = compact(state)
+        b = compact(other)
+        self.assertEqual(resolve(b), other)
+        self.assertLessEqual(len(b), MAX_BLOCKS // 2)
+        self.assertLessEqual(len(b), len(a))
+        # One key less on the other side of the threshold shares again.
+        smaller = {k: v for k, v in state.items() if k != (1, 5)}
+        self.assertLessEqual(blocks_not_in(compact(smaller), a), 1)
+
+    def test_one_key_insert_does_not_cascade(self):
+        # (1, 2028) is a boundary key. With it, the cuts are ...2028 | 2118 |
+        # 2291; without it, 2082 | 2291 (2118 is now too close to 2082 to be
+        # a cut, and 2082 was too close to 2028 before). Inserting the key
+        # therefore writes three new blocks.
+        state = {(1, s): 1 for s in range(1, 3001) if s != 2028}
+        other = {**state, (1, 2028): 1}
+        a = compact(state)
+        b = compact(other)
+        self.assertLessEqual(blocks_not_in(b, a), 2)
+        self.assertLessEqual(blocks_not_in(a, b), 2)
+
+
+class MakeBlockTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(entries=st.dictionaries(keys, st.integers(0, MAX_EVENT), max_size=50))
+    def test_sorted_and_unique(self, entries):
+        triples = [(t, s, e) for (t, s), e in entries.items()]
+        block = make_block(reversed(triples))
+        self.assertEqual(list(block), sorted(triples))
+        self.assertEqual(make_block(block), block)
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(
+        entries=st.dictionaries(keys, event_nids, min_size=1, max_size=20),
+        data=st.data(),
+    )
+    def test_rejects_duplicate_keys(self, entries, data):
+        triples = [(t, s, e) for (t, s), e in entries.items()]
+        t, s, e = data.draw(st.sampled_from(triples))
+        dup = (t, s, data.draw(st.integers(0, MAX_EVENT)))
+        with self.assertRaises(AlgebraError):
+            make_block([*triples, dup])
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(
+        good=st.dictionaries(keys, event_nids, max_size=10),
+        bad=st.one_of(
+            st.tuples(st.integers(-5, 0), state_key_nids, event_nids),
+            st.tuples(type_nids, st.integers(-5, 0), event_nids),
+            st.tuples(type_nids, state_key_nids, st.integers(-5, -1)),
+        ),
+    )
+    def test_rejects_non_positive_nids(self, good, bad):
+        triples = [(t, s, e) for (t, s), e in good.items()]
+        with self.assertRaises(AlgebraError):
+            make_block([*triples, bad])
+
+    def test_examples(self):
+        self.assertEqual(make_block([]), ())
+        self.assertEqual(make_block([(2, 1, 1), (1, 2, 0)]), ((1, 2, 0), (2, 1, 1)))
+        for bad in (
+            [(1, 1, 1), (1, 1, 1)],
+            [(1, 1, 1), (1, 1, 2)],
+            [(0, 1, 1)],
+            [(1, 0, 1)],
+            [(-1, 1, 1)],
+            [(1, 1, -1)],
+        ):
+            with self.assertRaises(AlgebraError):
+                make_block(bad)
