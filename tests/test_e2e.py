@@ -339,6 +339,35 @@ def normalise(kind: str, status: int, answer: Any) -> Any:
     raise ValueError(kind)
 
 
+def describe_difference(want: Any, got: Any, want_name: str, got_name: str, where: str = "") -> str:
+    """Where two normalised answers differ, compactly (events as id and type)."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        return "".join(
+            describe_difference(want.get(k), got.get(k), want_name, got_name, f"{where}.{k}")
+            for k in sorted(want.keys() | got.keys(), key=str)
+            if want.get(k) != got.get(k)
+        )
+    if isinstance(want, list) and isinstance(got, list):
+        want_items = [tuple(i) if isinstance(i, list) else i for i in want]
+        got_items = [tuple(i) if isinstance(i, list) else i for i in got]
+        only_want = [i for i in want_items if i not in got_items]
+        only_got = [i for i in got_items if i not in want_items]
+
+        def show(items: list[Any]) -> str:
+            return ", ".join(
+                f"{i[1]} {i[0]}" if isinstance(i, tuple) and len(i) == 3 else repr(i)
+                for i in items
+            )
+
+        if not only_want and not only_got:
+            return f"    {where or 'answer'}: same items, different order\n"
+        return (
+            f"    {where or 'answer'}: only in {want_name}: [{show(only_want)}]; "
+            f"only in {got_name}: [{show(only_got)}]\n"
+        )
+    return f"    {where or 'answer'}: {want_name} {want!r}, {got_name} {got!r}\n"
+
+
 # --- the scenario -----------------------------------------------------------------
 
 
@@ -555,9 +584,8 @@ class EndToEndTest(unittest.TestCase):
         ]
         if differing:
             shown = "\n".join(
-                f"  {kind} as {user}: GET {path}\n"
-                f"    {expected_mode}: {json.dumps(want)}\n"
-                f"    {actual_mode}: {json.dumps(got)}"
+                f"  {kind} as {user}: GET {urllib.parse.unquote(path)}\n"
+                + describe_difference(want, got, expected_mode, actual_mode)
                 for (kind, user, path), want, got in differing[:5]
             )
             self.fail(
