@@ -256,9 +256,9 @@ class NidFilter:
         return self.include_others and not self.types
 
     def matches(self, key: StateKeyNids) -> bool:
-        keys = self.types.get(key[0], False)
-        if keys is False:
+        if key[0] not in self.types:
             return self.include_others
+        keys = self.types[key[0]]
         return keys is None or key[1] in keys
 
     def concrete_keys(self) -> list[StateKeyNids] | None:

@@ -1,5 +1,6 @@
 """The module's configuration: parsed and checked once, at Synapse's start-up."""
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,10 +81,9 @@ def check_synapse_version(version: str, config: NidStateConfig) -> None:
     their signatures and semantics are known; `allow_untested_synapse: true`
     overrides this at the operator's risk.
     """
-    try:
-        release = tuple(int(part) for part in version.split(".")[:3])
-    except ValueError:
-        release = ()
+    # Synapse run from a git checkout says e.g. "1.163.2 (b=main,74dd135)".
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    release = tuple(int(part) for part in match.groups()) if match else ()
     low, high = TESTED_SYNAPSE
     if low <= release < high or config.allow_untested_synapse:
         return

@@ -112,7 +112,9 @@ class Driver:
         """
         event, context = await self._build(sender, room_id, event_type, content, state_key)
         context.rejected = RejectedReason.AUTH_ERROR
-        await self.hs.get_storage_controllers().persistence.persist_event(event, context)
+        persistence = self.hs.get_storage_controllers().persistence
+        assert persistence is not None, "this process does not persist events"
+        await persistence.persist_event(event, context)
         return event.event_id
 
     async def outlier_then_normal(
@@ -121,7 +123,9 @@ class Driver:
         """Persist an event as an outlier; return what is needed to de-outlier it."""
         event, context = await self._build(sender, room_id, event_type, content, state_key)
         event.internal_metadata.outlier = True
-        await self.hs.get_storage_controllers().persistence.persist_event(
+        persistence = self.hs.get_storage_controllers().persistence
+        assert persistence is not None, "this process does not persist events"
+        await persistence.persist_event(
             event, EventContext.for_outlier(self.hs.get_storage_controllers())
         )
         return event.event_id, event, context

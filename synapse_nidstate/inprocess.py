@@ -7,13 +7,17 @@ and is driven through its handlers.
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import synapse.app.homeserver as synapse_app
 from synapse.config.homeserver import HomeServerConfig
 from synapse.logging.context import LoggingContext, PreserveLoggingContext, run_in_background
 from synapse.server import HomeServer
-from twisted.internet import defer, reactor
+from synapse.types import ISynapseReactor
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+
+reactor = cast(ISynapseReactor, _reactor)
 
 SERVER_NAME = "nidstate.test"
 # A throwaway key for servers that never federate.
@@ -96,9 +100,9 @@ async def stop_homeserver(hs: HomeServer) -> None:
     await hs.shutdown()
     # Synapse's background loops leave sleeps behind; they belong to the
     # server just shut down.
-    for call in reactor.getDelayedCalls():  # type: ignore[attr-defined]
-        if call.active():
-            call.cancel()
+    for call in reactor.getDelayedCalls():  # type: ignore[misc]  # zope interface without mypy-zope
+        if call.active():  # type: ignore[misc]  # zope interface without mypy-zope
+            call.cancel()  # type: ignore[misc]  # zope interface without mypy-zope
 
 
 def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidstate") -> T:
@@ -115,15 +119,15 @@ def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidsta
         except BaseException as e:  # handed to the caller below
             outcome.append(("error", e))
         finally:
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[misc]  # zope interface without mypy-zope
 
     def begin() -> None:
         with LoggingContext(name=name, server_name=SERVER_NAME):
             run_in_background(wrapper)
 
-    reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(begin)
     with PreserveLoggingContext():
-        reactor.run()  # type: ignore[attr-defined]
+        reactor.run()  # type: ignore[misc]  # zope interface without mypy-zope
     kind, value = outcome[0]
     if kind == "error":
         raise value

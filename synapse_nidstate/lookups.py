@@ -81,7 +81,9 @@ class StateLookups:
             await self._controller._partial_state_events_tracker.await_full_state(
                 event_ids
             )
-        served = await self.mirrored_state_ids(event_ids, state_filter)
+        served: dict[str, StateMap[str]] = dict(
+            await self.mirrored_state_ids(event_ids, state_filter)
+        )
         missing = [e for e in event_ids if e not in served]
         self._stats.served += len(event_ids) - len(missing)
         if missing:

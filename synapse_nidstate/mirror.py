@@ -64,6 +64,7 @@ class Mirror:
     def __init__(self, hs: "HomeServer", store: NidStore, stats: MirrorStats) -> None:
         self._store = store
         self._state_store = hs.get_datastores().state
+        self._state_controller = hs.get_storage_controllers().state
         self._engine = store.engine
         self.stats = stats
         # room_id -> plan of the batch being persisted. Synapse persists one
@@ -117,11 +118,13 @@ class Mirror:
         """Append the steps that build ``group`` (its unknown ancestors first)."""
         if group in known or group in planned:
             return
+        prev_group: int | None
+        delta: StateMap[str] | None
         if group in hints:
             prev_group, delta = hints[group]
         else:
-            edge = await self._state_store.get_state_group_delta(group)
-            prev_group, delta = edge.prev_group, edge.delta_ids
+            # One state_group_edges hop (cached by Synapse).
+            prev_group, delta = await self._state_controller.get_state_group_delta(group)
         if prev_group is not None and delta is not None and hops < MAX_PLAN_HOPS:
             if prev_group not in known and prev_group not in planned:
                 known.update(await self._store.known_groups([prev_group]))

@@ -21,7 +21,7 @@ from synapse.storage.database import (
     LoggingTransaction,
     make_in_list_sql_clause,
 )
-from synapse.types import StateMap
+from synapse.types import MutableStateMap, StateMap
 from synapse.util.caches.lrucache import LruCache
 from synapse.util.iterutils import batch_iter
 
@@ -625,7 +625,7 @@ class NidStore:
         event_ids: Collection[str],
         types: Mapping[str, Collection[str] | None],
         include_others: bool,
-    ) -> dict[str, dict[tuple[str, str], str]]:
+    ) -> dict[str, MutableStateMap[str]]:
         """The state at each event the mirror has a snapshot for, filtered.
 
         ``types``/``include_others`` are a Synapse ``StateFilter``'s fields.

@@ -7,6 +7,8 @@ module loaded from ``homeserver.yaml``-style config, on SQLite (a file in a
 temporary directory) or PostgreSQL (a fresh database per test case).
 """
 
+import json
+import logging
 import os
 import tempfile
 import uuid
@@ -28,6 +30,8 @@ from synapse_nidstate.inprocess import (
 from synapse_nidstate.module import NidStateModule, module_for
 
 __all__ = ["HomeserverTestCase", "in_logcontext"]
+
+logger = logging.getLogger(__name__)
 
 PG_HOST = os.environ.get("NIDSTATE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("NIDSTATE_TEST_PG_PORT", "5432"))
@@ -117,6 +121,8 @@ class HomeserverTestCase(unittest.TestCase):
             database if database is not None else self.database_config(),
             module_config,
         )
+        if "databases" in (extra_config or {}):
+            del config_dict["database"]
         config_dict.update(extra_config or {})
         hs = await start_homeserver(config_dict, data_dir)
         self.addCleanup(self._shutdown, hs)
@@ -127,6 +133,10 @@ class HomeserverTestCase(unittest.TestCase):
         await self._shutdown(hs)
 
     def _shutdown(self, hs: HomeServer) -> "defer.Deferred[None]":
+        module = module_for(hs)
+        if module is not None and not hs._is_shutdown:
+            # Summed over a run by the closing note's figures (grep the log).
+            logger.info("synapse-nidstate counters %s", json.dumps(module.stats.as_dict()))
         with LoggingContext(name="shutdown", server_name=SERVER_NAME):
             return run_in_background(stop_homeserver, hs)
 

@@ -172,3 +172,9 @@ class ConfigTests(unittest.TestCase):
         )
         with self.assertRaises(ConfigError):
             check_synapse_version("1.100.0", parse_config({}))
+        with self.assertRaises(ConfigError):
+            check_synapse_version("unknown", parse_config({}))
+        # Synapse run from a git checkout adds the branch and commit.
+        check_synapse_version(
+            ".".join(map(str, low)) + " (b=main,74dd135)", parse_config({})
+        )

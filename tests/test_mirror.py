@@ -1,5 +1,7 @@
 """The mirror against Synapse's native state, for every event and filter, on both engines."""
 
+import random
+
 from synapse.api.constants import EventTypes
 from synapse.types.state import StateFilter
 
@@ -127,6 +129,55 @@ class MirrorTests:
         self.assertEqual(answers, expected)
         self.assertEqual(module.stats.lookups.fallback, len(old_ids))
         self.assertGreaterEqual(module.stats.lookups.served, 1)
+
+
+    @in_logcontext
+    async def test_split_state_database(self) -> None:
+        # State groups in a second database (`data_stores: [state]`): the
+        # mirror reads them through Synapse's state store and lives in main.
+        main, state = self.database_config(), self.database_config()
+        main["data_stores"] = ["main"]
+        state["data_stores"] = ["state"]
+        hs = await self.make_homeserver(
+            {"mode": "serve"}, extra_config={"databases": {"main": main, "state": state}}
+        )
+        stores = hs.get_datastores()
+        self.assertIsNot(stores.main.db_pool, stores.state.db_pool)
+        history = await build_history(hs)
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
+        self.assertEqual(self.module(hs).stats.mirror.unprepared, 0)
+
+    @in_logcontext
+    async def test_random_filters(self) -> None:
+        # Filters drawn at random (seeded) over the types and keys the rooms
+        # hold, plus unknown ones: concrete keys, wildcards, empty key sets,
+        # include_others, all built with Synapse's StateFilter.
+        hs = await self.make_homeserver({"mode": "shadow"})
+        history = await build_history(hs, messages_per_room=1)
+        rng = random.Random(20261127)
+        types = [
+            EventTypes.Member, EventTypes.Name, EventTypes.Topic, EventTypes.PowerLevels,
+            EventTypes.JoinRules, EventTypes.Create, EventTypes.RoomHistoryVisibility,
+            "m.room.guest_access", "org.example.unknown",
+        ]
+        keys = history.users + ["", "@unknown:elsewhere"]
+        filters = {}
+        for i in range(40):
+            chosen = rng.sample(types, rng.randint(0, 4))
+            spec = {}
+            for event_type in chosen:
+                roll = rng.random()
+                if roll < 0.3:
+                    spec[event_type] = None
+                elif roll < 0.4:
+                    spec[event_type] = frozenset()
+                else:
+                    spec[event_type] = frozenset(rng.sample(keys, rng.randint(1, 3)))
+            filters[f"random{i}"] = StateFilter.freeze(spec, include_others=rng.random() < 0.3)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
 
 
 class SqliteMirrorTests(MirrorTests, HomeserverTestCase):
