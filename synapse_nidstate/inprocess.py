@@ -144,3 +144,59 @@ def in_logcontext(fn: Callable[..., Awaitable[T]]) -> Callable[..., "defer.Defer
             return run_in_background(fn, *args, **kwargs)
 
     return wrapper
+
+
+class ToolConfigError(Exception):
+    """The homeserver.yaml given to the command line cannot be used."""
+
+
+#: The name the command line's homeserver takes in a worker deployment.
+TOOL_WORKER_NAME = "synapse-nidstate-cli"
+
+
+def tool_homeserver(config_path: str) -> HomeServer:
+    """Synapse's stores on an operator's homeserver.yaml, for the command line.
+
+    Built the way a Synapse worker is (``generic_worker``): it opens the same
+    databases (main and, if split, state) and Synapse's stores read them, but it
+    writes no Synapse stream, runs no background task and starts no listener or
+    replication, so it is safe beside a running Synapse. The module is not
+    started in it; its config is parsed (and checked) as Synapse would.
+    """
+    import yaml
+
+    from synapse.app.generic_worker import GenericWorkerServer
+
+    try:
+        with open(config_path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ToolConfigError(f"cannot read {config_path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ToolConfigError(f"{config_path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ToolConfigError(f"{config_path} is not a homeserver configuration")
+    raw = dict(raw)
+    raw["worker_app"] = "synapse.app.generic_worker"
+    raw["worker_name"] = TOOL_WORKER_NAME
+    raw["worker_listeners"] = []
+    # A worker config needs the main process's address; this one never connects.
+    instance_map = dict(raw.get("instance_map") or {})
+    instance_map.setdefault("main", {"host": "127.0.0.1", "port": 1})
+    raw["instance_map"] = instance_map
+    config_dir = os.path.dirname(os.path.abspath(config_path))
+    config = HomeServerConfig()
+    config.parse_config_dict(raw, config_dir_path=config_dir, data_dir_path=config_dir)
+    hs = GenericWorkerServer(config.server.server_name, config=config, reactor=reactor)
+    hs.setup()
+    return hs
+
+
+def module_config_of(hs: HomeServer) -> Any:
+    """The parsed config of synapse-nidstate in ``hs``'s homeserver.yaml, or None."""
+    from synapse_nidstate.module import NidStateModule
+
+    for module, config in hs.config.modules.loaded_modules:
+        if module is NidStateModule:
+            return config
+    return None

@@ -5,16 +5,14 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import synapse
-from synapse.config._base import ConfigError
 from synapse.module_api import ModuleApi
-from synapse.storage.database import make_conn
 
 from synapse_nidstate import hooks
 from synapse_nidstate.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.lookups import StateLookups
 from synapse_nidstate.metrics import COLLECTOR, NidStateStats
 from synapse_nidstate.mirror import Mirror
-from synapse_nidstate.schema import apply_schema_txn
+from synapse_nidstate.schema import apply_schema
 from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:
@@ -50,7 +48,7 @@ class NidStateModule:
         self.stats = NidStateStats(hs.hostname)
         COLLECTOR.add(self.stats)
 
-        self.schema_version = _apply_schema(hs)
+        self.schema_version = apply_schema(hs)
         self.store = NidStore(hs, config)
         self.mirror = Mirror(hs, self.store, self.stats.mirror)
         self.persists_events = hooks.install_mirror(hs, self.mirror)
@@ -80,28 +78,3 @@ class NidStateModule:
         parsed = parse_config(config)
         check_synapse_version(synapse.__version__, parsed)
         return parsed
-
-
-def _apply_schema(hs: Any) -> int:
-    """Create or upgrade the module's tables in the main database, now."""
-    db_pool = hs.get_datastores().main.db_pool
-    database_config = db_pool._database_config
-    if database_config.config.get("args", {}).get("database") in (None, ":memory:"):
-        raise ConfigError(
-            "synapse-nidstate needs an on-disk database: an in-memory SQLite "
-            "database cannot be opened a second time to create the module's tables",
-            path=("database", "args", "database"),
-        )
-    conn = make_conn(
-        db_config=database_config,
-        engine=db_pool.engine,
-        default_txn_name="nidstate_schema",
-        server_name=hs.hostname,
-    )
-    try:
-        cursor = conn.cursor(txn_name="nidstate_apply_schema")
-        version = apply_schema_txn(cursor)
-        conn.commit()
-        return version
-    finally:
-        conn.close()

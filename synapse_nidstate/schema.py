@@ -9,10 +9,15 @@ import logging
 import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from synapse.storage.database import LoggingTransaction
+from synapse.config._base import ConfigError
+from synapse.storage.database import LoggingTransaction, make_conn
 from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
 from synapse.storage.prepare_database import get_statements
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +119,32 @@ TABLES = (
     "nidstate_snapshots",
     "nidstate_state_groups",
 )
+
+
+def apply_schema(hs: "HomeServer") -> int:
+    """Create or upgrade the module's tables in ``hs``'s main database, now.
+
+    Runs on a connection of its own, synchronously: the module calls it while
+    Synapse starts (before any event can be persisted), the CLI before it works.
+    """
+    db_pool = hs.get_datastores().main.db_pool
+    database_config = db_pool._database_config
+    if database_config.config.get("args", {}).get("database") in (None, ":memory:"):
+        raise ConfigError(
+            "synapse-nidstate needs an on-disk database: an in-memory SQLite "
+            "database cannot be opened a second time to create the module's tables",
+            path=("database", "args", "database"),
+        )
+    conn = make_conn(
+        db_config=database_config,
+        engine=db_pool.engine,
+        default_txn_name="nidstate_schema",
+        server_name=hs.hostname,
+    )
+    try:
+        cursor = conn.cursor(txn_name="nidstate_apply_schema")
+        version = apply_schema_txn(cursor)
+        conn.commit()
+        return version
+    finally:
+        conn.close()

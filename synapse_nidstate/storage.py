@@ -242,7 +242,8 @@ class NidStore:
             return known
         select = f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE"
         found = dict(self._select_in_txn(txn, select, table.string_column, missing))
-        absent = [s for s in missing if s not in found]
+        # Sorted: concurrent writers take the unique-index locks in one order.
+        absent = sorted(s for s in missing if s not in found)
         if absent:
             txn.execute_batch(
                 f"INSERT INTO {table.table} ({table.string_column}) VALUES (?)"
@@ -273,7 +274,7 @@ class NidStore:
             return known
         select = "SELECT event_id, event_nid FROM nidstate_events WHERE"
         found = dict(self._select_in_txn(txn, select, "event_id", missing))
-        absent = [e for e in missing if e not in found]
+        absent = sorted(e for e in missing if e not in found)
         if absent:
             txn.execute_batch(
                 "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid)"
@@ -409,10 +410,10 @@ class NidStore:
         txn.execute_batch(
             "INSERT INTO nidstate_blocks (room_nid, content_hash, entry_count, entries)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
-            [
+            sorted(
                 (room_nid, bytearray(h), len(b), bytearray(p))
                 for h, b, p in zip(hashes, blocks, packed)
-            ],
+            ),
         )
         rows = self._select_in_txn(
             txn,
