@@ -48,6 +48,9 @@ class Progress:
             )
         sys.stderr.flush()
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
     def finish(self) -> None:
         if self.enabled:
             self._print(time.monotonic())
@@ -93,6 +96,39 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the temporary data directory"
     )
 
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "-c", "--config-path", required=True, metavar="HOMESERVER_YAML",
+            help="Synapse's homeserver.yaml (its databases are used)",
+        )
+        sub.add_argument("-v", "--verbose", action="store_true", help="log Synapse's INFO lines")
+        return sub
+
+    migrate = with_config(commands.add_parser(
+        "migrate",
+        help="mirror every event persisted before the module ran (resumable, safe "
+        "while Synapse runs with the module)",
+    ))
+    migrate.add_argument(
+        "--batch-size", type=_positive_int, default=500, help="events per transaction (500)"
+    )
+    migrate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = with_config(commands.add_parser(
+        "verify",
+        help="compare the mirror with Synapse's own answer for every event (or a sample) "
+        "and look for orphan rows; exit 1 on any mismatch or orphan",
+    ))
+    verify.add_argument("--room", type=_room_id, help="only this room")
+    verify.add_argument("--sample", type=_positive_int, help="a random sample of N events")
+    verify.add_argument("--json", action="store_true", help="the report as JSON")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    drop = with_config(commands.add_parser(
+        "drop", help="remove every table of the module (Synapse's own are untouched)"
+    ))
+    drop.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         for name in ("rooms", "events", "big_room_members"):
@@ -108,7 +144,62 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"data kept in {data_dir}")
             else:
                 shutil.rmtree(data_dir, ignore_errors=True)
-    return 2
+    return _run_tool(args)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
+    return number
+
+
+def _room_id(value: str) -> str:
+    from synapse_nidstate.tools import check_room_id
+
+    return check_room_id(value)
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    """Run a command against the databases of an operator's homeserver.yaml."""
+    import logging
+
+    from synapse.config._base import ConfigError
+
+    from synapse_nidstate import tools
+    from synapse_nidstate.inprocess import ToolConfigError, run_in_reactor, tool_homeserver
+    from synapse_nidstate.schema import apply_schema
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        hs = tool_homeserver(args.config_path)
+        if args.command != "drop":
+            apply_schema(hs)
+    except ToolConfigError as e:
+        print(f"synapse-nidstate: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        where = ".".join(str(p) for p in e.path or ())
+        print(
+            f"synapse-nidstate: error in {args.config_path}"
+            + (f" at {where}" if where else "")
+            + f": {e.msg}",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as e:  # a database that cannot be opened, etc.
+        print(f"synapse-nidstate: cannot open Synapse's databases: {e}", file=sys.stderr)
+        return 2
+    command = {"migrate": tools.migrate, "verify": tools.verify, "drop": tools.drop}[
+        args.command
+    ]
+    return run_in_reactor(lambda: command(hs, args))
 
 
 if __name__ == "__main__":

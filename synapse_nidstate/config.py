@@ -20,6 +20,19 @@ TESTED_SYNAPSE = ((1, 163, 0), (1, 164, 0))
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class BackgroundMigrationConfig:
+    """`background_migration:` — Synapse itself migrates history, a batch at a time."""
+
+    enabled: bool = False
+    #: Events per transaction.
+    batch_size: int = 500
+    #: Pause between two batches (the rate limit).
+    interval_ms: int = 1000
+    #: The one process that runs it (`master`, or a worker's name).
+    instance: str = "master"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class NidStateConfig:
     mode: str = "shadow"
     #: Entries of the immutable-block cache (one entry is one state block).
@@ -30,6 +43,7 @@ class NidStateConfig:
     snapshot_cache_size: int = 100_000
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False
+    background_migration: BackgroundMigrationConfig = BackgroundMigrationConfig()
 
 
 _KEYS = {field.name for field in attr.fields(NidStateConfig)}
@@ -71,7 +85,48 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, not {value!r}", path=("allow_untested_synapse",))
         values["allow_untested_synapse"] = value
+    if "background_migration" in raw:
+        values["background_migration"] = _parse_background_migration(
+            raw["background_migration"]
+        )
     return NidStateConfig(**values)
+
+
+def _parse_background_migration(raw: Any) -> BackgroundMigrationConfig:
+    prefix = "background_migration"
+    if raw is None:
+        return BackgroundMigrationConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("must be a mapping", path=(prefix,))
+    known = {field.name for field in attr.fields(BackgroundMigrationConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}",
+            path=(prefix, unknown[0]),
+        )
+    values: dict[str, Any] = {}
+    if "enabled" in raw:
+        if not isinstance(raw["enabled"], bool):
+            raise ConfigError(
+                f"must be true or false, not {raw['enabled']!r}", path=(prefix, "enabled")
+            )
+        values["enabled"] = raw["enabled"]
+    for key in ("batch_size", "interval_ms"):
+        if key in raw:
+            value = raw[key]
+            if type(value) is not int or value < 1:
+                raise ConfigError(
+                    f"must be a positive integer, not {value!r}", path=(prefix, key)
+                )
+            values[key] = value
+    if "instance" in raw:
+        if not isinstance(raw["instance"], str) or not raw["instance"]:
+            raise ConfigError(
+                f"must be a process name, not {raw['instance']!r}", path=(prefix, "instance")
+            )
+        values["instance"] = raw["instance"]
+    return BackgroundMigrationConfig(**values)
 
 
 def check_synapse_version(version: str, config: NidStateConfig) -> None:

@@ -75,12 +75,12 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
             members = [f"@user{i}:{hs.hostname}" for i in range(3)]
             filters = standard_filters(members)
             progress = Progress("verifying", len(event_ids), enabled=not args.no_progress)
-            result = await compare_with_native(module, event_ids, filters, progress)
+            result = await compare_with_native(module.lookups, event_ids, filters, progress)
             progress.finish()
             print(
                 f"\nverify: {result.events} events x {len(filters)} filters "
                 f"({', '.join(filters)}): {result.comparisons} answers compared, "
-                f"{len(result.mismatches)} mismatches, {len(result.unmirrored)} not mirrored"
+                f"{len(result.mismatches)} mismatches, {result.unmirrored} not mirrored"
             )
             for mismatch in result.mismatches[:10]:
                 print(

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 
 import synapse.app.homeserver as synapse_app
 from synapse.config.homeserver import HomeServerConfig
-from synapse.logging.context import LoggingContext, PreserveLoggingContext, run_in_background
+from synapse.logging.context import LoggingContext, PreserveLoggingContext
 from synapse.server import HomeServer
 from synapse.types import ISynapseReactor
 from twisted.internet import defer
@@ -122,8 +122,7 @@ def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidsta
             reactor.stop()  # type: ignore[misc]  # zope interface without mypy-zope
 
     def begin() -> None:
-        with LoggingContext(name=name, server_name=SERVER_NAME):
-            run_in_background(wrapper)
+        in_logcontext(wrapper, name)()
 
     reactor.callWhenRunning(begin)
     with PreserveLoggingContext():
@@ -134,14 +133,25 @@ def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidsta
     return value
 
 
-def in_logcontext(fn: Callable[..., Awaitable[T]]) -> Callable[..., "defer.Deferred[T]"]:
-    """Run an async function from the sentinel context as Synapse runs its handlers."""
+def in_logcontext(
+    fn: Callable[..., Awaitable[T]], name: str | None = None
+) -> Callable[..., "defer.Deferred[T]"]:
+    """Run an async function as Synapse runs its background processes.
+
+    The function runs, to its end, in a LoggingContext of its own (Synapse's
+    deferreds switch to the sentinel context while they wait); the returned
+    Deferred fires in the sentinel context, where the reactor runs.
+    """
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> "defer.Deferred[T]":
-        with LoggingContext(name=fn.__name__, server_name=SERVER_NAME):
-            return run_in_background(fn, *args, **kwargs)
+        async def run() -> T:
+            with LoggingContext(name=name or fn.__name__, server_name=SERVER_NAME):
+                return await fn(*args, **kwargs)
+
+        with PreserveLoggingContext():
+            return defer.ensureDeferred(run())
 
     return wrapper
 
@@ -164,7 +174,6 @@ def tool_homeserver(config_path: str) -> HomeServer:
     started in it; its config is parsed (and checked) as Synapse would.
     """
     import yaml
-
     from synapse.app.generic_worker import GenericWorkerServer
 
     try:

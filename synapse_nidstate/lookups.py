@@ -46,6 +46,12 @@ class StateLookups:
         self._mode = mode
         self._native_state_ids = native_state_ids
 
+    async def native_state_ids(
+        self, event_ids: Collection[str], state_filter: StateFilter
+    ) -> dict[str, StateMap[str]]:
+        """Synapse's own answer (its state groups), whatever the mode."""
+        return await self._native_state_ids(event_ids, state_filter)
+
     async def mirrored_state_ids(
         self, event_ids: Collection[str], state_filter: StateFilter
     ) -> dict[str, MutableStateMap[str]]:

@@ -60,45 +60,29 @@ class BatchPlan:
     scope: WriteScope = attr.Factory(WriteScope)
 
 
-class Mirror:
+class SnapshotPlanner:
+    """Plans how the mirror builds the snapshots of state groups it lacks.
+
+    A group's snapshot is its predecessor's plus the delta Synapse stored or
+    computed (given as ``hints``, else one ``state_group_edges`` hop read
+    through Synapse's cached ``get_state_group_delta``). A group with no
+    usable predecessor (Synapse stored it as full state: a new room, some
+    state-resolution results, the 100-hop limit; or an unmirrored chain longer
+    than :data:`MAX_PLAN_HOPS`) needs its full state, read by
+    :meth:`with_full_state` so the caller decides when to hold it in memory.
+    """
+
     def __init__(self, hs: "HomeServer", store: NidStore, stats: MirrorStats) -> None:
         self._store = store
         self._state_store = hs.get_datastores().state
         self._state_controller = hs.get_storage_controllers().state
-        self._engine = store.engine
-        self.stats = stats
-        # room_id -> plan of the batch being persisted. Synapse persists one
-        # batch per room at a time (its per-room persistence queue).
-        self._plans: dict[str, BatchPlan] = {}
+        self._stats = stats
 
-    async def prepare(
-        self, room_id: str, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
-    ) -> BatchPlan:
-        """Plan the snapshots the batch needs; never fails the persistence.
-
-        On an error the plan is empty: the events are still recorded, without
-        a snapshot, and their lookups fall back to Synapse.
-        """
-        try:
-            return BatchPlan(await self._plan(events_and_contexts))
-        except Exception:
-            logger.exception("synapse-nidstate: could not plan snapshots for %s", room_id)
-            self.stats.plan_failures += 1
-            return BatchPlan([])
-
-    async def _plan(
-        self, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
+    async def plan(
+        self, groups: Iterable[int], hints: dict[int, tuple[int, StateMap[str]]]
     ) -> list[GroupStep]:
-        needed: set[int] = set()
-        hints: dict[int, tuple[int, StateMap[str]]] = {}
-        for event, context in events_and_contexts:
-            group = state_group_at(event, context)
-            if group is None or context.partial_state:
-                continue
-            needed.add(group)
-            for (prev_group, to_group), delta in context.state_group_deltas.items():
-                if prev_group != to_group:
-                    hints[to_group] = (prev_group, delta)
+        """Steps that build every group of ``groups`` the mirror lacks, parents first."""
+        needed = set(groups)
         known = set(await self._store.known_groups(needed))
         planned: set[int] = set()
         steps: list[GroupStep] = []
@@ -115,7 +99,6 @@ class Mirror:
         steps: list[GroupStep],
         hops: int,
     ) -> None:
-        """Append the steps that build ``group`` (its unknown ancestors first)."""
         if group in known or group in planned:
             return
         prev_group: int | None
@@ -123,7 +106,6 @@ class Mirror:
         if group in hints:
             prev_group, delta = hints[group]
         else:
-            # One state_group_edges hop (cached by Synapse).
             prev_group, delta = await self._state_controller.get_state_group_delta(group)
         if prev_group is not None and delta is not None and hops < MAX_PLAN_HOPS:
             if prev_group not in known and prev_group not in planned:
@@ -131,12 +113,53 @@ class Mirror:
             await self._plan_group(prev_group, hints, known, planned, steps, hops + 1)
             steps.append(GroupStep(group, prev_group, delta, None))
         else:
-            # A group stored as full state (a new room, a state-resolution
-            # result, Synapse's 100-hop limit) or a long unmirrored chain.
-            state = (await self._state_store._get_state_for_groups([group]))[group]
-            self.stats.full_state_reads += 1
-            steps.append(GroupStep(group, None, None, state))
+            steps.append(GroupStep(group, None, None, None))
         planned.add(group)
+
+    async def with_full_state(self, step: GroupStep) -> GroupStep:
+        """The step with the group's full state read from Synapse's state store."""
+        if not step.needs_full_state:
+            return step
+        state = (await self._state_store._get_state_for_groups([step.group]))[step.group]
+        self._stats.full_state_reads += 1
+        return GroupStep(step.group, None, None, state)
+
+
+class Mirror:
+    def __init__(self, hs: "HomeServer", store: NidStore, stats: MirrorStats) -> None:
+        self._store = store
+        self._engine = store.engine
+        self.planner = SnapshotPlanner(hs, store, stats)
+        self.stats = stats
+        # room_id -> plan of the batch being persisted. Synapse persists one
+        # batch per room at a time (its per-room persistence queue).
+        self._plans: dict[str, BatchPlan] = {}
+
+    async def prepare(
+        self, room_id: str, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
+    ) -> BatchPlan:
+        """Plan the snapshots the batch needs; never fails the persistence.
+
+        On an error the plan is empty: the events are still recorded, without
+        a snapshot, and their lookups fall back to Synapse.
+        """
+        try:
+            needed: set[int] = set()
+            hints: dict[int, tuple[int, StateMap[str]]] = {}
+            for event, context in events_and_contexts:
+                group = state_group_at(event, context)
+                if group is None or context.partial_state:
+                    continue
+                needed.add(group)
+                for (prev_group, to_group), delta in context.state_group_deltas.items():
+                    if prev_group != to_group:
+                        hints[to_group] = (prev_group, delta)
+            steps = await self.planner.plan(needed, hints)
+            return BatchPlan([await self.planner.with_full_state(s) for s in steps])
+        except Exception:
+            logger.exception("synapse-nidstate: could not plan snapshots for %s", room_id)
+            self.stats.plan_failures += 1
+            return BatchPlan([])
 
     def begin_batch(self, room_id: str, plan: BatchPlan) -> bool:
         if room_id in self._plans:

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 import synapse
 from synapse.module_api import ModuleApi
 
-from synapse_nidstate import hooks
+from synapse_nidstate import admin, hooks
 from synapse_nidstate.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.lookups import StateLookups
 from synapse_nidstate.metrics import COLLECTOR, NidStateStats
+from synapse_nidstate.migrate import Migrator
 from synapse_nidstate.mirror import Mirror
 from synapse_nidstate.schema import apply_schema
 from synapse_nidstate.storage import NidStore
@@ -63,6 +64,24 @@ class NidStateModule:
         )
         if config.mode != "mirror":
             hooks.install_lookups(hs, self.lookups)
+
+        self.migrator = Migrator(
+            hs, self.store, self.stats.mirror, config.background_migration.batch_size
+        )
+        background = config.background_migration
+        self.migrates_in_background = (
+            background.enabled and hs.get_instance_name() == background.instance
+        )
+        self._migrating = False
+        if self.migrates_in_background:
+            api.looping_background_call(
+                self._migrate_batch,
+                background.interval_ms,
+                desc="nidstate_background_migration",
+                run_on_all_instances=True,  # this one instance, chosen above
+            )
+
+        admin.register(api, self)
         _INSTANCES[hs] = self
         logger.info(
             "synapse-nidstate: mode %s, schema %d, %s",
@@ -72,6 +91,31 @@ class NidStateModule:
             if self.persists_events
             else "no events persisted by this process",
         )
+
+    async def _migrate_batch(self) -> None:
+        """One batch of the background migration (a no-op while one is running)."""
+        if self._migrating:
+            return
+        self._migrating = True
+        try:
+            await self.migrator.run_batch()
+        except Exception:
+            logger.exception("synapse-nidstate: background migration batch failed; retrying")
+        finally:
+            self._migrating = False
+
+    async def migration_status(self) -> dict[str, Any]:
+        """Where the migration of history stands, as the status endpoint reports it."""
+        progress = self.migrator.progress
+        low, high = await self.migrator.stream_range()
+        return {
+            "background": self.migrates_in_background,
+            "remaining_events": await self.migrator.remaining(),
+            "stream_ordering_low": low,
+            "stream_ordering_high": high,
+            "events_migrated_here": progress.events_done,
+            "batches_here": progress.batches,
+        }
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> NidStateConfig:

@@ -64,15 +64,19 @@ STATE_KEYS = _StringTable("nidstate_state_keys", "state_key_nid", "state_key")
 class GroupStep:
     """How the mirror builds the snapshot of one Synapse state group.
 
-    Exactly one of ``delta`` (with ``prev_group``) and ``full_state`` is set:
-    the state of ``group`` is the state of ``prev_group`` with ``delta``
-    applied, or it is ``full_state``.
+    The state of ``group`` is the state of ``prev_group`` with ``delta``
+    applied, or it is ``full_state``. A step with neither is a plan that still
+    needs its full state read (see ``SnapshotPlanner.with_full_state``).
     """
 
     group: int
     prev_group: int | None
     delta: StateMap[str] | None
     full_state: StateMap[str] | None
+
+    @property
+    def needs_full_state(self) -> bool:
+        return self.delta is None and self.full_state is None
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -469,6 +473,8 @@ class NidStore:
             learnt,
         )
         todo = [s for s in steps if s.group not in known]
+        if any(s.needs_full_state for s in todo):
+            raise ValueError("a step still needs its full state read")
         convert = self._intern_state_map_txn(
             txn,
             learnt,
@@ -514,12 +520,14 @@ class NidStore:
         rows: list[EventRow],
         steps: list[GroupStep],
         stats: MirrorStats,
+        keep_existing: bool = False,
     ) -> None:
         """Record ``rows`` and the snapshots of their state groups, in ``txn``.
 
         An event whose state group the mirror has no snapshot for (and no step
         to build one) is recorded without a snapshot; lookups for it fall back
-        to Synapse.
+        to Synapse. With ``keep_existing`` (the migration, beside the live
+        mirror) an event that already has a snapshot keeps it.
         """
         learnt = scope.begin(txn, self)
         (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
@@ -555,7 +563,7 @@ class NidStore:
                 stats.events_mirrored += 1
         txn.execute_batch(
             "UPDATE nidstate_events SET snapshot_nid = ?, rejected = ?, stream_ordering = ?"
-            " WHERE event_nid = ?",
+            " WHERE event_nid = ?" + (" AND snapshot_nid IS NULL" if keep_existing else ""),
             updates,
         )
 

@@ -1,17 +1,20 @@
-"""Comparing the mirror with Synapse's native state-at-event answers."""
+"""Comparing the mirror with Synapse's native state-at-event answers, and finding orphans."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import attr
 from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
+from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types.state import StateFilter
 from synapse.util.iterutils import batch_iter
 
-from synapse_nidstate.module import NidStateModule
+from synapse_nidstate.lookups import StateLookups
 
 #: Events compared per lookup (what /messages asks at most is 100 too).
 BATCH = 100
+#: Orphans listed by name (all are counted).
+MAX_LISTED = 20
 
 
 @attr.s(auto_attribs=True)
@@ -25,12 +28,27 @@ class Mismatch:
 class VerifyResult:
     events: int = 0
     comparisons: int = 0
-    unmirrored: list[str] = attr.Factory(list)
+    unmirrored: int = 0
+    unmirrored_sample: list[str] = attr.Factory(list)
     mismatches: list[Mismatch] = attr.Factory(list)
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
+
+
+@attr.s(auto_attribs=True)
+class Orphans:
+    """Mirror rows for what Synapse no longer has."""
+
+    events: int = 0
+    event_sample: list[str] = attr.Factory(list)
+    groups: int = 0
+    group_sample: list[int] = attr.Factory(list)
+
+    @property
+    def count(self) -> int:
+        return self.events + self.groups
 
 
 def standard_filters(member_sample: Iterable[str]) -> dict[str, StateFilter]:
@@ -49,44 +67,158 @@ def standard_filters(member_sample: Iterable[str]) -> dict[str, StateFilter]:
 
 async def room_events_with_state(hs: HomeServer, room_id: str) -> list[str]:
     """Non-outlier events of a room in stream order (what has state in Synapse)."""
-    rows = await hs.get_datastores().main.db_pool.simple_select_list(
-        "events",
-        {"room_id": room_id, "outlier": False},
-        ("event_id", "stream_ordering"),
-        desc="nidstate_room_events_with_state",
+    return [e async for e in events_with_state(hs, room_id=room_id)]
+
+
+async def events_with_state(
+    hs: HomeServer, room_id: str | None = None, page: int = 1000
+) -> AsyncIterator[str]:
+    """Every event Synapse has a state group for, in stream order, a page at a time."""
+    db_pool = hs.get_datastores().main.db_pool
+
+    def page_txn(txn: LoggingTransaction, after: int) -> list[tuple[int, str]]:
+        sql = (
+            "SELECT e.stream_ordering, e.event_id FROM events AS e"
+            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+            " WHERE e.stream_ordering > ?"
+        )
+        args: list = [after]
+        if room_id is not None:
+            sql += " AND e.room_id = ?"
+            args.append(room_id)
+        txn.execute(sql + " ORDER BY e.stream_ordering LIMIT ?", (*args, page))
+        return txn.fetchall()  # type: ignore[return-value]
+
+    after = -(2**63) + 1
+    while True:
+        rows = await db_pool.runInteraction("nidstate_verify_events", page_txn, after)
+        for _, event_id in rows:
+            yield event_id
+        if len(rows) < page:
+            return
+        after = rows[-1][0]
+
+
+async def sample_events_with_state(
+    hs: HomeServer, sample: int, room_id: str | None = None
+) -> list[str]:
+    """A uniform random sample of events with a state group."""
+
+    def sample_txn(txn: LoggingTransaction) -> list[str]:
+        sql = "SELECT esg.event_id FROM event_to_state_groups AS esg"
+        args: list = []
+        if room_id is not None:
+            sql += " JOIN events AS e ON e.event_id = esg.event_id WHERE e.room_id = ?"
+            args.append(room_id)
+        txn.execute(sql + " ORDER BY random() LIMIT ?", (*args, sample))
+        return [row[0] for row in txn.fetchall()]
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        "nidstate_verify_sample", sample_txn
     )
-    return [event_id for event_id, _ in sorted(rows, key=lambda r: r[1])]
 
 
 async def compare_with_native(
-    module: NidStateModule,
-    event_ids: list[str],
+    lookups: StateLookups,
+    event_ids: Iterable[str] | AsyncIterator[str],
     filters: dict[str, StateFilter],
     progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
     """Compare, per event and filter, the mirror's answer with Synapse's own."""
     result = VerifyResult()
-    native = module.lookups._native_state_ids
-    for batch in batch_iter(event_ids, BATCH):
-        for name, state_filter in filters.items():
-            expected = await native(batch, state_filter)
-            mirrored = await module.lookups.mirrored_state_ids(batch, state_filter)
-            for event_id in batch:
-                if event_id not in mirrored:
-                    if name == "all":
-                        result.unmirrored.append(event_id)
-                    continue
-                result.comparisons += 1
-                ours, theirs = mirrored[event_id], expected[event_id]
-                if ours != theirs:
-                    result.mismatches.append(
-                        Mismatch(
-                            event_id,
-                            name,
-                            sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)),
-                        )
-                    )
-        result.events += len(batch)
-        if progress is not None:
-            progress(len(batch))
+    batch: list[str] = []
+    if isinstance(event_ids, AsyncIterator):
+        async for event_id in event_ids:
+            batch.append(event_id)
+            if len(batch) == BATCH:
+                await _compare_batch(lookups, batch, filters, result, progress)
+                batch = []
+    else:
+        for chunk in batch_iter(event_ids, BATCH):
+            await _compare_batch(lookups, list(chunk), filters, result, progress)
+    if batch:
+        await _compare_batch(lookups, batch, filters, result, progress)
     return result
+
+
+async def _compare_batch(
+    lookups: StateLookups,
+    batch: list[str],
+    filters: dict[str, StateFilter],
+    result: VerifyResult,
+    progress: Callable[[int], None] | None,
+) -> None:
+    for name, state_filter in filters.items():
+        expected = await lookups.native_state_ids(batch, state_filter)
+        mirrored = await lookups.mirrored_state_ids(batch, state_filter)
+        for event_id in batch:
+            if event_id not in mirrored:
+                if name == "all":
+                    result.unmirrored += 1
+                    if len(result.unmirrored_sample) < MAX_LISTED:
+                        result.unmirrored_sample.append(event_id)
+                continue
+            result.comparisons += 1
+            ours, theirs = mirrored[event_id], expected[event_id]
+            if ours != theirs:
+                result.mismatches.append(
+                    Mismatch(
+                        event_id,
+                        name,
+                        sorted(
+                            k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)
+                        ),
+                    )
+                )
+    result.events += len(batch)
+    if progress is not None:
+        progress(len(batch))
+
+
+async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
+    """Mirror rows for events or state groups Synapse no longer has (bounded memory)."""
+    main = hs.get_datastores().main.db_pool
+    state = hs.get_datastores().state.db_pool
+    orphans = Orphans()
+
+    def events_txn(txn: LoggingTransaction) -> tuple[int, list[str]]:
+        where = (
+            " FROM nidstate_events AS n WHERE n.snapshot_nid IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM event_to_state_groups AS esg WHERE esg.event_id = n.event_id)"
+        )
+        txn.execute("SELECT COUNT(*)" + where)
+        count = txn.fetchone()[0]  # type: ignore[index]
+        txn.execute("SELECT n.event_id" + where + " LIMIT ?", (MAX_LISTED,))
+        return count, [row[0] for row in txn.fetchall()]
+
+    orphans.events, orphans.event_sample = await main.runInteraction(
+        "nidstate_orphan_events", events_txn
+    )
+
+    # The state groups may live in another database: compare a page at a time.
+    def our_groups_txn(txn: LoggingTransaction, after: int) -> list[int]:
+        txn.execute(
+            "SELECT state_group FROM nidstate_state_groups WHERE state_group > ?"
+            " ORDER BY state_group LIMIT ?",
+            (after, page),
+        )
+        return [row[0] for row in txn.fetchall()]
+
+    def existing_txn(txn: LoggingTransaction, groups: list[int]) -> set[int]:
+        clause, args = make_in_list_sql_clause(txn.database_engine, "id", groups)
+        txn.execute(f"SELECT id FROM state_groups WHERE {clause}", args)
+        return {row[0] for row in txn.fetchall()}
+
+    after = -1
+    while True:
+        groups = await main.runInteraction("nidstate_orphan_groups", our_groups_txn, after)
+        if not groups:
+            break
+        existing = await state.runInteraction("nidstate_existing_groups", existing_txn, groups)
+        for group in groups:
+            if group not in existing:
+                orphans.groups += 1
+                if len(orphans.group_sample) < MAX_LISTED:
+                    orphans.group_sample.append(group)
+        after = groups[-1]
+    return orphans

@@ -14,13 +14,11 @@ import tempfile
 import uuid
 from typing import Any
 
-from synapse.logging.context import LoggingContext, run_in_background
 from synapse.server import HomeServer
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from synapse_nidstate.inprocess import (
-    SERVER_NAME,
     homeserver_config,
     in_logcontext,
     sqlite_database,
@@ -137,8 +135,7 @@ class HomeserverTestCase(unittest.TestCase):
         if module is not None and not hs._is_shutdown:
             # Summed over a run by the closing note's figures (grep the log).
             logger.info("synapse-nidstate counters %s", json.dumps(module.stats.as_dict()))
-        with LoggingContext(name="shutdown", server_name=SERVER_NAME):
-            return run_in_background(stop_homeserver, hs)
+        return in_logcontext(stop_homeserver, "shutdown")(hs)
 
     @staticmethod
     def module(hs: HomeServer) -> NidStateModule:

@@ -1,0 +1,273 @@
+"""Migration: mirror the events Synapse persisted while the module was not running.
+
+Reads Synapse's own tables: ``events`` joined with ``event_to_state_groups``
+(main database) for the events and the state group at each, and the state
+groups through Synapse's state store (which may be a separate database).
+
+* **Order and resumption.** Events are taken in stream order, in batches. A
+  batch's rows, snapshots and the migration's progress (the range of stream
+  orderings done) commit in one transaction, so a run killed at any moment
+  resumes where the last batch committed, and ends as an uninterrupted run
+  would: every write is an insert-or-select or a conditional update.
+* **Beside the live mirror.** An event the live mirror already recorded with a
+  snapshot is skipped, and the migration never overwrites a snapshot
+  (``keep_existing``); an event's snapshot pointer is set in the same
+  transaction as the blocks it points at, so an event is served only once its
+  snapshot is complete. Partial-state events are left to Synapse.
+* **Gaps.** After a run the range ``[low, high]`` of stream orderings is done.
+  The next run scans upwards from ``high`` (events persisted since, e.g. while
+  the module was disabled) and downwards from ``low`` (history backfilled
+  since: backfilled events get negative, decreasing stream orderings).
+* **Memory.** One batch of events and their state deltas, and at most one
+  room's full state at a time: a group that needs its full state read (no
+  usable predecessor) is written in a transaction of its own before the
+  batch that uses it.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attr
+from synapse.storage.database import LoggingTransaction
+
+from synapse_nidstate.metrics import MirrorStats
+from synapse_nidstate.mirror import SnapshotPlanner
+from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+_LOW_KEY = "migrate_low_stream_ordering"
+_HIGH_KEY = "migrate_high_stream_ordering"
+
+#: Below any stream ordering Synapse allocates.
+_MIN_STREAM = -(2**63) + 1
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _PendingEvent:
+    stream_ordering: int
+    event_id: str
+    room_id: str
+    event_type: str
+    state_key: str | None
+    state_group: int
+    rejected: bool
+
+
+@attr.s(slots=True, auto_attribs=True)
+class MigrationProgress:
+    """Where a migration stands (also what the admin endpoint reports)."""
+
+    low: int | None = None
+    high: int | None = None
+    events_done: int = 0
+    batches: int = 0
+    finished: bool = False
+
+
+class Migrator:
+    def __init__(
+        self,
+        hs: "HomeServer",
+        store: NidStore,
+        stats: MirrorStats,
+        batch_size: int = 500,
+    ) -> None:
+        self._main = hs.get_datastores().main.db_pool
+        self._store = store
+        self._stats = stats
+        self._planner = SnapshotPlanner(hs, store, stats)
+        self.batch_size = batch_size
+        self.progress = MigrationProgress()
+
+    # --------------------------------------------------------------- reading
+
+    async def stream_range(self) -> tuple[int | None, int | None]:
+        def range_txn(txn: LoggingTransaction) -> tuple[int | None, int | None]:
+            txn.execute(
+                "SELECT key, value FROM nidstate_meta WHERE key IN (?, ?)", (_LOW_KEY, _HIGH_KEY)
+            )
+            values = {key: int(value) for key, value in txn.fetchall()}
+            return values.get(_LOW_KEY), values.get(_HIGH_KEY)
+
+        return await self._main.runInteraction("nidstate_migrate_range", range_txn)
+
+    async def remaining(self) -> int:
+        """Events with a state group that have no snapshot yet (an estimate while live)."""
+
+        def remaining_txn(txn: LoggingTransaction) -> int:
+            txn.execute(
+                "SELECT COUNT(*) FROM event_to_state_groups AS esg"
+                " LEFT JOIN nidstate_events AS n ON n.event_id = esg.event_id"
+                " WHERE n.snapshot_nid IS NULL AND NOT EXISTS ("
+                "   SELECT 1 FROM partial_state_events AS p WHERE p.event_id = esg.event_id)"
+            )
+            return txn.fetchone()[0]  # type: ignore[index]
+
+        return await self._main.runInteraction("nidstate_migrate_remaining", remaining_txn)
+
+    def _pending_txn(
+        self, txn: LoggingTransaction, after: int, upwards: bool
+    ) -> tuple[list[_PendingEvent], int | None]:
+        """The next batch beyond ``after``, and the last stream ordering scanned."""
+        txn.execute(
+            "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, e.state_key,"
+            "   esg.state_group, e.rejection_reason IS NOT NULL, n.snapshot_nid IS NOT NULL,"
+            "   EXISTS (SELECT 1 FROM partial_state_events AS p WHERE p.event_id = e.event_id)"
+            " FROM events AS e"
+            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+            " LEFT JOIN nidstate_events AS n ON n.event_id = e.event_id"
+            + (
+                " WHERE e.stream_ordering > ? ORDER BY e.stream_ordering ASC LIMIT ?"
+                if upwards
+                else " WHERE e.stream_ordering < ? ORDER BY e.stream_ordering DESC LIMIT ?"
+            ),
+            (after, self.batch_size),
+        )
+        rows = txn.fetchall()
+        if not rows:
+            return [], None
+        pending = [
+            _PendingEvent(so, event_id, room_id, event_type, state_key, group, bool(rejected))
+            for so, event_id, room_id, event_type, state_key, group, rejected, done, partial in rows
+            if not done and not partial
+        ]
+        return pending, rows[-1][0]
+
+    # --------------------------------------------------------------- writing
+
+    def _write_batch_txn(
+        self,
+        txn: LoggingTransaction,
+        scope: WriteScope,
+        by_room: dict[str, tuple[list[EventRow], list[GroupStep]]],
+        range_key: str,
+        scanned_to: int,
+        first_key: str | None,
+        first_value: int | None,
+    ) -> None:
+        for room_id, (rows, steps) in by_room.items():
+            self._store.mirror_events_txn(
+                txn, scope, room_id, rows, steps, self._stats, keep_existing=True
+            )
+        for key, value in ((range_key, scanned_to), (first_key, first_value)):
+            if key is None or value is None:
+                continue
+            txn.execute("DELETE FROM nidstate_meta WHERE key = ?", (key,))
+            txn.execute(
+                "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (key, str(value))
+            )
+
+    async def _write_full_state_group(self, room_id: str, step: GroupStep) -> None:
+        step = await self._planner.with_full_state(step)
+        scope = WriteScope()
+        await self._main.runInteraction(
+            "nidstate_migrate_full_state",
+            self._store.mirror_events_txn,
+            scope,
+            room_id,
+            [],
+            [step],
+            self._stats,
+            True,
+        )
+
+    async def run_batch(self) -> bool:
+        """Migrate one batch; False once there is nothing left to scan."""
+        low, high = await self.stream_range()
+        self.progress.low, self.progress.high = low, high
+        if high is None:
+            after, upwards, range_key = _MIN_STREAM, True, _HIGH_KEY
+        else:
+            # New history since the last run first, then new backfill below it.
+            pending, scanned = await self._main.runInteraction(
+                "nidstate_migrate_pending", self._pending_txn, high, True
+            )
+            if scanned is not None:
+                return await self._migrate(pending, scanned, _HIGH_KEY, None, None)
+            after, upwards, range_key = low if low is not None else high, False, _LOW_KEY
+        pending, scanned = await self._main.runInteraction(
+            "nidstate_migrate_pending", self._pending_txn, after, upwards
+        )
+        if scanned is None:
+            self.progress.finished = True
+            return False
+        # The first batch of a first run also fixes the low end of the range.
+        first_key = _LOW_KEY if high is None else None
+        first_value = None
+        if first_key is not None:
+            first_value = await self._main.runInteraction(
+                "nidstate_migrate_first",
+                lambda txn: self._first_stream_ordering_txn(txn),
+            )
+        return await self._migrate(pending, scanned, range_key, first_key, first_value)
+
+    @staticmethod
+    def _first_stream_ordering_txn(txn: LoggingTransaction) -> int | None:
+        txn.execute("SELECT MIN(stream_ordering) FROM events")
+        row = txn.fetchone()
+        return row[0] if row else None
+
+    async def _migrate(
+        self,
+        pending: list[_PendingEvent],
+        scanned_to: int,
+        range_key: str,
+        first_key: str | None,
+        first_value: int | None,
+    ) -> bool:
+        by_room: dict[str, tuple[list[EventRow], list[GroupStep]]] = {}
+        groups_by_room: dict[str, set[int]] = {}
+        for event in pending:
+            rows, _ = by_room.setdefault(event.room_id, ([], []))
+            rows.append(
+                EventRow(
+                    event_id=event.event_id,
+                    event_type=event.event_type,
+                    state_key=event.state_key,
+                    state_group=event.state_group,
+                    rejected=event.rejected,
+                    stream_ordering=event.stream_ordering,
+                )
+            )
+            groups_by_room.setdefault(event.room_id, set()).add(event.state_group)
+        for room_id, groups in groups_by_room.items():
+            steps = await self._planner.plan(groups, {})
+            for step in steps:
+                if step.needs_full_state:
+                    # Written now, alone, so one full state is in memory at a time.
+                    await self._write_full_state_group(room_id, step)
+            by_room[room_id][1].extend(s for s in steps if not s.needs_full_state)
+        await self._main.runInteraction(
+            "nidstate_migrate_batch",
+            self._write_batch_txn,
+            WriteScope(),
+            by_room,
+            range_key,
+            scanned_to,
+            first_key,
+            first_value,
+        )
+        self.progress.events_done += len(pending)
+        self.progress.batches += 1
+        return True
+
+    async def run(
+        self,
+        progress: Callable[[int], None] | None = None,
+        max_batches: int | None = None,
+    ) -> MigrationProgress:
+        """Migrate until nothing is left (or ``max_batches`` batches)."""
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            before = self.progress.events_done
+            if not await self.run_batch():
+                break
+            batches += 1
+            if progress is not None:
+                progress(self.progress.events_done - before)
+        return self.progress
