@@ -1,0 +1,372 @@
+"""Migrating history written by a real Synapse with the module off: in-process and by the CLI."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+from synapse.server import HomeServer
+from synapse.util.duration import Duration
+
+from synapse_nidstate.history import Driver, HistoryShape, realistic_history
+from synapse_nidstate.inprocess import homeserver_config
+from synapse_nidstate.schema import TABLES
+from synapse_nidstate.verify import find_orphans
+from tests.harness import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    HomeserverTestCase,
+    create_postgres_database,
+    drop_postgres_database,
+    in_logcontext,
+)
+from tests.scenarios import build_history, compare_room, filters_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def table_rows(hs: HomeServer) -> dict[str, int]:
+    def count_txn(txn: Any) -> dict[str, int]:
+        counts = {}
+        for table in TABLES:
+            txn.execute(f"SELECT COUNT(*) FROM {table}")
+            counts[table] = txn.fetchone()[0]
+        return counts
+
+    return await hs.get_datastores().main.db_pool.runInteraction("test_rows", count_txn)
+
+
+class MigrateTests:
+    @in_logcontext
+    async def test_migrate_history_beside_the_live_mirror(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        history = await build_history(hs)
+        await self.stop_homeserver(hs)
+
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        module.migrator.batch_size = 7
+        self.assertGreater(await module.migrator.remaining(), 30)
+        d = Driver(hs)
+        alice = history.users[0]
+        # Migrate a batch at a time while Synapse keeps persisting events.
+        until = await module.migrator.last_stream_ordering()
+        sent = 0
+        while await module.migrator.run_batch(until):
+            await d.message(alice, history.rooms[0], f"during migration {sent}")
+            sent += 1
+        self.assertGreater(sent, 5)
+        self.assertEqual(await module.migrator.remaining(), 0)
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
+        orphans = await find_orphans(hs)
+        self.assertEqual(orphans.count, 0)
+
+        # A second run finds nothing to do and writes nothing.
+        before = await table_rows(hs)
+        self.assertFalse(await module.migrator.run_batch())
+        self.assertEqual(await table_rows(hs), before)
+
+        # Events persisted while the module is disabled are a gap the next
+        # migration finds (they come after the range already done).
+        await self.stop_homeserver(hs)
+        hs = await self.make_homeserver(None, database=database)
+        d = Driver(hs)
+        for i in range(5):
+            await d.message(alice, history.rooms[1], f"while disabled {i}")
+        await d.send(alice, history.rooms[1], "m.room.topic", {"topic": "disabled"}, "")
+        await self.stop_homeserver(hs)
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        self.assertEqual(await module.migrator.remaining(), 6)
+        await module.migrator.run()
+        self.assertEqual(await module.migrator.remaining(), 0)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
+
+    @in_logcontext
+    async def test_background_migration(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        history = await build_history(hs)
+        await self.stop_homeserver(hs)
+        hs = await self.make_homeserver(
+            {
+                "mode": "serve",
+                "background_migration": {"enabled": True, "batch_size": 10, "interval_ms": 20},
+            },
+            database=database,
+        )
+        module = self.module(hs)
+        self.assertTrue(module.migrates_in_background)
+        clock = hs.get_clock()
+        for _ in range(500):
+            if await module.migrator.remaining() == 0:
+                break
+            await clock.sleep(Duration(milliseconds=50))
+        status = await module.migration_status()
+        self.assertEqual(status["remaining_events"], 0, status)
+        self.assertGreater(status["events_migrated_here"], 0, status)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters_for(hs, history.users))
+
+
+class SqliteMigrateTests(MigrateTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresMigrateTests(MigrateTests, HomeserverTestCase):
+    engine = "postgres"
+
+
+def _cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "synapse_nidstate.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+class CliTests:
+    """The `synapse-nidstate` commands, run as processes on a homeserver.yaml."""
+
+    def write_config(self, database: dict[str, Any]) -> str:
+        data_dir = tempfile.mkdtemp(prefix="nidstate-cli-")
+        config = homeserver_config(data_dir, database, {"mode": "serve"})
+        path = os.path.join(data_dir, "homeserver.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        return path
+
+    def copy_database(self, database: dict[str, Any]) -> dict[str, Any]:
+        """An identical copy of a database (its state right now)."""
+        copy = {**database, "args": dict(database["args"])}
+        if self.engine == "sqlite":
+            target = os.path.join(tempfile.mkdtemp(prefix="nidstate-copy-"), "homeserver.db")
+            shutil.copy(database["args"]["database"], target)
+            copy["args"]["database"] = target
+            return copy
+        import psycopg2
+
+        name = create_postgres_database()
+        drop_postgres_database(name)
+        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} TEMPLATE {database['args']['database']}")
+        conn.close()
+        self.addCleanup(drop_postgres_database, name)
+        copy["args"]["database"] = name
+        return copy
+
+    @in_logcontext
+    async def test_kill_9_during_migrate_then_rerun(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        await realistic_history(
+            hs, HistoryShape(rooms=5, big_room_members=30, small_room_members=6, events=900)
+        )
+        await self.stop_homeserver(hs)
+        uninterrupted = self.copy_database(database)
+
+        config = self.write_config(database)
+        args = ["migrate", "-c", config, "--batch-size", "20", "--no-progress"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synapse_nidstate.cli", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        # Wait until some batches have committed, then kill -9.
+        check = self.write_config(database)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if process.poll() is not None:
+                break
+            if _migrated_events(database) >= 100:
+                break
+        self.assertIsNone(process.poll(), "migrate finished before it could be killed")
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        done_at_kill = _migrated_events(database)
+        self.assertGreater(done_at_kill, 0)
+
+        rerun = _cli(*args)
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        self.assertIn("migrated", rerun.stdout)
+        verified = _cli("verify", "-c", check, "--no-progress")
+        self.assertEqual(verified.returncode, 0, verified.stdout + verified.stderr)
+        self.assertIn("mismatches: 0", verified.stdout)
+        self.assertIn("not mirrored (answered by Synapse): 0", verified.stdout)
+        self.assertIn("orphans: 0 events, 0 state groups", verified.stdout)
+
+        # The same rows as a run that was never interrupted.
+        other = _cli(*args[:1], "-c", self.write_config(uninterrupted), *args[3:])
+        self.assertEqual(other.returncode, 0, other.stderr)
+        self.assertEqual(_row_counts(database), _row_counts(uninterrupted))
+
+        # A sample and one room, as operators ask for them.
+        room_id = _any_room(database)
+        for extra in (["--sample", "50"], ["--room", room_id], ["--json"]):
+            result = _cli("verify", "-c", check, "--no-progress", *extra)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    @in_logcontext
+    async def test_verify_reports_mismatches_and_orphans(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver({"mode": "mirror"}, database=database)
+        history = await build_history(hs, messages_per_room=1)
+        await self.stop_homeserver(hs)
+        config = self.write_config(database)
+        self.assertEqual(_cli("verify", "-c", config, "--no-progress").returncode, 0)
+
+        # Break the mirror on purpose: point one event at another event's
+        # snapshot, and leave a row for an event Synapse does not have.
+        _execute(
+            database,
+            "UPDATE nidstate_events SET snapshot_nid = (SELECT MIN(snapshot_nid)"
+            " FROM nidstate_events) WHERE event_nid = (SELECT MAX(event_nid)"
+            " FROM nidstate_events WHERE snapshot_nid IS NOT NULL)",
+        )
+        _execute(
+            database,
+            "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid,"
+            " snapshot_nid) SELECT '$gone:nidstate.test', room_nid, 5, 1, snapshot_nid"
+            " FROM nidstate_events WHERE snapshot_nid IS NOT NULL LIMIT 1",
+        )
+        result = _cli("verify", "-c", config, "--no-progress")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("MISMATCH $", result.stdout)
+        self.assertIn("ORPHAN event $gone:nidstate.test", result.stdout)
+        self.assertIn("orphans: 1 events", result.stdout)
+        self.assertTrue(history.rooms)
+
+    @in_logcontext
+    async def test_drop_then_synapse_runs_without_then_catches_up(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        history = await build_history(hs, messages_per_room=1)
+        await self.stop_homeserver(hs)
+        config = self.write_config(database)
+
+        refused = _cli("drop", "-c", config, stdin=subprocess.DEVNULL)
+        self.assertEqual(refused.returncode, 2, refused.stdout)
+        self.assertEqual(_row_counts(database)["nidstate_events"] > 0, True)
+        dropped = _cli("drop", "-c", config, "--yes")
+        self.assertEqual(dropped.returncode, 0, dropped.stderr)
+        self.assertEqual(_tables(database) & set(TABLES), set())
+
+        # Synapse, without the module, runs unchanged.
+        hs = await self.make_homeserver(None, database=database)
+        await Driver(hs).message(history.users[0], history.rooms[0], "without the module")
+        await self.stop_homeserver(hs)
+        # Enabled again: tables come back, migrate catches up the whole gap.
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        self.assertGreater(await module.migrator.remaining(), 0)
+        await module.migrator.run()
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters_for(hs, history.users))
+
+    def test_bad_input_is_a_clear_error(self) -> None:
+        missing = _cli("verify", "-c", "/nonexistent/homeserver.yaml")
+        self.assertEqual(missing.returncode, 2)
+        self.assertIn("cannot read /nonexistent/homeserver.yaml", missing.stderr)
+        self.assertNotIn("Traceback", missing.stderr)
+        config = self.write_config(self.database_config())
+        bad_room = _cli("verify", "-c", config, "--room", "not-a-room")
+        self.assertEqual(bad_room.returncode, 2)
+        self.assertIn("not a Matrix room ID", bad_room.stderr)
+        self.assertNotIn("Traceback", bad_room.stderr)
+        bad_sample = _cli("verify", "-c", config, "--sample", "-3")
+        self.assertEqual(bad_sample.returncode, 2)
+        self.assertIn("must be a positive integer", bad_sample.stderr)
+        with open(config) as f:
+            raw = yaml.safe_load(f)
+        raw["modules"][0]["config"]["mode"] = "fast"
+        with open(config, "w") as f:
+            yaml.safe_dump(raw, f)
+        bad_mode = _cli("migrate", "-c", config)
+        self.assertEqual(bad_mode.returncode, 2)
+        self.assertIn("mode", bad_mode.stderr)
+        self.assertNotIn("Traceback", bad_mode.stderr)
+
+
+def _connect(database: dict[str, Any]) -> Any:
+    if database["name"] == "sqlite3":
+        import sqlite3
+
+        return sqlite3.connect(database["args"]["database"], timeout=30)
+    import psycopg2
+
+    args = database["args"]
+    return psycopg2.connect(
+        host=args["host"], port=args["port"], user=args["user"], dbname=args["database"]
+    )
+
+
+def _query(database: dict[str, Any], sql: str) -> list[tuple]:
+    conn = _connect(database)
+    try:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def _execute(database: dict[str, Any], sql: str) -> None:
+    conn = _connect(database)
+    try:
+        conn.cursor().execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _tables(database: dict[str, Any]) -> set[str]:
+    if database["name"] == "sqlite3":
+        rows = _query(database, "SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        rows = _query(
+            database,
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+        )
+    return {row[0] for row in rows}
+
+
+def _migrated_events(database: dict[str, Any]) -> int:
+    if "nidstate_events" not in _tables(database):
+        return 0
+    return _query(
+        database, "SELECT COUNT(*) FROM nidstate_events WHERE snapshot_nid IS NOT NULL"
+    )[0][0]
+
+
+def _row_counts(database: dict[str, Any]) -> dict[str, int]:
+    return {t: _query(database, f"SELECT COUNT(*) FROM {t}")[0][0] for t in TABLES}
+
+
+def _any_room(database: dict[str, Any]) -> str:
+    return _query(database, "SELECT room_id FROM rooms ORDER BY room_id LIMIT 1")[0][0]
+
+
+class SqliteCliTests(CliTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresCliTests(CliTests, HomeserverTestCase):
+    engine = "postgres"
