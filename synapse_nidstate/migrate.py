@@ -96,6 +96,12 @@ class Migrator:
 
         return await self._main.runInteraction("nidstate_migrate_range", range_txn)
 
+    async def last_stream_ordering(self) -> int | None:
+        """The newest stream position of Synapse's events now."""
+        return await self._main.runInteraction(
+            "nidstate_migrate_until", self._last_stream_ordering_txn
+        )
+
     async def remaining(self) -> int:
         """Events with a state group that have no snapshot yet (an estimate while live)."""
 
@@ -111,9 +117,10 @@ class Migrator:
         return await self._main.runInteraction("nidstate_migrate_remaining", remaining_txn)
 
     def _pending_txn(
-        self, txn: LoggingTransaction, after: int, upwards: bool
+        self, txn: LoggingTransaction, after: int, upwards: bool, until: int | None
     ) -> tuple[list[_PendingEvent], int | None]:
-        """The next batch beyond ``after``, and the last stream ordering scanned."""
+        """The next batch beyond ``after`` (up to ``until``), and the last stream ordering scanned."""
+        bound = "" if until is None or not upwards else " AND e.stream_ordering <= ?"
         txn.execute(
             "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, e.state_key,"
             "   esg.state_group, e.rejection_reason IS NOT NULL, n.snapshot_nid IS NOT NULL,"
@@ -122,11 +129,11 @@ class Migrator:
             " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
             " LEFT JOIN nidstate_events AS n ON n.event_id = e.event_id"
             + (
-                " WHERE e.stream_ordering > ? ORDER BY e.stream_ordering ASC LIMIT ?"
+                " WHERE e.stream_ordering > ?" + bound + " ORDER BY e.stream_ordering ASC LIMIT ?"
                 if upwards
                 else " WHERE e.stream_ordering < ? ORDER BY e.stream_ordering DESC LIMIT ?"
             ),
-            (after, self.batch_size),
+            (after, *((until,) if bound else ()), self.batch_size),
         )
         rows = txn.fetchall()
         if not rows:
@@ -176,8 +183,12 @@ class Migrator:
             True,
         )
 
-    async def run_batch(self) -> bool:
-        """Migrate one batch; False once there is nothing left to scan."""
+    async def run_batch(self, until: int | None = None) -> bool:
+        """Migrate one batch; False once there is nothing left to scan.
+
+        ``until`` bounds the upward scan (a run stops at the stream position it
+        started at, rather than chasing events the live mirror records anyway).
+        """
         low, high = await self.stream_range()
         self.progress.low, self.progress.high = low, high
         if high is None:
@@ -185,13 +196,13 @@ class Migrator:
         else:
             # New history since the last run first, then new backfill below it.
             pending, scanned = await self._main.runInteraction(
-                "nidstate_migrate_pending", self._pending_txn, high, True
+                "nidstate_migrate_pending", self._pending_txn, high, True, until
             )
             if scanned is not None:
                 return await self._migrate(pending, scanned, _HIGH_KEY, None, None)
             after, upwards, range_key = low if low is not None else high, False, _LOW_KEY
         pending, scanned = await self._main.runInteraction(
-            "nidstate_migrate_pending", self._pending_txn, after, upwards
+            "nidstate_migrate_pending", self._pending_txn, after, upwards, until
         )
         if scanned is None:
             self.progress.finished = True
@@ -205,6 +216,12 @@ class Migrator:
                 lambda txn: self._first_stream_ordering_txn(txn),
             )
         return await self._migrate(pending, scanned, range_key, first_key, first_value)
+
+    @staticmethod
+    def _last_stream_ordering_txn(txn: LoggingTransaction) -> int | None:
+        txn.execute("SELECT MAX(stream_ordering) FROM events")
+        row = txn.fetchone()
+        return row[0] if row else None
 
     @staticmethod
     def _first_stream_ordering_txn(txn: LoggingTransaction) -> int | None:
@@ -261,11 +278,16 @@ class Migrator:
         progress: Callable[[int], None] | None = None,
         max_batches: int | None = None,
     ) -> MigrationProgress:
-        """Migrate until nothing is left (or ``max_batches`` batches)."""
+        """Migrate what was persisted before this call (or ``max_batches`` batches).
+
+        Events persisted while it runs are the live mirror's (or the next
+        run's, if the module is not running in Synapse).
+        """
+        until = await self.last_stream_ordering()
         batches = 0
         while max_batches is None or batches < max_batches:
             before = self.progress.events_done
-            if not await self.run_batch():
+            if not await self.run_batch(until):
                 break
             batches += 1
             if progress is not None:
