@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--json", action="store_true", help="the report as JSON")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from synapse_nidstate import stats
+
+    stats.add_arguments(with_config(commands.add_parser(
+        "stats",
+        help="storage of Synapse's state tables and of the module's, side by side",
+    )))
+
     drop = with_config(commands.add_parser(
         "drop", help="remove every table of the module (Synapse's own are untouched)"
     ))
@@ -179,7 +186,7 @@ def _run_tool(args: argparse.Namespace) -> int:
     )
     try:
         hs = tool_homeserver(args.config_path)
-        if args.command != "drop":
+        if args.command in ("migrate", "verify"):
             apply_schema(hs)
     except ToolConfigError as e:
         print(f"synapse-nidstate: {e}", file=sys.stderr)
@@ -196,10 +203,19 @@ def _run_tool(args: argparse.Namespace) -> int:
     except Exception as e:  # a database that cannot be opened, etc.
         print(f"synapse-nidstate: cannot open Synapse's databases: {e}", file=sys.stderr)
         return 2
-    command = {"migrate": tools.migrate, "verify": tools.verify, "drop": tools.drop}[
-        args.command
-    ]
-    return run_in_reactor(lambda: command(hs, args))
+    from synapse_nidstate import stats
+
+    command = {
+        "migrate": tools.migrate,
+        "verify": tools.verify,
+        "stats": stats.run,
+        "drop": tools.drop,
+    }[args.command]
+    try:
+        return run_in_reactor(lambda: command(hs, args))
+    except RuntimeError as e:  # e.g. --plot without matplotlib
+        print(f"synapse-nidstate: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
