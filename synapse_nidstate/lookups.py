@@ -20,7 +20,7 @@ from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 from synapse.util.cancellation import cancellable
 
-from synapse_nidstate.metrics import LookupStats
+from synapse_nidstate.metrics import LOOKUP_SECONDS, LookupStats
 from synapse_nidstate.storage import NidStore
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ class StateLookups:
         stats: LookupStats,
         mode: str,
         native_state_ids: NativeStateIds,
+        server_name: str = "",
     ) -> None:
         self._controller = controller
+        self._mirror_seconds = LOOKUP_SECONDS.labels(server_name, "mirror")
+        self._native_seconds = LOOKUP_SECONDS.labels(server_name, "native")
         self._store = store
         self._stats = stats
         self._mode = mode
@@ -50,20 +53,22 @@ class StateLookups:
         self, event_ids: Collection[str], state_filter: StateFilter
     ) -> dict[str, StateMap[str]]:
         """Synapse's own answer (its state groups), whatever the mode."""
-        return await self._native_state_ids(event_ids, state_filter)
+        with self._native_seconds.time():
+            return await self._native_state_ids(event_ids, state_filter)
 
     async def mirrored_state_ids(
         self, event_ids: Collection[str], state_filter: StateFilter
     ) -> dict[str, MutableStateMap[str]]:
         """The mirror's answer for the events it has a snapshot for (others left out)."""
-        return await self._store.db_pool.runInteraction(
-            "nidstate_get_state_for_events",
-            self._store.state_for_events_txn,
-            event_ids,
-            state_filter.types,
-            state_filter.include_others,
-            db_autocommit=True,
-        )
+        with self._mirror_seconds.time():
+            return await self._store.db_pool.runInteraction(
+                "nidstate_get_state_for_events",
+                self._store.state_for_events_txn,
+                event_ids,
+                state_filter.types,
+                state_filter.include_others,
+                db_autocommit=True,
+            )
 
     @cancellable
     async def get_state_ids_for_events(
@@ -94,9 +99,10 @@ class StateLookups:
         self._stats.served += len(event_ids) - len(missing)
         if missing:
             self._stats.fallback += len(missing)
-            served.update(
-                await self._native_state_ids(missing, state_filter, await_full_state)
-            )
+            with self._native_seconds.time():
+                served.update(
+                    await self._native_state_ids(missing, state_filter, await_full_state)
+                )
         return {event_id: served[event_id] for event_id in event_ids}
 
     async def _shadow(
@@ -106,7 +112,8 @@ class StateLookups:
         await_full_state: bool,
     ) -> dict[str, StateMap[str]]:
         """Answer with Synapse's own lookup; compare with the mirror's where it has one."""
-        native = await self._native_state_ids(event_ids, state_filter, await_full_state)
+        with self._native_seconds.time():
+            native = await self._native_state_ids(event_ids, state_filter, await_full_state)
         try:
             mirrored = await self.mirrored_state_ids(event_ids, state_filter)
         except Exception:

@@ -9,8 +9,32 @@ import weakref
 from collections.abc import Iterator
 
 import attr
-from prometheus_client.core import REGISTRY, CounterMetricFamily, Metric
+from prometheus_client import Histogram
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from synapse.metrics import SERVER_NAME_LABEL
+
+#: Time to answer one state-at-event lookup batch, by who answered it.
+LOOKUP_SECONDS = Histogram(
+    "synapse_nidstate_lookup_seconds",
+    "Time to answer a batch of state-at-event lookups",
+    labelnames=[SERVER_NAME_LABEL, "path"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+#: Time the mirror adds inside Synapse's persistence transaction, per batch.
+MIRROR_WRITE_SECONDS = Histogram(
+    "synapse_nidstate_mirror_write_seconds",
+    "Time the mirror spends in Synapse's persist_events transaction, per batch",
+    labelnames=[SERVER_NAME_LABEL],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+)
+#: Time the mirror spends planning a batch's snapshots before the transaction.
+MIRROR_PLAN_SECONDS = Histogram(
+    "synapse_nidstate_mirror_plan_seconds",
+    "Time the mirror spends before Synapse's persist_events transaction, per batch",
+    labelnames=[SERVER_NAME_LABEL],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+)
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -47,14 +71,32 @@ class LookupStats:
     mismatched: int = 0
 
 
+@attr.s(slots=True, auto_attribs=True)
+class MigrationStats:
+    """What the migration in this process did (CLI or background job)."""
+
+    #: events given a snapshot by the migration
+    events_migrated: int = 0
+    #: batches committed
+    batches: int = 0
+    #: Synapse's newest stream position minus the newest one migrated
+    #: (0: caught up; -1: not known yet)
+    lag_stream_positions: int = -1
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class NidStateStats:
     server_name: str
     mirror: MirrorStats = attr.Factory(MirrorStats)
     lookups: LookupStats = attr.Factory(LookupStats)
+    migration: MigrationStats = attr.Factory(MigrationStats)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
-        return {"mirror": attr.asdict(self.mirror), "lookups": attr.asdict(self.lookups)}
+        return {
+            "mirror": attr.asdict(self.mirror),
+            "lookups": attr.asdict(self.lookups),
+            "migration": attr.asdict(self.migration),
+        }
 
 
 class StatsCollector(Collector):
@@ -77,13 +119,27 @@ class StatsCollector(Collector):
             "What the mirror did while Synapse persisted events",
             labels=["server_name", "what"],
         )
+        migrated = CounterMetricFamily(
+            "synapse_nidstate_migration_events",
+            "Events the migration of history gave a snapshot, in this process",
+            labels=["server_name"],
+        )
+        lag = GaugeMetricFamily(
+            "synapse_nidstate_migration_lag_stream_positions",
+            "Synapse's newest stream position minus the newest one migrated (-1: unknown)",
+            labels=["server_name"],
+        )
         for stats in list(self._stats):
             for outcome, value in attr.asdict(stats.lookups).items():
                 lookups.add_metric([stats.server_name, outcome], value)
             for what, value in attr.asdict(stats.mirror).items():
                 mirror.add_metric([stats.server_name, what], value)
+            migrated.add_metric([stats.server_name], stats.migration.events_migrated)
+            lag.add_metric([stats.server_name], stats.migration.lag_stream_positions)
         yield lookups
         yield mirror
+        yield migrated
+        yield lag
 
 
 COLLECTOR = StatsCollector()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import attr
 from synapse.storage.database import LoggingTransaction
 
-from synapse_nidstate.metrics import MirrorStats
+from synapse_nidstate.metrics import MigrationStats, MirrorStats
 from synapse_nidstate.mirror import SnapshotPlanner
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
 
@@ -60,12 +60,10 @@ class _PendingEvent:
 
 @attr.s(slots=True, auto_attribs=True)
 class MigrationProgress:
-    """Where a migration stands (also what the admin endpoint reports)."""
+    """Where a migration stands: the range of stream orderings done."""
 
     low: int | None = None
     high: int | None = None
-    events_done: int = 0
-    batches: int = 0
     finished: bool = False
 
 
@@ -76,10 +74,12 @@ class Migrator:
         store: NidStore,
         stats: MirrorStats,
         batch_size: int = 500,
+        migration_stats: MigrationStats | None = None,
     ) -> None:
         self._main = hs.get_datastores().main.db_pool
         self._store = store
         self._stats = stats
+        self.stats = migration_stats if migration_stats is not None else MigrationStats()
         self._planner = SnapshotPlanner(hs, store, stats)
         self.batch_size = batch_size
         self.progress = MigrationProgress()
@@ -206,6 +206,7 @@ class Migrator:
         )
         if scanned is None:
             self.progress.finished = True
+            self.stats.lag_stream_positions = 0
             return False
         # The first batch of a first run also fixes the low end of the range.
         first_key = _LOW_KEY if high is None else None
@@ -269,8 +270,12 @@ class Migrator:
             first_key,
             first_value,
         )
-        self.progress.events_done += len(pending)
-        self.progress.batches += 1
+        self.stats.events_migrated += len(pending)
+        self.stats.batches += 1
+        newest = await self.last_stream_ordering()
+        if range_key == _HIGH_KEY and newest is not None:
+            self.progress.high = scanned_to
+            self.stats.lag_stream_positions = max(newest - scanned_to, 0)
         return True
 
     async def run(
@@ -286,10 +291,10 @@ class Migrator:
         until = await self.last_stream_ordering()
         batches = 0
         while max_batches is None or batches < max_batches:
-            before = self.progress.events_done
+            before = self.stats.events_migrated
             if not await self.run_batch(until):
                 break
             batches += 1
             if progress is not None:
-                progress(self.progress.events_done - before)
+                progress(self.stats.events_migrated - before)
         return self.progress

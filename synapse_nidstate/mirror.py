@@ -22,7 +22,7 @@ from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
 
-from synapse_nidstate.metrics import MirrorStats
+from synapse_nidstate.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class Mirror:
         self._store = store
         self._engine = store.engine
         self.planner = SnapshotPlanner(hs, store, stats)
+        self._plan_seconds = MIRROR_PLAN_SECONDS.labels(hs.hostname)
+        self._write_seconds = MIRROR_WRITE_SECONDS.labels(hs.hostname)
         self.stats = stats
         # room_id -> plan of the batch being persisted. Synapse persists one
         # batch per room at a time (its per-room persistence queue).
@@ -144,22 +146,29 @@ class Mirror:
         a snapshot, and their lookups fall back to Synapse.
         """
         try:
-            needed: set[int] = set()
-            hints: dict[int, tuple[int, StateMap[str]]] = {}
-            for event, context in events_and_contexts:
-                group = state_group_at(event, context)
-                if group is None or context.partial_state:
-                    continue
-                needed.add(group)
-                for (prev_group, to_group), delta in context.state_group_deltas.items():
-                    if prev_group != to_group:
-                        hints[to_group] = (prev_group, delta)
-            steps = await self.planner.plan(needed, hints)
-            return BatchPlan([await self.planner.with_full_state(s) for s in steps])
+            with self._plan_seconds.time():
+                return await self._prepare(events_and_contexts)
         except Exception:
             logger.exception("synapse-nidstate: could not plan snapshots for %s", room_id)
             self.stats.plan_failures += 1
             return BatchPlan([])
+
+    async def _prepare(
+        self, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
+    ) -> BatchPlan:
+        """The batch's state groups and the deltas its contexts carry, planned."""
+        needed: set[int] = set()
+        hints: dict[int, tuple[int, StateMap[str]]] = {}
+        for event, context in events_and_contexts:
+            group = state_group_at(event, context)
+            if group is None or context.partial_state:
+                continue
+            needed.add(group)
+            for (prev_group, to_group), delta in context.state_group_deltas.items():
+                if prev_group != to_group:
+                    hints[to_group] = (prev_group, delta)
+        steps = await self.planner.plan(needed, hints)
+        return BatchPlan([await self.planner.with_full_state(s) for s in steps])
 
     def begin_batch(self, room_id: str, plan: BatchPlan) -> bool:
         if room_id in self._plans:
@@ -208,6 +217,12 @@ class Mirror:
         ]
         if not rows:
             return
+        with self._write_seconds.time():
+            self._write_in_savepoint(txn, plan, room_id, rows)
+
+    def _write_in_savepoint(
+        self, txn: LoggingTransaction, plan: BatchPlan, room_id: str, rows: list[EventRow]
+    ) -> None:
         txn.execute("SAVEPOINT nidstate_mirror")
         try:
             self._store.mirror_events_txn(txn, plan.scope, room_id, rows, plan.steps, self.stats)

@@ -61,12 +61,17 @@ class NidStateModule:
             self.stats.lookups,
             config.mode,
             native_state_ids=controller.get_state_ids_for_events,
+            server_name=hs.hostname,
         )
         if config.mode != "mirror":
             hooks.install_lookups(hs, self.lookups)
 
         self.migrator = Migrator(
-            hs, self.store, self.stats.mirror, config.background_migration.batch_size
+            hs,
+            self.store,
+            self.stats.mirror,
+            config.background_migration.batch_size,
+            self.stats.migration,
         )
         background = config.background_migration
         self.migrates_in_background = (
@@ -106,15 +111,14 @@ class NidStateModule:
 
     async def migration_status(self) -> dict[str, Any]:
         """Where the migration of history stands, as the status endpoint reports it."""
-        progress = self.migrator.progress
         low, high = await self.migrator.stream_range()
         return {
             "background": self.migrates_in_background,
             "remaining_events": await self.migrator.remaining(),
             "stream_ordering_low": low,
             "stream_ordering_high": high,
-            "events_migrated_here": progress.events_done,
-            "batches_here": progress.batches,
+            "events_migrated_here": self.stats.migration.events_migrated,
+            "batches_here": self.stats.migration.batches,
         }
 
     @staticmethod

@@ -46,9 +46,10 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
     result = await migrator.run(progress)
     progress.finish()
     seconds = max(progress.elapsed(), 1e-9)
+    done = migrator.stats.events_migrated
     print(
-        f"migrated {result.events_done} events in {result.batches} batches, "
-        f"{seconds:.1f}s ({result.events_done / seconds:,.0f} events/s); "
+        f"migrated {done} events in {migrator.stats.batches} batches, "
+        f"{seconds:.1f}s ({done / seconds:,.0f} events/s); "
         f"{stats.snapshots_built} snapshots built, {stats.full_state_reads} full states read; "
         f"stream orderings done: [{result.low}, {result.high}]"
     )

@@ -263,6 +263,20 @@ class SynapseProcess:
             raise HttpError(f"{method} {path} -> {status}: {answer}")
         return answer
 
+    def metric_value(self, sample_name: str, **labels: str) -> float:
+        """The value of one sample of this server's metrics (0 if absent)."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics", timeout=REQUEST_TIMEOUT
+        ) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == sample_name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return sample.value
+        return 0.0
+
     def lookup_counts(self) -> dict[str, float]:
         """synapse_nidstate_lookups_total by outcome, from the metrics listener."""
         with urllib.request.urlopen(
@@ -617,6 +631,19 @@ class EndToEndTest(unittest.TestCase):
         counts = server.lookup_counts()
         self.assertGreater(counts.get("served", 0), 0, counts)
         self.assertEqual(counts.get("mismatched", 0), 0, counts)
+        # Latency histograms: lookups answered by the mirror, mirror writes.
+        self.assertGreater(
+            server.metric_value(
+                "synapse_nidstate_lookup_seconds_count", server_name=SERVER_NAME, path="mirror"
+            ),
+            0,
+        )
+        self.assertGreater(
+            server.metric_value(
+                "synapse_nidstate_mirror_write_seconds_count", server_name=SERVER_NAME
+            ),
+            0,
+        )
         server.stop()
 
         # Mode mirror: Synapse's own lookups, on the same database.

@@ -72,9 +72,9 @@ class MigrateTests:
 
         # A second run finds nothing to do and writes nothing.
         before = await table_rows(hs)
-        done = module.migrator.progress.events_done
+        done = module.migrator.stats.events_migrated
         await module.migrator.run()
-        self.assertEqual(module.migrator.progress.events_done, done)
+        self.assertEqual(module.migrator.stats.events_migrated, done)
         self.assertTrue(module.migrator.progress.finished)
         self.assertEqual(await table_rows(hs), before)
 
