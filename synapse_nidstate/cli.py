@@ -82,10 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         help="start a real Synapse in this process with the module, write a history "
         "and show that every event's mirrored state equals Synapse's",
     )
-    demo.add_argument("--rooms", type=int, default=4, help="rooms (default 4)")
+    demo.add_argument("--rooms", type=int, default=6, help="rooms (default 6)")
     demo.add_argument("--events", type=int, default=3000, help="events to send (default 3000)")
     demo.add_argument(
-        "--big-room-members", type=int, default=200, help="members of the biggest room (200)"
+        "--big-room-members", type=int, default=1000, help="members of the biggest room (1000)"
+    )
+    demo.add_argument(
+        "--small-room-members", type=int, default=10, help="members of the other rooms (10)"
+    )
+    demo.add_argument(
+        "--before-fraction", type=float, default=0.6,
+        help="part of the events written before the module is enabled (0.6)",
+    )
+    demo.add_argument(
+        "--timing-events", type=int, default=50, help="events timed per lookup (50)"
     )
     demo.add_argument("--seed", type=int, default=1, help="random seed of the history (1)")
     demo.add_argument(
@@ -138,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo":
-        for name in ("rooms", "events", "big_room_members"):
+        if not 0 < args.before_fraction < 1:
+            parser.error("--before-fraction must be between 0 and 1")
+        for name in ("rooms", "events", "big_room_members", "small_room_members", "timing_events"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
         from synapse_nidstate.demo import run_demo

@@ -1,9 +1,13 @@
-"""`synapse-nidstate demo`: a real Synapse with the module, a history, and the proof.
+"""`synapse-nidstate demo`: a real Synapse, history before and after the module, the proof.
 
-Starts Synapse in this process (SQLite in a temporary directory by default),
-writes a history through Synapse's own handlers with the module in mode
-serve, then checks every event's mirrored state against Synapse's native
-state-group answer and prints the row counts of both storages.
+1. Synapse starts in this process (SQLite in a temporary directory by default)
+   *without* the module and writes the first part of a realistic history
+   through its own handlers.
+2. It restarts *with* the module (mode serve), migrates that history, then
+   keeps sending: those events are mirrored live.
+3. It checks every event's mirrored state against Synapse's native answer,
+   prints the storage of both side by side, and times state-at-event lookups
+   both ways, cold and warm.
 """
 
 import argparse
@@ -12,7 +16,7 @@ import os
 import time
 
 from synapse_nidstate.cli import Progress, _table
-from synapse_nidstate.history import HistoryShape, realistic_history
+from synapse_nidstate.history import HistoryShape, HistoryWriter
 from synapse_nidstate.inprocess import (
     homeserver_config,
     postgres_database,
@@ -22,15 +26,18 @@ from synapse_nidstate.inprocess import (
     stop_homeserver,
 )
 from synapse_nidstate.module import module_for
-from synapse_nidstate.report import row_counts
+from synapse_nidstate.stats import format_report, storage_report
+from synapse_nidstate.timing import TIMING_HEADER, format_timings, time_lookups
 from synapse_nidstate.verify import (
     compare_with_native,
+    events_with_state,
+    find_orphans,
     room_events_with_state,
     standard_filters,
 )
 
 
-def _quiet_logging(data_dir: str) -> str:
+def _log_to_file(data_dir: str) -> str:
     path = os.path.join(data_dir, "homeserver.log")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -41,46 +48,80 @@ def _quiet_logging(data_dir: str) -> str:
 
 
 def run_demo(args: argparse.Namespace, data_dir: str) -> int:
-    log_path = _quiet_logging(data_dir)
-    database = (
-        postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
-    )
-    config = homeserver_config(data_dir, database, {"mode": "serve"})
+    log_path = _log_to_file(data_dir)
+    database = postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
     shape = HistoryShape(
         rooms=args.rooms,
         big_room_members=args.big_room_members,
-        small_room_members=min(8, args.big_room_members),
+        small_room_members=min(args.small_room_members, args.big_room_members),
         events=args.events,
         seed=args.seed,
     )
+    before = max(int(shape.events * args.before_fraction), 1)
+    show = not args.no_progress
+
+    def config(module: bool) -> dict:
+        return homeserver_config(data_dir, database, {"mode": "serve"} if module else None)
 
     async def demo() -> int:
-        engine = "PostgreSQL" if args.postgres else f"SQLite ({data_dir})"
-        print(f"synapse-nidstate demo: a real Synapse on {engine}, module in mode serve")
-        hs = await start_homeserver(config, data_dir)
+        engine = "PostgreSQL" if args.postgres else f"SQLite in {data_dir}"
+        print(
+            f"synapse-nidstate demo: a real Synapse on {engine}; {shape.rooms} rooms "
+            f"(the biggest with {shape.big_room_members + 1} members), {shape.events} events, "
+            f"seed {shape.seed}"
+        )
+        writer = HistoryWriter(shape)
+
+        # 1. History written with the module off.
+        hs = await start_homeserver(config(module=False), data_dir)
+        started = time.monotonic()
+        progress = Progress("1/4 writing history, module off", before, enabled=show)
+        await writer.create(hs, progress)
+        await writer.send(hs, before, progress)
+        progress.finish()
+        print(f"1/4 wrote {writer.sent} events with the module off ({time.monotonic() - started:.0f}s)")
+        await stop_homeserver(hs)
+
+        # 2. The module on: migrate, then keep sending.
+        hs = await start_homeserver(config(module=True), data_dir)
         try:
             module = module_for(hs)
             assert module is not None
+            remaining = await module.migrator.remaining()
+            progress = Progress("2/4 migrating", remaining, enabled=show)
             started = time.monotonic()
-            progress = Progress("sending", shape.events, enabled=not args.no_progress)
-            rooms = await realistic_history(hs, shape, progress)
+            await module.migrator.run(progress)
             progress.finish()
-            send_seconds = time.monotonic() - started
-            event_ids = [e for r in rooms for e in await room_events_with_state(hs, r)]
+            seconds = max(time.monotonic() - started, 1e-9)
+            migrated = module.stats.migration.events_migrated
             print(
-                f"wrote {len(event_ids)} events with state in {len(rooms)} rooms "
-                f"(biggest room: {shape.big_room_members + 1} users) in {send_seconds:.1f}s"
+                f"2/4 migrated {migrated} events in {seconds:.1f}s "
+                f"({migrated / seconds:,.0f} events/s)"
+            )
+            progress = Progress("3/4 sending, module on", shape.events - writer.sent, enabled=show)
+            started = time.monotonic()
+            live_from = writer.sent
+            await writer.send(hs, shape.events, progress)
+            progress.finish()
+            print(
+                f"3/4 sent {writer.sent - live_from} more events, mirrored live "
+                f"({time.monotonic() - started:.0f}s)"
             )
 
-            members = [f"@user{i}:{hs.hostname}" for i in range(3)]
-            filters = standard_filters(members)
-            progress = Progress("verifying", len(event_ids), enabled=not args.no_progress)
-            result = await compare_with_native(module.lookups, event_ids, filters, progress)
+            # 3. Verify every event, both ways.
+            total = sum([len(await room_events_with_state(hs, r)) for r in writer.rooms])
+            filters = standard_filters(writer.users[1:4])
+            progress = Progress("4/4 verifying", total, enabled=show)
+            result = await compare_with_native(
+                module.lookups, events_with_state(hs), filters, progress
+            )
             progress.finish()
+            orphans = await find_orphans(hs)
             print(
                 f"\nverify: {result.events} events x {len(filters)} filters "
                 f"({', '.join(filters)}): {result.comparisons} answers compared, "
-                f"{len(result.mismatches)} mismatches, {result.unmirrored} not mirrored"
+                f"{len(result.mismatches)} mismatches, {result.unmirrored} not mirrored, "
+                f"{orphans.count} orphan rows"
             )
             for mismatch in result.mismatches[:10]:
                 print(
@@ -88,21 +129,24 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
                     f"{mismatch.differing_keys[:5]}"
                 )
 
-            counts = await row_counts(hs)
-            print("\nrows, Synapse's state storage:")
-            print(_table(sorted(counts["synapse"].items()), ("table", "rows")))
-            print("\nrows, synapse-nidstate:")
-            print(_table(sorted(counts["nidstate"].items()), ("table", "rows")))
-            stats = module.stats.as_dict()
-            print("\nmodule counters:")
-            print(
-                _table(
-                    [(f"{side}.{k}", v) for side, d in stats.items() for k, v in d.items()],
-                    ("counter", "value"),
+            print("\nstorage:")
+            print(format_report(await storage_report(hs, top=3)))
+
+            big_room = writer.rooms[0]
+            events = (await room_events_with_state(hs, big_room))[-args.timing_events :]
+            member = writer.users[1]
+            timings = []
+            for cold in (True, False):
+                timings += await time_lookups(
+                    hs, module.lookups, events, member, writer.users[2:], cold=cold
                 )
+            print(
+                f"\nstate-at-event lookups in the biggest room ({len(events)} events; "
+                "native = Synapse's state groups, NID = the mirror; same process, same run):"
             )
+            print(_table(format_timings(timings), TIMING_HEADER))
             print(f"\nSynapse's log: {log_path}")
-            ok = result.ok and not result.unmirrored
+            ok = result.ok and not result.unmirrored and not orphans.count
             print("\nRESULT:", "OK, the mirror equals Synapse's state" if ok else "FAILED")
             return 0 if ok else 1
         finally:

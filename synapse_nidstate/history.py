@@ -142,100 +142,122 @@ class HistoryShape:
     seed: int = 1
 
 
+class HistoryWriter:
+    """Writes a realistic history, in parts, possibly across restarts of Synapse.
+
+    Rooms of different sizes (room 0 is the big one) with joins, leaves,
+    kicks, invites, power-level, name and topic changes, messages and forks
+    (two state events on one prev event, merged by the next event through
+    state resolution). Deterministic for a given seed.
+    """
+
+    def __init__(self, shape: HistoryShape, user_prefix: str = "user") -> None:
+        self.shape = shape
+        self.user_prefix = user_prefix
+        self.rng = random.Random(shape.seed)
+        self.users: list[str] = []
+        self.rooms: list[str] = []
+        self.members: dict[str, set[str]] = {}
+        self.sent = 0
+
+    async def create(
+        self, hs: HomeServer, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Register the users, create the rooms and fill them (counted as events sent)."""
+        shape, d = self.shape, Driver(hs)
+        count = max(shape.big_room_members, shape.small_room_members) + 1
+        self.users = [await d.register(f"{self.user_prefix}{i}") for i in range(count)]
+        owner, others = self.users[0], self.users[1:]
+        for r in range(shape.rooms):
+            preset = "public_chat" if r % 2 == 0 else "private_chat"
+            room_id = await d.create_room(owner, preset, name=f"Room {r}", topic="hello")
+            self._tick(progress, 8)
+            if preset == "private_chat":
+                # Private rooms need invites; open this one up so joins work.
+                await d.send(owner, room_id, EventTypes.JoinRules, {"join_rule": "public"}, "")
+                self._tick(progress)
+            self.rooms.append(room_id)
+            self.members[room_id] = {owner}
+            size = shape.big_room_members if r == 0 else shape.small_room_members
+            for user in others[:size]:
+                await d.membership(user, user, room_id, Membership.JOIN)
+                self.members[room_id].add(user)
+                self._tick(progress)
+
+    def _tick(self, progress: Callable[[int], None] | None, n: int = 1) -> None:
+        self.sent += n
+        if progress is not None:
+            progress(n)
+
+    async def send(
+        self, hs: HomeServer, until: int, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Send random activity until ``until`` events were sent in all."""
+        d, rng = Driver(hs), self.rng
+        owner, others = self.users[0], self.users[1:]
+        rooms, members = self.rooms, self.members
+        while self.sent < until:
+            room_id = rooms[0] if rng.random() < 0.4 else rng.choice(rooms)
+            present = sorted(members[room_id] - {owner})
+            roll = rng.random()
+            if roll < 0.70 or not present:
+                sender = rng.choice(sorted(members[room_id]))
+                await d.message(sender, room_id, f"msg {self.sent}")
+                self._tick(progress)
+            elif roll < 0.78:
+                user = rng.choice(present)
+                await d.membership(user, user, room_id, Membership.LEAVE)
+                members[room_id].discard(user)
+                self._tick(progress)
+            elif roll < 0.86:
+                candidates = [u for u in others if u not in members[room_id]]
+                if candidates:
+                    user = rng.choice(candidates[:50])
+                    await d.membership(user, user, room_id, Membership.JOIN)
+                    members[room_id].add(user)
+                    self._tick(progress)
+            elif roll < 0.88:
+                user = rng.choice(present)
+                await d.membership(owner, user, room_id, "kick", content={"reason": "demo"})
+                members[room_id].discard(user)
+                self._tick(progress)
+            elif roll < 0.93:
+                kind = rng.choice([EventTypes.Name, EventTypes.Topic])
+                field = "name" if kind == EventTypes.Name else "topic"
+                await d.send(owner, room_id, kind, {field: f"{field} {self.sent}"}, "")
+                self._tick(progress)
+            elif roll < 0.96:
+                promoted = {u: 50 for u in rng.sample(present, min(3, len(present)))}
+                await d.send(
+                    owner,
+                    room_id,
+                    EventTypes.PowerLevels,
+                    {"users": promoted, "users_default": 0, "events_default": 0},
+                    "",
+                )
+                self._tick(progress)
+            else:
+                base = await d.message(owner, room_id, f"fork base {self.sent}")
+                await d.send(
+                    owner, room_id, EventTypes.Topic, {"topic": f"left {self.sent}"}, "",
+                    prev_event_ids=[base.event_id],
+                )
+                await d.send(
+                    owner, room_id, EventTypes.Name, {"name": f"right {self.sent}"}, "",
+                    prev_event_ids=[base.event_id],
+                )
+                await d.message(owner, room_id, f"merge {self.sent}")
+                self._tick(progress, 4)
+
+
 async def realistic_history(
     hs: HomeServer,
     shape: HistoryShape,
     progress: Callable[[int], None] | None = None,
     user_prefix: str = "user",
 ) -> list[str]:
-    """Rooms of different sizes with joins, leaves, kicks, bans, invites, power,
-    name and topic changes, messages and forks (two state events on one prev
-    event, merged by the next event through state resolution).
-
-    Returns the room IDs. ``progress`` is called with the number of events sent.
-    """
-    rng = random.Random(shape.seed)
-    d = Driver(hs)
-    sent = 0
-
-    def tick(n: int = 1) -> None:
-        nonlocal sent
-        sent += n
-        if progress is not None:
-            progress(n)
-
-    users = [
-        await d.register(f"{user_prefix}{i}")
-        for i in range(max(shape.big_room_members, shape.small_room_members) + 1)
-    ]
-    owner, others = users[0], users[1:]
-    rooms: list[str] = []
-    members: dict[str, set[str]] = {}
-    for r in range(shape.rooms):
-        preset = "public_chat" if r % 2 == 0 else "private_chat"
-        room_id = await d.create_room(owner, preset, name=f"Room {r}", topic="hello")
-        tick(8)
-        if preset == "private_chat":
-            # Private rooms need invites; open them up so joins work.
-            await d.send(owner, room_id, EventTypes.JoinRules, {"join_rule": "public"}, "")
-            tick()
-        rooms.append(room_id)
-        members[room_id] = {owner}
-        size = shape.big_room_members if r == 0 else shape.small_room_members
-        for user in others[:size]:
-            await d.membership(user, user, room_id, Membership.JOIN)
-            members[room_id].add(user)
-            tick()
-
-    while sent < shape.events:
-        room_id = rooms[0] if rng.random() < 0.4 else rng.choice(rooms)
-        present = sorted(members[room_id] - {owner})
-        roll = rng.random()
-        if roll < 0.70 or not present:
-            await d.message(rng.choice(sorted(members[room_id])), room_id, f"msg {sent}")
-            tick()
-        elif roll < 0.78:
-            user = rng.choice(present)
-            await d.membership(user, user, room_id, Membership.LEAVE)
-            members[room_id].discard(user)
-            tick()
-        elif roll < 0.86:
-            candidates = [u for u in others if u not in members[room_id]]
-            if candidates:
-                user = rng.choice(candidates[:50])
-                await d.membership(user, user, room_id, Membership.JOIN)
-                members[room_id].add(user)
-                tick()
-        elif roll < 0.88:
-            user = rng.choice(present)
-            await d.membership(owner, user, room_id, "kick", content={"reason": "demo"})
-            members[room_id].discard(user)
-            tick()
-        elif roll < 0.93:
-            kind = rng.choice([EventTypes.Name, EventTypes.Topic])
-            field = "name" if kind == EventTypes.Name else "topic"
-            await d.send(owner, room_id, kind, {field: f"{field} {sent}"}, "")
-            tick()
-        elif roll < 0.96:
-            promoted = {u: 50 for u in rng.sample(present, min(3, len(present)))}
-            await d.send(
-                owner,
-                room_id,
-                EventTypes.PowerLevels,
-                {"users": promoted, "users_default": 0, "events_default": 0},
-                "",
-            )
-            tick()
-        else:
-            base = await d.message(owner, room_id, f"fork base {sent}")
-            await d.send(
-                owner, room_id, EventTypes.Topic, {"topic": f"left {sent}"}, "",
-                prev_event_ids=[base.event_id],
-            )
-            await d.send(
-                owner, room_id, EventTypes.Name, {"name": f"right {sent}"}, "",
-                prev_event_ids=[base.event_id],
-            )
-            await d.message(owner, room_id, f"merge {sent}")
-            tick(4)
-    return rooms
+    """Write a whole history (see :class:`HistoryWriter`); returns the room IDs."""
+    writer = HistoryWriter(shape, user_prefix)
+    await writer.create(hs, progress)
+    await writer.send(hs, shape.events, progress)
+    return writer.rooms

@@ -49,6 +49,10 @@ class StateLookups:
         self._mode = mode
         self._native_state_ids = native_state_ids
 
+    @property
+    def store(self) -> NidStore:
+        return self._store
+
     async def native_state_ids(
         self, event_ids: Collection[str], state_filter: StateFilter
     ) -> dict[str, StateMap[str]]:

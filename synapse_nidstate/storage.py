@@ -177,6 +177,23 @@ class NidStore:
 
     # ------------------------------------------------------------------ caches
 
+    def caches(self) -> list[LruCache]:
+        """Every in-process cache of the module (for metrics, benchmarks and tests)."""
+        return [
+            *self._string_nids.values(),
+            *self._nid_strings.values(),
+            self._event_nids,
+            self._event_ids,
+            self._group_snapshots,
+            self._event_snapshots,
+            self._snapshot_blocks,
+            self._blocks,
+        ]
+
+    def clear_caches(self) -> None:
+        for cache in self.caches():
+            cache.clear()
+
     def _publish(self, learnt: _TxnCaches) -> None:
         """Fill the shared caches with what a committed transaction learnt."""
         for table, values in learnt.strings.items():

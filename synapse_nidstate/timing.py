@@ -1,0 +1,143 @@
+"""State-at-event lookup timings, Synapse's native path against the mirror, in one process.
+
+Used by the demo and the benchmarks. Each lookup is timed on the same events
+both ways, alternating, *cold* (every cache of Synapse's state path and of the
+module emptied before each lookup) or *warm* (asked once before it is timed).
+"""
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import attr
+from synapse.api.constants import EventTypes
+from synapse.server import HomeServer
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.lookups import StateLookups
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Timing:
+    lookup: str
+    cache: str  # "cold" or "warm"
+    samples: int
+    native_p50: float
+    native_p95: float
+    nid_p50: float
+    nid_p95: float
+
+    @property
+    def speedup_p50(self) -> float:
+        return self.native_p50 / self.nid_p50 if self.nid_p50 else float("inf")
+
+
+def clear_state_caches(hs: HomeServer, lookups: StateLookups) -> None:
+    """Empty Synapse's state-at-event caches and the module's."""
+    stores = hs.get_datastores()
+    stores.state._state_group_cache.invalidate_all()
+    stores.state._state_group_members_cache.invalidate_all()
+    stores.state.get_state_group_delta.invalidate_all()
+    stores.main._get_state_group_for_event.invalidate_all()
+    lookups.store.clear_caches()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def lookup_filters(member: str, other_members: list[str]) -> dict[str, StateFilter]:
+    """What Synapse asks: full state, one member (visibility), lazy-loaded members."""
+    return {
+        "full state": StateFilter.all(),
+        "one member key": StateFilter.from_types([(EventTypes.Member, member)]),
+        "lazy-load members": StateFilter.from_lazy_load_member_list(
+            [member, *other_members[:4]]
+        ),
+    }
+
+
+async def time_lookups(
+    hs: HomeServer,
+    lookups: StateLookups,
+    event_ids: list[str],
+    member: str,
+    other_members: list[str],
+    cold: bool,
+    batch: int = 100,
+) -> list[Timing]:
+    """Time each filter on each event, and batches of ``batch`` events, both ways."""
+    cache = "cold" if cold else "warm"
+
+    async def measure(
+        call: Callable[[list[str], StateFilter], Awaitable[object]],
+        group: list[str],
+        state_filter: StateFilter,
+    ) -> float:
+        if cold:
+            clear_state_caches(hs, lookups)
+        else:
+            await call(group, state_filter)
+        started = time.perf_counter()
+        await call(group, state_filter)
+        return time.perf_counter() - started
+
+    results = []
+    filters = lookup_filters(member, other_members)
+    # What /messages asks for a page: visibility of `batch` events at once.
+    visibility = StateFilter.from_types(
+        [(EventTypes.RoomHistoryVisibility, ""), (EventTypes.Member, member)]
+    )
+    cases: list[tuple[str, StateFilter, list[list[str]]]] = [
+        (name, state_filter, [[e] for e in event_ids]) for name, state_filter in filters.items()
+    ]
+    batches = [event_ids[i : i + batch] for i in range(0, len(event_ids), batch)]
+    batches = [b for b in batches if len(b) == batch] or batches[:1]
+    cases.append((f"batch of {len(batches[0])} events", visibility, batches))
+    for name, state_filter, groups in cases:
+        native, nid = [], []
+        for group in groups:
+            native.append(await measure(lookups.native_state_ids, group, state_filter))
+            nid.append(await measure(lookups.mirrored_state_ids, group, state_filter))
+        results.append(
+            Timing(
+                name,
+                cache,
+                len(groups),
+                _percentile(native, 50),
+                _percentile(native, 95),
+                _percentile(nid, 50),
+                _percentile(nid, 95),
+            )
+        )
+    return results
+
+
+def format_timings(timings: list[Timing]) -> list[tuple[str, ...]]:
+    return [
+        (
+            t.lookup,
+            t.cache,
+            str(t.samples),
+            f"{t.native_p50 * 1000:.2f}",
+            f"{t.nid_p50 * 1000:.2f}",
+            f"{t.native_p95 * 1000:.2f}",
+            f"{t.nid_p95 * 1000:.2f}",
+            f"{t.speedup_p50:.1f}x",
+        )
+        for t in timings
+    ]
+
+
+TIMING_HEADER = (
+    "lookup",
+    "caches",
+    "n",
+    "native p50 ms",
+    "NID p50 ms",
+    "native p95 ms",
+    "NID p95 ms",
+    "speed-up p50",
+)
