@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "and show that every event's mirrored state equals Synapse's",
     )
     demo.add_argument("--rooms", type=int, default=6, help="rooms (default 6)")
-    demo.add_argument("--events", type=int, default=3000, help="events to send (default 3000)")
+    demo.add_argument("--events", type=int, default=2500, help="events to send (default 2500)")
     demo.add_argument(
         "--big-room-members", type=int, default=1000, help="members of the biggest room (1000)"
     )

@@ -15,6 +15,8 @@ import logging
 import os
 import time
 
+import yaml
+
 from synapse_nidstate.cli import Progress, _table
 from synapse_nidstate.history import HistoryShape, HistoryWriter
 from synapse_nidstate.inprocess import (
@@ -56,6 +58,9 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
         small_room_members=min(args.small_room_members, args.big_room_members),
         events=args.events,
         seed=args.seed,
+        # Synapse evaluates push rules for every member on every message: keep
+        # most chatter in the small rooms so the default demo stays short.
+        big_room_share=0.15,
     )
     before = max(int(shape.events * args.before_fraction), 1)
     show = not args.no_progress
@@ -146,6 +151,13 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
             )
             print(_table(format_timings(timings), TIMING_HEADER))
             print(f"\nSynapse's log: {log_path}")
+            if args.keep:
+                config_path = os.path.join(data_dir, "homeserver.yaml")
+                with open(config_path, "w") as f:
+                    yaml.safe_dump(config(module=True), f)
+                print(
+                    f"kept: {config_path} (try: synapse-nidstate verify -c {config_path})"
+                )
             ok = result.ok and not result.unmirrored and not orphans.count
             print("\nRESULT:", "OK, the mirror equals Synapse's state" if ok else "FAILED")
             return 0 if ok else 1

@@ -140,6 +140,8 @@ class HistoryShape:
     small_room_members: int = 8
     events: int = 3000
     seed: int = 1
+    #: Part of the random activity that goes to the big room.
+    big_room_share: float = 0.4
 
 
 class HistoryWriter:
@@ -197,7 +199,7 @@ class HistoryWriter:
         owner, others = self.users[0], self.users[1:]
         rooms, members = self.rooms, self.members
         while self.sent < until:
-            room_id = rooms[0] if rng.random() < 0.4 else rng.choice(rooms)
+            room_id = rooms[0] if rng.random() < self.shape.big_room_share else rng.choice(rooms[1:] or rooms)
             present = sorted(members[room_id] - {owner})
             roll = rng.random()
             if roll < 0.70 or not present:

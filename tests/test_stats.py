@@ -191,7 +191,7 @@ class StatsTests:
         history = await build_history(hs)
         rooms = await realistic_history(
             hs,
-            HistoryShape(rooms=3, big_room_members=12, small_room_members=4, events=150, seed=7),
+            HistoryShape(rooms=3, big_room_members=40, small_room_members=4, events=150, seed=7),
             user_prefix="stats",
         )
         test_rooms = history.rooms + rooms
