@@ -41,13 +41,21 @@ class NidStateConfig:
     string_cache_size: int = 500_000
     #: Entries of the event -> snapshot and state group -> snapshot caches.
     snapshot_cache_size: int = 100_000
+    #: State entries (summed over snapshots) of the resolved-state cache: whole
+    #: states as strings, what warm full-state and wildcard lookups read.
+    resolved_state_cache_size: int = 500_000
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False
     background_migration: BackgroundMigrationConfig = BackgroundMigrationConfig()
 
 
 _KEYS = {field.name for field in attr.fields(NidStateConfig)}
-_CACHE_KEYS = ("block_cache_size", "string_cache_size", "snapshot_cache_size")
+_CACHE_KEYS = (
+    "block_cache_size",
+    "string_cache_size",
+    "snapshot_cache_size",
+    "resolved_state_cache_size",
+)
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:

@@ -65,12 +65,14 @@ class StateLookups:
     ) -> dict[str, MutableStateMap[str]]:
         """The mirror's answer for the events it has a snapshot for (others left out)."""
         with self._mirror_seconds.time():
+            cached = self._store.cached_state_for_events(event_ids, state_filter)
+            if cached is not None:
+                return cached
             return await self._store.db_pool.runInteraction(
                 "nidstate_get_state_for_events",
                 self._store.state_for_events_txn,
                 event_ids,
-                state_filter.types,
-                state_filter.include_others,
+                state_filter,
                 db_autocommit=True,
             )
 

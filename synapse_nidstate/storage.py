@@ -22,6 +22,7 @@ from synapse.storage.database import (
     make_in_list_sql_clause,
 )
 from synapse.types import MutableStateMap, StateMap
+from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache
 from synapse.util.iterutils import batch_iter
 
@@ -91,6 +92,10 @@ class EventRow:
     stream_ordering: int | None
 
 
+class CacheMiss(Exception):
+    """A cache-only read needed the database."""
+
+
 class _TxnCaches:
     """Values learnt in one transaction attempt; published to the caches after commit."""
 
@@ -104,6 +109,7 @@ class _TxnCaches:
         self.groups: dict[int, int] = {}
         self.snapshots: dict[int, tuple[int, ...]] = {}
         self.blocks: dict[int, Block] = {}
+        self.event_snapshots: dict[str, int] = {}
 
 
 class WriteScope:
@@ -174,6 +180,10 @@ class NidStore:
             "snapshot_blocks", config.snapshot_cache_size
         )
         self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
+        # snapshot -> its whole state as strings (immutable), sized in entries.
+        self._resolved: LruCache[int, dict[tuple[str, str], str]] = cache(
+            "resolved_state", config.resolved_state_cache_size, size_callback=len
+        )
 
     # ------------------------------------------------------------------ caches
 
@@ -188,6 +198,7 @@ class NidStore:
             self._event_snapshots,
             self._snapshot_blocks,
             self._blocks,
+            self._resolved,
         ]
 
     def clear_caches(self) -> None:
@@ -209,6 +220,8 @@ class NidStore:
             self._snapshot_blocks.set(snapshot_nid, block_nids)
         for block_nid, block in learnt.blocks.items():
             self._blocks.set(block_nid, block)
+        for event_id, snapshot_nid in learnt.event_snapshots.items():
+            self._event_snapshots.set(event_id, snapshot_nid)
 
     @staticmethod
     def _split_cached(
@@ -380,12 +393,14 @@ class NidStore:
             cache.set(key, value)
 
     def _blocks_txn(
-        self, txn: LoggingTransaction, learnt: _TxnCaches, block_nids: Collection[int]
+        self, txn: LoggingTransaction | None, learnt: _TxnCaches, block_nids: Collection[int]
     ) -> dict[int, Block]:
         found, missing = self._split_cached(self._blocks, block_nids)
         missing = [b for b in missing if b not in learnt.blocks]
         found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
         if missing:
+            if txn is None:
+                raise CacheMiss()
             rows = self._select_in_txn(
                 txn, "SELECT block_nid, entries FROM nidstate_blocks WHERE", "block_nid", missing
             )
@@ -397,7 +412,10 @@ class NidStore:
         return found
 
     def _snapshots_txn(
-        self, txn: LoggingTransaction, learnt: _TxnCaches, snapshot_nids: Collection[int]
+        self,
+        txn: LoggingTransaction | None,
+        learnt: _TxnCaches,
+        snapshot_nids: Collection[int],
     ) -> dict[int, tuple[int, ...]]:
         found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
         missing = [s for s in missing if s not in learnt.snapshots]
@@ -405,6 +423,8 @@ class NidStore:
             (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
         )
         if missing:
+            if txn is None:
+                raise CacheMiss()
             rows = self._select_in_txn(
                 txn,
                 "SELECT snapshot_nid, block_nids FROM nidstate_snapshots WHERE",
@@ -578,6 +598,9 @@ class NidStore:
             )
             if snapshot_nid is not None:
                 stats.events_mirrored += 1
+                if not keep_existing:
+                    # A new event is looked up soon after (visibility, sync).
+                    learnt.event_snapshots[row.event_id] = snapshot_nid
         txn.execute_batch(
             "UPDATE nidstate_events SET snapshot_nid = ?, rejected = ?, stream_ordering = ?"
             " WHERE event_nid = ?" + (" AND snapshot_nid IS NULL" if keep_existing else ""),
@@ -585,121 +608,174 @@ class NidStore:
         )
 
     # ---------------------------------------------------------------- lookups
+    #
+    # Every read helper takes ``txn=None`` to read the caches only: a miss then
+    # raises CacheMiss and the caller retries in a transaction. Warm lookups
+    # so never leave the reactor thread, like Synapse's own cached state reads.
 
-    def _event_snapshots_txn(
-        self, txn: LoggingTransaction, event_ids: Collection[str]
+    def _select_or_miss(
+        self,
+        txn: LoggingTransaction | None,
+        cache: LruCache[K, V],
+        keys: Iterable[K],
+        sql: str,
+        column: str,
+    ) -> dict[K, V]:
+        found, missing = self._split_cached(cache, keys)
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            rows = self._select_in_txn(txn, sql, column, missing)
+            found.update(rows)
+            txn.call_after(self._fill, cache, rows)
+        return found
+
+    def _event_snapshots_read(
+        self, txn: LoggingTransaction | None, event_ids: Collection[str]
     ) -> dict[str, int]:
-        rows = self._select_in_txn(
+        """Snapshot of each event that has one (an event without one is left out)."""
+        return self._select_or_miss(
             txn,
+            self._event_snapshots,
+            event_ids,
             "SELECT event_id, snapshot_nid FROM nidstate_events"
             " WHERE snapshot_nid IS NOT NULL AND",
             "event_id",
-            event_ids,
         )
-        txn.call_after(self._fill, self._event_snapshots, rows)
-        return dict(rows)
 
-    def _nid_strings_txn(
-        self,
-        txn: LoggingTransaction,
-        table: _StringTable,
-        nids: Collection[int],
+    def _nid_strings_read(
+        self, txn: LoggingTransaction | None, table: _StringTable, nids: Collection[int]
     ) -> dict[int, str]:
-        found, missing = self._split_cached(self._nid_strings[table], nids)
-        if missing:
-            rows = self._select_in_txn(
-                txn,
-                f"SELECT {table.nid_column}, {table.string_column} FROM {table.table} WHERE",
-                table.nid_column,
-                missing,
-            )
-            found.update(rows)
-            txn.call_after(self._fill, self._nid_strings[table], rows)
-        return found
+        return self._select_or_miss(
+            txn,
+            self._nid_strings[table],
+            nids,
+            f"SELECT {table.nid_column}, {table.string_column} FROM {table.table} WHERE",
+            table.nid_column,
+        )
 
-    def _event_ids_txn(
-        self, txn: LoggingTransaction, nids: Collection[int]
+    def _event_ids_read(
+        self, txn: LoggingTransaction | None, nids: Collection[int]
     ) -> dict[int, str]:
-        found, missing = self._split_cached(self._event_ids, nids)
-        if missing:
-            rows = self._select_in_txn(
-                txn, "SELECT event_nid, event_id FROM nidstate_events WHERE", "event_nid", missing
-            )
-            found.update(rows)
-            txn.call_after(self._fill, self._event_ids, rows)
-        return found
+        return self._select_or_miss(
+            txn,
+            self._event_ids,
+            nids,
+            "SELECT event_nid, event_id FROM nidstate_events WHERE",
+            "event_nid",
+        )
 
-    def _string_nids_txn(
-        self, txn: LoggingTransaction, table: _StringTable, strings: Collection[str]
+    def _string_nids_read(
+        self, txn: LoggingTransaction | None, table: _StringTable, strings: Collection[str]
     ) -> dict[str, int]:
         """Existing NIDs of ``strings``; a read never creates a NID."""
-        found, missing = self._split_cached(self._string_nids[table], strings)
-        if missing:
-            rows = self._select_in_txn(
-                txn,
-                f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
-                table.string_column,
-                missing,
-            )
-            found.update(rows)
-            txn.call_after(self._fill, self._string_nids[table], rows)
-        return found
+        return self._select_or_miss(
+            txn,
+            self._string_nids[table],
+            strings,
+            f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
+            table.string_column,
+        )
+
+    def cached_state_for_events(
+        self, event_ids: Collection[str], state_filter: StateFilter
+    ) -> dict[str, MutableStateMap[str]] | None:
+        """:meth:`state_for_events_txn` from the caches alone; None if anything is not cached.
+
+        Events the mirror has no snapshot for are never cached, so a request
+        with one of them goes to the database (and then falls back).
+        """
+        try:
+            return self.state_for_events_txn(None, event_ids, state_filter)
+        except CacheMiss:
+            return None
 
     def state_for_events_txn(
         self,
-        txn: LoggingTransaction,
+        txn: LoggingTransaction | None,
         event_ids: Collection[str],
-        types: Mapping[str, Collection[str] | None],
-        include_others: bool,
+        state_filter: StateFilter,
     ) -> dict[str, MutableStateMap[str]]:
         """The state at each event the mirror has a snapshot for, filtered.
 
-        ``types``/``include_others`` are a Synapse ``StateFilter``'s fields.
-        Events without a snapshot are left out of the result.
+        Events without a snapshot are left out of the result. A filter of
+        concrete keys (what visibility checks ask) binary-searches the
+        snapshot's blocks for those keys only; any other filter resolves the
+        whole state once, keeps it as strings in the resolved-state cache and
+        filters it with ``StateFilter.filter_state``, as Synapse does.
         """
-        snapshots, missing = self._split_cached(self._event_snapshots, event_ids)
-        if missing:
-            snapshots.update(self._event_snapshots_txn(txn, missing))
+        snapshots = self._event_snapshots_read(txn, event_ids)
         if not snapshots:
             return {}
-        learnt = _TxnCaches()
-        nid_filter = self._nid_filter_txn(txn, types, include_others)
-        block_lists = self._snapshots_txn(txn, learnt, set(snapshots.values()))
-        blocks = self._blocks_txn(
-            txn, learnt, {b for nids in block_lists.values() for b in nids}
+        concrete = not state_filter.include_others and not state_filter.has_wildcards()
+        by_snapshot: dict[int, MutableStateMap[str]] = {}
+        todo = []
+        for snapshot_nid in set(snapshots.values()):
+            full = self._resolved.get(snapshot_nid)
+            if full is None:
+                todo.append(snapshot_nid)
+            elif concrete:
+                by_snapshot[snapshot_nid] = {
+                    key: full[key] for key in state_filter.concrete_types() if key in full
+                }
+            else:
+                by_snapshot[snapshot_nid] = state_filter.filter_state(full)
+        if todo:
+            learnt = _TxnCaches()
+            block_lists = self._snapshots_txn(txn, learnt, todo)
+            blocks = self._blocks_txn(
+                txn, learnt, {b for nids in block_lists.values() for b in nids}
+            )
+            if txn is not None:
+                # Caching what a read loaded is safe: blocks and snapshots never change.
+                txn.call_after(self._publish, learnt)
+            if concrete:
+                nid_filter = self._nid_filter_read(txn, state_filter)
+                keys = nid_filter.concrete_keys() or []
+                nid_states = {
+                    s: algebra.lookup([blocks[b] for b in block_lists[s]], keys) for s in todo
+                }
+            else:
+                nid_states = {
+                    s: algebra.resolve(blocks[b] for b in block_lists[s]) for s in todo
+                }
+            as_strings = self._to_strings(txn, nid_states)
+            for snapshot_nid, state in as_strings.items():
+                if concrete:
+                    by_snapshot[snapshot_nid] = state
+                else:
+                    if txn is not None:
+                        txn.call_after(self._resolved.set, snapshot_nid, state)
+                    by_snapshot[snapshot_nid] = state_filter.filter_state(state)
+        return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
+
+    def _to_strings(
+        self, txn: LoggingTransaction | None, nid_states: Mapping[int, NidStateMap]
+    ) -> dict[int, dict[tuple[str, str], str]]:
+        type_strings = self._nid_strings_read(
+            txn, TYPES, {t for m in nid_states.values() for t, _ in m}
         )
-        # Caching what a read loaded is safe: blocks and snapshots never change.
-        txn.call_after(self._publish, learnt)
-        by_snapshot = {
-            snapshot_nid: nid_filter.apply([blocks[b] for b in block_nids])
-            for snapshot_nid, block_nids in block_lists.items()
-        }
-        type_strings = self._nid_strings_txn(
-            txn, TYPES, {t for m in by_snapshot.values() for t, _ in m}
+        key_strings = self._nid_strings_read(
+            txn, STATE_KEYS, {s for m in nid_states.values() for _, s in m}
         )
-        key_strings = self._nid_strings_txn(
-            txn, STATE_KEYS, {s for m in by_snapshot.values() for _, s in m}
+        event_strings = self._event_ids_read(
+            txn, {e for m in nid_states.values() for e in m.values()}
         )
-        event_strings = self._event_ids_txn(
-            txn, {e for m in by_snapshot.values() for e in m.values()}
-        )
-        as_strings = {
+        return {
             snapshot_nid: {
                 (type_strings[t], key_strings[s]): event_strings[e]
                 for (t, s), e in state.items()
             }
-            for snapshot_nid, state in by_snapshot.items()
+            for snapshot_nid, state in nid_states.items()
         }
-        return {event_id: as_strings[nid] for event_id, nid in snapshots.items()}
 
-    def _nid_filter_txn(
-        self,
-        txn: LoggingTransaction,
-        types: Mapping[str, Collection[str] | None],
-        include_others: bool,
+    def _nid_filter_read(
+        self, txn: LoggingTransaction | None, state_filter: StateFilter
     ) -> algebra.NidFilter:
-        type_nids = self._string_nids_txn(txn, TYPES, list(types))
-        key_nids = self._string_nids_txn(
+        """The filter in NIDs; strings that have no NID cannot match and are dropped."""
+        types = state_filter.types
+        type_nids = self._string_nids_read(txn, TYPES, list(types))
+        key_nids = self._string_nids_read(
             txn, STATE_KEYS, {k for keys in types.values() if keys for k in keys}
         )
         nid_types: dict[int, frozenset[int] | None] = {}
@@ -711,4 +787,4 @@ class NidStore:
                 if keys is None
                 else frozenset(key_nids[k] for k in keys if k in key_nids)
             )
-        return algebra.NidFilter(nid_types, include_others)
+        return algebra.NidFilter(nid_types, state_filter.include_others)

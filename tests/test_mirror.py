@@ -180,6 +180,33 @@ class MirrorTests:
             await compare_room(self, hs, room_id, filters)
 
 
+    @in_logcontext
+    async def test_warm_lookups_do_not_touch_the_database(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs, messages_per_room=1)
+        module = self.module(hs)
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)  # fills the caches
+        db_pool = module.store.db_pool
+        original = db_pool.runInteraction
+        reads: list[str] = []
+
+        def counting(desc, func, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if desc.startswith("nidstate_get_state"):
+                reads.append(desc)
+            return original(desc, func, *args, **kwargs)
+
+        db_pool.runInteraction = counting  # type: ignore[method-assign]
+        try:
+            # The same answers again, from the caches alone.
+            for room_id in history.rooms:
+                await compare_room(self, hs, room_id, filters)
+        finally:
+            db_pool.runInteraction = original  # type: ignore[method-assign]
+        self.assertEqual(reads, [])
+
+
 class SqliteMirrorTests(MirrorTests, HomeserverTestCase):
     engine = "sqlite"
 
