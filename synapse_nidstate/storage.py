@@ -92,6 +92,46 @@ class EventRow:
     stream_ordering: int | None
 
 
+class ResolvedState:
+    """A snapshot's whole state as strings, indexed by type for filtering.
+
+    Immutable once built (callers get copies), so it can be cached for good.
+    """
+
+    __slots__ = ("full", "by_type")
+
+    def __init__(self, full: dict[tuple[str, str], str]) -> None:
+        self.full = full
+        self.by_type: dict[str, dict[tuple[str, str], str]] = {}
+        for key, event_id in full.items():
+            self.by_type.setdefault(key[0], {})[key] = event_id
+
+    def __len__(self) -> int:
+        return len(self.full)
+
+    def filter(self, state_filter: StateFilter) -> MutableStateMap[str]:
+        """``state_filter.filter_state(self.full)``, touching only the types it names."""
+        if state_filter.is_full():
+            return dict(self.full)
+        out: MutableStateMap[str] = {}
+        for event_type, state_keys in state_filter.types.items():
+            of_type = self.by_type.get(event_type)
+            if not of_type:
+                continue
+            if state_keys is None:
+                out.update(of_type)
+            else:
+                for state_key in state_keys:
+                    event_id = of_type.get((event_type, state_key))
+                    if event_id is not None:
+                        out[(event_type, state_key)] = event_id
+        if state_filter.include_others:
+            for event_type, of_type in self.by_type.items():
+                if event_type not in state_filter.types:
+                    out.update(of_type)
+        return out
+
+
 class CacheMiss(Exception):
     """A cache-only read needed the database."""
 
@@ -181,7 +221,7 @@ class NidStore:
         )
         self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
         # snapshot -> its whole state as strings (immutable), sized in entries.
-        self._resolved: LruCache[int, dict[tuple[str, str], str]] = cache(
+        self._resolved: LruCache[int, ResolvedState] = cache(
             "resolved_state", config.resolved_state_cache_size, size_callback=len
         )
 
@@ -707,19 +747,18 @@ class NidStore:
         snapshots = self._event_snapshots_read(txn, event_ids)
         if not snapshots:
             return {}
-        concrete = not state_filter.include_others and not state_filter.has_wildcards()
+        # Filters that need most of the state (full, wildcards) resolve it all
+        # and keep it; narrower ones (concrete keys, lazy-loaded members)
+        # resolve in NIDs and turn only what they keep into strings.
+        whole = state_filter.is_full() or state_filter.has_wildcards()
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
         for snapshot_nid in set(snapshots.values()):
-            full = self._resolved.get(snapshot_nid)
-            if full is None:
+            resolved = self._resolved.get(snapshot_nid)
+            if resolved is None:
                 todo.append(snapshot_nid)
-            elif concrete:
-                by_snapshot[snapshot_nid] = {
-                    key: full[key] for key in state_filter.concrete_types() if key in full
-                }
             else:
-                by_snapshot[snapshot_nid] = state_filter.filter_state(full)
+                by_snapshot[snapshot_nid] = resolved.filter(state_filter)
         if todo:
             learnt = _TxnCaches()
             block_lists = self._snapshots_txn(txn, learnt, todo)
@@ -729,24 +768,23 @@ class NidStore:
             if txn is not None:
                 # Caching what a read loaded is safe: blocks and snapshots never change.
                 txn.call_after(self._publish, learnt)
-            if concrete:
-                nid_filter = self._nid_filter_read(txn, state_filter)
-                keys = nid_filter.concrete_keys() or []
-                nid_states = {
-                    s: algebra.lookup([blocks[b] for b in block_lists[s]], keys) for s in todo
-                }
-            else:
+            if whole:
                 nid_states = {
                     s: algebra.resolve(blocks[b] for b in block_lists[s]) for s in todo
                 }
-            as_strings = self._to_strings(txn, nid_states)
-            for snapshot_nid, state in as_strings.items():
-                if concrete:
-                    by_snapshot[snapshot_nid] = state
-                else:
+            else:
+                nid_filter = self._nid_filter_read(txn, state_filter)
+                nid_states = {
+                    s: nid_filter.apply([blocks[b] for b in block_lists[s]]) for s in todo
+                }
+            for snapshot_nid, state in self._to_strings(txn, nid_states).items():
+                if whole:
+                    resolved = ResolvedState(state)
                     if txn is not None:
-                        txn.call_after(self._resolved.set, snapshot_nid, state)
-                    by_snapshot[snapshot_nid] = state_filter.filter_state(state)
+                        txn.call_after(self._resolved.set, snapshot_nid, resolved)
+                    by_snapshot[snapshot_nid] = resolved.filter(state_filter)
+                else:
+                    by_snapshot[snapshot_nid] = state
         return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
 
     def _to_strings(

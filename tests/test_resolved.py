@@ -1,0 +1,49 @@
+"""ResolvedState.filter answers exactly as Synapse's StateFilter.filter_state."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synapse.types.state import StateFilter
+from twisted.trial import unittest
+
+from synapse_nidstate.storage import ResolvedState
+
+TYPES = ["m.room.member", "m.room.name", "m.room.topic", "m.room.create", "x.custom"]
+KEYS = ["", "@a:hs", "@b:hs", "@c:hs", "k"]
+
+states = st.dictionaries(
+    st.tuples(st.sampled_from(TYPES), st.sampled_from(KEYS)),
+    st.text(alphabet="$abcdef", min_size=2, max_size=6),
+    max_size=25,
+)
+filters = st.builds(
+    StateFilter.freeze,
+    st.dictionaries(
+        st.sampled_from(TYPES + ["m.unknown"]),
+        st.one_of(st.none(), st.frozensets(st.sampled_from(KEYS + ["@zz:hs"]), max_size=3)),
+        max_size=4,
+    ),
+    st.booleans(),
+)
+
+
+class ResolvedStateTests(unittest.TestCase):
+    @settings(max_examples=500, deadline=None, derandomize=True, database=None)
+    @given(state=states, state_filter=filters)
+    def test_filter_equals_synapse(self, state, state_filter) -> None:
+        resolved = ResolvedState(dict(state))
+        self.assertEqual(resolved.filter(state_filter), state_filter.filter_state(state))
+        # A copy: the cached state is never handed out.
+        out = resolved.filter(state_filter)
+        out[("mutated", "")] = "$x"
+        self.assertNotIn(("mutated", ""), resolved.full)
+
+    def test_named_filters(self) -> None:
+        state = {(t, k): f"${t}{k}" for t in TYPES for k in KEYS}
+        resolved = ResolvedState(state)
+        for state_filter in (
+            StateFilter.all(),
+            StateFilter.none(),
+            StateFilter.from_lazy_load_member_list(["@a:hs", "@nobody:hs"]),
+            StateFilter.from_types([("m.room.member", None), ("m.room.name", "")]),
+        ):
+            self.assertEqual(resolved.filter(state_filter), state_filter.filter_state(state))
