@@ -29,6 +29,7 @@ from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate.lookups import StateLookups
 from synapse_nidstate.mirror import Mirror
+from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -74,3 +75,55 @@ def install_lookups(hs: "HomeServer", lookups: StateLookups) -> None:
     controller = hs.get_storage_controllers().state
     controller.get_state_ids_for_events = lookups.get_state_ids_for_events  # type: ignore[method-assign]
     controller.get_state_for_events = lookups.get_state_for_events  # type: ignore[method-assign]
+
+
+def install_purges(hs: "HomeServer", store: NidStore) -> None:
+    """Follow Synapse's purges, on whichever process runs them.
+
+    * ``PurgeEventsStore._purge_history_txn`` (purge history): in the same
+      transaction, events Synapse no longer maps to a state group lose their
+      snapshot.
+    * ``PurgeEventsStore._purge_room_txn`` (purge/delete room; Synapse runs it
+      twice): in the same transaction, every row of the room goes.
+    * ``StateGroupDataStore.purge_unreferenced_state_groups`` (state database,
+      maybe another one): afterwards, the mapping of the groups it deleted goes.
+    """
+    main = hs.get_datastores().main
+    state = hs.get_datastores().state
+    purge_history_txn = main._purge_history_txn
+    purge_room_txn = main._purge_room_txn
+    purge_groups = state.purge_unreferenced_state_groups
+
+    @functools.wraps(purge_history_txn)
+    def _purge_history_txn(
+        txn: LoggingTransaction, room_id: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        result = purge_history_txn(txn, room_id, *args, **kwargs)
+        store.forget_unmapped_events_txn(txn, room_id)
+        return result
+
+    @functools.wraps(purge_room_txn)
+    def _purge_room_txn(txn: LoggingTransaction, room_id: str) -> None:
+        purge_room_txn(txn, room_id)
+        store.purge_room_txn(txn, room_id)
+
+    @functools.wraps(purge_groups)
+    async def purge_unreferenced_state_groups(
+        room_id: str, state_groups_to_sequence_numbers: Any
+    ) -> bool:
+        deleted_any = await purge_groups(room_id, state_groups_to_sequence_numbers)
+        if deleted_any:
+            candidates = list(state_groups_to_sequence_numbers)
+            existing = await state.db_pool.simple_select_many_batch(
+                "state_groups", "id", candidates, ("id",), desc="nidstate_existing_groups"
+            )
+            gone = set(candidates) - {row[0] for row in existing}
+            if gone:
+                await store.db_pool.runInteraction(
+                    "nidstate_forget_state_groups", store.forget_state_groups_txn, gone
+                )
+        return deleted_any
+
+    main._purge_history_txn = _purge_history_txn  # type: ignore[method-assign]
+    main._purge_room_txn = _purge_room_txn  # type: ignore[method-assign]
+    state.purge_unreferenced_state_groups = purge_unreferenced_state_groups  # type: ignore[method-assign]

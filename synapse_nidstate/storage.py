@@ -647,6 +647,67 @@ class NidStore:
             updates,
         )
 
+    # ---------------------------------------------------------------- purges
+
+    def _room_nid_txn(self, txn: LoggingTransaction, room_id: str) -> int | None:
+        txn.execute("SELECT room_nid FROM nidstate_rooms WHERE room_id = ?", (room_id,))
+        row = txn.fetchone()
+        return row[0] if row else None
+
+    def forget_unmapped_events_txn(self, txn: LoggingTransaction, room_id: str) -> int:
+        """After Synapse purged history: no snapshot for what it no longer maps.
+
+        Synapse deletes the ``event_to_state_groups`` rows of every purged event
+        (deleted ones, and state events it keeps as outliers); the mirror then
+        must not answer for them either. Their rows stay (without a snapshot):
+        blocks of the events that remain may still name them. Idempotent.
+        """
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return 0
+        txn.execute(
+            "SELECT event_id FROM nidstate_events AS n"
+            " WHERE n.room_nid = ? AND n.snapshot_nid IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM event_to_state_groups AS esg WHERE esg.event_id = n.event_id)",
+            (room_nid,),
+        )
+        event_ids = [row[0] for row in txn.fetchall()]
+        for chunk in batch_iter(event_ids, _CHUNK):
+            clause, args = make_in_list_sql_clause(self.engine, "event_id", chunk)
+            txn.execute(f"UPDATE nidstate_events SET snapshot_nid = NULL WHERE {clause}", args)
+        txn.call_after(self._forget_events, event_ids)
+        return len(event_ids)
+
+    def _forget_events(self, event_ids: Iterable[str]) -> None:
+        for event_id in event_ids:
+            self._event_snapshots.invalidate(event_id)
+
+    def purge_room_txn(self, txn: LoggingTransaction, room_id: str) -> None:
+        """Delete every row of a room Synapse purges (idempotent: it runs twice)."""
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return
+        txn.execute(
+            "DELETE FROM nidstate_state_groups WHERE snapshot_nid IN"
+            " (SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?)",
+            (room_nid,),
+        )
+        for table in ("nidstate_snapshots", "nidstate_blocks", "nidstate_events", "nidstate_rooms"):
+            txn.execute(f"DELETE FROM {table} WHERE room_nid = ?", (room_nid,))
+        # A purge is rare: forget every cached value rather than track the room's.
+        txn.call_after(self.clear_caches)
+
+    def forget_state_groups_txn(self, txn: LoggingTransaction, groups: Collection[int]) -> None:
+        """Drop the mapping of state groups Synapse deleted."""
+        for chunk in batch_iter(groups, _CHUNK):
+            clause, args = make_in_list_sql_clause(self.engine, "state_group", chunk)
+            txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
+        txn.call_after(self._forget_groups, list(groups))
+
+    def _forget_groups(self, groups: Iterable[int]) -> None:
+        for group in groups:
+            self._group_snapshots.invalidate(group)
+
     # ---------------------------------------------------------------- lookups
     #
     # Every read helper takes ``txn=None`` to read the caches only: a miss then

@@ -1,0 +1,98 @@
+"""Purges and room deletion: the mirror follows Synapse and leaves no orphan rows."""
+
+from typing import Any
+
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.verify import find_orphans
+from tests.harness import HomeserverTestCase, in_logcontext
+from tests.scenarios import build_history, room_event_ids
+
+
+async def _answers(module: Any, event_ids: list[str]) -> tuple[dict, dict]:
+    """Synapse's answer for each event it still has state for, and the mirror's."""
+    native = {}
+    for event_id in event_ids:
+        try:
+            native.update(await module.lookups.native_state_ids([event_id], StateFilter.all()))
+        except Exception:
+            pass  # purged: Synapse has no state for it any more
+    mirrored = await module.lookups.mirrored_state_ids(event_ids, StateFilter.all())
+    return native, mirrored
+
+
+class PurgeTests:
+    @in_logcontext
+    async def test_purge_history_then_unreferenced_groups(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs, messages_per_room=6)
+        module = self.module(hs)
+        room_id = history.rooms[0]
+        event_ids, _ = await room_event_ids(hs, room_id)
+        store = hs.get_datastores().main
+        cut = event_ids[len(event_ids) * 2 // 3]
+        token = await (await store.get_topological_token_for_event(cut)).to_string(store)
+
+        purge = hs.get_storage_controllers().purge_events
+        await purge.purge_history(room_id, token, True)
+
+        native, mirrored = await _answers(module, event_ids)
+        self.assertLess(len(native), len(event_ids))  # something was purged
+        self.assertEqual(mirrored, native)
+        self.assertEqual((await find_orphans(hs)).count, 0)
+
+        # Synapse deletes the unreferenced state groups later; so does the mirror.
+        state = hs.get_datastores().state
+        groups_before = await state.db_pool.simple_select_onecol(
+            "state_groups", {"room_id": room_id}, "id"
+        )
+        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = 0
+        await purge._delete_state_groups_loop()
+        groups_after = await state.db_pool.simple_select_onecol(
+            "state_groups", {"room_id": room_id}, "id"
+        )
+        self.assertLess(len(groups_after), len(groups_before))
+        orphans = await find_orphans(hs)
+        self.assertEqual(orphans.count, 0, orphans)
+        # What remains is still answered exactly.
+        native, mirrored = await _answers(module, event_ids)
+        self.assertEqual(mirrored, native)
+
+    @in_logcontext
+    async def test_purge_room(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs, messages_per_room=2)
+        module = self.module(hs)
+        gone, kept = history.rooms[1], history.rooms[0]
+        gone_events, _ = await room_event_ids(hs, gone)
+        kept_events, _ = await room_event_ids(hs, kept)
+        purge = hs.get_storage_controllers().purge_events
+        await purge.purge_room(gone)
+        await purge.purge_room(gone)  # idempotent, as Synapse's own steps are
+
+        def rows_txn(txn: Any) -> int:
+            txn.execute(
+                "SELECT COUNT(*) FROM nidstate_rooms WHERE room_id = ?", (gone,)
+            )
+            return txn.fetchone()[0]
+
+        self.assertEqual(await module.store.db_pool.runInteraction("t", rows_txn), 0)
+        self.assertEqual(
+            await module.lookups.mirrored_state_ids(gone_events, StateFilter.all()), {}
+        )
+        # Synapse has no state for them any more, and raises as it does for
+        # unknown events; the mirror does not answer in its place.
+        with self.assertRaises((KeyError, RuntimeError)):
+            await hs.get_storage_controllers().state.get_state_ids_for_events(gone_events[:1])
+        self.assertEqual((await find_orphans(hs)).count, 0)
+        native, mirrored = await _answers(module, kept_events)
+        self.assertEqual(mirrored, native)
+        self.assertEqual(len(mirrored), len(kept_events))
+
+
+class SqlitePurgeTests(PurgeTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresPurgeTests(PurgeTests, HomeserverTestCase):
+    engine = "postgres"
