@@ -732,17 +732,32 @@ class NidStore:
         return found
 
     def _event_snapshots_read(
-        self, txn: LoggingTransaction | None, event_ids: Collection[str]
+        self,
+        txn: LoggingTransaction | None,
+        event_ids: Collection[str],
+        learnt: _TxnCaches,
     ) -> dict[str, int]:
-        """Snapshot of each event that has one (an event without one is left out)."""
-        return self._select_or_miss(
-            txn,
-            self._event_snapshots,
-            event_ids,
-            "SELECT event_id, snapshot_nid FROM nidstate_events"
-            " WHERE snapshot_nid IS NOT NULL AND",
-            "event_id",
-        )
+        """Snapshot of each event that has one (an event without one is left out).
+
+        The snapshots' block lists come in the same query (into ``learnt``).
+        """
+        found, missing = self._split_cached(self._event_snapshots, event_ids)
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            rows = self._select_in_txn(
+                txn,
+                "SELECT e.event_id, e.snapshot_nid, s.block_nids FROM nidstate_events AS e"
+                " JOIN nidstate_snapshots AS s ON s.snapshot_nid = e.snapshot_nid WHERE",
+                "e.event_id",
+                missing,
+            )
+            pairs = [(event_id, snapshot_nid) for event_id, snapshot_nid, _ in rows]
+            found.update(pairs)
+            txn.call_after(self._fill, self._event_snapshots, pairs)
+            for _, snapshot_nid, block_nids in rows:
+                learnt.snapshots[snapshot_nid] = algebra.unpack_nids(block_nids)
+        return found
 
     def _nid_strings_read(
         self, txn: LoggingTransaction | None, table: _StringTable, nids: Collection[int]
@@ -805,7 +820,8 @@ class NidStore:
         whole state once, keeps it as strings in the resolved-state cache and
         filters it with ``StateFilter.filter_state``, as Synapse does.
         """
-        snapshots = self._event_snapshots_read(txn, event_ids)
+        learnt = _TxnCaches()
+        snapshots = self._event_snapshots_read(txn, event_ids, learnt)
         if not snapshots:
             return {}
         # Filters that need most of the state (full, wildcards) resolve it all
@@ -821,7 +837,6 @@ class NidStore:
             else:
                 by_snapshot[snapshot_nid] = resolved.filter(state_filter)
         if todo:
-            learnt = _TxnCaches()
             block_lists = self._snapshots_txn(txn, learnt, todo)
             blocks = self._blocks_txn(
                 txn, learnt, {b for nids in block_lists.values() for b in nids}
@@ -851,14 +866,11 @@ class NidStore:
     def _to_strings(
         self, txn: LoggingTransaction | None, nid_states: Mapping[int, NidStateMap]
     ) -> dict[int, dict[tuple[str, str], str]]:
-        type_strings = self._nid_strings_read(
-            txn, TYPES, {t for m in nid_states.values() for t, _ in m}
-        )
-        key_strings = self._nid_strings_read(
-            txn, STATE_KEYS, {s for m in nid_states.values() for _, s in m}
-        )
-        event_strings = self._event_ids_read(
-            txn, {e for m in nid_states.values() for e in m.values()}
+        type_strings, key_strings, event_strings = self._strings_of_nids_read(
+            txn,
+            {t for m in nid_states.values() for t, _ in m},
+            {s for m in nid_states.values() for _, s in m},
+            {e for m in nid_states.values() for e in m.values()},
         )
         return {
             snapshot_nid: {
@@ -868,15 +880,94 @@ class NidStore:
             for snapshot_nid, state in nid_states.items()
         }
 
+    def _strings_of_nids_read(
+        self,
+        txn: LoggingTransaction | None,
+        type_nids: Collection[int],
+        key_nids: Collection[int],
+        event_nids: Collection[int],
+    ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """The strings of type, state key and event NIDs, in one query for all misses."""
+        caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
+        found: list[dict[int, str]] = []
+        missing: list[list[int]] = []
+        for cache, nids in zip(caches, (type_nids, key_nids, event_nids)):
+            hit, miss = self._split_cached(cache, nids)
+            found.append(hit)
+            missing.append(miss)
+        if any(missing):
+            if txn is None:
+                raise CacheMiss()
+            if sum(map(len, missing)) > _CHUNK and not self.engine.supports_using_any_list:
+                # SQLite's bound on variables: one query per table, chunked.
+                found[0].update(self._nid_strings_read(txn, TYPES, missing[0]))
+                found[1].update(self._nid_strings_read(txn, STATE_KEYS, missing[1]))
+                found[2].update(self._event_ids_read(txn, missing[2]))
+            else:
+                parts, args = [], []
+                for kind, (table, nid_column, column) in enumerate(
+                    (
+                        ("nidstate_event_types", "type_nid", "event_type"),
+                        ("nidstate_state_keys", "state_key_nid", "state_key"),
+                        ("nidstate_events", "event_nid", "event_id"),
+                    )
+                ):
+                    if missing[kind]:
+                        clause, clause_args = make_in_list_sql_clause(
+                            self.engine, nid_column, missing[kind]
+                        )
+                        parts.append(
+                            f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
+                        )
+                        args.extend(clause_args)
+                txn.execute(" UNION ALL ".join(parts), args)
+                rows: list[list[tuple[int, str]]] = [[], [], []]
+                for kind, nid, string in txn.fetchall():
+                    rows[kind].append((nid, string))
+                for kind, cache in enumerate(caches):
+                    found[kind].update(rows[kind])
+                    txn.call_after(self._fill, cache, rows[kind])
+        return found[0], found[1], found[2]
+
     def _nid_filter_read(
         self, txn: LoggingTransaction | None, state_filter: StateFilter
     ) -> algebra.NidFilter:
         """The filter in NIDs; strings that have no NID cannot match and are dropped."""
         types = state_filter.types
-        type_nids = self._string_nids_read(txn, TYPES, list(types))
-        key_nids = self._string_nids_read(
-            txn, STATE_KEYS, {k for keys in types.values() if keys for k in keys}
+        type_nids, type_missing = self._split_cached(self._string_nids[TYPES], types)
+        key_nids, key_missing = self._split_cached(
+            self._string_nids[STATE_KEYS], {k for keys in types.values() if keys for k in keys}
         )
+        if (type_missing or key_missing) and (
+            len(type_missing) + len(key_missing) > _CHUNK
+            and not self.engine.supports_using_any_list
+        ):
+            # SQLite's bound on variables: one query per table, chunked.
+            type_nids.update(self._string_nids_read(txn, TYPES, type_missing))
+            key_nids.update(self._string_nids_read(txn, STATE_KEYS, key_missing))
+        elif type_missing or key_missing:
+            if txn is None:
+                raise CacheMiss()
+            # One query for both tables (a read never creates a NID).
+            type_clause, type_args = make_in_list_sql_clause(
+                self.engine, "event_type", type_missing
+            )
+            key_clause, key_args = make_in_list_sql_clause(
+                self.engine, "state_key", key_missing
+            )
+            txn.execute(
+                f"SELECT 0, event_type, type_nid FROM nidstate_event_types WHERE {type_clause}"
+                " UNION ALL"
+                f" SELECT 1, state_key, state_key_nid FROM nidstate_state_keys WHERE {key_clause}",
+                (*type_args, *key_args),
+            )
+            rows: list[list[tuple[str, int]]] = [[], []]
+            for kind, string, nid in txn.fetchall():
+                rows[kind].append((string, nid))
+            type_nids.update(rows[0])
+            key_nids.update(rows[1])
+            txn.call_after(self._fill, self._string_nids[TYPES], rows[0])
+            txn.call_after(self._fill, self._string_nids[STATE_KEYS], rows[1])
         nid_types: dict[int, frozenset[int] | None] = {}
         for event_type, keys in types.items():
             if event_type not in type_nids:
