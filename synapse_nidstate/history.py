@@ -17,6 +17,20 @@ from synapse.server import HomeServer
 from synapse.types import Requester, UserID, create_requester
 
 
+def _event_dict(
+    sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
+) -> dict[str, Any]:
+    event_dict: dict[str, Any] = {
+        "type": event_type,
+        "room_id": room_id,
+        "sender": sender,
+        "content": content,
+    }
+    if state_key is not None:
+        event_dict["state_key"] = state_key
+    return event_dict
+
+
 class Driver:
     """Writes room histories as a client (through Synapse's handlers) would."""
 
@@ -63,17 +77,9 @@ class Driver:
         state_key: str | None = None,
         prev_event_ids: list[str] | None = None,
     ) -> EventBase:
-        event_dict: dict[str, Any] = {
-            "type": event_type,
-            "room_id": room_id,
-            "sender": sender,
-            "content": content,
-        }
-        if state_key is not None:
-            event_dict["state_key"] = state_key
         event, _ = await self.creator.create_and_send_nonmember_event(
             self.requester(sender),
-            event_dict,
+            _event_dict(sender, room_id, event_type, content, state_key),
             prev_event_ids=prev_event_ids,
             ratelimit=False,
         )
@@ -87,16 +93,9 @@ class Driver:
     async def _build(
         self, sender: str, room_id: str, event_type: str, content: dict, state_key: str | None
     ) -> tuple[EventBase, EventContext]:
-        event_dict: dict[str, Any] = {
-            "type": event_type,
-            "room_id": room_id,
-            "sender": sender,
-            "content": content,
-        }
-        if state_key is not None:
-            event_dict["state_key"] = state_key
         event, unpersisted = await self.creator.create_event(
-            self.requester(sender), event_dict
+            self.requester(sender),
+            _event_dict(sender, room_id, event_type, content, state_key),
         )
         context = await unpersisted.persist(event)
         return event, context

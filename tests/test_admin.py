@@ -8,8 +8,6 @@ without a token, with a bad token, as the normal user and as the admin.
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
@@ -18,38 +16,9 @@ from twisted.trial import unittest
 
 from synapse_nidstate.admin import STATUS_PATH
 from synapse_nidstate.metrics import LookupStats, MigrationStats, MirrorStats
-from tests.test_e2e import PASSWORD, SCRIPT_TIMEOUT, SynapseProcess, q
+from tests.test_e2e import PASSWORD, SynapseProcess, q
 
 MODE = "serve"
-
-
-def register(server: SynapseProcess, localpart: str, admin: bool) -> None:
-    """Shared-secret registration, as SynapseProcess.register but optionally as an admin."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "synapse._scripts.register_new_matrix_user",
-            "-c",
-            server.config_path,
-            "-u",
-            localpart,
-            "-p",
-            PASSWORD,
-            "--admin" if admin else "--no-admin",
-            server.base_url,
-        ],
-        cwd=server.data_dir,
-        env=server.env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=SCRIPT_TIMEOUT,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"register_new_matrix_user {localpart} exited with {result.returncode}:\n"
-            f"{result.stdout.decode(errors='replace')}{result.stderr.decode(errors='replace')}"
-        )
 
 
 def login(server: SynapseProcess, localpart: str) -> str:
@@ -84,8 +53,8 @@ class StatusEndpointTest(unittest.TestCase):
 
     def test_status_is_admin_only(self) -> None:
         server = self.server
-        register(server, "admin", admin=True)
-        register(server, "user", admin=False)
+        server.register("admin", admin=True)
+        server.register("user")
         admin_token = login(server, "admin")
         user_token = login(server, "user")
 

@@ -213,14 +213,15 @@ class SynapseProcess:
             parts.append(f"--- {path} ---\n{''.join(tail)}")
         return "\n".join(parts)
 
-    def register(self, localpart: str) -> None:
+    def register(self, localpart: str, admin: bool = False) -> None:
+        """Shared-secret registration with Synapse's own script."""
         result = subprocess.run(
             [
                 sys.executable, "-m", "synapse._scripts.register_new_matrix_user",
                 "-c", self.config_path,
                 "-u", localpart,
                 "-p", PASSWORD,
-                "--no-admin",
+                "--admin" if admin else "--no-admin",
                 self.base_url,
             ],
             cwd=self.data_dir,
