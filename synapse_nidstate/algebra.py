@@ -206,6 +206,8 @@ class SnapshotPlan:
 
     ``base`` is the NIDs of the blocks kept from the parent snapshot (a prefix of
     the new snapshot); ``blocks`` are the new blocks appended after them.
+    ``compacted``: the whole state was cut into full-state blocks (a full state
+    with no parent, or a parent at the 64-block limit).
     """
 
     base: tuple[int, ...]

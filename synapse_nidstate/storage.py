@@ -574,8 +574,8 @@ class NidStore:
                     (t, s, e) for (t, s), e in convert(step.delta).items()
                 )
                 plan = algebra.extend(parent_blocks, change, parent_state)
-            if plan.compacted:
-                stats.compactions += 1
+            if plan.compacted and step.full_state is None:
+                stats.compactions += 1  # a delta on a parent at the 64-block limit
             new_nids = self._store_blocks_txn(txn, learnt, room_nid, plan.blocks)
             snapshot_nid = self._store_snapshot_txn(
                 txn, learnt, room_nid, plan.base + tuple(new_nids)
