@@ -181,6 +181,22 @@ class MirrorTests:
 
 
     @in_logcontext
+    async def test_long_state_chain_compacts(self) -> None:
+        # More state changes than a snapshot holds blocks: the mirror compacts
+        # at the 64-block limit, and every answer stays exact.
+        hs = await self.make_homeserver({"mode": "serve"})
+        d = Driver(hs)
+        alice = await d.register("alice")
+        room_id = await d.create_room(alice, "private_chat")
+        for i in range(75):
+            await d.send(alice, room_id, EventTypes.Topic, {"topic": f"topic {i}"}, "")
+            if i % 10 == 0:
+                await d.message(alice, room_id, f"message {i}")
+        stats = self.module(hs).stats.mirror
+        self.assertGreaterEqual(stats.compactions, 1)
+        await compare_room(self, hs, room_id, filters_for(hs, [alice, alice, alice]))
+
+    @in_logcontext
     async def test_warm_lookups_do_not_touch_the_database(self) -> None:
         hs = await self.make_homeserver({"mode": "serve"})
         history = await build_history(hs, messages_per_room=1)
