@@ -827,7 +827,11 @@ class NidStore:
         # Filters that need most of the state (full, wildcards) resolve it all
         # and keep it; narrower ones (concrete keys, lazy-loaded members)
         # resolve in NIDs and turn only what they keep into strings.
-        whole = state_filter.is_full() or state_filter.has_wildcards()
+        # (StateFilter.has_wildcards() also counts include_others: not used here,
+        # so that lazy-loading members stays on the narrow path.)
+        whole = state_filter.is_full() or any(
+            state_keys is None for state_keys in state_filter.types.values()
+        )
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
         for snapshot_nid in set(snapshots.values()):
@@ -856,7 +860,9 @@ class NidStore:
             for snapshot_nid, state in self._to_strings(txn, nid_states).items():
                 if whole:
                     resolved = ResolvedState(state)
-                    if txn is not None:
+                    if txn is None:  # built from the caches: committed data only
+                        self._resolved.set(snapshot_nid, resolved)
+                    else:
                         txn.call_after(self._resolved.set, snapshot_nid, resolved)
                     by_snapshot[snapshot_nid] = resolved.filter(state_filter)
                 else:

@@ -210,7 +210,7 @@ class MirrorTests:
 
         def counting(desc, func, *args, **kwargs):  # type: ignore[no-untyped-def]
             if desc.startswith("nidstate_get_state"):
-                reads.append(desc)
+                reads.append(f"{desc} {args[1]}")  # the filter
             return original(desc, func, *args, **kwargs)
 
         db_pool.runInteraction = counting  # type: ignore[method-assign]
