@@ -57,6 +57,8 @@ class BatchPlan:
     """What :meth:`Mirror.prepare` found for one batch, used by the transaction."""
 
     steps: list[GroupStep]
+    #: The batch's events: a transaction for other events never uses this plan.
+    event_ids: frozenset[str] = frozenset()
     scope: WriteScope = attr.Factory(WriteScope)
 
 
@@ -145,9 +147,11 @@ class Mirror:
         On an error the plan is empty: the events are still recorded, without
         a snapshot, and their lookups fall back to Synapse.
         """
+        events_and_contexts = list(events_and_contexts)
         try:
             with self._plan_seconds.time():
-                return await self._prepare(events_and_contexts)
+                steps = await self._prepare(events_and_contexts)
+            return BatchPlan(steps, frozenset(e.event_id for e, _ in events_and_contexts))
         except Exception:
             logger.exception("synapse-nidstate: could not plan snapshots for %s", room_id)
             self.stats.plan_failures += 1
@@ -155,7 +159,7 @@ class Mirror:
 
     async def _prepare(
         self, events_and_contexts: Iterable[tuple[EventBase, EventContext]]
-    ) -> BatchPlan:
+    ) -> list[GroupStep]:
         """The batch's state groups and the deltas its contexts carry, planned."""
         needed: set[int] = set()
         hints: dict[int, tuple[int, StateMap[str]]] = {}
@@ -168,7 +172,7 @@ class Mirror:
                 if prev_group != to_group:
                     hints[to_group] = (prev_group, delta)
         steps = await self.planner.plan(needed, hints)
-        return BatchPlan([await self.planner.with_full_state(s) for s in steps])
+        return [await self.planner.with_full_state(s) for s in steps]
 
     def begin_batch(self, room_id: str, plan: BatchPlan) -> bool:
         if room_id in self._plans:
@@ -201,7 +205,8 @@ class Mirror:
             return
         room_id = events_and_contexts[0][0].room_id
         plan = self._plans.get(room_id)
-        if plan is None:
+        if plan is None or any(e.event_id not in plan.event_ids for e, _ in events_and_contexts):
+            # Not the batch that was planned: no steps, and a scope of its own.
             plan = BatchPlan([])
         rows = [
             EventRow(
