@@ -53,10 +53,6 @@ def schema_files(engine: BaseDatabaseEngine) -> list[tuple[int, Path]]:
     return sorted(files)
 
 
-def latest_version(engine: BaseDatabaseEngine) -> int:
-    return schema_files(engine)[-1][0]
-
-
 def current_version_txn(txn: LoggingTransaction) -> int:
     """The applied schema version, 0 if the module's tables do not exist."""
     if isinstance(txn.database_engine, PostgresEngine):
