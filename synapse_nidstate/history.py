@@ -185,6 +185,31 @@ class HistoryWriter:
                 self.members[room_id].add(user)
                 self._tick(progress)
 
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs to go on writing after a restart (JSON-safe)."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "shape": attr.asdict(self.shape),
+            "user_prefix": self.user_prefix,
+            "users": self.users,
+            "rooms": self.rooms,
+            "members": {room: sorted(users) for room, users in self.members.items()},
+            "sent": self.sent,
+            "rng": [version, list(internal), gauss],
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> "HistoryWriter":
+        """A writer that goes on where the one whose :meth:`state` this is stopped."""
+        writer = cls(HistoryShape(**state["shape"]), state["user_prefix"])
+        writer.users = list(state["users"])
+        writer.rooms = list(state["rooms"])
+        writer.members = {room: set(users) for room, users in state["members"].items()}
+        writer.sent = state["sent"]
+        version, internal, gauss = state["rng"]
+        writer.rng.setstate((version, tuple(internal), gauss))
+        return writer
+
     def _tick(self, progress: Callable[[int], None] | None, n: int = 1) -> None:
         self.sent += n
         if progress is not None:

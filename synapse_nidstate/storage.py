@@ -190,14 +190,19 @@ class NidStore:
         clock = hs.get_clock()
         name = hs.hostname
 
+        #: Every in-process cache of the module, by its metrics name.
+        self.named_caches: dict[str, LruCache] = {}
+
         def cache(cache_name: str, size: int, **kwargs: Any) -> LruCache:
-            return LruCache(
+            full_name = f"nidstate_{cache_name}"
+            self.named_caches[full_name] = LruCache(
                 max_size=size,
                 clock=clock,
                 server_name=name,
-                cache_name=f"nidstate_{cache_name}",
+                cache_name=full_name,
                 **kwargs,
             )
+            return self.named_caches[full_name]
 
         strings = config.string_cache_size
         self._string_nids: dict[_StringTable, LruCache[str, int]] = {
@@ -229,17 +234,7 @@ class NidStore:
 
     def caches(self) -> list[LruCache]:
         """Every in-process cache of the module (for metrics, benchmarks and tests)."""
-        return [
-            *self._string_nids.values(),
-            *self._nid_strings.values(),
-            self._event_nids,
-            self._event_ids,
-            self._group_snapshots,
-            self._event_snapshots,
-            self._snapshot_blocks,
-            self._blocks,
-            self._resolved,
-        ]
+        return list(self.named_caches.values())
 
     def clear_caches(self) -> None:
         for cache in self.caches():

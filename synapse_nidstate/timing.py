@@ -59,6 +59,13 @@ def lookup_filters(member: str, other_members: list[str]) -> dict[str, StateFilt
     }
 
 
+def visibility_filter(member: str) -> StateFilter:
+    """What /messages asks for a page of events: history visibility and the member."""
+    return StateFilter.from_types(
+        [(EventTypes.RoomHistoryVisibility, ""), (EventTypes.Member, member)]
+    )
+
+
 async def time_lookups(
     hs: HomeServer,
     lookups: StateLookups,
@@ -86,10 +93,7 @@ async def time_lookups(
 
     results = []
     filters = lookup_filters(member, other_members)
-    # What /messages asks for a page: visibility of `batch` events at once.
-    visibility = StateFilter.from_types(
-        [(EventTypes.RoomHistoryVisibility, ""), (EventTypes.Member, member)]
-    )
+    visibility = visibility_filter(member)
     cases: list[tuple[str, StateFilter, list[list[str]]]] = [
         (name, state_filter, [[e] for e in event_ids]) for name, state_filter in filters.items()
     ]

@@ -129,6 +129,15 @@ async def _count_events_with_state(hs: "HomeServer", room_id: str | None) -> int
     )
 
 
+def drop_tables_txn(txn: LoggingTransaction) -> None:
+    """Remove every table (and sequence) of the module; Synapse's own are not touched."""
+    for table in TABLES:
+        txn.execute(f"DROP TABLE IF EXISTS {table}")
+    if isinstance(txn.database_engine, PostgresEngine):
+        txn.execute("DROP SEQUENCE IF EXISTS nidstate_event_types_seq")
+        txn.execute("DROP SEQUENCE IF EXISTS nidstate_state_keys_seq")
+
+
 async def drop(hs: "HomeServer", args: argparse.Namespace) -> int:
     db_pool = hs.get_datastores().main.db_pool
     if await db_pool.runInteraction("nidstate_schema_version", current_version_txn) == 0:
@@ -146,14 +155,7 @@ async def drop(hs: "HomeServer", args: argparse.Namespace) -> int:
             print("nothing dropped")
             return 1
 
-    def drop_txn(txn: LoggingTransaction) -> None:
-        for table in TABLES:
-            txn.execute(f"DROP TABLE IF EXISTS {table}")
-        if isinstance(txn.database_engine, PostgresEngine):
-            txn.execute("DROP SEQUENCE IF EXISTS nidstate_event_types_seq")
-            txn.execute("DROP SEQUENCE IF EXISTS nidstate_state_keys_seq")
-
-    await db_pool.runInteraction("nidstate_drop", drop_txn)
+    await db_pool.runInteraction("nidstate_drop", drop_tables_txn)
     print(
         f"dropped {len(TABLES)} tables. Remove the module from homeserver.yaml, or it "
         "creates them again at the next start (then run migrate to catch up)."

@@ -1,0 +1,693 @@
+"""`python -m benchmarks.run`: Synapse's native state groups against synapse-nidstate.
+
+One run, one process, the same data both ways:
+
+1. a dataset written by a real Synapse with the module off, through its own
+   handlers (the demo's realistic-history generator at a chosen scale); it is
+   kept and reused by later runs of the same scale and engine;
+2. the module's tables dropped, then the whole history migrated (throughput);
+3. persistence: rounds of the same kind of traffic sent with the module off,
+   then on (mode serve), Synapse restarted between them;
+4. the answers of both paths compared on every event timed (they must agree);
+5. state-at-event lookups timed both ways, cold and warm, p50 and p95, and the
+   database statements and transactions one batch of 100 events costs;
+6. the storage of both (the server's own size functions) and the memory of the
+   caches that hold state in each.
+
+It prints markdown tables; ``--json FILE`` writes every figure with its unit.
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attr
+import synapse
+from synapse.server import HomeServer
+from synapse.storage.database import DatabasePool, LoggingTransaction
+from synapse.types.state import StateFilter
+from synapse.util.caches.lrucache import LruCache, _get_size_of
+
+from synapse_nidstate.cli import Progress, _table
+from synapse_nidstate.history import HistoryShape, HistoryWriter
+from synapse_nidstate.inprocess import (
+    homeserver_config,
+    postgres_database,
+    run_in_reactor,
+    sqlite_database,
+    start_homeserver,
+    stop_homeserver,
+)
+from synapse_nidstate.lookups import StateLookups
+from synapse_nidstate.module import NidStateModule, module_for
+from synapse_nidstate.stats import StorageReport, report_as_json, storage_report
+from synapse_nidstate.timing import Timing, clear_state_caches, time_lookups, visibility_filter
+from synapse_nidstate.tools import drop_tables_txn
+from synapse_nidstate.verify import compare_with_native, room_events_with_state, standard_filters
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET_VERSION = 1
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Scale:
+    shape: HistoryShape
+    #: Events of the big room whose state is looked up (the most recent ones).
+    lookup_events: int
+    #: Events per lookup batch (what one /messages page asks).
+    batch: int
+    #: Events sent per persistence round, module off and module on.
+    persist_events: int
+    persist_rounds: int
+
+
+def _shape(rooms: int, big: int, events: int, share: float = 0.05) -> HistoryShape:
+    return HistoryShape(
+        rooms=rooms,
+        big_room_members=big,
+        small_room_members=10,
+        events=events,
+        seed=11,
+        big_room_share=share,
+    )
+
+
+SCALES: dict[str, Scale] = {
+    # The test suite's smoke run: seconds.
+    "tiny": Scale(_shape(3, 20, 150, share=0.3), 20, 10, 15, 1),
+    "S": Scale(_shape(10, 1000, 4000), 200, 100, 100, 2),
+    # The default: builds and runs in well under 15 minutes on 2 cores.
+    "M": Scale(_shape(20, 2000, 8000), 300, 100, 150, 2),
+    # The largest: a 20k-member room with churn and many small rooms.
+    "L": Scale(_shape(100, 20000, 60000), 500, 100, 200, 2),
+}
+
+
+def fig(value: float | int | None, unit: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit}
+
+
+# --- counting database work --------------------------------------------------
+
+
+@attr.s(auto_attribs=True)
+class DatabaseWork:
+    statements: int = 0
+    transactions: int = 0
+
+
+@contextmanager
+def count_database_work() -> Iterator[DatabaseWork]:
+    """Count SQL statements and transactions Synapse's database layer runs meanwhile.
+
+    Every statement goes through ``LoggingTransaction._do_execute`` and every
+    transaction through ``DatabasePool.new_transaction``; both are wrapped for
+    the duration only (benchmark instrumentation, never installed by the module).
+    """
+    work = DatabaseWork()
+    do_execute = LoggingTransaction._do_execute
+    new_transaction = DatabasePool.new_transaction
+
+    def counting_execute(self: LoggingTransaction, *args: Any, **kwargs: Any) -> Any:
+        work.statements += 1
+        return do_execute(self, *args, **kwargs)
+
+    def counting_transaction(self: DatabasePool, *args: Any, **kwargs: Any) -> Any:
+        work.transactions += 1
+        return new_transaction(self, *args, **kwargs)
+
+    LoggingTransaction._do_execute = counting_execute  # type: ignore[method-assign]
+    DatabasePool.new_transaction = counting_transaction  # type: ignore[method-assign]
+    try:
+        yield work
+    finally:
+        LoggingTransaction._do_execute = do_execute  # type: ignore[method-assign]
+        DatabasePool.new_transaction = new_transaction  # type: ignore[method-assign]
+
+
+async def batch_work(
+    hs: HomeServer,
+    lookups: StateLookups,
+    call: Callable[[list[str], StateFilter], Awaitable[object]],
+    batches: list[list[str]],
+    state_filter: StateFilter,
+    cold: bool,
+) -> tuple[float, float]:
+    """Mean statements and transactions per batch lookup."""
+    statements = transactions = 0
+    for batch in batches:
+        if cold:
+            clear_state_caches(hs, lookups)
+        else:
+            await call(batch, state_filter)
+        with count_database_work() as work:
+            await call(batch, state_filter)
+        statements += work.statements
+        transactions += work.transactions
+    return statements / len(batches), transactions / len(batches)
+
+
+# --- cache memory ------------------------------------------------------------
+
+
+def lru_memory(cache: LruCache) -> tuple[int, int]:
+    """Entries and bytes of one LruCache: keys and values sized by pympler,
+    with Synapse's own sizing function (the one ``caches.track_memory_usage`` uses)."""
+    nodes = list(cache.cache.values())  # type: ignore[union-attr]  # the introspection dict
+    return len(nodes), sum(_get_size_of(n.key) + _get_size_of(n.value) for n in nodes)
+
+
+def cache_memory(hs: HomeServer, module: NidStateModule) -> dict[str, dict[str, tuple[int, int]]]:
+    state = hs.get_datastores().state
+    main = hs.get_datastores().main
+    native = {
+        "state_group_cache": lru_memory(state._state_group_cache.cache),
+        "state_group_members_cache": lru_memory(state._state_group_members_cache.cache),
+        "_get_state_group_for_event": lru_memory(main._get_state_group_for_event.cache.cache),
+    }
+    ours = {name: lru_memory(cache) for name, cache in module.store.named_caches.items()}
+    return {"native": native, "nid": ours}
+
+
+# --- the dataset -------------------------------------------------------------
+
+
+def prepare_postgres(dsn: str, name: str, fresh: bool) -> str:
+    """The benchmark's own database (created with C collation, as Synapse requires)."""
+    import psycopg2
+    import psycopg2.extensions
+
+    conn = psycopg2.connect(dsn, dbname="postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            if fresh:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(
+                    f"CREATE DATABASE {name} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+                )
+    finally:
+        conn.close()
+    base = {k: v for k, v in psycopg2.extensions.parse_dsn(dsn).items() if k != "dbname"}
+    return " ".join(f"{k}={v}" for k, v in base.items()) + f" dbname={name}"
+
+
+@attr.s(auto_attribs=True)
+class Dataset:
+    data_dir: str
+    database: dict[str, Any]
+    writer: HistoryWriter
+    #: Seconds the history took to write, when this run wrote it.
+    build_seconds: float | None
+    reused: bool
+
+    @property
+    def marker(self) -> str:
+        return os.path.join(self.data_dir, "dataset.json")
+
+    def save(self, meta: dict[str, Any]) -> None:
+        with open(self.marker, "w") as f:
+            json.dump({"version": DATASET_VERSION, **meta, "writer": self.writer.state()}, f)
+
+
+def _marker_matches(path: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = saved.get("version") == DATASET_VERSION and all(
+        saved.get(k) == v for k, v in meta.items()
+    )
+    return saved if same else None
+
+
+async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str, Any]) -> Dataset:
+    data_dir = args.data
+    saved = None if args.rebuild else _marker_matches(os.path.join(data_dir, "dataset.json"), meta)
+    if saved is None and os.path.exists(data_dir):
+        shutil.rmtree(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    if args.engine == "postgres":
+        name = f"nidstate_bench_{args.scale.lower()}"
+        database = postgres_database(prepare_postgres(args.postgres, name, fresh=saved is None))
+    else:
+        database = sqlite_database(data_dir)
+    if saved is not None:
+        writer = HistoryWriter.restore(saved["writer"])
+        return Dataset(data_dir, database, writer, saved.get("build_seconds"), reused=True)
+
+    writer = HistoryWriter(scale.shape)
+    hs = await start_homeserver(homeserver_config(data_dir, database, None), data_dir)
+    try:
+        started = time.monotonic()
+        progress = Progress("dataset: writing history, module off", scale.shape.events, args.progress)
+        await writer.create(hs, progress)
+        await writer.send(hs, scale.shape.events, progress)
+        progress.finish()
+        seconds = time.monotonic() - started
+    finally:
+        await stop_homeserver(hs)
+    dataset = Dataset(data_dir, database, writer, seconds, reused=False)
+    dataset.save({**meta, "build_seconds": seconds})
+    return dataset
+
+
+# --- the run -----------------------------------------------------------------
+
+
+@attr.s(auto_attribs=True)
+class Results:
+    scale: str
+    engine: str
+    dataset: dict[str, Any] = attr.Factory(dict)
+    migration: dict[str, Any] = attr.Factory(dict)
+    persistence: list[dict[str, Any]] = attr.Factory(list)
+    equality: dict[str, Any] = attr.Factory(dict)
+    timings: list[Timing] = attr.Factory(list)
+    queries: list[dict[str, Any]] = attr.Factory(list)
+    storage: StorageReport | None = None
+    memory: dict[str, dict[str, tuple[int, int]]] = attr.Factory(dict)
+
+
+def module_config() -> dict[str, Any]:
+    return {"mode": "serve"}
+
+
+async def send_timed(hs: HomeServer, writer: HistoryWriter, n: int) -> tuple[int, float]:
+    before = writer.sent
+    started = time.perf_counter()
+    await writer.send(hs, writer.sent + n)
+    return writer.sent - before, time.perf_counter() - started
+
+
+async def run_benchmark(args: argparse.Namespace) -> Results:
+    scale = SCALES[args.scale]
+    meta = {"scale": args.scale, "engine": args.engine, "shape": attr.asdict(scale.shape)}
+    dataset = await ensure_dataset(args, scale, meta)
+    writer = dataset.writer
+    results = Results(args.scale, args.engine)
+
+    def config(with_module: bool) -> dict[str, Any]:
+        return homeserver_config(
+            dataset.data_dir, dataset.database, module_config() if with_module else None
+        )
+
+    # A clean start for the module: its tables dropped, so migration covers everything.
+    hs = await start_homeserver(config(False), dataset.data_dir)
+    try:
+        await hs.get_datastores().main.db_pool.runInteraction("bench_drop", drop_tables_txn)
+    finally:
+        await stop_homeserver(hs)
+
+    log(args, "migrating the whole history")
+    hs = await start_homeserver(config(True), dataset.data_dir)
+    try:
+        module = module_for(hs)
+        assert module is not None
+        remaining = await module.migrator.remaining()
+        progress = Progress("migrating", remaining, args.progress)
+        started = time.perf_counter()
+        await module.migrator.run(progress)
+        seconds = time.perf_counter() - started
+        progress.finish()
+        migrated = module.stats.migration.events_migrated
+        results.migration = {"events": migrated, "seconds": seconds, "rate": migrated / seconds}
+    finally:
+        await stop_homeserver(hs)
+
+    for round_ in range(scale.persist_rounds):
+        log(args, f"persistence round {round_ + 1}/{scale.persist_rounds}: module off")
+        hs = await start_homeserver(config(False), dataset.data_dir)
+        try:
+            off = await send_timed(hs, writer, scale.persist_events)
+        finally:
+            await stop_homeserver(hs)
+        log(args, f"persistence round {round_ + 1}/{scale.persist_rounds}: module on (serve)")
+        hs = await start_homeserver(config(True), dataset.data_dir)
+        try:
+            module = module_for(hs)
+            assert module is not None
+            await module.migrator.run()  # the events of the "off" part, not timed
+            on = await send_timed(hs, writer, scale.persist_events)
+        finally:
+            await stop_homeserver(hs)
+        results.persistence.append(
+            {"off_events": off[0], "off_seconds": off[1], "on_events": on[0], "on_seconds": on[1]}
+        )
+    dataset.save({**meta, "build_seconds": dataset.build_seconds})
+
+    hs = await start_homeserver(config(True), dataset.data_dir)
+    try:
+        module = module_for(hs)
+        assert module is not None
+        await module.migrator.run()
+        results.dataset = await describe_dataset(hs, dataset, scale)
+        big_room = writer.rooms[0]
+        events = (await room_events_with_state(hs, big_room))[-scale.lookup_events :]
+        member, others = writer.users[1], writer.users[2:]
+
+        log(args, f"comparing both answers on {len(events)} events")
+        filters = standard_filters(writer.users[1:4])
+        compared = await compare_with_native(module.lookups, events, filters)
+        results.equality = {
+            "events": compared.events,
+            "filters": list(filters),
+            "answers": compared.comparisons,
+            "mismatches": len(compared.mismatches),
+            "not_mirrored": compared.unmirrored,
+        }
+
+        log(args, "timing lookups, cold then warm")
+        for cold in (True, False):
+            results.timings += await time_lookups(
+                hs, module.lookups, events, member, others, cold=cold, batch=scale.batch
+            )
+
+        batches = [events[i : i + scale.batch] for i in range(0, len(events), scale.batch)]
+        batches = [b for b in batches if len(b) == scale.batch] or batches[:1]
+        visibility = visibility_filter(member)
+        for cold in (True, False):
+            native = await batch_work(
+                hs, module.lookups, module.lookups.native_state_ids, batches, visibility, cold
+            )
+            nid = await batch_work(
+                hs, module.lookups, module.lookups.mirrored_state_ids, batches, visibility, cold
+            )
+            results.queries.append(
+                {
+                    "caches": "cold" if cold else "warm",
+                    "batch": len(batches[0]),
+                    "batches": len(batches),
+                    "native_statements": native[0],
+                    "native_transactions": native[1],
+                    "nid_statements": nid[0],
+                    "nid_transactions": nid[1],
+                }
+            )
+
+        # Warm every event's full state both ways, then weigh the caches.
+        await module.lookups.native_state_ids(events, StateFilter.all())
+        await module.lookups.mirrored_state_ids(events, StateFilter.all())
+        results.memory = cache_memory(hs, module)
+        results.storage = await storage_report(hs, top=3)
+    finally:
+        await stop_homeserver(hs)
+    return results
+
+
+async def describe_dataset(hs: HomeServer, dataset: Dataset, scale: Scale) -> dict[str, Any]:
+    def counts_txn(txn: LoggingTransaction) -> dict[str, int]:
+        counts = {}
+        for name, sql in (
+            ("events", "SELECT COUNT(*) FROM events"),
+            ("state_events", "SELECT COUNT(*) FROM state_events"),
+            ("rooms", "SELECT COUNT(*) FROM rooms"),
+            ("state_groups", "SELECT COUNT(*) FROM state_groups"),
+        ):
+            txn.execute(sql)
+            counts[name] = txn.fetchone()[0]  # type: ignore[index]
+        return counts
+
+    counts = await hs.get_datastores().main.db_pool.runInteraction("bench_counts", counts_txn)
+    big_room = dataset.writer.rooms[0]
+    members = await hs.get_datastores().main.get_users_in_room(big_room)
+    return {
+        **counts,
+        "big_room_members_now": len(members),
+        "big_room_members_max": scale.shape.big_room_members + 1,
+        "build_seconds": dataset.build_seconds,
+        "reused": dataset.reused,
+        "data_dir": dataset.data_dir,
+    }
+
+
+# --- presenting --------------------------------------------------------------
+
+
+def log(args: argparse.Namespace, message: str) -> None:
+    if args.progress:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def _x(native: float, nid: float) -> str:
+    return f"{native / nid:.1f}x" if nid else "inf"
+
+
+def markdown(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"Synapse {synapse.__version__}"
+    )
+
+
+def targets(results: Results) -> list[tuple[str, str, str]]:
+    """(target, measured, met?) for the issue's targets."""
+    out = []
+    storage = results.storage
+    if storage is not None and storage.total_bytes_ratio is not None:
+        ratio = storage.total_bytes_ratio
+        out.append(("storage <= 1/10 of Synapse's", f"{ratio:.3f}", "met" if ratio <= 0.1 else "missed"))
+    by_name = {(t.lookup, t.cache): t for t in results.timings}
+    full = by_name.get(("full state", "cold"))
+    if full:
+        out.append(("cold full state >= 10x faster (p50)", f"{full.speedup_p50:.1f}x", "met" if full.speedup_p50 >= 10 else "missed"))
+    one = by_name.get(("one member key", "cold"))
+    if one:
+        out.append(("cold one key >= 20x faster (p50)", f"{one.speedup_p50:.1f}x", "met" if one.speedup_p50 >= 20 else "missed"))
+    warm = [t for t in results.timings if t.cache == "warm"]
+    if warm:
+        slowest = min(warm, key=lambda t: t.speedup_p50)
+        out.append(("warm never slower (p50)", f"worst {slowest.speedup_p50:.1f}x ({slowest.lookup})", "met" if slowest.speedup_p50 >= 1 else "missed"))
+    if results.queries:
+        worst = max(q["nid_statements"] for q in results.queries)
+        out.append(("<= 2 queries per batch", f"{worst:.1f} statements", "met" if worst <= 2 else "missed"))
+    if results.persistence:
+        off = sum(r["off_events"] for r in results.persistence) / sum(r["off_seconds"] for r in results.persistence)
+        on = sum(r["on_events"] for r in results.persistence) / sum(r["on_seconds"] for r in results.persistence)
+        overhead = 1 - on / off
+        out.append(("persistence overhead <= 5%", f"{overhead * 100:.1f}%", "met" if overhead <= 0.05 else "missed"))
+    if results.migration:
+        rate = results.migration["rate"]
+        out.append(("migration >= 10k events/s", f"{rate:,.0f} events/s", "met" if rate >= 10000 else "missed"))
+    return out
+
+
+def report(results: Results, command: str) -> str:
+    d = results.dataset
+    out = [
+        f"# synapse-nidstate benchmark: scale {results.scale}, {results.engine}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
+        f"- command: `{command}`",
+        f"- data: {d['events']:,} events ({d['state_events']:,} state events) in {d['rooms']} rooms, "
+        f"{d['state_groups']:,} state groups, written by Synapse's own handlers with the module off "
+        f"(the demo's history generator, seed {SCALES[results.scale].shape.seed}); the big room peaked at "
+        f"{d['big_room_members_max']:,} members, {d['big_room_members_now']:,} joined now; "
+        + ("reused from an earlier run" if d["reused"] else f"written in {d['build_seconds']:.0f}s by this run"),
+        "",
+        "## Storage (the database's own size functions; bytes include indexes and TOAST)",
+        "",
+    ]
+    s = results.storage
+    assert s is not None
+    out.append(
+        markdown(
+            [
+                ("bytes", f"{s.synapse.total_bytes:,}", f"{s.nidstate.total_bytes:,}", f"{s.total_bytes_ratio:.3f}"),
+                ("state entries", f"{s.synapse.state_entries:,}", f"{s.nidstate.state_entries:,}", ""),
+                (
+                    "bytes per state entry",
+                    f"{s.synapse.bytes_per_state_entry:.1f}",
+                    f"{s.nidstate.bytes_per_state_entry:.1f}",
+                    f"{s.bytes_per_state_entry_ratio:.3f}",
+                ),
+            ],
+            ("", "Synapse (state groups)", "NID (module)", "NID / Synapse"),
+        )
+    )
+    e = results.equality
+    out += [
+        "",
+        f"## State-at-event lookups in the big room ({e['events']} most recent events)",
+        "",
+        f"Both answers compared first: {e['answers']:,} answers ({', '.join(e['filters'])}), "
+        f"**{e['mismatches']} mismatches**, {e['not_mirrored']} not mirrored. "
+        "Cold: every cache of Synapse's state path and of the module emptied before each lookup; "
+        "warm: the same lookup asked once before.",
+        "",
+        markdown(
+            [
+                (
+                    t.lookup, t.cache, str(t.samples), _ms(t.native_p50), _ms(t.nid_p50),
+                    _x(t.native_p50, t.nid_p50), _ms(t.native_p95), _ms(t.nid_p95),
+                    _x(t.native_p95, t.nid_p95),
+                )
+                for t in results.timings
+            ],
+            ("lookup", "caches", "n", "native p50 ms", "NID p50 ms", "speed-up p50",
+             "native p95 ms", "NID p95 ms", "speed-up p95"),
+        ),
+        "",
+        "## Database work per lookup batch (mean over the batches above)",
+        "",
+        markdown(
+            [
+                (
+                    q["caches"], str(q["batch"]), f"{q['native_statements']:.1f}",
+                    f"{q['native_transactions']:.1f}", f"{q['nid_statements']:.1f}",
+                    f"{q['nid_transactions']:.1f}",
+                )
+                for q in results.queries
+            ],
+            ("caches", "events", "native statements", "native transactions",
+             "NID statements", "NID transactions"),
+        ),
+        "",
+        "## Persistence (events/s through Synapse's handlers; the same traffic mix, module off then on)",
+        "",
+    ]
+    rows = []
+    for i, r in enumerate(results.persistence, 1):
+        off, on = r["off_events"] / r["off_seconds"], r["on_events"] / r["on_seconds"]
+        rows.append((str(i), f"{r['off_events']}", f"{off:.1f}", f"{r['on_events']}", f"{on:.1f}", f"{(1 - on / off) * 100:+.1f}%"))
+    out.append(markdown(rows, ("round", "events off", "module off ev/s", "events on", "module serve ev/s", "overhead")))
+    m = results.migration
+    out += [
+        "",
+        f"## Migration: {m['events']:,} events in {m['seconds']:.1f}s, **{m['rate']:,.0f} events/s**",
+        "",
+        "## Cache memory after the lookups (entries; bytes of keys and values by pympler)",
+        "",
+    ]
+    mem_rows = []
+    for side, caches in results.memory.items():
+        for name, (entries, size) in caches.items():
+            mem_rows.append((side, name, f"{entries:,}", f"{size:,}"))
+    for side, caches in results.memory.items():
+        mem_rows.append((side, "**total**", f"{sum(e for e, _ in caches.values()):,}", f"{sum(b for _, b in caches.values()):,}"))
+    out.append(markdown(mem_rows, ("side", "cache", "entries", "bytes")))
+    out += ["", "## Targets (issue 4)", "", markdown(targets(results), ("target", "measured", ""))]
+    return "\n".join(out)
+
+
+def as_json(results: Results, command: str) -> dict[str, Any]:
+    s = results.storage
+    assert s is not None
+    return {
+        "scale": results.scale,
+        "engine": results.engine,
+        "command": command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "dataset": results.dataset,
+        "storage": report_as_json(s),
+        "equality": results.equality,
+        "lookups": [
+            {
+                "lookup": t.lookup,
+                "caches": t.cache,
+                "samples": t.samples,
+                "native_p50": fig(t.native_p50, "s"),
+                "native_p95": fig(t.native_p95, "s"),
+                "nid_p50": fig(t.nid_p50, "s"),
+                "nid_p95": fig(t.nid_p95, "s"),
+                "speedup_p50": fig(t.speedup_p50, "ratio"),
+            }
+            for t in results.timings
+        ],
+        "database_work_per_batch": [
+            {
+                **{k: v for k, v in q.items() if not k.endswith(("statements", "transactions"))},
+                **{k: fig(v, k.rsplit("_", 1)[1]) for k, v in q.items() if k.endswith(("statements", "transactions"))},
+            }
+            for q in results.queries
+        ],
+        "persistence": [
+            {
+                "off_events": fig(r["off_events"], "events"),
+                "off_rate": fig(r["off_events"] / r["off_seconds"], "events/s"),
+                "on_events": fig(r["on_events"], "events"),
+                "on_rate": fig(r["on_events"] / r["on_seconds"], "events/s"),
+            }
+            for r in results.persistence
+        ],
+        "migration": {
+            "events": fig(results.migration["events"], "events"),
+            "seconds": fig(results.migration["seconds"], "s"),
+            "rate": fig(results.migration["rate"], "events/s"),
+        },
+        "cache_memory": {
+            side: {name: {"entries": fig(e, "entries"), "bytes": fig(b, "bytes")} for name, (e, b) in caches.items()}
+            for side, caches in results.memory.items()
+        },
+        "targets": [{"target": t, "measured": m, "status": ok} for t, m, ok in targets(results)],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="M")
+    parser.add_argument(
+        "--postgres",
+        metavar="DSN",
+        default="host=127.0.0.1 port=5432 user=postgres",
+        help="libpq DSN of the server (without dbname: the benchmark uses nidstate_bench_<scale>)",
+    )
+    parser.add_argument("--data", metavar="DIR", help="where the dataset is kept (default benchmarks/data/<engine>-<scale>)")
+    parser.add_argument("--rebuild", action="store_true", help="write a new dataset even if one is kept")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure, with its unit, here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import pympler  # noqa: F401  (Synapse's cache sizing needs it)
+    except ImportError:
+        print("the benchmark needs pympler: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.data = os.path.abspath(
+        args.data or os.path.join(REPO, "benchmarks", "data", f"{args.engine}-{args.scale}")
+    )
+    os.makedirs(os.path.dirname(args.data), exist_ok=True)
+    log_path = args.data.rstrip("/") + ".log"
+    logging.basicConfig(
+        filename=log_path,
+        level=logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    log(args, f"Synapse's log: {log_path}")
+    results = run_in_reactor(lambda: run_benchmark(args), "nidstate-benchmark")
+    print(report(results, command))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(as_json(results, command), f, indent=2)
+    return 0 if results.equality["mismatches"] == 0 and results.equality["not_mirrored"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
