@@ -25,7 +25,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,7 +36,7 @@ from synapse.storage.database import DatabasePool, LoggingTransaction
 from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache, _get_size_of
 
-from synapse_nidstate.cli import Progress, _table
+from synapse_nidstate.cli import Progress
 from synapse_nidstate.history import HistoryShape, HistoryWriter
 from synapse_nidstate.inprocess import (
     homeserver_config,
@@ -239,7 +239,7 @@ async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str,
         shutil.rmtree(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     if args.engine == "postgres":
-        name = f"nidstate_bench_{args.scale.lower()}"
+        name = args.database_name or f"nidstate_bench_{args.scale.lower()}"
         database = postgres_database(prepare_postgres(args.postgres, name, fresh=saved is None))
     else:
         database = sqlite_database(data_dir)
@@ -421,7 +421,7 @@ async def describe_dataset(hs: HomeServer, dataset: Dataset, scale: Scale) -> di
 
     counts = await hs.get_datastores().main.db_pool.runInteraction("bench_counts", counts_txn)
     big_room = dataset.writer.rooms[0]
-    members = await hs.get_datastores().main.get_users_in_room(big_room)
+    members = await hs.get_datastores().main.get_users_in_room(big_room)  # type: ignore[call-arg,arg-type]  # @cached without Synapse's mypy plugin
     return {
         **counts,
         "big_room_members_now": len(members),
@@ -448,7 +448,7 @@ def _x(native: float, nid: float) -> str:
     return f"{native / nid:.1f}x" if nid else "inf"
 
 
-def markdown(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def markdown(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -654,6 +654,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DSN",
         default="host=127.0.0.1 port=5432 user=postgres",
         help="libpq DSN of the server (without dbname: the benchmark uses nidstate_bench_<scale>)",
+    )
+    parser.add_argument(
+        "--database-name",
+        metavar="NAME",
+        help="PostgreSQL database to keep the dataset in (default nidstate_bench_<scale>)",
     )
     parser.add_argument("--data", metavar="DIR", help="where the dataset is kept (default benchmarks/data/<engine>-<scale>)")
     parser.add_argument("--rebuild", action="store_true", help="write a new dataset even if one is kept")
