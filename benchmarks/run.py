@@ -87,7 +87,7 @@ SCALES: dict[str, Scale] = {
     # The default: builds and runs in well under 15 minutes on 2 cores.
     "M": Scale(_shape(20, 2000, 8000), 300, 100, 150, 2),
     # The largest: a 20k-member room with churn and many small rooms.
-    "L": Scale(_shape(100, 20000, 60000), 500, 100, 200, 2),
+    "L": Scale(_shape(100, 20000, 30000), 500, 100, 200, 2),
 }
 
 

@@ -13,14 +13,15 @@ Two steps per batch of events Synapse persists (one room, up to 100 events):
 """
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 import attr
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
-from synapse.storage.database import LoggingTransaction
+from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types import StateMap
+from synapse.util.iterutils import batch_iter
 
 from synapse_nidstate.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
@@ -86,6 +87,10 @@ class SnapshotPlanner:
         """Steps that build every group of ``groups`` the mirror lacks, parents first."""
         needed = set(groups)
         known = set(await self._store.known_groups(needed))
+        unhinted = needed - known - hints.keys()
+        if len(unhinted) > 1:
+            # Many groups at once (migration): their deltas in one read, not one each.
+            hints = {**await self.deltas(unhinted), **hints}
         planned: set[int] = set()
         steps: list[GroupStep] = []
         for group in sorted(needed - known):
@@ -117,6 +122,29 @@ class SnapshotPlanner:
         else:
             steps.append(GroupStep(group, None, None, None))
         planned.add(group)
+
+    async def deltas(self, groups: Collection[int]) -> dict[int, tuple[int, StateMap[str]]]:
+        """Predecessor and delta of each of ``groups`` that has one, as Synapse's
+        ``get_state_group_delta`` answers one group, for many groups per query."""
+
+        def deltas_txn(txn: LoggingTransaction) -> dict[int, tuple[int, StateMap[str]]]:
+            found: dict[int, tuple[int, dict[tuple[str, str], str]]] = {}
+            for chunk in batch_iter(sorted(groups), 500):
+                clause, args = make_in_list_sql_clause(txn.database_engine, "e.state_group", chunk)
+                txn.execute(
+                    "SELECT e.state_group, e.prev_state_group, s.type, s.state_key, s.event_id"
+                    " FROM state_group_edges AS e"
+                    " LEFT JOIN state_groups_state AS s ON s.state_group = e.state_group"
+                    f" WHERE {clause}",
+                    args,
+                )
+                for group, prev_group, event_type, state_key, event_id in txn:
+                    _, delta = found.setdefault(group, (prev_group, {}))
+                    if event_type is not None:
+                        delta[(event_type, state_key)] = event_id
+            return dict(found)
+
+        return await self._state_store.db_pool.runInteraction("nidstate_plan_deltas", deltas_txn)
 
     async def with_full_state(self, step: GroupStep) -> GroupStep:
         """The step with the group's full state read from Synapse's state store."""

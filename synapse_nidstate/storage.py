@@ -11,6 +11,7 @@ CONFLICT ... DO NOTHING``, Synapse's ``make_in_list_sql_clause``); the DDL,
 which is not, lives in ``sql/<engine>/``.
 """
 
+import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,6 +22,7 @@ from synapse.storage.database import (
     LoggingTransaction,
     make_in_list_sql_clause,
 )
+from synapse.storage.engines import BaseDatabaseEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache
@@ -43,8 +45,24 @@ V = TypeVar("V")
 # Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
 # `bytes` parameters (matrix-org/synapse#6186).
 
-#: Bound on the number of values in one IN list (SQLite's variable limit).
+#: Bound on the number of values in one IN list of bound variables (SQLite's
+#: variable limit); only binary values on SQLite need it, see in_list_clause.
 _CHUNK = 500
+
+
+def in_list_clause(
+    engine: BaseDatabaseEngine, column: str, values: Collection[Any]
+) -> tuple[str, list[Any]]:
+    """``column`` is one of ``values``, as one clause with one parameter.
+
+    PostgreSQL: Synapse's ``make_in_list_sql_clause`` (``= ANY(?)``). SQLite:
+    one JSON array read by ``json_each`` (as Synapse's profile store does), so
+    a list of any length is one statement instead of one per 500 variables.
+    Only integers and strings: binary values have no JSON form.
+    """
+    if engine.supports_using_any_list:
+        return make_in_list_sql_clause(engine, column, values)
+    return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -264,8 +282,11 @@ class NidStore:
     ) -> tuple[dict[K, V], list[K]]:
         found: dict[K, V] = {}
         missing: list[K] = []
+        # A membership test on the cache's own dict first: LruCache.get costs
+        # about a microsecond even for a miss, and a cold read misses thousands.
+        present = cache.cache
         for key in keys:
-            value = cache.get(key)
+            value = cache.get(key) if key in present else None  # type: ignore[operator]
             if value is None:
                 missing.append(key)
             else:
@@ -280,7 +301,12 @@ class NidStore:
         values: Collection[Any],
         args: tuple = (),
     ) -> list[tuple]:
-        """Run ``sql`` (which ends in ``WHERE ... AND``-ready text) for chunks of values."""
+        """Run ``sql`` (which ends in ``WHERE ... AND``-ready text) for ``values``:
+        one statement, or chunks of bound variables for binary values on SQLite."""
+        if values and not isinstance(next(iter(values)), (bytes, bytearray)):
+            clause, clause_args = in_list_clause(self.engine, column, values)
+            txn.execute(f"{sql} {clause}", (*args, *clause_args))
+            return txn.fetchall()
         rows: list[tuple] = []
         for chunk in batch_iter(values, _CHUNK):
             clause, clause_args = make_in_list_sql_clause(self.engine, column, chunk)
@@ -709,23 +735,6 @@ class NidStore:
     # raises CacheMiss and the caller retries in a transaction. Warm lookups
     # so never leave the reactor thread, like Synapse's own cached state reads.
 
-    def _select_or_miss(
-        self,
-        txn: LoggingTransaction | None,
-        cache: LruCache[K, V],
-        keys: Iterable[K],
-        sql: str,
-        column: str,
-    ) -> dict[K, V]:
-        found, missing = self._split_cached(cache, keys)
-        if missing:
-            if txn is None:
-                raise CacheMiss()
-            rows = self._select_in_txn(txn, sql, column, missing)
-            found.update(rows)
-            txn.call_after(self._fill, cache, rows)
-        return found
-
     def _event_snapshots_read(
         self,
         txn: LoggingTransaction | None,
@@ -753,40 +762,6 @@ class NidStore:
             for _, snapshot_nid, block_nids in rows:
                 learnt.snapshots[snapshot_nid] = algebra.unpack_nids(block_nids)
         return found
-
-    def _nid_strings_read(
-        self, txn: LoggingTransaction | None, table: _StringTable, nids: Collection[int]
-    ) -> dict[int, str]:
-        return self._select_or_miss(
-            txn,
-            self._nid_strings[table],
-            nids,
-            f"SELECT {table.nid_column}, {table.string_column} FROM {table.table} WHERE",
-            table.nid_column,
-        )
-
-    def _event_ids_read(
-        self, txn: LoggingTransaction | None, nids: Collection[int]
-    ) -> dict[int, str]:
-        return self._select_or_miss(
-            txn,
-            self._event_ids,
-            nids,
-            "SELECT event_nid, event_id FROM nidstate_events WHERE",
-            "event_nid",
-        )
-
-    def _string_nids_read(
-        self, txn: LoggingTransaction | None, table: _StringTable, strings: Collection[str]
-    ) -> dict[str, int]:
-        """Existing NIDs of ``strings``; a read never creates a NID."""
-        return self._select_or_miss(
-            txn,
-            self._string_nids[table],
-            strings,
-            f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
-            table.string_column,
-        )
 
     def cached_state_for_events(
         self, event_ids: Collection[str], state_filter: StateFilter
@@ -852,7 +827,10 @@ class NidStore:
                 nid_states = {
                     s: nid_filter.apply([blocks[b] for b in block_lists[s]]) for s in todo
                 }
-            for snapshot_nid, state in self._to_strings(txn, nid_states).items():
+            # A whole state is cached as strings (below): filling the per-NID
+            # caches with thousands of entries as well would cost more than the read.
+            strings = self._to_strings(txn, nid_states, fill=not whole)
+            for snapshot_nid, state in strings.items():
                 if whole:
                     resolved = ResolvedState(state)
                     if txn is None:  # built from the caches: committed data only
@@ -865,13 +843,17 @@ class NidStore:
         return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
 
     def _to_strings(
-        self, txn: LoggingTransaction | None, nid_states: Mapping[int, NidStateMap]
+        self,
+        txn: LoggingTransaction | None,
+        nid_states: Mapping[int, NidStateMap],
+        fill: bool = True,
     ) -> dict[int, dict[tuple[str, str], str]]:
         type_strings, key_strings, event_strings = self._strings_of_nids_read(
             txn,
             {t for m in nid_states.values() for t, _ in m},
             {s for m in nid_states.values() for _, s in m},
             {e for m in nid_states.values() for e in m.values()},
+            fill,
         )
         return {
             snapshot_nid: {
@@ -887,8 +869,13 @@ class NidStore:
         type_nids: Collection[int],
         key_nids: Collection[int],
         event_nids: Collection[int],
+        fill: bool = True,
     ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-        """The strings of type, state key and event NIDs, in one query for all misses."""
+        """The strings of type, state key and event NIDs, in one query for all misses.
+
+        ``fill=False`` leaves the state key and event caches as they were (the
+        few types are always cached).
+        """
         caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
         found: list[dict[int, str]] = []
         missing: list[list[int]] = []
@@ -899,34 +886,27 @@ class NidStore:
         if any(missing):
             if txn is None:
                 raise CacheMiss()
-            if sum(map(len, missing)) > _CHUNK and not self.engine.supports_using_any_list:
-                # SQLite's bound on variables: one query per table, chunked.
-                found[0].update(self._nid_strings_read(txn, TYPES, missing[0]))
-                found[1].update(self._nid_strings_read(txn, STATE_KEYS, missing[1]))
-                found[2].update(self._event_ids_read(txn, missing[2]))
-            else:
-                parts, args = [], []
-                for kind, (table, nid_column, column) in enumerate(
-                    (
-                        ("nidstate_event_types", "type_nid", "event_type"),
-                        ("nidstate_state_keys", "state_key_nid", "state_key"),
-                        ("nidstate_events", "event_nid", "event_id"),
+            parts, args = [], []
+            for kind, (table, nid_column, column) in enumerate(
+                (
+                    ("nidstate_event_types", "type_nid", "event_type"),
+                    ("nidstate_state_keys", "state_key_nid", "state_key"),
+                    ("nidstate_events", "event_nid", "event_id"),
+                )
+            ):
+                if missing[kind]:
+                    clause, clause_args = in_list_clause(self.engine, nid_column, missing[kind])
+                    parts.append(
+                        f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
                     )
-                ):
-                    if missing[kind]:
-                        clause, clause_args = make_in_list_sql_clause(
-                            self.engine, nid_column, missing[kind]
-                        )
-                        parts.append(
-                            f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
-                        )
-                        args.extend(clause_args)
-                txn.execute(" UNION ALL ".join(parts), args)
-                rows: list[list[tuple[int, str]]] = [[], [], []]
-                for kind, nid, string in txn.fetchall():
-                    rows[kind].append((nid, string))
-                for kind, cache in enumerate(caches):
-                    found[kind].update(rows[kind])
+                    args.extend(clause_args)
+            txn.execute(" UNION ALL ".join(parts), args)
+            rows: list[list[tuple[int, str]]] = [[], [], []]
+            for kind, nid, string in txn.fetchall():
+                rows[kind].append((nid, string))
+            for kind, cache in enumerate(caches):
+                found[kind].update(rows[kind])
+                if fill or kind == 0:
                     txn.call_after(self._fill, cache, rows[kind])
         return found[0], found[1], found[2]
 
@@ -939,23 +919,12 @@ class NidStore:
         key_nids, key_missing = self._split_cached(
             self._string_nids[STATE_KEYS], {k for keys in types.values() if keys for k in keys}
         )
-        if (type_missing or key_missing) and (
-            len(type_missing) + len(key_missing) > _CHUNK
-            and not self.engine.supports_using_any_list
-        ):
-            # SQLite's bound on variables: one query per table, chunked.
-            type_nids.update(self._string_nids_read(txn, TYPES, type_missing))
-            key_nids.update(self._string_nids_read(txn, STATE_KEYS, key_missing))
-        elif type_missing or key_missing:
+        if type_missing or key_missing:
             if txn is None:
                 raise CacheMiss()
             # One query for both tables (a read never creates a NID).
-            type_clause, type_args = make_in_list_sql_clause(
-                self.engine, "event_type", type_missing
-            )
-            key_clause, key_args = make_in_list_sql_clause(
-                self.engine, "state_key", key_missing
-            )
+            type_clause, type_args = in_list_clause(self.engine, "event_type", type_missing)
+            key_clause, key_args = in_list_clause(self.engine, "state_key", key_missing)
             txn.execute(
                 f"SELECT 0, event_type, type_nid FROM nidstate_event_types WHERE {type_clause}"
                 " UNION ALL"
