@@ -15,6 +15,12 @@ Write side (only in a process that persists events):
   ``persist_events`` transaction, for new and de-outliered events, right after
   Synapse writes ``event_to_state_groups``): write them.
 
+* ``StateGroupWorkerStore.update_state_for_partial_state_event`` (async,
+  then its transaction ``_update_state_for_partial_state_event_txn``, wherever
+  Synapse un-partial-states an event after a faster join): plan, then give the
+  event the snapshot of its full state group in the same transaction. Before
+  that, a partial-state event has no snapshot and its lookups fall back.
+
 Read side (every process): ``StateStorageController.get_state_ids_for_events``
 and ``get_state_for_events``, through which the single-event forms and every
 state-at-event caller (visibility, /context, /messages, /members, sync,
@@ -25,10 +31,12 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
+from synapse.events import EventBase
+from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate.lookups import StateLookups
-from synapse_nidstate.mirror import Mirror
+from synapse_nidstate.mirror import BatchPlan, Mirror
 from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:
@@ -68,6 +76,33 @@ def install_mirror(hs: "HomeServer", mirror: Mirror) -> bool:
     persist_store._persist_events_and_state_updates = _persist_events_and_state_updates  # type: ignore[method-assign]
     persist_store._store_event_state_mappings_txn = _store_event_state_mappings_txn  # type: ignore[method-assign]
     return True
+
+
+def install_full_state_updates(hs: "HomeServer", mirror: Mirror) -> None:
+    """Follow Synapse moving partial-state events to their full state (faster joins)."""
+    main = hs.get_datastores().main
+    update = main.update_state_for_partial_state_event
+    update_txn = main._update_state_for_partial_state_event_txn
+    # event_id -> plan, from the async half to its transaction.
+    plans: dict[str, BatchPlan] = {}
+
+    @functools.wraps(update)
+    async def update_state_for_partial_state_event(event: EventBase, context: EventContext) -> None:
+        plans[event.event_id] = await mirror.prepare_full_state(event, context)
+        try:
+            await update(event, context)
+        finally:
+            plans.pop(event.event_id, None)
+
+    @functools.wraps(update_txn)
+    def _update_state_for_partial_state_event_txn(
+        txn: LoggingTransaction, event: EventBase, context: EventContext, stream_id: int
+    ) -> None:
+        update_txn(txn, event, context, stream_id)
+        mirror.write_full_state_txn(txn, event, context, plans.get(event.event_id, BatchPlan([])))
+
+    main.update_state_for_partial_state_event = update_state_for_partial_state_event  # type: ignore[method-assign]
+    main._update_state_for_partial_state_event_txn = _update_state_for_partial_state_event_txn  # type: ignore[method-assign,assignment]
 
 
 def install_lookups(hs: "HomeServer", lookups: StateLookups) -> None:

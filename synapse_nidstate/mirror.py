@@ -253,6 +253,29 @@ class Mirror:
         with self._write_seconds.time():
             self._write_in_savepoint(txn, plan, room_id, rows)
 
+    async def prepare_full_state(self, event: EventBase, context: EventContext) -> BatchPlan:
+        """Plan the snapshot of a partial-state event Synapse now gives its full state."""
+        return await self.prepare(event.room_id, [(event, context)])
+
+    def write_full_state_txn(
+        self, txn: LoggingTransaction, event: EventBase, context: EventContext, plan: BatchPlan
+    ) -> None:
+        """Give the event the snapshot of its new (full) state group, in the
+        transaction where Synapse moves it there and deletes its
+        ``partial_state_events`` row. Until then it had no snapshot and fell back."""
+        if event.event_id not in plan.event_ids:
+            plan = BatchPlan([])
+        row = EventRow(
+            event_id=event.event_id,
+            event_type=event.type,
+            state_key=event.get_state_key(),
+            state_group=state_group_at(event, context),
+            rejected=bool(context.rejected),
+            stream_ordering=event.internal_metadata.stream_ordering,
+        )
+        with self._write_seconds.time():
+            self._write_in_savepoint(txn, plan, event.room_id, [row])
+
     def _write_in_savepoint(
         self, txn: LoggingTransaction, plan: BatchPlan, room_id: str, rows: list[EventRow]
     ) -> None:

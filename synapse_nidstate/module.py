@@ -53,6 +53,7 @@ class NidStateModule:
         self.store = NidStore(hs, config)
         self.mirror = Mirror(hs, self.store, self.stats.mirror)
         self.persists_events = hooks.install_mirror(hs, self.mirror)
+        hooks.install_full_state_updates(hs, self.mirror)
         hooks.install_purges(hs, self.store)
 
         controller = hs.get_storage_controllers().state
