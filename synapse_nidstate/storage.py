@@ -199,6 +199,38 @@ class WriteScope:
         self.learnt = _TxnCaches()
 
 
+@attr.s(slots=True, auto_attribs=True)
+class _FilterNids:
+    """The NIDs of a filter's types and state keys: cached ones, and those to read."""
+
+    type_nids: dict[str, int]
+    types_missing: list[str]
+    key_nids: dict[str, int]
+    keys_missing: list[str]
+
+    @classmethod
+    def of(cls, store: "NidStore", state_filter: StateFilter) -> "_FilterNids":
+        types = state_filter.types
+        keys = {k for ks in types.values() if ks for k in ks}
+        type_nids, types_missing = store._split_cached(store._string_nids[TYPES], types)
+        key_nids, keys_missing = store._split_cached(store._string_nids[STATE_KEYS], keys)
+        return cls(type_nids, types_missing, key_nids, keys_missing)
+
+    def learnt(
+        self,
+        txn: LoggingTransaction,
+        store: "NidStore",
+        type_rows: list[tuple[str, int]],
+        key_rows: list[tuple[str, int]],
+    ) -> None:
+        """Rows read for the missing strings; a string without a row has no NID."""
+        self.type_nids.update(type_rows)
+        self.key_nids.update(key_rows)
+        self.types_missing, self.keys_missing = [], []
+        txn.call_after(store._fill, store._string_nids[TYPES], type_rows)
+        txn.call_after(store._fill, store._string_nids[STATE_KEYS], key_rows)
+
+
 class NidStore:
     """Reads and writes the module's tables in Synapse's main database."""
 
@@ -740,27 +772,49 @@ class NidStore:
         txn: LoggingTransaction | None,
         event_ids: Collection[str],
         learnt: _TxnCaches,
+        filter_nids: "_FilterNids | None",
     ) -> dict[str, int]:
         """Snapshot of each event that has one (an event without one is left out).
 
-        The snapshots' block lists come in the same query (into ``learnt``).
+        The snapshots' block lists come in the same query (into ``learnt``),
+        and so do the NIDs of ``filter_nids``' strings not cached yet.
         """
         found, missing = self._split_cached(self._event_snapshots, event_ids)
         if missing:
             if txn is None:
                 raise CacheMiss()
-            rows = self._select_in_txn(
-                txn,
-                "SELECT e.event_id, e.snapshot_nid, s.block_nids FROM nidstate_events AS e"
-                " JOIN nidstate_snapshots AS s ON s.snapshot_nid = e.snapshot_nid WHERE",
-                "e.event_id",
-                missing,
+            clause, args = in_list_clause(self.engine, "e.event_id", missing)
+            sql = (
+                "SELECT 0, e.event_id, e.snapshot_nid, s.block_nids FROM nidstate_events AS e"
+                f" JOIN nidstate_snapshots AS s ON s.snapshot_nid = e.snapshot_nid WHERE {clause}"
             )
-            pairs = [(event_id, snapshot_nid) for event_id, snapshot_nid, _ in rows]
+            if filter_nids is not None:
+                for kind, (table, missing_strings) in enumerate(
+                    ((TYPES, filter_nids.types_missing), (STATE_KEYS, filter_nids.keys_missing)),
+                    start=1,
+                ):
+                    if missing_strings:
+                        string_clause, string_args = in_list_clause(
+                            self.engine, table.string_column, missing_strings
+                        )
+                        sql += (
+                            f" UNION ALL SELECT {kind}, {table.string_column}, {table.nid_column},"
+                            f" NULL FROM {table.table} WHERE {string_clause}"
+                        )
+                        args += string_args
+            txn.execute(sql, args)
+            pairs = []
+            strings: list[list[tuple[str, int]]] = [[], [], []]
+            for kind, string, nid, block_nids in txn:
+                if kind == 0:
+                    pairs.append((string, nid))
+                    learnt.snapshots[nid] = algebra.unpack_nids(block_nids)
+                else:
+                    strings[kind].append((string, nid))
             found.update(pairs)
             txn.call_after(self._fill, self._event_snapshots, pairs)
-            for _, snapshot_nid, block_nids in rows:
-                learnt.snapshots[snapshot_nid] = algebra.unpack_nids(block_nids)
+            if filter_nids is not None:
+                filter_nids.learnt(txn, self, strings[1], strings[2])
         return found
 
     def cached_state_for_events(
@@ -790,10 +844,6 @@ class NidStore:
         whole state once, keeps it as strings in the resolved-state cache and
         filters it with ``StateFilter.filter_state``, as Synapse does.
         """
-        learnt = _TxnCaches()
-        snapshots = self._event_snapshots_read(txn, event_ids, learnt)
-        if not snapshots:
-            return {}
         # Filters that need most of the state (full, wildcards) resolve it all
         # and keep it; narrower ones (concrete keys, lazy-loaded members)
         # resolve in NIDs and turn only what they keep into strings.
@@ -802,6 +852,11 @@ class NidStore:
         whole = state_filter.is_full() or any(
             state_keys is None for state_keys in state_filter.types.values()
         )
+        filter_nids = None if whole else _FilterNids.of(self, state_filter)
+        learnt = _TxnCaches()
+        snapshots = self._event_snapshots_read(txn, event_ids, learnt, filter_nids)
+        if not snapshots:
+            return {}
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
         for snapshot_nid in set(snapshots.values()):
@@ -823,7 +878,8 @@ class NidStore:
                     s: algebra.resolve(blocks[b] for b in block_lists[s]) for s in todo
                 }
             else:
-                nid_filter = self._nid_filter_read(txn, state_filter)
+                assert filter_nids is not None
+                nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
                 nid_states = {
                     s: nid_filter.apply([blocks[b] for b in block_lists[s]]) for s in todo
                 }
@@ -911,20 +967,15 @@ class NidStore:
         return found[0], found[1], found[2]
 
     def _nid_filter_read(
-        self, txn: LoggingTransaction | None, state_filter: StateFilter
+        self, txn: LoggingTransaction | None, state_filter: StateFilter, nids: "_FilterNids"
     ) -> algebra.NidFilter:
         """The filter in NIDs; strings that have no NID cannot match and are dropped."""
-        types = state_filter.types
-        type_nids, type_missing = self._split_cached(self._string_nids[TYPES], types)
-        key_nids, key_missing = self._split_cached(
-            self._string_nids[STATE_KEYS], {k for keys in types.values() if keys for k in keys}
-        )
-        if type_missing or key_missing:
+        if nids.types_missing or nids.keys_missing:
             if txn is None:
                 raise CacheMiss()
             # One query for both tables (a read never creates a NID).
-            type_clause, type_args = in_list_clause(self.engine, "event_type", type_missing)
-            key_clause, key_args = in_list_clause(self.engine, "state_key", key_missing)
+            type_clause, type_args = in_list_clause(self.engine, "event_type", nids.types_missing)
+            key_clause, key_args = in_list_clause(self.engine, "state_key", nids.keys_missing)
             txn.execute(
                 f"SELECT 0, event_type, type_nid FROM nidstate_event_types WHERE {type_clause}"
                 " UNION ALL"
@@ -934,12 +985,10 @@ class NidStore:
             rows: list[list[tuple[str, int]]] = [[], []]
             for kind, string, nid in txn.fetchall():
                 rows[kind].append((string, nid))
-            type_nids.update(rows[0])
-            key_nids.update(rows[1])
-            txn.call_after(self._fill, self._string_nids[TYPES], rows[0])
-            txn.call_after(self._fill, self._string_nids[STATE_KEYS], rows[1])
+            nids.learnt(txn, self, rows[0], rows[1])
+        type_nids, key_nids = nids.type_nids, nids.key_nids
         nid_types: dict[int, frozenset[int] | None] = {}
-        for event_type, keys in types.items():
+        for event_type, keys in state_filter.types.items():
             if event_type not in type_nids:
                 continue  # no event of this type was ever mirrored
             nid_types[type_nids[event_type]] = (
