@@ -52,10 +52,7 @@ class _PendingEvent:
     stream_ordering: int
     event_id: str
     room_id: str
-    event_type: str
-    state_key: str | None
     state_group: int
-    rejected: bool
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -122,8 +119,8 @@ class Migrator:
         """The next batch beyond ``after`` (up to ``until``), and the last stream ordering scanned."""
         bound = "" if until is None or not upwards else " AND e.stream_ordering <= ?"
         txn.execute(
-            "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, e.state_key,"
-            "   esg.state_group, e.rejection_reason IS NOT NULL, n.snapshot_nid IS NOT NULL,"
+            "SELECT e.stream_ordering, e.event_id, e.room_id, esg.state_group,"
+            "   n.snapshot_nid IS NOT NULL,"
             "   EXISTS (SELECT 1 FROM partial_state_events AS p WHERE p.event_id = e.event_id)"
             " FROM events AS e"
             " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
@@ -139,8 +136,8 @@ class Migrator:
         if not rows:
             return [], None
         pending = [
-            _PendingEvent(so, event_id, room_id, event_type, state_key, group, bool(rejected))
-            for so, event_id, room_id, event_type, state_key, group, rejected, done, partial in rows
+            _PendingEvent(so, event_id, room_id, group)
+            for so, event_id, room_id, group, done, partial in rows
             if not done and not partial
         ]
         return pending, rows[-1][0]
@@ -245,11 +242,7 @@ class Migrator:
             rows.append(
                 EventRow(
                     event_id=event.event_id,
-                    event_type=event.event_type,
-                    state_key=event.state_key,
                     state_group=event.state_group,
-                    rejected=event.rejected,
-                    stream_ordering=event.stream_ordering,
                 )
             )
             groups_by_room.setdefault(event.room_id, set()).add(event.state_group)

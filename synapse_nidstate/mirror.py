@@ -239,11 +239,7 @@ class Mirror:
         rows = [
             EventRow(
                 event_id=event.event_id,
-                event_type=event.type,
-                state_key=event.get_state_key(),
                 state_group=None if context.partial_state else state_group_at(event, context),
-                rejected=bool(context.rejected),
-                stream_ordering=event.internal_metadata.stream_ordering,
             )
             for event, context in events_and_contexts
             if state_group_at(event, context) is not None
@@ -267,11 +263,7 @@ class Mirror:
             plan = BatchPlan([])
         row = EventRow(
             event_id=event.event_id,
-            event_type=event.type,
-            state_key=event.get_state_key(),
             state_group=state_group_at(event, context),
-            rejected=bool(context.rejected),
-            stream_ordering=event.internal_metadata.stream_ordering,
         )
         with self._write_seconds.time():
             self._write_in_savepoint(txn, plan, event.room_id, [row])

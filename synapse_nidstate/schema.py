@@ -70,8 +70,8 @@ def current_version_txn(txn: LoggingTransaction) -> int:
     return int(row[0]) if row else 0
 
 
-def apply_schema_txn(txn: LoggingTransaction) -> int:
-    """Bring the module's tables up to the latest version; idempotent.
+def apply_schema_txn(txn: LoggingTransaction, up_to: int | None = None) -> int:
+    """Bring the module's tables up to the latest version (or ``up_to``); idempotent.
 
     Returns the version now applied. Raises RuntimeError if the database holds
     a newer schema than this release knows (a downgrade).
@@ -87,7 +87,7 @@ def apply_schema_txn(txn: LoggingTransaction) -> int:
             f"this release's {files[-1][0]}; upgrade synapse-nidstate"
         )
     for version, path in files:
-        if version <= current:
+        if version <= current or (up_to is not None and version > up_to):
             continue
         logger.info("synapse-nidstate: applying schema %s", path.name)
         with path.open() as f:

@@ -103,11 +103,9 @@ class EventRow:
     """What the mirror records for an event persisted with state."""
 
     event_id: str
-    event_type: str
-    state_key: str | None
-    state_group: int | None  # None: no snapshot (e.g. partial state)
-    rejected: bool
-    stream_ordering: int | None
+    #: The group Synapse maps the event to (the state before it if rejected);
+    #: None: no snapshot (partial state).
+    state_group: int | None
 
 
 class ResolvedState:
@@ -387,9 +385,9 @@ class NidStore:
         txn: LoggingTransaction,
         learnt: _TxnCaches,
         room_nid: int,
-        events: Mapping[str, tuple[int, int]],
+        events: Collection[str],
     ) -> dict[str, int]:
-        """Return the NID of each event ID, given ``event_id -> (type_nid, state_key_nid)``.
+        """Return the NID of each event ID (interned in ``room_nid`` if new).
 
         A new row has no snapshot; :meth:`_set_event_state_txn` adds it for
         events persisted with state.
@@ -404,9 +402,9 @@ class NidStore:
         absent = sorted(e for e in missing if e not in found)
         if absent:
             txn.execute_batch(
-                "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-                [(e, room_nid, *events[e]) for e in absent],
+                "INSERT INTO nidstate_events (event_id, room_nid)"
+                " VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
+                [(e, room_nid) for e in absent],
             )
             found.update(self._select_in_txn(txn, select, "event_id", absent))
         learnt.events.update(found)
@@ -426,9 +424,7 @@ class NidStore:
         keys = {s for m in state_maps for _, s in m}
         type_nids = self._intern_strings_txn(txn, learnt, TYPES, types)
         key_nids = self._intern_strings_txn(txn, learnt, STATE_KEYS, keys)
-        events = {
-            e: (type_nids[t], key_nids[s]) for m in state_maps for (t, s), e in m.items()
-        }
+        events = {e for m in state_maps for e in m.values()}
         event_nids = self._intern_events_txn(txn, learnt, room_nid, events)
 
         def convert(state: StateMap[str]) -> NidStateMap:
@@ -540,7 +536,7 @@ class NidStore:
     ) -> list[int]:
         """Insert-or-select blocks by content; returns their NIDs in order."""
         packed = [algebra.pack_block(b) for b in blocks]
-        hashes = [algebra.content_hash(p) for p in packed]
+        hashes = [algebra.block_hash(b) for b in blocks]
         txn.execute_batch(
             "INSERT INTO nidstate_blocks (room_nid, content_hash, entry_count, entries)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
@@ -572,7 +568,7 @@ class NidStore:
         if len(block_nids) > algebra.MAX_BLOCKS:
             raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
         packed = algebra.pack_nids(block_nids)
-        digest = algebra.content_hash(packed)
+        digest = algebra.snapshot_hash(block_nids)
         txn.execute(
             "INSERT INTO nidstate_snapshots (room_nid, content_hash, block_nids)"
             " VALUES (?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
@@ -665,38 +661,20 @@ class NidStore:
         groups = self.known_groups_txn(
             txn, {r.state_group for r in rows if r.state_group is not None}, learnt
         )
-        type_nids = self._intern_strings_txn(txn, learnt, TYPES, {r.event_type for r in rows})
-        key_nids = self._intern_strings_txn(
-            txn, learnt, STATE_KEYS, {r.state_key for r in rows if r.state_key is not None}
-        )
-        event_nids = self._intern_events_txn(
-            txn,
-            learnt,
-            room_nid,
-            {
-                r.event_id: (
-                    type_nids[r.event_type],
-                    0 if r.state_key is None else key_nids[r.state_key],
-                )
-                for r in rows
-            },
-        )
+        event_nids = self._intern_events_txn(txn, learnt, room_nid, [r.event_id for r in rows])
         updates = []
         for row in rows:
             snapshot_nid = groups.get(row.state_group) if row.state_group else None
             if row.state_group is not None and snapshot_nid is None:
                 stats.unprepared += 1
-            updates.append(
-                (snapshot_nid, row.rejected, row.stream_ordering, event_nids[row.event_id])
-            )
+            updates.append((snapshot_nid, event_nids[row.event_id]))
             if snapshot_nid is not None:
                 stats.events_mirrored += 1
                 if not keep_existing:
                     # A new event is looked up soon after (visibility, sync).
                     learnt.event_snapshots[row.event_id] = snapshot_nid
         txn.execute_batch(
-            "UPDATE nidstate_events SET snapshot_nid = ?, rejected = ?, stream_ordering = ?"
-            " WHERE event_nid = ?" + (" AND snapshot_nid IS NULL" if keep_existing else ""),
+            "UPDATE nidstate_events SET snapshot_nid = ? WHERE event_nid = ?" + (" AND snapshot_nid IS NULL" if keep_existing else ""),
             updates,
         )
 

@@ -1,0 +1,105 @@
+"""The module's schema: upgrades between versions, and a database newer than the code."""
+
+from synapse.storage.database import LoggingTransaction
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.schema import apply_schema_txn, current_version_txn, schema_files
+from tests.harness import HomeserverTestCase, in_logcontext
+from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
+
+
+def _rows(txn: LoggingTransaction, sql: str, *args: object) -> list[tuple]:
+    txn.execute(sql, args)
+    return txn.fetchall()
+
+
+class SchemaTests:
+    @in_logcontext
+    async def test_upgrade_from_schema_1_rebuilds_the_mirror(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        history = await build_history(hs)
+        db_pool = hs.get_datastores().main.db_pool
+
+        def schema_1_txn(txn: LoggingTransaction) -> None:
+            # What a release with schema 1 left: its tables, a mirrored event
+            # (int64-packed rows), migration progress, interned strings.
+            self.assertEqual(apply_schema_txn(txn, up_to=1), 1)
+            txn.execute(
+                "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid,"
+                " snapshot_nid, rejected, stream_ordering) VALUES ('$old', 1, 1, 1, 1, FALSE, 1)"
+            )
+            txn.execute(
+                "INSERT INTO nidstate_snapshots (room_nid, content_hash, block_nids)"
+                " VALUES (1, ?, ?)",
+                (bytearray(32), bytearray(8)),
+            )
+            txn.execute(
+                "INSERT INTO nidstate_meta (key, value)"
+                " VALUES ('migrate_high_stream_ordering', '10')"
+            )
+            txn.execute("INSERT INTO nidstate_state_keys (state_key) VALUES ('@kept:test')")
+
+        await db_pool.runInteraction("schema_1", schema_1_txn)
+        await self.stop_homeserver(hs)
+
+        # The new release starts: schema 2 drops the derived rows, keeps strings.
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        latest = schema_files(hs.get_datastores().main.database_engine)[-1][0]
+        self.assertEqual(module.schema_version, latest)
+        db_pool = hs.get_datastores().main.db_pool
+
+        def after_txn(txn: LoggingTransaction) -> tuple:
+            return (
+                current_version_txn(txn),
+                _rows(txn, "SELECT COUNT(*) FROM nidstate_events"),
+                _rows(txn, "SELECT COUNT(*) FROM nidstate_snapshots"),
+                _rows(txn, "SELECT key FROM nidstate_meta WHERE key LIKE ?", "migrate%"),
+                _rows(txn, "SELECT state_key FROM nidstate_state_keys WHERE state_key = '@kept:test'"),
+            )
+
+        version, events, snapshots, progress, kept = await db_pool.runInteraction("after", after_txn)
+        self.assertEqual(version, latest)
+        self.assertEqual(events, [(0,)])
+        self.assertEqual(snapshots, [(0,)])
+        self.assertEqual(progress, [])
+        self.assertEqual(kept, [("@kept:test",)])
+
+        # Until migrated, lookups fall back to Synapse; then the mirror answers.
+        room_id = history.rooms[0]
+        event_ids, _ = await room_event_ids(hs, room_id)
+        self.assertEqual(await module.lookups.mirrored_state_ids(event_ids, StateFilter.all()), {})
+        controller = hs.get_storage_controllers().state
+        self.assertEqual(
+            await controller.get_state_ids_for_events(event_ids),
+            await module.lookups.native_state_ids(event_ids, StateFilter.all()),
+        )
+        await module.migrator.run()
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            self.assertGreater(await compare_room(self, hs, room_id, filters), 0)
+
+    @in_logcontext
+    async def test_a_newer_schema_stops_start_up(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        await hs.get_datastores().main.db_pool.runInteraction(
+            "newer",
+            lambda txn: txn.execute(
+                "UPDATE nidstate_meta SET value = '99' WHERE key = 'schema_version'"
+            ),
+        )
+        await self.stop_homeserver(hs)
+        with self.assertRaises(RuntimeError) as raised:
+            await self.make_homeserver({"mode": "serve"}, database=database)
+        self.assertIn("schema version 99", str(raised.exception))
+        self.assertIn("upgrade synapse-nidstate", str(raised.exception))
+
+
+class SchemaSQLiteTests(SchemaTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class SchemaPostgresTests(SchemaTests, HomeserverTestCase):
+    engine = "postgres"
