@@ -53,7 +53,7 @@ def main() -> int:
         writer = HistoryWriter.restore(json.load(f)["writer"])
     if args.engine == "postgres":
         name = args.database_name or f"nidstate_bench_{args.scale.lower()}"
-        database = postgres_database(prepare_postgres(args.postgres, name, fresh=False))
+        database = postgres_database(prepare_postgres(args.postgres, name, fresh=False)[0])
     else:
         database = sqlite_database(data_dir)
 

@@ -83,11 +83,11 @@ def _shape(rooms: int, big: int, events: int, share: float = 0.05) -> HistorySha
 SCALES: dict[str, Scale] = {
     # The test suite's smoke run: seconds.
     "tiny": Scale(_shape(3, 20, 150, share=0.3), 20, 10, 15, 1),
-    "S": Scale(_shape(10, 1000, 4000), 200, 100, 100, 2),
+    "S": Scale(_shape(10, 1000, 4000), 200, 100, 100, 4),
     # The default: builds and runs in well under 15 minutes on 2 cores.
-    "M": Scale(_shape(20, 2000, 8000), 300, 100, 150, 2),
+    "M": Scale(_shape(20, 2000, 8000), 300, 100, 100, 4),
     # The largest: a 20k-member room with churn and many small rooms.
-    "L": Scale(_shape(100, 20000, 30000), 500, 100, 200, 2),
+    "L": Scale(_shape(100, 20000, 30000), 500, 100, 150, 4),
 }
 
 
@@ -180,8 +180,9 @@ def cache_memory(hs: HomeServer, module: NidStateModule) -> dict[str, dict[str, 
 # --- the dataset -------------------------------------------------------------
 
 
-def prepare_postgres(dsn: str, name: str, fresh: bool) -> str:
-    """The benchmark's own database (created with C collation, as Synapse requires)."""
+def prepare_postgres(dsn: str, name: str, fresh: bool) -> tuple[str, bool]:
+    """The benchmark's own database (created with C collation, as Synapse requires):
+    its DSN, and whether it existed already."""
     import psycopg2
     import psycopg2.extensions
 
@@ -192,14 +193,15 @@ def prepare_postgres(dsn: str, name: str, fresh: bool) -> str:
             if fresh:
                 cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
+            existed = cur.fetchone() is not None
+            if not existed:
                 cur.execute(
                     f"CREATE DATABASE {name} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
                 )
     finally:
         conn.close()
     base = {k: v for k, v in psycopg2.extensions.parse_dsn(dsn).items() if k != "dbname"}
-    return " ".join(f"{k}={v}" for k, v in base.items()) + f" dbname={name}"
+    return " ".join(f"{k}={v}" for k, v in base.items()) + f" dbname={name}", existed
 
 
 @attr.s(auto_attribs=True)
@@ -240,9 +242,15 @@ async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str,
     os.makedirs(data_dir, exist_ok=True)
     if args.engine == "postgres":
         name = args.database_name or f"nidstate_bench_{args.scale.lower()}"
-        database = postgres_database(prepare_postgres(args.postgres, name, fresh=saved is None))
+        dsn, existed = prepare_postgres(args.postgres, name, fresh=saved is None)
+        database = postgres_database(dsn)
     else:
         database = sqlite_database(data_dir)
+        existed = os.path.exists(database["args"]["database"])
+    if saved is not None and not existed:
+        raise SystemExit(
+            f"the dataset kept in {data_dir} has lost its database; rerun with --rebuild"
+        )
     if saved is not None:
         writer = HistoryWriter.restore(saved["writer"])
         return Dataset(data_dir, database, writer, saved.get("build_seconds"), reused=True)

@@ -246,8 +246,8 @@ class CliTests:
         )
         _execute(
             database,
-            "INSERT INTO nidstate_events (event_id, room_nid, type_nid, state_key_nid,"
-            " snapshot_nid) SELECT '$gone:nidstate.test', room_nid, 5, 1, snapshot_nid"
+            "INSERT INTO nidstate_events (event_id, room_nid, snapshot_nid)"
+            " SELECT '$gone:nidstate.test', room_nid, snapshot_nid"
             " FROM nidstate_events WHERE snapshot_nid IS NOT NULL LIMIT 1",
         )
         result = _cli("verify", "-c", config, "--no-progress")
