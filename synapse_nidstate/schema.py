@@ -79,7 +79,7 @@ def apply_schema_txn(txn: LoggingTransaction, up_to: int | None = None) -> int:
     engine = txn.database_engine
     if isinstance(engine, PostgresEngine):
         txn.execute("SELECT pg_advisory_xact_lock(?)", (_ADVISORY_LOCK_KEY,))
-    current = current_version_txn(txn)
+    current = found = current_version_txn(txn)
     files = schema_files(engine)
     if current > files[-1][0]:
         raise RuntimeError(
@@ -94,13 +94,12 @@ def apply_schema_txn(txn: LoggingTransaction, up_to: int | None = None) -> int:
             for statement in get_statements(f):
                 txn.execute(statement)
         current = version
-    txn.execute(
-        "DELETE FROM nidstate_meta WHERE key = 'schema_version'",
-    )
-    txn.execute(
-        "INSERT INTO nidstate_meta (key, value) VALUES ('schema_version', ?)",
-        (str(current),),
-    )
+    if current != found:
+        txn.execute("DELETE FROM nidstate_meta WHERE key = 'schema_version'")
+        txn.execute(
+            "INSERT INTO nidstate_meta (key, value) VALUES ('schema_version', ?)",
+            (str(current),),
+        )
     return current
 
 
@@ -139,6 +138,13 @@ def apply_schema(hs: "HomeServer") -> int:
     )
     try:
         cursor = conn.cursor(txn_name="nidstate_apply_schema")
+        if isinstance(db_pool.engine, PostgresEngine):
+            # Synapse's connections are REPEATABLE READ, whose snapshot would be
+            # taken before the advisory lock is granted: the processes of a
+            # worker deployment starting together would then read a stale
+            # schema version and fail to serialize. Each statement sees what
+            # the process that held the lock before committed.
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         version = apply_schema_txn(cursor)
         conn.commit()
         return version
