@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from synapse.server import HomeServer
+from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 
 from synapse_nidstate.history import Driver, HistoryShape, realistic_history
@@ -83,13 +84,24 @@ class MigrateTests:
         await self.stop_homeserver(hs)
         hs = await self.make_homeserver(None, database=database)
         d = Driver(hs)
-        for i in range(5):
-            await d.message(alice, history.rooms[1], f"while disabled {i}")
-        await d.send(alice, history.rooms[1], "m.room.topic", {"topic": "disabled"}, "")
+        gap = [(await d.message(alice, history.rooms[1], f"while disabled {i}")).event_id
+               for i in range(5)]
+        topic = await d.send(alice, history.rooms[1], "m.room.topic", {"topic": "disabled"}, "")
+        gap.append(topic.event_id)
         await self.stop_homeserver(hs)
         hs = await self.make_homeserver({"mode": "serve"}, database=database)
         module = self.module(hs)
         self.assertEqual(await module.migrator.remaining(), 6)
+        self.assertEqual((await module.migration_status())["remaining_events"], 6)
+        # Until migrated, the gap's lookups fall back to Synapse, with its answers.
+        self.assertEqual(await module.lookups.mirrored_state_ids(gap, StateFilter.all()), {})
+        fallback = module.stats.lookups.fallback
+        controller = hs.get_storage_controllers().state
+        self.assertEqual(
+            await controller.get_state_ids_for_events(gap),
+            await module.lookups.native_state_ids(gap, StateFilter.all()),
+        )
+        self.assertEqual(module.stats.lookups.fallback - fallback, len(gap))
         await module.migrator.run()
         self.assertEqual(await module.migrator.remaining(), 0)
         for room_id in history.rooms:
