@@ -122,6 +122,8 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
       twice): in the same transaction, every row of the room goes.
     * ``StateGroupDataStore.purge_unreferenced_state_groups`` (state database,
       maybe another one): afterwards, the mapping of the groups it deleted goes.
+
+    After each, the room's snapshots and blocks nothing uses any more are deleted.
     """
     main = hs.get_datastores().main
     state = hs.get_datastores().state
@@ -135,6 +137,7 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     ) -> Any:
         result = purge_history_txn(txn, room_id, *args, **kwargs)
         store.forget_unmapped_events_txn(txn, room_id)
+        store.reclaim_txn(txn, room_id)
         return result
 
     @functools.wraps(purge_room_txn)
@@ -155,7 +158,7 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
             gone = set(candidates) - {row[0] for row in existing}
             if gone:
                 await store.db_pool.runInteraction(
-                    "nidstate_forget_state_groups", store.forget_state_groups_txn, gone
+                    "nidstate_forget_state_groups", store.forget_state_groups_txn, room_id, gone
                 )
         return deleted_any
 

@@ -22,7 +22,7 @@ from synapse.storage.database import (
     LoggingTransaction,
     make_in_list_sql_clause,
 )
-from synapse.storage.engines import BaseDatabaseEngine
+from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache
@@ -44,6 +44,9 @@ V = TypeVar("V")
 
 # Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
 # `bytes` parameters (matrix-org/synapse#6186).
+
+#: Key space of the per-room advisory locks (the other key is the room NID).
+_ROOM_LOCK_CLASS = 0x6E6964  # "nid"
 
 #: Bound on the number of values in one IN list of bound variables (SQLite's
 #: variable limit); only binary values on SQLite need it, see in_list_clause.
@@ -657,6 +660,8 @@ class NidStore:
         """
         learnt = scope.begin(txn, self)
         (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
+        if steps:
+            self._lock_room_txn(txn, room_nid)
         self._build_groups_txn(txn, learnt, room_nid, steps, stats)
         groups = self.known_groups_txn(
             txn, {r.state_group for r in rows if r.state_group is not None}, learnt
@@ -679,6 +684,58 @@ class NidStore:
         )
 
     # ---------------------------------------------------------------- purges
+
+    def _lock_room_txn(self, txn: LoggingTransaction, room_nid: int) -> None:
+        """Serialize, per room, writes that reuse blocks and snapshots with
+        :meth:`reclaim_txn`, which deletes unreferenced ones: a write must not
+        dedupe onto a row a concurrent reclaim is deleting. (SQLite has one
+        writer at a time anyway.)"""
+        if isinstance(self.engine, PostgresEngine):
+            txn.execute(
+                "SELECT pg_advisory_xact_lock(?, ?)", (_ROOM_LOCK_CLASS, room_nid % 2**31)
+            )
+
+    def reclaim_txn(self, txn: LoggingTransaction, room_id: str) -> tuple[int, int]:
+        """Delete the room's snapshots no event or state group uses any more,
+        then its blocks no snapshot lists; returns how many of each.
+
+        Runs after purges (Synapse's purge transaction, or after it deleted
+        unreferenced state groups). Memory: the room's referenced block NIDs.
+        """
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return 0, 0
+        self._lock_room_txn(txn, room_nid)
+        txn.execute(
+            "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?"
+            " AND snapshot_nid NOT IN"
+            "  (SELECT snapshot_nid FROM nidstate_events"
+            "   WHERE room_nid = ? AND snapshot_nid IS NOT NULL)"
+            " AND snapshot_nid NOT IN (SELECT snapshot_nid FROM nidstate_state_groups)",
+            (room_nid, room_nid),
+        )
+        snapshots = [row[0] for row in txn.fetchall()]
+        for chunk in batch_iter(snapshots, _CHUNK):
+            clause, args = in_list_clause(self.engine, "snapshot_nid", chunk)
+            txn.execute(f"DELETE FROM nidstate_snapshots WHERE {clause}", args)
+        referenced: set[int] = set()
+        txn.execute("SELECT block_nids FROM nidstate_snapshots WHERE room_nid = ?", (room_nid,))
+        for (block_nids,) in txn:
+            referenced.update(algebra.unpack_nids(block_nids))
+        txn.execute("SELECT block_nid FROM nidstate_blocks WHERE room_nid = ?", (room_nid,))
+        blocks = [row[0] for row in txn.fetchall() if row[0] not in referenced]
+        for chunk in batch_iter(blocks, _CHUNK):
+            clause, args = in_list_clause(self.engine, "block_nid", chunk)
+            txn.execute(f"DELETE FROM nidstate_blocks WHERE {clause}", args)
+        txn.call_after(self._forget_snapshots_and_blocks, snapshots, blocks)
+        return len(snapshots), len(blocks)
+
+    def _forget_snapshots_and_blocks(self, snapshots: list[int], blocks: list[int]) -> None:
+        for snapshot_nid in snapshots:
+            self._snapshot_blocks.invalidate(snapshot_nid)
+            self._resolved.invalidate(snapshot_nid)
+        for block_nid in blocks:
+            self._blocks.invalidate(block_nid)
 
     def _room_nid_txn(self, txn: LoggingTransaction, room_id: str) -> int | None:
         txn.execute("SELECT room_nid FROM nidstate_rooms WHERE room_id = ?", (room_id,))
@@ -728,12 +785,15 @@ class NidStore:
         # A purge is rare: forget every cached value rather than track the room's.
         txn.call_after(self.clear_caches)
 
-    def forget_state_groups_txn(self, txn: LoggingTransaction, groups: Collection[int]) -> None:
-        """Drop the mapping of state groups Synapse deleted."""
+    def forget_state_groups_txn(
+        self, txn: LoggingTransaction, room_id: str, groups: Collection[int]
+    ) -> None:
+        """Drop the mapping of state groups Synapse deleted, then what only they used."""
         for chunk in batch_iter(groups, _CHUNK):
             clause, args = make_in_list_sql_clause(self.engine, "state_group", chunk)
             txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
         txn.call_after(self._forget_groups, list(groups))
+        self.reclaim_txn(txn, room_id)
 
     def _forget_groups(self, groups: Iterable[int]) -> None:
         for group in groups:

@@ -2,8 +2,11 @@
 
 from typing import Any
 
+from synapse.types import TaskStatus
 from synapse.types.state import StateFilter
+from synapse.util.duration import Duration
 
+from synapse_nidstate.algebra import unpack_nids
 from synapse_nidstate.verify import find_orphans
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, room_event_ids
@@ -19,6 +22,20 @@ async def _answers(module: Any, event_ids: list[str]) -> tuple[dict, dict]:
             pass  # purged: Synapse has no state for it any more
     mirrored = await module.lookups.mirrored_state_ids(event_ids, StateFilter.all())
     return native, mirrored
+
+
+def _unreferenced_txn(txn: Any) -> tuple[set[int], set[int]]:
+    """Snapshots no event or state group uses, and blocks no snapshot lists."""
+    txn.execute("SELECT snapshot_nid FROM nidstate_events WHERE snapshot_nid IS NOT NULL")
+    used = {row[0] for row in txn.fetchall()}
+    txn.execute("SELECT snapshot_nid FROM nidstate_state_groups")
+    used |= {row[0] for row in txn.fetchall()}
+    txn.execute("SELECT snapshot_nid, block_nids FROM nidstate_snapshots")
+    snapshots = {nid: unpack_nids(blocks) for nid, blocks in txn.fetchall()}
+    listed = {b for blocks in snapshots.values() for b in blocks}
+    txn.execute("SELECT block_nid FROM nidstate_blocks")
+    blocks = {row[0] for row in txn.fetchall()}
+    return set(snapshots) - used, blocks - listed
 
 
 class PurgeTests:
@@ -43,6 +60,10 @@ class PurgeTests:
 
         # Synapse deletes the unreferenced state groups later; so does the mirror.
         state = hs.get_datastores().state
+        db_pool = module.store.db_pool
+        snapshots_before = await db_pool.simple_select_onecol(
+            "nidstate_snapshots", None, "snapshot_nid", desc="t"
+        )
         groups_before = await state.db_pool.simple_select_onecol(
             "state_groups", {"room_id": room_id}, "id"
         )
@@ -52,6 +73,14 @@ class PurgeTests:
             "state_groups", {"room_id": room_id}, "id"
         )
         self.assertLess(len(groups_after), len(groups_before))
+        # The snapshots and blocks only the deleted groups used are reclaimed.
+        snapshots_after = await db_pool.simple_select_onecol(
+            "nidstate_snapshots", None, "snapshot_nid", desc="t"
+        )
+        self.assertLess(len(snapshots_after), len(snapshots_before))
+        self.assertEqual(
+            await db_pool.runInteraction("unreferenced", _unreferenced_txn), (set(), set())
+        )
         orphans = await find_orphans(hs)
         self.assertEqual(orphans.count, 0, orphans)
         # What remains is still answered exactly.
@@ -88,6 +117,56 @@ class PurgeTests:
         native, mirrored = await _answers(module, kept_events)
         self.assertEqual(mirrored, native)
         self.assertEqual(len(mirrored), len(kept_events))
+
+
+    @in_logcontext
+    async def test_delete_room_admin_api(self) -> None:
+        # What DELETE /_synapse/admin/v2/rooms/<room_id> starts: a scheduled
+        # task that shuts the room down and purges it.
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs, messages_per_room=2)
+        module = self.module(hs)
+        gone, kept = history.rooms[0], history.rooms[1]
+        gone_events, _ = await room_event_ids(hs, gone)
+        pagination = hs.get_pagination_handler()
+        delete_id = await pagination.start_shutdown_and_purge_room(
+            room_id=gone,
+            shutdown_params={
+                "new_room_user_id": None,
+                "new_room_name": None,
+                "message": None,
+                "requester_user_id": history.users[0],
+                "block": False,
+                "purge": True,
+                "force_purge": True,
+            },
+        )
+        scheduler = hs.get_task_scheduler()
+        clock = hs.get_clock()
+        for _ in range(200):
+            task = await scheduler.get_task(delete_id)
+            if task is not None and task.status in (TaskStatus.COMPLETE, TaskStatus.FAILED):
+                break
+            await clock.sleep(Duration(milliseconds=50))
+        assert task is not None
+        self.assertEqual(task.status, TaskStatus.COMPLETE, task.error)
+
+        def room_rows_txn(txn: Any) -> int:
+            txn.execute("SELECT COUNT(*) FROM nidstate_rooms WHERE room_id = ?", (gone,))
+            return txn.fetchone()[0]
+
+        self.assertEqual(await module.store.db_pool.runInteraction("t", room_rows_txn), 0)
+        self.assertEqual(
+            await module.lookups.mirrored_state_ids(gone_events, StateFilter.all()), {}
+        )
+        self.assertEqual((await find_orphans(hs)).count, 0)
+        self.assertEqual(
+            await module.store.db_pool.runInteraction("unreferenced", _unreferenced_txn),
+            (set(), set()),
+        )
+        kept_events, _ = await room_event_ids(hs, kept)
+        native, mirrored = await _answers(module, kept_events)
+        self.assertEqual(mirrored, native)
 
 
 class SqlitePurgeTests(PurgeTests, HomeserverTestCase):
