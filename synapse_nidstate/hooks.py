@@ -124,6 +124,10 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
       maybe another one): afterwards, the mapping of the groups it deleted goes.
 
     After each, the room's snapshots and blocks nothing uses any more are deleted.
+
+    * ``CacheInvalidationWorkerStore._invalidate_caches_for_room_events`` (every
+      process, from the purging one or from replication): the event ->
+      snapshot cache is emptied, as Synapse empties its event -> state group one.
     """
     main = hs.get_datastores().main
     state = hs.get_datastores().state
@@ -162,6 +166,17 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
                 )
         return deleted_any
 
+    # Every process, when a purge in a room is streamed to it (or made here):
+    # Synapse forgets its event -> state group cache; the mirror forgets its
+    # event -> snapshot one, so no worker answers for a purged event.
+    invalidate_room_events = main._invalidate_caches_for_room_events
+
+    @functools.wraps(invalidate_room_events)
+    def _invalidate_caches_for_room_events(room_id: str) -> None:
+        invalidate_room_events(room_id)
+        store.forget_event_snapshots()
+
+    main._invalidate_caches_for_room_events = _invalidate_caches_for_room_events  # type: ignore[method-assign]
     main._purge_history_txn = _purge_history_txn  # type: ignore[method-assign]
     main._purge_room_txn = _purge_room_txn  # type: ignore[method-assign]
     state.purge_unreferenced_state_groups = purge_unreferenced_state_groups  # type: ignore[method-assign]

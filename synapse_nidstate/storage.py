@@ -766,6 +766,10 @@ class NidStore:
         txn.call_after(self._forget_events, event_ids)
         return len(event_ids)
 
+    def forget_event_snapshots(self) -> None:
+        """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""
+        self._event_snapshots.clear()
+
     def _forget_events(self, event_ids: Iterable[str]) -> None:
         for event_id in event_ids:
             self._event_snapshots.invalidate(event_id)

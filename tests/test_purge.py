@@ -55,6 +55,12 @@ class PurgeTests:
 
         native, mirrored = await _answers(module, event_ids)
         self.assertLess(len(native), len(event_ids))  # something was purged
+        # Synapse streams the purge to its workers as a cache invalidation for
+        # the room; there (and here) the mirror's event -> snapshot cache goes.
+        await module.lookups.mirrored_state_ids(event_ids, StateFilter.all())
+        self.assertGreater(len(module.store._event_snapshots), 0)
+        hs.get_datastores().main._invalidate_caches_for_room_events(room_id)
+        self.assertEqual(len(module.store._event_snapshots), 0)
         self.assertEqual(mirrored, native)
         self.assertEqual((await find_orphans(hs)).count, 0)
 
