@@ -666,21 +666,31 @@ class NidStore:
         groups = self.known_groups_txn(
             txn, {r.state_group for r in rows if r.state_group is not None}, learnt
         )
-        event_nids = self._intern_events_txn(txn, learnt, room_nid, [r.event_id for r in rows])
-        updates = []
+        values = []
         for row in rows:
             snapshot_nid = groups.get(row.state_group) if row.state_group else None
             if row.state_group is not None and snapshot_nid is None:
                 stats.unprepared += 1
-            updates.append((snapshot_nid, event_nids[row.event_id]))
+            values.append((row.event_id, room_nid, snapshot_nid))
             if snapshot_nid is not None:
                 stats.events_mirrored += 1
                 if not keep_existing:
                     # A new event is looked up soon after (visibility, sync).
                     learnt.event_snapshots[row.event_id] = snapshot_nid
+        # One write per event: an insert, or an update of a row interned
+        # earlier (a state event named by its own snapshot) and only when it
+        # changes, as PostgreSQL writes a new row version for every update.
+        if keep_existing:
+            changes = "nidstate_events.snapshot_nid IS NULL"
+        elif isinstance(self.engine, PostgresEngine):
+            changes = "nidstate_events.snapshot_nid IS DISTINCT FROM EXCLUDED.snapshot_nid"
+        else:
+            changes = "nidstate_events.snapshot_nid IS NOT excluded.snapshot_nid"
         txn.execute_batch(
-            "UPDATE nidstate_events SET snapshot_nid = ? WHERE event_nid = ?" + (" AND snapshot_nid IS NULL" if keep_existing else ""),
-            updates,
+            "INSERT INTO nidstate_events (event_id, room_nid, snapshot_nid) VALUES (?, ?, ?)"
+            " ON CONFLICT (event_id) DO UPDATE SET snapshot_nid = EXCLUDED.snapshot_nid"
+            f" WHERE {changes}",
+            sorted(values),
         )
 
     # ---------------------------------------------------------------- purges
