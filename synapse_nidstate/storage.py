@@ -13,7 +13,7 @@ which is not, lives in ``sql/<engine>/``.
 
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attr
@@ -560,30 +560,37 @@ class NidStore:
         learnt.blocks.update(zip(nids, blocks))
         return nids
 
-    def _store_snapshot_txn(
+    def _store_snapshots_txn(
         self,
         txn: LoggingTransaction,
         learnt: _TxnCaches,
         room_nid: int,
-        block_nids: tuple[int, ...],
-    ) -> int:
-        """Insert-or-select a snapshot by its ordered block list."""
-        if len(block_nids) > algebra.MAX_BLOCKS:
-            raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
-        packed = algebra.pack_nids(block_nids)
-        digest = algebra.snapshot_hash(block_nids)
-        txn.execute(
+        block_lists: list[tuple[int, ...]],
+    ) -> list[int]:
+        """Insert-or-select snapshots by their ordered block lists; their NIDs in order."""
+        for block_nids in block_lists:
+            if len(block_nids) > algebra.MAX_BLOCKS:
+                raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
+        digests = [algebra.snapshot_hash(b) for b in block_lists]
+        txn.execute_batch(
             "INSERT INTO nidstate_snapshots (room_nid, content_hash, block_nids)"
             " VALUES (?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
-            (room_nid, bytearray(digest), bytearray(packed)),
+            sorted(
+                (room_nid, bytearray(d), bytearray(algebra.pack_nids(b)))
+                for d, b in zip(digests, block_lists)
+            ),
         )
-        txn.execute(
-            "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ? AND content_hash = ?",
-            (room_nid, bytearray(digest)),
+        rows = self._select_in_txn(
+            txn,
+            "SELECT content_hash, snapshot_nid FROM nidstate_snapshots WHERE room_nid = ? AND",
+            "content_hash",
+            [bytearray(d) for d in set(digests)],
+            (room_nid,),
         )
-        (snapshot_nid,) = txn.fetchone()  # type: ignore[misc]
-        learnt.snapshots[snapshot_nid] = block_nids
-        return snapshot_nid
+        by_digest = {bytes(d): nid for d, nid in rows}
+        nids = [by_digest[d] for d in digests]
+        learnt.snapshots.update(zip(nids, block_lists))
+        return nids
 
     def _build_groups_txn(
         self,
@@ -610,16 +617,40 @@ class NidStore:
             room_nid,
             [s.delta if s.delta is not None else s.full_state for s in todo],  # type: ignore[misc]
         )
+        # Plan every snapshot first, in Python: blocks new in this batch get a
+        # temporary (negative) NID, so that a child step can extend a parent
+        # planned just before it. Then three statements write them all: the
+        # blocks, the snapshots, the groups' mapping (not three per group).
+        new_blocks: dict[bytes, Block] = {}  # content hash -> block
+        temporary: dict[bytes, int] = {}  # content hash -> temporary NID
+        block_of_temporary: dict[int, Block] = {}
+        lists: dict[int, tuple[int, ...]] = {}  # group -> block list (temporary NIDs too)
+
+        def block_nid(block: Block) -> int:
+            digest = algebra.block_hash(block)
+            if digest not in temporary:
+                temporary[digest] = -(len(temporary) + 1)
+                new_blocks[digest] = block
+                block_of_temporary[temporary[digest]] = block
+            return temporary[digest]
+
+        def load(nids: Sequence[int]) -> dict[int, Block]:
+            loaded = self._blocks_txn(txn, learnt, [n for n in nids if n > 0])
+            loaded.update((n, block_of_temporary[n]) for n in nids if n < 0)
+            return loaded
+
         for step in todo:
             if step.full_state is not None:
                 plan = algebra.full(convert(step.full_state))
             else:
                 assert step.prev_group is not None and step.delta is not None
-                parent = self._snapshots_txn(txn, learnt, [known[step.prev_group]])
-                parent_blocks = parent[known[step.prev_group]]
+                parent_blocks = lists.get(step.prev_group)
+                if parent_blocks is None:
+                    parent = known[step.prev_group]
+                    parent_blocks = self._snapshots_txn(txn, learnt, [parent])[parent]
 
                 def parent_state(blocks: tuple[int, ...] = parent_blocks) -> NidStateMap:
-                    loaded = self._blocks_txn(txn, learnt, blocks)
+                    loaded = load(blocks)
                     return algebra.resolve(loaded[b] for b in blocks)
 
                 change = algebra.make_block(
@@ -628,18 +659,25 @@ class NidStore:
                 plan = algebra.extend(parent_blocks, change, parent_state)
             if plan.compacted and step.full_state is None:
                 stats.compactions += 1  # a delta on a parent at the 64-block limit
-            new_nids = self._store_blocks_txn(txn, learnt, room_nid, plan.blocks)
-            snapshot_nid = self._store_snapshot_txn(
-                txn, learnt, room_nid, plan.base + tuple(new_nids)
-            )
-            txn.execute(
-                "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
-                " ON CONFLICT (state_group) DO NOTHING",
-                (step.group, snapshot_nid),
-            )
-            known[step.group] = snapshot_nid
-            learnt.groups[step.group] = snapshot_nid
-            stats.snapshots_built += 1
+            lists[step.group] = tuple(plan.base) + tuple(block_nid(b) for b in plan.blocks)
+
+        real: dict[int, int] = {}
+        if new_blocks:
+            nids = self._store_blocks_txn(txn, learnt, room_nid, list(new_blocks.values()))
+            real = {temporary[digest]: nid for digest, nid in zip(new_blocks, nids)}
+        groups = list(lists)
+        snapshot_nids = self._store_snapshots_txn(
+            txn, learnt, room_nid, [tuple(real.get(n, n) for n in lists[g]) for g in groups]
+        )
+        txn.execute_batch(
+            "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
+            " ON CONFLICT (state_group) DO NOTHING",
+            list(zip(groups, snapshot_nids)),
+        )
+        for group, snapshot_nid in zip(groups, snapshot_nids):
+            known[group] = snapshot_nid
+            learnt.groups[group] = snapshot_nid
+        stats.snapshots_built += len(groups)
 
     def mirror_events_txn(
         self,
