@@ -87,9 +87,9 @@ SCALES: dict[str, Scale] = {
     "tiny": Scale(_shape(3, 20, 150, share=0.3), 20, 10, 15, 1),
     "S": Scale(_shape(10, 1000, 4000), 200, 100, 100, 4),
     # The default: builds and runs in well under 15 minutes on 2 cores.
-    "M": Scale(_shape(20, 2000, 8000), 300, 100, 100, 4),
+    "M": Scale(_shape(20, 2000, 8000), 300, 100, 200, 4),
     # The largest: a 20k-member room with churn and many small rooms.
-    "L": Scale(_shape(100, 20000, 30000), 500, 100, 150, 4),
+    "L": Scale(_shape(100, 20000, 30000), 500, 100, 200, 4),
 }
 
 
@@ -350,9 +350,12 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
             await stop_homeserver(hs)
 
     for round_ in range(scale.persist_rounds):
-        # Alternate which goes first, so neither gains from the other's warm-up.
+        # Alternate which goes first, so neither gains from the other's warm-up,
+        # and replay the same random choices in both (rooms, kinds of event).
         timed: dict[bool, tuple[int, float]] = {}
+        choices = writer.rng.getstate()
         for with_module in (False, True) if round_ % 2 == 0 else (True, False):
+            writer.rng.setstate(choices)
             log(args, f"persistence round {round_ + 1}/{scale.persist_rounds}: "
                 + ("module on (serve)" if with_module else "module off"))
             timed[with_module] = await persist_phase(with_module)
@@ -582,7 +585,7 @@ def report(results: Results, command: str) -> str:
         "",
         "## Persistence (events/s through Synapse's handlers, the same traffic mix; "
         f"each phase a fresh start, {PERSIST_WARM_UP} untimed events, then the timed ones; "
-        "the order alternates per round)",
+        "the order alternates per round, both replay the same random choices)",
         "",
     ]
     rows = []
