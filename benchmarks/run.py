@@ -283,6 +283,8 @@ class Results:
     dataset: dict[str, Any] = attr.Factory(dict)
     migration: dict[str, Any] = attr.Factory(dict)
     persistence: list[dict[str, Any]] = attr.Factory(list)
+    #: The module's plan + write seconds during the timed module-on sends.
+    mirror_seconds: float = 0.0
     equality: dict[str, Any] = attr.Factory(dict)
     timings: list[Timing] = attr.Factory(list)
     queries: list[dict[str, Any]] = attr.Factory(list)
@@ -292,6 +294,14 @@ class Results:
 
 def module_config() -> dict[str, Any]:
     return {"mode": "serve"}
+
+
+def _mirror_seconds(module: NidStateModule | None) -> float:
+    """Seconds the module spent planning and writing snapshots (its own histograms)."""
+    if module is None:
+        return 0.0
+    mirror = module.mirror
+    return mirror._plan_seconds._sum.get() + mirror._write_seconds._sum.get()
 
 
 async def send_timed(hs: HomeServer, writer: HistoryWriter, n: int) -> tuple[int, float]:
@@ -336,16 +346,21 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
     finally:
         await stop_homeserver(hs)
 
+    mirror_seconds = 0.0  # the module's own plan + write time in the timed sends
+
     async def persist_phase(with_module: bool) -> tuple[int, float]:
         """A fresh start, a warm-up, then the timed sends."""
+        nonlocal mirror_seconds
         hs = await start_homeserver(config(with_module), dataset.data_dir)
         try:
-            if with_module:
-                module = module_for(hs)
-                assert module is not None
+            module = module_for(hs)
+            if module is not None:
                 await module.migrator.run()  # what the "off" phases sent; not timed
             await send_timed(hs, writer, PERSIST_WARM_UP)
-            return await send_timed(hs, writer, scale.persist_events)
+            before = _mirror_seconds(module)
+            sent = await send_timed(hs, writer, scale.persist_events)
+            mirror_seconds += _mirror_seconds(module) - before
+            return sent
         finally:
             await stop_homeserver(hs)
 
@@ -364,6 +379,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
             {"off_events": off_events, "off_seconds": off_seconds,
              "on_events": on_events, "on_seconds": on_seconds}
         )
+    results.mirror_seconds = mirror_seconds
     dataset.save({**meta, "build_seconds": dataset.build_seconds})
 
     hs = await start_homeserver(config(True), dataset.data_dir)
@@ -505,7 +521,9 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
         off = sum(r["off_events"] for r in results.persistence) / sum(r["off_seconds"] for r in results.persistence)
         on = sum(r["on_events"] for r in results.persistence) / sum(r["on_seconds"] for r in results.persistence)
         overhead = 1 - on / off
-        out.append(("persistence overhead <= 5%", f"{overhead * 100:.1f}%", "met" if overhead <= 0.05 else "missed"))
+        out.append(("persistence overhead <= 5% (wall time, off vs on)", f"{overhead * 100:.1f}%", "met" if overhead <= 0.05 else "missed"))
+        share = results.mirror_seconds / sum(r["on_seconds"] for r in results.persistence)
+        out.append(("persistence overhead <= 5% (the module's own time)", f"{share * 100:.1f}%", "met" if share <= 0.05 else "missed"))
     if results.migration:
         rate = results.migration["rate"]
         out.append(("migration >= 10k events/s", f"{rate:,.0f} events/s", "met" if rate >= 10000 else "missed"))
@@ -593,6 +611,16 @@ def report(results: Results, command: str) -> str:
         off, on = r["off_events"] / r["off_seconds"], r["on_events"] / r["on_seconds"]
         rows.append((str(i), f"{r['off_events']}", f"{off:.1f}", f"{r['on_events']}", f"{on:.1f}", f"{(1 - on / off) * 100:+.1f}%"))
     out.append(markdown(rows, ("round", "events off", "module off ev/s", "events on", "module serve ev/s", "overhead")))
+    on_events = sum(r["on_events"] for r in results.persistence)
+    on_seconds = sum(r["on_seconds"] for r in results.persistence)
+    if on_events:
+        out += [
+            "",
+            f"The module's own work in those {on_events} module-on sends (its plan and write "
+            f"histograms): {results.mirror_seconds * 1000 / on_events:.2f} ms an event, "
+            f"{results.mirror_seconds / on_seconds * 100:.1f}% of their wall time "
+            f"({on_seconds * 1000 / on_events:.1f} ms an event).",
+        ]
     m = results.migration
     out += [
         "",
@@ -653,6 +681,13 @@ def as_json(results: Results, command: str) -> dict[str, Any]:
             }
             for r in results.persistence
         ],
+        "mirror_work_in_persistence": {
+            "seconds": fig(results.mirror_seconds, "s"),
+            "per_event": fig(
+                results.mirror_seconds / max(sum(r["on_events"] for r in results.persistence), 1),
+                "s/event",
+            ),
+        },
         "migration": {
             "events": fig(results.migration["events"], "events"),
             "seconds": fig(results.migration["seconds"], "s"),
