@@ -236,7 +236,6 @@ class Migrator:
         first_value: int | None,
     ) -> bool:
         by_room: dict[str, tuple[list[EventRow], list[GroupStep]]] = {}
-        groups_by_room: dict[str, set[int]] = {}
         for event in pending:
             rows, _ = by_room.setdefault(event.room_id, ([], []))
             rows.append(
@@ -245,14 +244,21 @@ class Migrator:
                     state_group=event.state_group,
                 )
             )
-            groups_by_room.setdefault(event.room_id, set()).add(event.state_group)
-        for room_id, groups in groups_by_room.items():
-            steps = await self._planner.plan(groups, {})
-            for step in steps:
-                if step.needs_full_state:
-                    # Written now, alone, so one full state is in memory at a time.
-                    await self._write_full_state_group(room_id, step)
-            by_room[room_id][1].extend(s for s in steps if not s.needs_full_state)
+        # One plan for the whole batch (its reads cover every room at once);
+        # a step belongs to the room of its group, or of the child it is the
+        # predecessor of (steps come parents first).
+        room_of = {event.state_group: event.room_id for event in pending}
+        steps = await self._planner.plan(set(room_of), {})
+        for step in reversed(steps):
+            if step.prev_group is not None and step.prev_group not in room_of:
+                room_of[step.prev_group] = room_of[step.group]
+        for step in steps:
+            room_id = room_of[step.group]
+            if step.needs_full_state:
+                # Written now, alone, so one full state is in memory at a time.
+                await self._write_full_state_group(room_id, step)
+            else:
+                by_room[room_id][1].append(step)
         await self._main.runInteraction(
             "nidstate_migrate_batch",
             self._write_batch_txn,

@@ -89,8 +89,11 @@ class SnapshotPlanner:
         known = set(await self._store.known_groups(needed))
         unhinted = needed - known - hints.keys()
         if len(unhinted) > 1:
-            # Many groups at once (migration): their deltas in one read, not one each.
+            # Many groups at once (migration): their deltas in one read, not one
+            # each, and whether the mirror has their predecessors in one more.
             hints = {**await self.deltas(unhinted), **hints}
+            parents = {prev for group, (prev, _) in hints.items() if group in needed} - needed
+            known.update(await self._store.known_groups(parents))
         planned: set[int] = set()
         steps: list[GroupStep] = []
         for group in sorted(needed - known):

@@ -11,10 +11,11 @@ CONFLICT ... DO NOTHING``, Synapse's ``make_in_list_sql_clause``); the DDL,
 which is not, lives in ``sql/<engine>/``.
 """
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attr
 from synapse.storage.database import (
@@ -22,9 +23,11 @@ from synapse.storage.database import (
     LoggingTransaction,
     make_in_list_sql_clause,
 )
+from synapse.storage.databases.state.store import StateGroupDataStore
 from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
+from synapse.util.caches.dictionary_cache import DictionaryCache
 from synapse.util.caches.lrucache import LruCache
 from synapse.util.iterutils import batch_iter
 
@@ -200,6 +203,27 @@ class WriteScope:
         self.learnt = _TxnCaches()
 
 
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _DictionaryCaches:
+    """The two attributes Synapse's ``StateGroupDataStore._insert_into_cache``
+    fills, here the module's per-snapshot caches."""
+
+    _state_group_members_cache: DictionaryCache
+    _state_group_cache: DictionaryCache
+
+
+def _state_from_cache(
+    cache: DictionaryCache, snapshot_nid: int, state_filter: StateFilter
+) -> tuple[MutableStateMap[str], bool]:
+    """Synapse's ``_get_state_for_group_using_cache`` (it uses nothing of its store)."""
+    return StateGroupDataStore._get_state_for_group_using_cache(
+        None,  # type: ignore[arg-type]
+        cache,
+        snapshot_nid,
+        state_filter,
+    )
+
+
 @attr.s(slots=True, auto_attribs=True)
 class _FilterNids:
     """The NIDs of a filter's types and state keys: cached ones, and those to read."""
@@ -276,6 +300,22 @@ class NidStore:
             "snapshot_blocks", config.snapshot_cache_size
         )
         self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
+        # snapshot -> parts of its state as strings, as Synapse caches a state
+        # group's: members, and everything else (sized in state entries).
+        self._members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
+            name="nidstate_snapshot_members",
+            clock=clock,
+            server_name=name,
+            max_entries=config.resolved_state_cache_size,
+        )
+        self._non_members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
+            name="nidstate_snapshot_non_members",
+            clock=clock,
+            server_name=name,
+            max_entries=config.resolved_state_cache_size,
+        )
+        self.named_caches["nidstate_snapshot_members"] = self._members.cache
+        self.named_caches["nidstate_snapshot_non_members"] = self._non_members.cache
         # snapshot -> its whole state as strings (immutable), sized in entries.
         self._resolved: LruCache[int, ResolvedState] = cache(
             "resolved_state", config.resolved_state_cache_size, size_callback=len
@@ -949,13 +989,24 @@ class NidStore:
             return {}
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
+        member_filter, non_member_filter = state_filter.get_member_split()
         for snapshot_nid in set(snapshots.values()):
             resolved = self._resolved.get(snapshot_nid)
-            if resolved is None:
-                todo.append(snapshot_nid)
-            else:
+            if resolved is not None:
                 by_snapshot[snapshot_nid] = resolved.filter(state_filter)
+                continue
+            # What narrower lookups left, per snapshot, in the two caches
+            # Synapse keeps per state group (members, and everything else).
+            non_members, got_non_members = _state_from_cache(
+                self._non_members, snapshot_nid, non_member_filter
+            )
+            members, got_members = _state_from_cache(self._members, snapshot_nid, member_filter)
+            if got_non_members and got_members:
+                by_snapshot[snapshot_nid] = {**non_members, **members}
+            else:
+                todo.append(snapshot_nid)
         if todo:
+            sequences = (self._members.sequence, self._non_members.sequence)
             block_lists = self._snapshots_txn(txn, learnt, todo)
             blocks = self._blocks_txn(
                 txn, learnt, {b for nids in block_lists.values() for b in nids}
@@ -986,6 +1037,20 @@ class NidStore:
                     by_snapshot[snapshot_nid] = resolved.filter(state_filter)
                 else:
                     by_snapshot[snapshot_nid] = state
+            if not whole:
+                # Synapse's own rule for what a filtered read tells each cache.
+                insert = functools.partial(
+                    StateGroupDataStore._insert_into_cache,
+                    _DictionaryCaches(self._members, self._non_members),  # type: ignore[arg-type]
+                    cast("dict[int, StateMap[str]]", strings),
+                    state_filter,
+                    cache_seq_num_members=sequences[0],
+                    cache_seq_num_non_members=sequences[1],
+                )
+                if txn is None:
+                    insert()
+                else:
+                    txn.call_after(insert)
         return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
 
     def _to_strings(

@@ -171,6 +171,46 @@ class MirrorTests:
             self.assertGreater(await compare_room(self, hs, room_id, filters), 0)
 
     @in_logcontext
+    async def test_narrow_lookups_are_then_answered_from_the_caches(self) -> None:
+        # Concrete keys and lazy-loading fill the per-snapshot member and
+        # non-member caches (Synapse's rules): asked again, or asked for a
+        # subset, they are answered without the database, and still exactly.
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs)
+        module = self.module(hs)
+        native = module.lookups._native_state_ids
+        users = history.users
+        narrow = {
+            name: f
+            for name, f in filters_for(hs, users).items()
+            if name in ("none", "lazy_load", "include_others", "one_member", "history_visibility")
+        }
+        narrow["two_members"] = StateFilter.from_types(
+            [(EventTypes.Member, users[0]), (EventTypes.Member, users[3])]
+        )
+        narrow["unknown_member"] = StateFilter.from_types([(EventTypes.Member, "@no:where")])
+        rng = random.Random(7)
+        for room_id in history.rooms:
+            event_ids, _ = await room_event_ids(hs, room_id)
+            module.store.clear_caches()
+            names = sorted(narrow)
+            for round_ in range(2):
+                rng.shuffle(names)
+                for name in names:
+                    expected = await native(event_ids, narrow[name])
+                    cached = module.store.cached_state_for_events(event_ids, narrow[name])
+                    if round_ == 0 and cached is None:
+                        mirrored = await module.lookups.mirrored_state_ids(
+                            event_ids, narrow[name]
+                        )
+                        self.assertEqual(mirrored, expected, name)
+                        cached = module.store.cached_state_for_events(event_ids, narrow[name])
+                    self.assertIsNotNone(cached, f"{name} not answered from the caches")
+                    self.assertEqual(cached, expected, name)
+            # The whole state was never resolved for these.
+            self.assertEqual(len(module.store._resolved), 0)
+
+    @in_logcontext
     async def test_random_filters(self) -> None:
         # Filters drawn at random (seeded) over the types and keys the rooms
         # hold, plus unknown ones: concrete keys, wildcards, empty key sets,
