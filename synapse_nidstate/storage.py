@@ -578,25 +578,15 @@ class NidStore:
         blocks: Collection[Block],
     ) -> list[int]:
         """Insert-or-select blocks by content; returns their NIDs in order."""
-        packed = [algebra.pack_block(b) for b in blocks]
-        hashes = [algebra.block_hash(b) for b in blocks]
-        txn.execute_batch(
-            "INSERT INTO nidstate_blocks (room_nid, content_hash, entry_count, entries)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
-            sorted(
-                (room_nid, bytearray(h), len(b), bytearray(p))
-                for h, b, p in zip(hashes, blocks, packed)
-            ),
-        )
-        rows = self._select_in_txn(
+        nids = self._insert_or_select_txn(
             txn,
-            "SELECT content_hash, block_nid FROM nidstate_blocks WHERE room_nid = ? AND",
-            "content_hash",
-            [bytearray(h) for h in set(hashes)],
-            (room_nid,),
+            "nidstate_blocks",
+            "block_nid",
+            ("entry_count", "entries"),
+            room_nid,
+            [algebra.block_hash(b) for b in blocks],
+            [(len(b), bytearray(algebra.pack_block(b))) for b in blocks],
         )
-        by_hash = {bytes(h): nid for h, nid in rows}
-        nids = [by_hash[h] for h in hashes]
         learnt.blocks.update(zip(nids, blocks))
         return nids
 
@@ -611,26 +601,46 @@ class NidStore:
         for block_nids in block_lists:
             if len(block_nids) > algebra.MAX_BLOCKS:
                 raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
-        digests = [algebra.snapshot_hash(b) for b in block_lists]
+        nids = self._insert_or_select_txn(
+            txn,
+            "nidstate_snapshots",
+            "snapshot_nid",
+            ("block_nids",),
+            room_nid,
+            [algebra.snapshot_hash(b) for b in block_lists],
+            [(bytearray(algebra.pack_nids(b)),) for b in block_lists],
+        )
+        learnt.snapshots.update(zip(nids, block_lists))
+        return nids
+
+    def _insert_or_select_txn(
+        self,
+        txn: LoggingTransaction,
+        table: str,
+        nid_column: str,
+        columns: tuple[str, ...],
+        room_nid: int,
+        digests: list[bytes],
+        values: list[tuple],
+    ) -> list[int]:
+        """Rows deduplicated per room by content hash: insert those not there
+        (in a fixed order, so concurrent writers lock alike), then read every
+        one's NID; returns them in the order of ``digests``."""
+        placeholders = ", ".join("?" for _ in range(2 + len(columns)))
         txn.execute_batch(
-            "INSERT INTO nidstate_snapshots (room_nid, content_hash, block_nids)"
-            " VALUES (?, ?, ?) ON CONFLICT (room_nid, content_hash) DO NOTHING",
-            sorted(
-                (room_nid, bytearray(d), bytearray(algebra.pack_nids(b)))
-                for d, b in zip(digests, block_lists)
-            ),
+            f"INSERT INTO {table} (room_nid, content_hash, {', '.join(columns)})"
+            f" VALUES ({placeholders}) ON CONFLICT (room_nid, content_hash) DO NOTHING",
+            sorted((room_nid, bytearray(d), *v) for d, v in zip(digests, values)),
         )
         rows = self._select_in_txn(
             txn,
-            "SELECT content_hash, snapshot_nid FROM nidstate_snapshots WHERE room_nid = ? AND",
+            f"SELECT content_hash, {nid_column} FROM {table} WHERE room_nid = ? AND",
             "content_hash",
             [bytearray(d) for d in set(digests)],
             (room_nid,),
         )
         by_digest = {bytes(d): nid for d, nid in rows}
-        nids = [by_digest[d] for d in digests]
-        learnt.snapshots.update(zip(nids, block_lists))
-        return nids
+        return [by_digest[d] for d in digests]
 
     def _build_groups_txn(
         self,
@@ -969,10 +979,11 @@ class NidStore:
         """The state at each event the mirror has a snapshot for, filtered.
 
         Events without a snapshot are left out of the result. A filter of
-        concrete keys (what visibility checks ask) binary-searches the
-        snapshot's blocks for those keys only; any other filter resolves the
-        whole state once, keeps it as strings in the resolved-state cache and
-        filters it with ``StateFilter.filter_state``, as Synapse does.
+        concrete keys (what visibility checks ask, lazy-loading) resolves
+        those keys in NIDs and keeps the answer in the per-snapshot member and
+        non-member caches, as Synapse does per state group; any other filter
+        resolves the whole state once, keeps it as strings in the
+        resolved-state cache and filters it with ``StateFilter.filter_state``.
         """
         # Filters that need most of the state (full, wildcards) resolve it all
         # and keep it; narrower ones (concrete keys, lazy-loaded members)
