@@ -37,6 +37,7 @@ from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache, _get_size_of
 
 from synapse_nidstate.cli import Progress
+from synapse_nidstate.config import BackgroundMigrationConfig
 from synapse_nidstate.history import HistoryShape, HistoryWriter
 from synapse_nidstate.inprocess import (
     homeserver_config,
@@ -54,6 +55,8 @@ from synapse_nidstate.tools import drop_tables_txn
 from synapse_nidstate.verify import compare_with_native, room_events_with_state, standard_filters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The migration's batch size (the module's default, as operators run it).
+BATCH_EVENTS = BackgroundMigrationConfig().batch_size
 #: Events sent, untimed, after each start before the persistence timing.
 PERSIST_WARM_UP = 10
 DATASET_VERSION = 1
@@ -338,11 +341,20 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         remaining = await module.migrator.remaining()
         progress = Progress("migrating", remaining, args.progress)
         started = time.perf_counter()
-        await module.migrator.run(progress)
+        with count_database_work() as work:
+            await module.migrator.run(progress)
         seconds = time.perf_counter() - started
         progress.finish()
         migrated = module.stats.migration.events_migrated
-        results.migration = {"events": migrated, "seconds": seconds, "rate": migrated / seconds}
+        migration_batches = max(module.stats.migration.batches, 1)
+        results.migration = {
+            "events": migrated,
+            "seconds": seconds,
+            "rate": migrated / seconds,
+            "batches": migration_batches,
+            "statements_per_batch": work.statements / migration_batches,
+            "transactions_per_batch": work.transactions / migration_batches,
+        }
     finally:
         await stop_homeserver(hs)
 
@@ -626,6 +638,10 @@ def report(results: Results, command: str) -> str:
         "",
         f"## Migration: {m['events']:,} events in {m['seconds']:.1f}s, **{m['rate']:,.0f} events/s**",
         "",
+        f"{m['batches']} batches of up to {BATCH_EVENTS} events; per batch "
+        f"{m['seconds'] / m['batches'] * 1000:.0f} ms, {m['statements_per_batch']:.0f} SQL "
+        f"statements in {m['transactions_per_batch']:.1f} transactions.",
+        "",
         "## Cache memory after the lookups (entries; bytes of keys and values by pympler)",
         "",
     ]
@@ -692,6 +708,11 @@ def as_json(results: Results, command: str) -> dict[str, Any]:
             "events": fig(results.migration["events"], "events"),
             "seconds": fig(results.migration["seconds"], "s"),
             "rate": fig(results.migration["rate"], "events/s"),
+            "batches": fig(results.migration["batches"], "batches"),
+            "statements_per_batch": fig(results.migration["statements_per_batch"], "statements"),
+            "transactions_per_batch": fig(
+                results.migration["transactions_per_batch"], "transactions"
+            ),
         },
         "cache_memory": {
             side: {name: {"entries": fig(e, "entries"), "bytes": fig(b, "bytes")} for name, (e, b) in caches.items()}
