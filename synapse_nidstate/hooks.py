@@ -123,7 +123,7 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     * ``StateGroupDataStore.purge_unreferenced_state_groups`` (state database,
       maybe another one): afterwards, the mapping of the groups it deleted goes.
 
-    After each, the room's snapshots and blocks nothing uses any more are deleted.
+    Then the room's snapshots and blocks nothing uses any more are deleted.
 
     * ``CacheInvalidationWorkerStore._invalidate_caches_for_room_events`` (every
       process, from the purging one or from replication): the event ->
@@ -141,7 +141,6 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     ) -> Any:
         result = purge_history_txn(txn, room_id, *args, **kwargs)
         store.forget_unmapped_events_txn(txn, room_id)
-        store.reclaim_txn(txn, room_id)
         return result
 
     @functools.wraps(purge_room_txn)

@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING
 import attr
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
-from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
+from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
-from synapse.util.iterutils import batch_iter
 
 from synapse_nidstate.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
-from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
+from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -132,19 +131,18 @@ class SnapshotPlanner:
 
         def deltas_txn(txn: LoggingTransaction) -> dict[int, tuple[int, StateMap[str]]]:
             found: dict[int, tuple[int, dict[tuple[str, str], str]]] = {}
-            for chunk in batch_iter(sorted(groups), 500):
-                clause, args = make_in_list_sql_clause(txn.database_engine, "e.state_group", chunk)
-                txn.execute(
-                    "SELECT e.state_group, e.prev_state_group, s.type, s.state_key, s.event_id"
-                    " FROM state_group_edges AS e"
-                    " LEFT JOIN state_groups_state AS s ON s.state_group = e.state_group"
-                    f" WHERE {clause}",
-                    args,
-                )
-                for group, prev_group, event_type, state_key, event_id in txn:
-                    _, delta = found.setdefault(group, (prev_group, {}))
-                    if event_type is not None:
-                        delta[(event_type, state_key)] = event_id
+            clause, args = in_list_clause(txn.database_engine, "e.state_group", groups)
+            txn.execute(
+                "SELECT e.state_group, e.prev_state_group, s.type, s.state_key, s.event_id"
+                " FROM state_group_edges AS e"
+                " LEFT JOIN state_groups_state AS s ON s.state_group = e.state_group"
+                f" WHERE {clause}",
+                args,
+            )
+            for group, prev_group, event_type, state_key, event_id in txn:
+                _, delta = found.setdefault(group, (prev_group, {}))
+                if event_type is not None:
+                    delta[(event_type, state_key)] = event_id
             return dict(found)
 
         return await self._state_store.db_pool.runInteraction("nidstate_plan_deltas", deltas_txn)

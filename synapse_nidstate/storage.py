@@ -797,8 +797,8 @@ class NidStore:
         """Delete the room's snapshots no event or state group uses any more,
         then its blocks no snapshot lists; returns how many of each.
 
-        Runs after purges (Synapse's purge transaction, or after it deleted
-        unreferenced state groups). Memory: the room's referenced block NIDs.
+        Runs once Synapse has deleted unreferenced state groups: until then
+        every snapshot is still a group's. Memory: the room's referenced block NIDs.
         """
         room_nid = self._room_nid_txn(txn, room_id)
         if room_nid is None:
@@ -813,8 +813,8 @@ class NidStore:
             (room_nid, room_nid),
         )
         snapshots = [row[0] for row in txn.fetchall()]
-        for chunk in batch_iter(snapshots, _CHUNK):
-            clause, args = in_list_clause(self.engine, "snapshot_nid", chunk)
+        if snapshots:
+            clause, args = in_list_clause(self.engine, "snapshot_nid", snapshots)
             txn.execute(f"DELETE FROM nidstate_snapshots WHERE {clause}", args)
         referenced: set[int] = set()
         txn.execute("SELECT block_nids FROM nidstate_snapshots WHERE room_nid = ?", (room_nid,))
@@ -822,8 +822,8 @@ class NidStore:
             referenced.update(algebra.unpack_nids(block_nids))
         txn.execute("SELECT block_nid FROM nidstate_blocks WHERE room_nid = ?", (room_nid,))
         blocks = [row[0] for row in txn.fetchall() if row[0] not in referenced]
-        for chunk in batch_iter(blocks, _CHUNK):
-            clause, args = in_list_clause(self.engine, "block_nid", chunk)
+        if blocks:
+            clause, args = in_list_clause(self.engine, "block_nid", blocks)
             txn.execute(f"DELETE FROM nidstate_blocks WHERE {clause}", args)
         txn.call_after(self._forget_snapshots_and_blocks, snapshots, blocks)
         return len(snapshots), len(blocks)
@@ -847,30 +847,26 @@ class NidStore:
         (deleted ones, and state events it keeps as outliers); the mirror then
         must not answer for them either. Their rows stay (without a snapshot):
         blocks of the events that remain may still name them. Idempotent.
+
+        The event -> snapshot cache is emptied by Synapse's own invalidation of
+        the room's event caches, which the purge streams to every process
+        (see ``hooks.install_purges``).
         """
         room_nid = self._room_nid_txn(txn, room_id)
         if room_nid is None:
             return 0
         txn.execute(
-            "SELECT event_id FROM nidstate_events AS n"
-            " WHERE n.room_nid = ? AND n.snapshot_nid IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM event_to_state_groups AS esg WHERE esg.event_id = n.event_id)",
+            "UPDATE nidstate_events SET snapshot_nid = NULL"
+            " WHERE room_nid = ? AND snapshot_nid IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM event_to_state_groups AS esg"
+            "  WHERE esg.event_id = nidstate_events.event_id)",
             (room_nid,),
         )
-        event_ids = [row[0] for row in txn.fetchall()]
-        for chunk in batch_iter(event_ids, _CHUNK):
-            clause, args = make_in_list_sql_clause(self.engine, "event_id", chunk)
-            txn.execute(f"UPDATE nidstate_events SET snapshot_nid = NULL WHERE {clause}", args)
-        txn.call_after(self._forget_events, event_ids)
-        return len(event_ids)
+        return txn.rowcount
 
     def forget_event_snapshots(self) -> None:
         """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""
         self._event_snapshots.clear()
-
-    def _forget_events(self, event_ids: Iterable[str]) -> None:
-        for event_id in event_ids:
-            self._event_snapshots.invalidate(event_id)
 
     def purge_room_txn(self, txn: LoggingTransaction, room_id: str) -> None:
         """Delete every row of a room Synapse purges (idempotent: it runs twice)."""
@@ -891,9 +887,8 @@ class NidStore:
         self, txn: LoggingTransaction, room_id: str, groups: Collection[int]
     ) -> None:
         """Drop the mapping of state groups Synapse deleted, then what only they used."""
-        for chunk in batch_iter(groups, _CHUNK):
-            clause, args = make_in_list_sql_clause(self.engine, "state_group", chunk)
-            txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
+        clause, args = in_list_clause(self.engine, "state_group", groups)
+        txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
         txn.call_after(self._forget_groups, list(groups))
         self.reclaim_txn(txn, room_id)
 

@@ -63,6 +63,34 @@ class HttpError(Exception):
     pass
 
 
+def http_request(
+    base_url: str,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a client-API request; never raises for an
+    HTTP error status."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = raw.decode(errors="replace")
+        return e.code, decoded
+
+
 class SynapseProcess:
     """``python -m synapse.app.homeserver`` on a data directory, with one module mode."""
 
@@ -241,22 +269,7 @@ class SynapseProcess:
         self, method: str, path: str, token: str | None = None, body: Any = None
     ) -> tuple[int, Any]:
         """(status, decoded JSON body); never raises for an HTTP error status."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                decoded = json.loads(raw)
-            except ValueError:
-                decoded = raw.decode(errors="replace")
-            return e.code, decoded
+        return http_request(self.base_url, method, path, token, body)
 
     def ok(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
         status, answer = self.request(method, path, token, body)

@@ -41,6 +41,7 @@ from tests.test_e2e import (
     SERVER_NAME,
     HttpError,
     free_port,
+    http_request,
     q,
 )
 
@@ -135,19 +136,10 @@ class Process:
     def request(
         self, method: str, path: str, token: str | None = None, body: Any = None
     ) -> Any:
-        import json
-
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            raise HttpError(f"{self.name}: {method} {path} -> {e.code}: {e.read()!r}") from e
+        status, answer = http_request(self.base_url, method, path, token, body, timeout=60)
+        if status != 200:
+            raise HttpError(f"{self.name}: {method} {path} -> {status}: {answer!r}")
+        return answer
 
 
 class Deployment:
