@@ -19,18 +19,18 @@ import sys
 from synapse.types.state import StateFilter
 
 from benchmarks.run import REPO, SCALES, prepare_postgres
-from synapse_nidstate.history import HistoryWriter
-from synapse_nidstate.inprocess import (
+from synapse_nidstate.commands.homeserver import run_in_reactor
+from synapse_nidstate.commands.verify import room_events_with_state
+from synapse_nidstate.demo.history import HistoryWriter
+from synapse_nidstate.demo.inprocess import (
     homeserver_config,
     postgres_database,
-    run_in_reactor,
     sqlite_database,
     start_homeserver,
     stop_homeserver,
 )
-from synapse_nidstate.module import module_for
-from synapse_nidstate.timing import clear_state_caches, lookup_filters, visibility_filter
-from synapse_nidstate.verify import room_events_with_state
+from synapse_nidstate.demo.timing import clear_state_caches, lookup_filters, visibility_filter
+from synapse_nidstate.runtime.module import module_for
 
 
 def main() -> int:

@@ -36,23 +36,28 @@ from synapse.storage.database import DatabasePool, LoggingTransaction
 from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache, _get_size_of
 
-from synapse_nidstate.cli import Progress
-from synapse_nidstate.config import BackgroundMigrationConfig
-from synapse_nidstate.history import HistoryShape, HistoryWriter
-from synapse_nidstate.inprocess import (
+from synapse_nidstate.commands.homeserver import run_in_reactor
+from synapse_nidstate.commands.stats import report_as_json
+from synapse_nidstate.commands.storage_figures import StorageReport, storage_report
+from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.commands.verify import (
+    compare_with_native,
+    room_events_with_state,
+    standard_filters,
+)
+from synapse_nidstate.demo.history import HistoryShape, HistoryWriter
+from synapse_nidstate.demo.inprocess import (
     homeserver_config,
     postgres_database,
-    run_in_reactor,
     sqlite_database,
     start_homeserver,
     stop_homeserver,
 )
-from synapse_nidstate.lookups import StateLookups
-from synapse_nidstate.module import NidStateModule, module_for
-from synapse_nidstate.stats import StorageReport, report_as_json, storage_report
-from synapse_nidstate.timing import Timing, clear_state_caches, time_lookups, visibility_filter
-from synapse_nidstate.tools import drop_tables_txn
-from synapse_nidstate.verify import compare_with_native, room_events_with_state, standard_filters
+from synapse_nidstate.demo.timing import Timing, clear_state_caches, time_lookups, visibility_filter
+from synapse_nidstate.runtime.config import BackgroundMigrationConfig
+from synapse_nidstate.runtime.lookups import StateLookups
+from synapse_nidstate.runtime.module import NidStateModule, module_for
+from synapse_nidstate.storage.schema import drop_tables_txn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The migration's batch size (the module's default, as operators run it).
@@ -264,7 +269,7 @@ async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str,
     hs = await start_homeserver(homeserver_config(data_dir, database, None), data_dir)
     try:
         started = time.monotonic()
-        progress = Progress("dataset: writing history, module off", scale.shape.events, args.progress)
+        progress = WorkProgress("dataset: writing history, module off", scale.shape.events, args.progress)
         await writer.create(hs, progress)
         await writer.send(hs, scale.shape.events, progress)
         progress.finish()
@@ -339,7 +344,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         module = module_for(hs)
         assert module is not None
         remaining = await module.migrator.remaining()
-        progress = Progress("migrating", remaining, args.progress)
+        progress = WorkProgress("migrating", remaining, args.progress)
         started = time.perf_counter()
         with count_database_work() as work:
             await module.migrator.run(progress)

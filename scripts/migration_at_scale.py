@@ -19,12 +19,12 @@ import time
 
 import yaml
 
-from synapse_nidstate.cli import Progress
-from synapse_nidstate.history import HistoryShape, HistoryWriter
-from synapse_nidstate.inprocess import (
+from synapse_nidstate.commands.homeserver import run_in_reactor
+from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.demo.history import HistoryShape, HistoryWriter
+from synapse_nidstate.demo.inprocess import (
     homeserver_config,
     postgres_database,
-    run_in_reactor,
     sqlite_database,
     start_homeserver,
     stop_homeserver,
@@ -89,7 +89,7 @@ def main() -> int:
         hs = await start_homeserver(homeserver_config(data_dir, database, None), data_dir)
         try:
             writer = HistoryWriter(shape)
-            progress = Progress("writing history, module off", shape.events)
+            progress = WorkProgress("writing history, module off", shape.events)
             await writer.create(hs, progress)
             await writer.send(hs, shape.events, progress)
             progress.finish()

@@ -4,7 +4,7 @@ Enable with ``modules: - module: synapse_nidstate.NidStateModule`` in
 ``homeserver.yaml``; see the README for the configuration keys.
 """
 
-from synapse_nidstate.module import NidStateModule
+from synapse_nidstate.runtime.module import NidStateModule
 
 __all__ = ["NidStateModule"]
 __version__ = "0.1.0"

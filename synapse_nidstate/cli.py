@@ -4,69 +4,8 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
-from typing import Any
 
 from synapse_nidstate import __version__
-
-
-class Progress:
-    """A one-line progress bar on a terminal; a log line every few seconds elsewhere."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
-        self.label = label
-        self.total = max(total, 1)
-        self.done = 0
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < (0.2 if self.tty else 5.0)):
-            return
-        self._last = now
-        self._print(now)
-
-    def _print(self, now: float) -> None:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        left = max(self.total - self.done, 0) / rate if rate else 0.0
-        shown = min(self.done, self.total)
-        if self.tty:
-            width = 30
-            filled = int(width * shown / self.total)
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(
-                f"\r{self.label} [{bar}] {shown}/{self.total} {rate:,.0f}/s ETA {left:,.0f}s "
-            )
-        else:
-            sys.stderr.write(
-                f"{self.label}: {shown}/{self.total} ({rate:,.0f}/s, ETA {left:,.0f}s)\n"
-            )
-        sys.stderr.flush()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._print(time.monotonic())
-            if self.tty:
-                sys.stderr.write("\n")
-
-
-def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
-    cells = [header] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--json", action="store_true", help="the report as JSON")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from synapse_nidstate import stats
+    from synapse_nidstate.commands import stats
 
     stats.add_arguments(with_config(commands.add_parser(
         "stats",
@@ -153,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("rooms", "events", "big_room_members", "small_room_members", "timing_events"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
-        from synapse_nidstate.demo import run_demo
+        from synapse_nidstate.demo.demo import run_demo
 
         data_dir = tempfile.mkdtemp(prefix="synapse-nidstate-demo-")
         try:
@@ -177,7 +116,7 @@ def _positive_int(value: str) -> int:
 
 
 def _room_id(value: str) -> str:
-    from synapse_nidstate.tools import check_room_id
+    from synapse_nidstate.commands.homeserver import check_room_id
 
     return check_room_id(value)
 
@@ -188,9 +127,13 @@ def _run_tool(args: argparse.Namespace) -> int:
 
     from synapse.config._base import ConfigError
 
-    from synapse_nidstate import tools
-    from synapse_nidstate.inprocess import ToolConfigError, run_in_reactor, tool_homeserver
-    from synapse_nidstate.schema import apply_schema
+    from synapse_nidstate.commands import drop, migrate, verify
+    from synapse_nidstate.commands.homeserver import (
+        ToolConfigError,
+        run_in_reactor,
+        tool_homeserver,
+    )
+    from synapse_nidstate.storage.schema import apply_schema
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -215,13 +158,13 @@ def _run_tool(args: argparse.Namespace) -> int:
     except Exception as e:  # a database that cannot be opened, etc.
         print(f"synapse-nidstate: cannot open Synapse's databases: {e}", file=sys.stderr)
         return 2
-    from synapse_nidstate import stats
+    from synapse_nidstate.commands import stats
 
     command = {
-        "migrate": tools.migrate,
-        "verify": tools.verify,
+        "migrate": migrate.migrate,
+        "verify": verify.verify,
         "stats": stats.run,
-        "drop": tools.drop,
+        "drop": drop.drop,
     }[args.command]
     try:
         return run_in_reactor(lambda: command(hs, args))

@@ -18,14 +18,14 @@ from synapse.server import HomeServer
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from synapse_nidstate.inprocess import (
+from synapse_nidstate.commands.homeserver import in_logcontext
+from synapse_nidstate.demo.inprocess import (
     homeserver_config,
-    in_logcontext,
     sqlite_database,
     start_homeserver,
     stop_homeserver,
 )
-from synapse_nidstate.module import NidStateModule, module_for
+from synapse_nidstate.runtime.module import NidStateModule, module_for
 
 __all__ = ["HomeserverTestCase", "in_logcontext"]
 

@@ -7,8 +7,8 @@ from synapse.api.constants import EventTypes, Membership
 from synapse.server import HomeServer
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.history import Driver
-from synapse_nidstate.module import module_for
+from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.runtime.module import module_for
 
 
 @attr.s(auto_attribs=True)

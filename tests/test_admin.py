@@ -14,8 +14,8 @@ from typing import Any
 import attr
 from twisted.trial import unittest
 
-from synapse_nidstate.admin import STATUS_PATH
-from synapse_nidstate.metrics import LookupStats, MigrationStats, MirrorStats
+from synapse_nidstate.runtime.metrics import LookupStats, MigrationStats, MirrorStats
+from synapse_nidstate.runtime.status import STATUS_PATH
 from tests.test_e2e import PASSWORD, SynapseProcess, q
 
 MODE = "serve"

@@ -18,7 +18,6 @@ from synapse_nidstate.algebra import (
     AlgebraError,
     NidFilter,
     SnapshotPlan,
-    _is_boundary,
     block_hash,
     compact,
     delta,
@@ -33,6 +32,7 @@ from synapse_nidstate.algebra import (
     unpack_block,
     unpack_nids,
 )
+from synapse_nidstate.algebra.state import _is_boundary
 
 # Reproducible, CI-friendly hypothesis settings (no example database on disk).
 _SETTINGS = {

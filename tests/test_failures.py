@@ -7,9 +7,9 @@ from synapse.config.homeserver import HomeServerConfig
 from synapse.types.state import StateFilter
 from twisted.trial import unittest
 
-from synapse_nidstate.config import TESTED_SYNAPSE, check_synapse_version, parse_config
-from synapse_nidstate.history import Driver
-from synapse_nidstate.inprocess import homeserver_config, sqlite_database
+from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.demo.inprocess import homeserver_config, sqlite_database
+from synapse_nidstate.runtime.config import TESTED_SYNAPSE, check_synapse_version, parse_config
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import compare_room, filters_for
 

@@ -14,10 +14,10 @@ from synapse.server import HomeServer
 from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 
-from synapse_nidstate.history import Driver, HistoryShape, realistic_history
-from synapse_nidstate.inprocess import homeserver_config
-from synapse_nidstate.schema import TABLES
-from synapse_nidstate.verify import find_orphans
+from synapse_nidstate.commands.verify import find_orphans
+from synapse_nidstate.demo.history import Driver, HistoryShape, realistic_history
+from synapse_nidstate.demo.inprocess import homeserver_config
+from synapse_nidstate.storage.schema import TABLES
 from tests.harness import (
     PG_HOST,
     PG_PORT,

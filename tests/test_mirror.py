@@ -5,7 +5,7 @@ import random
 from synapse.api.constants import EventTypes
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.history import Driver
+from synapse_nidstate.demo.history import Driver
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
 

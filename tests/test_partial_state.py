@@ -15,7 +15,7 @@ from synapse.api.constants import EventTypes
 from synapse.types import create_requester
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.history import Driver, _event_dict
+from synapse_nidstate.demo.history import Driver, _event_dict
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, filters_for
 

@@ -7,7 +7,7 @@ from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 
 from synapse_nidstate.algebra import unpack_nids
-from synapse_nidstate.verify import find_orphans
+from synapse_nidstate.commands.verify import find_orphans
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, room_event_ids
 

@@ -20,7 +20,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from synapse.api.constants import EventTypes, Membership
 
-from synapse_nidstate.history import Driver
+from synapse_nidstate.demo.history import Driver
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import compare_room, filters_for
 

@@ -3,7 +3,7 @@
 from synapse.storage.database import LoggingTransaction
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.schema import apply_schema_txn, current_version_txn, schema_files
+from synapse_nidstate.storage.schema import apply_schema_txn, current_version_txn, schema_files
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
 

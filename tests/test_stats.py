@@ -15,22 +15,19 @@ from unittest import mock
 from synapse.server import HomeServer
 from synapse.storage.database import DatabasePool
 
-from synapse_nidstate.history import HistoryShape, realistic_history
-from synapse_nidstate.schema import TABLES
-from synapse_nidstate.stats import (
+from synapse_nidstate.commands.plot import plot_report
+from synapse_nidstate.commands.stats import add_arguments, format_report, report_as_json, run
+from synapse_nidstate.commands.storage_figures import (
     NIDSTATE,
     SYNAPSE,
     SYNAPSE_MAIN_TABLES,
     SYNAPSE_STATE_TABLES,
     StorageReport,
     TableStats,
-    add_arguments,
-    format_report,
-    plot_report,
-    report_as_json,
-    run,
     storage_report,
 )
+from synapse_nidstate.demo.history import HistoryShape, realistic_history
+from synapse_nidstate.storage.schema import TABLES
 from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history
 

@@ -17,26 +17,27 @@ import time
 
 import yaml
 
-from synapse_nidstate.cli import Progress, _table
-from synapse_nidstate.history import HistoryShape, HistoryWriter
-from synapse_nidstate.inprocess import (
-    homeserver_config,
-    postgres_database,
-    run_in_reactor,
-    sqlite_database,
-    start_homeserver,
-    stop_homeserver,
-)
-from synapse_nidstate.module import module_for
-from synapse_nidstate.stats import format_report, storage_report
-from synapse_nidstate.timing import TIMING_HEADER, format_timings, time_lookups
-from synapse_nidstate.verify import (
+from synapse_nidstate.commands.homeserver import run_in_reactor
+from synapse_nidstate.commands.stats import format_report
+from synapse_nidstate.commands.storage_figures import storage_report
+from synapse_nidstate.commands.ui import WorkProgress, table
+from synapse_nidstate.commands.verify import (
     compare_with_native,
     events_with_state,
     find_orphans,
     room_events_with_state,
     standard_filters,
 )
+from synapse_nidstate.demo.history import HistoryShape, HistoryWriter
+from synapse_nidstate.demo.inprocess import (
+    homeserver_config,
+    postgres_database,
+    sqlite_database,
+    start_homeserver,
+    stop_homeserver,
+)
+from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
+from synapse_nidstate.runtime.module import module_for
 
 
 def _log_to_file(data_dir: str) -> str:
@@ -80,7 +81,7 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
         # 1. History written with the module off.
         hs = await start_homeserver(config(module=False), data_dir)
         started = time.monotonic()
-        progress = Progress("1/4 writing history, module off", before, enabled=show)
+        progress = WorkProgress("1/4 writing history, module off", before, enabled=show)
         await writer.create(hs, progress)
         await writer.send(hs, before, progress)
         progress.finish()
@@ -93,7 +94,7 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
             module = module_for(hs)
             assert module is not None
             remaining = await module.migrator.remaining()
-            progress = Progress("2/4 migrating", remaining, enabled=show)
+            progress = WorkProgress("2/4 migrating", remaining, enabled=show)
             started = time.monotonic()
             await module.migrator.run(progress)
             progress.finish()
@@ -103,7 +104,7 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
                 f"2/4 migrated {migrated} events in {seconds:.1f}s "
                 f"({migrated / seconds:,.0f} events/s)"
             )
-            progress = Progress("3/4 sending, module on", shape.events - writer.sent, enabled=show)
+            progress = WorkProgress("3/4 sending, module on", shape.events - writer.sent, enabled=show)
             started = time.monotonic()
             live_from = writer.sent
             await writer.send(hs, shape.events, progress)
@@ -116,7 +117,7 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
             # 3. Verify every event, both ways.
             total = sum([len(await room_events_with_state(hs, r)) for r in writer.rooms])
             filters = standard_filters(writer.users[1:4])
-            progress = Progress("4/4 verifying", total, enabled=show)
+            progress = WorkProgress("4/4 verifying", total, enabled=show)
             result = await compare_with_native(
                 module.lookups, events_with_state(hs), filters, progress
             )
@@ -149,7 +150,7 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
                 f"\nstate-at-event lookups in the biggest room ({len(events)} events; "
                 "native = Synapse's state groups, NID = the mirror; same process, same run):"
             )
-            print(_table(format_timings(timings), TIMING_HEADER))
+            print(table(format_timings(timings), TIMING_HEADER))
             print(f"\nSynapse's log: {log_path}")
             if args.keep:
                 config_path = os.path.join(data_dir, "homeserver.yaml")

@@ -1,5 +1,8 @@
 """Comparing the mirror with Synapse's native state-at-event answers, and finding orphans."""
 
+import argparse
+import json
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import attr
@@ -9,7 +12,10 @@ from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types.state import StateFilter
 from synapse.util.iterutils import batch_iter
 
-from synapse_nidstate.lookups import StateLookups
+from synapse_nidstate.commands.homeserver import nid_store
+from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.runtime.lookups import StateLookups
+from synapse_nidstate.runtime.metrics import LookupStats
 
 #: Events compared per lookup (what /messages asks at most is 100 too).
 BATCH = 100
@@ -222,3 +228,74 @@ async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
                     orphans.group_sample.append(group)
         after = groups[-1]
     return orphans
+
+
+async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
+    controller = hs.get_storage_controllers().state
+    lookups = StateLookups(
+        controller, nid_store(hs), LookupStats(), "mirror", controller.get_state_ids_for_events
+    )
+    filters = standard_filters([f"@nobody:{hs.hostname}"])
+    if args.sample is not None:
+        event_ids = await sample_events_with_state(hs, args.sample, args.room)
+        total = len(event_ids)
+        source = event_ids
+    else:
+        total = await _count_events_with_state(hs, args.room)
+        source = events_with_state(hs, args.room)  # type: ignore[assignment]
+    progress = WorkProgress("verifying", total, enabled=not args.no_progress)
+    result = await compare_with_native(lookups, source, filters, progress)
+    progress.finish()
+    orphans = await find_orphans(hs)
+    report = {
+        "events": result.events,
+        "comparisons": result.comparisons,
+        "mismatches": [
+            {"event_id": m.event_id, "filter": m.filter_name, "differing_keys": m.differing_keys}
+            for m in result.mismatches
+        ],
+        "not_mirrored": result.unmirrored,
+        "not_mirrored_sample": result.unmirrored_sample,
+        "orphan_events": orphans.events,
+        "orphan_event_sample": orphans.event_sample,
+        "orphan_state_groups": orphans.groups,
+        "orphan_state_group_sample": orphans.group_sample,
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(
+            f"verified {result.events} events x {len(filters)} filters "
+            f"({', '.join(filters)}): {result.comparisons} answers compared"
+        )
+        for m in result.mismatches[:50]:
+            print(f"MISMATCH {m.event_id} ({m.filter_name}): differing keys {m.differing_keys}")
+        print(f"mismatches: {len(result.mismatches)}")
+        print(
+            f"not mirrored (answered by Synapse): {result.unmirrored}"
+            + (" (run migrate)" if result.unmirrored else "")
+        )
+        for event_id in orphans.event_sample:
+            print(f"ORPHAN event {event_id}: mirrored, but Synapse has no state for it")
+        for group in orphans.group_sample:
+            print(f"ORPHAN state group {group}: mirrored, but Synapse no longer has it")
+        print(f"orphans: {orphans.events} events, {orphans.groups} state groups")
+    return 1 if result.mismatches or orphans.count else 0
+
+
+async def _count_events_with_state(hs: HomeServer, room_id: str | None) -> int:
+    def count_txn(txn: LoggingTransaction) -> int:
+        if room_id is None:
+            txn.execute("SELECT COUNT(*) FROM event_to_state_groups")
+        else:
+            txn.execute(
+                "SELECT COUNT(*) FROM event_to_state_groups AS esg"
+                " JOIN events AS e ON e.event_id = esg.event_id WHERE e.room_id = ?",
+                (room_id,),
+            )
+        return txn.fetchone()[0]  # type: ignore[index]
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        "nidstate_count_events_with_state", count_txn
+    )

@@ -22,7 +22,7 @@ from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
 
-from synapse_nidstate.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
+from synapse_nidstate.runtime.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
 
 if TYPE_CHECKING:

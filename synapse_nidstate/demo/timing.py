@@ -14,7 +14,7 @@ from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.lookups import StateLookups
+from synapse_nidstate.runtime.lookups import StateLookups
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)

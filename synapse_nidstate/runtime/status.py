@@ -15,7 +15,7 @@ from synapse.module_api import DirectServeJsonResource, ModuleApi
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
 
-    from synapse_nidstate.module import NidStateModule
+    from synapse_nidstate.runtime.module import NidStateModule
 
 STATUS_PATH = "/_synapse/nidstate/v1/status"
 

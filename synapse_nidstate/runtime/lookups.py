@@ -1,7 +1,7 @@
 """State-at-event lookups answered from the NID tables.
 
 These replace ``StateStorageController.get_state_ids_for_events`` and
-``get_state_for_events`` on the instance (see :mod:`synapse_nidstate.hooks`),
+``get_state_for_events`` on the instance (see :mod:`synapse_nidstate.runtime.hooks`),
 so every caller in Synapse reaches them, and they answer exactly as those
 methods do: the state after each event (before it, for a rejected event),
 filtered by the ``StateFilter``, as strings, in the order of ``event_ids``,
@@ -20,7 +20,7 @@ from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 from synapse.util.cancellation import cancellable
 
-from synapse_nidstate.metrics import LOOKUP_SECONDS, LookupStats
+from synapse_nidstate.runtime.metrics import LOOKUP_SECONDS, LookupStats
 from synapse_nidstate.storage import NidStore
 
 logger = logging.getLogger(__name__)

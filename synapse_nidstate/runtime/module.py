@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 import synapse
 from synapse.module_api import ModuleApi
 
-from synapse_nidstate import admin, hooks
-from synapse_nidstate.config import NidStateConfig, check_synapse_version, parse_config
-from synapse_nidstate.lookups import StateLookups
-from synapse_nidstate.metrics import COLLECTOR, NidStateStats
-from synapse_nidstate.migrate import Migrator
-from synapse_nidstate.mirror import Mirror
-from synapse_nidstate.schema import apply_schema
+from synapse_nidstate.runtime import hooks, status
+from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
+from synapse_nidstate.runtime.lookups import StateLookups
+from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
+from synapse_nidstate.runtime.migration import Migrator
+from synapse_nidstate.runtime.mirror import Mirror
 from synapse_nidstate.storage import NidStore
+from synapse_nidstate.storage.schema import apply_schema
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -88,7 +88,7 @@ class NidStateModule:
                 run_on_all_instances=True,  # this one instance, chosen above
             )
 
-        admin.register(api, self)
+        status.register(api, self)
         _INSTANCES[hs] = self
         logger.info(
             "synapse-nidstate: mode %s, schema %d, %s",

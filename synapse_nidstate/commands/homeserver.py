@@ -1,108 +1,32 @@
-"""A real Synapse homeserver in this process: for the demo, the benchmarks and the tests.
+"""Synapse's stores for a command, and the reactor to run it in.
 
-Follows Synapse's own start-up path (``HomeServerConfig.parse_config_dict`` ->
-``create_homeserver`` -> ``setup`` -> ``start``); the server has no listeners
-and is driven through its handlers.
+A command opens an operator's databases the way a Synapse worker does
+(``tool_homeserver``) and runs as Synapse's own entry point runs
+(``run_in_reactor``).
 """
 
+import argparse
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-import synapse.app.homeserver as synapse_app
 from synapse.config.homeserver import HomeServerConfig
 from synapse.logging.context import LoggingContext, PreserveLoggingContext
 from synapse.server import HomeServer
-from synapse.types import ISynapseReactor
+from synapse.types import ISynapseReactor, RoomID
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
-reactor = cast(ISynapseReactor, _reactor)
+from synapse_nidstate.runtime.config import NidStateConfig
+from synapse_nidstate.storage import NidStore
 
-SERVER_NAME = "nidstate.test"
-# A throwaway key for servers that never federate.
-SIGNING_KEY = "ed25519 a_lPym qvioDNmfExFBRPgdTU+wtFYKq4JfwFRv7sYVgWvmgJg"
+reactor = cast(ISynapseReactor, _reactor)
 
 T = TypeVar("T")
 
-_UNLIMITED = {"per_second": 1_000_000, "burst_count": 1_000_000}
-
-
-def homeserver_config(
-    data_dir: str,
-    database: dict[str, Any],
-    module_config: dict[str, Any] | None,
-    server_name: str = SERVER_NAME,
-) -> dict[str, Any]:
-    """A minimal homeserver.yaml, as a dict, with the module when ``module_config`` is given."""
-    config: dict[str, Any] = {
-        "server_name": server_name,
-        "signing_key": SIGNING_KEY,
-        "trusted_key_servers": [],
-        "report_stats": False,
-        "macaroon_secret_key": "nidstate-macaroon",
-        "registration_shared_secret": "nidstate-secret",
-        "database": database,
-        "media_store_path": os.path.join(data_dir, "media"),
-        "listeners": [],
-        "federation_sender_instances": [],
-        "enable_metrics": False,
-        "rc_message": _UNLIMITED,
-        "rc_room_creation": _UNLIMITED,
-        "rc_joins": {"local": _UNLIMITED, "remote": _UNLIMITED},
-        "rc_invites": {
-            "per_room": _UNLIMITED,
-            "per_user": _UNLIMITED,
-            "per_issuer": _UNLIMITED,
-        },
-        "modules": [],
-    }
-    if module_config is not None:
-        config["modules"] = [
-            {"module": "synapse_nidstate.NidStateModule", "config": module_config}
-        ]
-    return config
-
-
-def sqlite_database(data_dir: str) -> dict[str, Any]:
-    return {"name": "sqlite3", "args": {"database": os.path.join(data_dir, "homeserver.db")}}
-
-
-def postgres_database(dsn: str) -> dict[str, Any]:
-    """Synapse's database config for a libpq DSN (``host=... dbname=...``)."""
-    import psycopg2.extensions
-
-    args: dict[str, Any] = dict(psycopg2.extensions.parse_dsn(dsn))
-    if "dbname" in args:
-        args["database"] = args.pop("dbname")
-    args.setdefault("cp_min", 1)
-    args.setdefault("cp_max", 5)
-    return {"name": "psycopg2", "args": args}
-
-
-async def start_homeserver(config_dict: dict[str, Any], data_dir: str) -> HomeServer:
-    """Build, set up and start a homeserver; the caller shuts it down."""
-    config = HomeServerConfig()
-    config.parse_config_dict(config_dict, config_dir_path=data_dir, data_dir_path=data_dir)
-    hs = synapse_app.create_homeserver(config, reactor=reactor)
-    hs.setup()
-    try:
-        await synapse_app.start(hs, freeze=False)
-    except BaseException:
-        await stop_homeserver(hs)
-        raise
-    return hs
-
-
-async def stop_homeserver(hs: HomeServer) -> None:
-    if hs._is_shutdown:
-        return
-    await hs.shutdown()
-    # Synapse's background loops leave sleeps behind; they belong to the
-    # server just shut down.
-    for call in reactor.getDelayedCalls():  # type: ignore[misc]  # zope interface without mypy-zope
-        if call.active():  # type: ignore[misc]  # zope interface without mypy-zope
-            call.cancel()  # type: ignore[misc]  # zope interface without mypy-zope
+#: The server name of the logging contexts commands run in (a label only).
+LOG_SERVER_NAME = "synapse-nidstate"
 
 
 def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidstate") -> T:
@@ -142,12 +66,10 @@ def in_logcontext(
     deferreds switch to the sentinel context while they wait); the returned
     Deferred fires in the sentinel context, where the reactor runs.
     """
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> "defer.Deferred[T]":
         async def run() -> T:
-            with LoggingContext(name=name or fn.__name__, server_name=SERVER_NAME):
+            with LoggingContext(name=name or fn.__name__, server_name=LOG_SERVER_NAME):
                 return await fn(*args, **kwargs)
 
         with PreserveLoggingContext():
@@ -203,9 +125,21 @@ def tool_homeserver(config_path: str) -> HomeServer:
 
 def module_config_of(hs: HomeServer) -> Any:
     """The parsed config of synapse-nidstate in ``hs``'s homeserver.yaml, or None."""
-    from synapse_nidstate.module import NidStateModule
+    from synapse_nidstate.runtime.module import NidStateModule  # noqa: PLC0415
 
     for module, config in hs.config.modules.loaded_modules:
         if module is NidStateModule:
             return config
     return None
+
+
+def nid_store(hs: HomeServer) -> NidStore:
+    """The module's store on ``hs``, with the cache sizes its homeserver.yaml sets."""
+    return NidStore(hs, module_config_of(hs) or NidStateConfig())
+
+
+def check_room_id(value: str) -> str:
+    """argparse type: a well-formed Matrix room ID."""
+    if not RoomID.is_valid(value):
+        raise argparse.ArgumentTypeError(f"not a Matrix room ID (like !abc:example.org): {value!r}")
+    return value

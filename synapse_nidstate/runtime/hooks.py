@@ -35,8 +35,8 @@ from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction
 
-from synapse_nidstate.lookups import StateLookups
-from synapse_nidstate.mirror import BatchPlan, Mirror
+from synapse_nidstate.runtime.lookups import StateLookups
+from synapse_nidstate.runtime.mirror import BatchPlan, Mirror
 from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:

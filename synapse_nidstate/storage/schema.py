@@ -33,11 +33,8 @@ def engine_name(engine: BaseDatabaseEngine) -> str:
 
 
 def _sql_dir() -> Path:
-    shipped = resources.files("synapse_nidstate") / "sql"
-    if shipped.is_dir():
-        return Path(str(shipped))
-    # A source checkout: sql/ sits beside the package.
-    return Path(__file__).resolve().parent.parent / "sql"
+    """``sql/`` beside this file: package data, in a checkout and in the wheel alike."""
+    return Path(str(resources.files("synapse_nidstate.storage") / "sql"))
 
 
 def schema_files(engine: BaseDatabaseEngine) -> list[tuple[int, Path]]:
@@ -150,3 +147,12 @@ def apply_schema(hs: "HomeServer") -> int:
         return version
     finally:
         conn.close()
+
+
+def drop_tables_txn(txn: LoggingTransaction) -> None:
+    """Remove every table (and sequence) of the module; Synapse's own are not touched."""
+    for table in TABLES:
+        txn.execute(f"DROP TABLE IF EXISTS {table}")
+    if isinstance(txn.database_engine, PostgresEngine):
+        txn.execute("DROP SEQUENCE IF EXISTS nidstate_event_types_seq")
+        txn.execute("DROP SEQUENCE IF EXISTS nidstate_state_keys_seq")

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import attr
 from synapse.storage.database import LoggingTransaction
 
-from synapse_nidstate.metrics import MigrationStats, MirrorStats
-from synapse_nidstate.mirror import SnapshotPlanner
+from synapse_nidstate.runtime.metrics import MigrationStats, MirrorStats
+from synapse_nidstate.runtime.mirror import SnapshotPlanner
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
 
 if TYPE_CHECKING:

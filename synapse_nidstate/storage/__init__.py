@@ -1,0 +1,27 @@
+"""The storage layer: the NID tables in Synapse's main database.
+
+Everything above it (the runtime, the commands) uses the names below; the
+files behind them are described in ``store``.
+"""
+
+from synapse_nidstate.storage.base import WriteScope
+from synapse_nidstate.storage.common import (
+    CacheMiss,
+    EventRow,
+    GroupStep,
+    WriteCounters,
+    in_list_clause,
+)
+from synapse_nidstate.storage.reads import ResolvedState
+from synapse_nidstate.storage.store import NidStore
+
+__all__ = [
+    "CacheMiss",
+    "EventRow",
+    "GroupStep",
+    "NidStore",
+    "ResolvedState",
+    "WriteCounters",
+    "WriteScope",
+    "in_list_clause",
+]

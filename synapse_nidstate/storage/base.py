@@ -1,0 +1,248 @@
+"""The base of the store: the database pool, the module's caches and how
+a transaction's learnt values reach them.
+
+Every ``*_txn`` function runs inside a transaction it is given (Synapse's own
+persistence transaction for the mirror) and is idempotent, because Synapse's
+``runInteraction`` retries a transaction function after a deadlock or a
+serialization failure. In-process caches are filled only through
+``txn.call_after``, so a NID from a rolled-back transaction is never cached.
+
+The SQL is the same on SQLite and PostgreSQL (``?`` placeholders, ``ON
+CONFLICT ... DO NOTHING``, Synapse's ``make_in_list_sql_clause``); the DDL,
+which is not, lives in ``sql/<engine>/``.
+"""
+
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from synapse.storage.database import (
+    DatabasePool,
+    LoggingTransaction,
+    make_in_list_sql_clause,
+)
+from synapse.storage.engines import PostgresEngine
+from synapse.util.caches.dictionary_cache import DictionaryCache
+from synapse.util.caches.lrucache import LruCache
+from synapse.util.iterutils import batch_iter
+
+from synapse_nidstate.algebra import Block
+from synapse_nidstate.storage.common import (
+    ROOMS,
+    STATE_KEYS,
+    TYPES,
+    StringTable,
+    in_list_clause,
+)
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_nidstate.runtime.config import NidStateConfig
+    from synapse_nidstate.storage.reads import ResolvedState
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+#: Key space of the per-room advisory locks (the other key is the room NID).
+_ROOM_LOCK_CLASS = 0x6E6964  # "nid"
+
+#: Bound on the number of values in one IN list of bound variables (SQLite's
+#: variable limit); only binary values on SQLite need it, see in_list_clause.
+_CHUNK = 500
+
+
+class TxnLearnt:
+    """Values learnt in one transaction attempt; published to the caches after commit."""
+
+    def __init__(self) -> None:
+        self.strings: dict[StringTable, dict[str, int]] = {
+            ROOMS: {},
+            TYPES: {},
+            STATE_KEYS: {},
+        }
+        self.events: dict[str, int] = {}
+        self.groups: dict[int, int] = {}
+        self.snapshots: dict[int, tuple[int, ...]] = {}
+        self.blocks: dict[int, Block] = {}
+        self.event_snapshots: dict[str, int] = {}
+
+
+class WriteScope:
+    """What a write transaction learnt, published only if its last attempt commits.
+
+    Synapse retries a transaction function after a deadlock or serialization
+    failure and runs *every* ``call_after`` callback of *every* attempt once an
+    attempt commits. So the callback is registered once and publishes what the
+    last attempt (the one that committed) learnt: a NID from a rolled-back
+    attempt never reaches a cache. Create one scope per ``runInteraction``,
+    outside the transaction function.
+    """
+
+    def __init__(self) -> None:
+        self._txn: LoggingTransaction | None = None
+        self.learnt = TxnLearnt()
+
+    def begin(self, txn: LoggingTransaction, store: "NidStoreBase") -> TxnLearnt:
+        """Start (or continue, for the same attempt) writing in ``txn``."""
+        if self._txn is None:
+            txn.call_after(lambda: store._publish(self.learnt))
+        if txn is not self._txn:
+            self._txn = txn
+            self.learnt = TxnLearnt()
+        return self.learnt
+
+    def discard(self) -> None:
+        """Forget what was learnt (the writes were rolled back to a savepoint)."""
+        self.learnt = TxnLearnt()
+
+
+class NidStoreBase:
+    """The database pool and every in-process cache; the parts of the store build on it."""
+
+    def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
+        self.db_pool: DatabasePool = hs.get_datastores().main.db_pool
+        self.engine = self.db_pool.engine
+        clock = hs.get_clock()
+        name = hs.hostname
+
+        #: Every in-process cache of the module, by its metrics name.
+        self.named_caches: dict[str, LruCache] = {}
+
+        def cache(cache_name: str, size: int, **kwargs: Any) -> LruCache:
+            full_name = f"nidstate_{cache_name}"
+            self.named_caches[full_name] = LruCache(
+                max_size=size,
+                clock=clock,
+                server_name=name,
+                cache_name=full_name,
+                **kwargs,
+            )
+            return self.named_caches[full_name]
+
+        strings = config.string_cache_size
+        self._string_nids: dict[StringTable, LruCache[str, int]] = {
+            table: cache(f"{table.table[9:]}_nids", strings)
+            for table in (ROOMS, TYPES, STATE_KEYS)
+        }
+        self._nid_strings: dict[StringTable, LruCache[int, str]] = {
+            table: cache(f"{table.table[9:]}_strings", strings)
+            for table in (ROOMS, TYPES, STATE_KEYS)
+        }
+        self._event_nids: LruCache[str, int] = cache("event_nids", strings)
+        self._event_ids: LruCache[int, str] = cache("event_ids", strings)
+        self._group_snapshots: LruCache[int, int] = cache(
+            "group_snapshots", config.snapshot_cache_size
+        )
+        self._event_snapshots: LruCache[str, int] = cache(
+            "event_snapshots", config.snapshot_cache_size
+        )
+        self._snapshot_blocks: LruCache[int, tuple[int, ...]] = cache(
+            "snapshot_blocks", config.snapshot_cache_size
+        )
+        self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
+        # snapshot -> parts of its state as strings, as Synapse caches a state
+        # group's: members, and everything else (sized in state entries).
+        self._members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
+            name="nidstate_snapshot_members",
+            clock=clock,
+            server_name=name,
+            max_entries=config.resolved_state_cache_size,
+        )
+        self._non_members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
+            name="nidstate_snapshot_non_members",
+            clock=clock,
+            server_name=name,
+            max_entries=config.resolved_state_cache_size,
+        )
+        self.named_caches["nidstate_snapshot_members"] = self._members.cache
+        self.named_caches["nidstate_snapshot_non_members"] = self._non_members.cache
+        # snapshot -> its whole state as strings (immutable), sized in entries.
+        self._resolved: LruCache[int, ResolvedState] = cache(
+            "resolved_state", config.resolved_state_cache_size, size_callback=len
+        )
+
+    # ------------------------------------------------------------------ caches
+
+    def caches(self) -> list[LruCache]:
+        """Every in-process cache of the module (for metrics, benchmarks and tests)."""
+        return list(self.named_caches.values())
+
+    def clear_caches(self) -> None:
+        for cache in self.caches():
+            cache.clear()
+
+    def _publish(self, learnt: TxnLearnt) -> None:
+        """Fill the shared caches with what a committed transaction learnt."""
+        for table, values in learnt.strings.items():
+            for string, nid in values.items():
+                self._string_nids[table].set(string, nid)
+                self._nid_strings[table].set(nid, string)
+        for event_id, nid in learnt.events.items():
+            self._event_nids.set(event_id, nid)
+            self._event_ids.set(nid, event_id)
+        for group, snapshot_nid in learnt.groups.items():
+            self._group_snapshots.set(group, snapshot_nid)
+        for snapshot_nid, block_nids in learnt.snapshots.items():
+            self._snapshot_blocks.set(snapshot_nid, block_nids)
+        for block_nid, block in learnt.blocks.items():
+            self._blocks.set(block_nid, block)
+        for event_id, snapshot_nid in learnt.event_snapshots.items():
+            self._event_snapshots.set(event_id, snapshot_nid)
+
+    @staticmethod
+    def _split_cached(
+        cache: LruCache[K, V], keys: Iterable[K]
+    ) -> tuple[dict[K, V], list[K]]:
+        found: dict[K, V] = {}
+        missing: list[K] = []
+        # A membership test on the cache's own dict first: LruCache.get costs
+        # about a microsecond even for a miss, and a cold read misses thousands.
+        present = cache.cache
+        for key in keys:
+            value = cache.get(key) if key in present else None  # type: ignore[operator]
+            if value is None:
+                missing.append(key)
+            else:
+                found[key] = value
+        return found, missing
+
+    def _select_in_txn(
+        self,
+        txn: LoggingTransaction,
+        sql: str,
+        column: str,
+        values: Collection[Any],
+        args: tuple = (),
+    ) -> list[tuple]:
+        """Run ``sql`` (which ends in ``WHERE ... AND``-ready text) for ``values``:
+        one statement, or chunks of bound variables for binary values on SQLite."""
+        if values and not isinstance(next(iter(values)), (bytes, bytearray)):
+            clause, clause_args = in_list_clause(self.engine, column, values)
+            txn.execute(f"{sql} {clause}", (*args, *clause_args))
+            return txn.fetchall()
+        rows: list[tuple] = []
+        for chunk in batch_iter(values, _CHUNK):
+            clause, clause_args = make_in_list_sql_clause(self.engine, column, chunk)
+            txn.execute(f"{sql} {clause}", (*args, *clause_args))
+            rows.extend(txn.fetchall())
+        return rows
+
+    @staticmethod
+    def _fill(cache: LruCache[K, V], rows: Iterable[tuple[K, V]]) -> None:
+        for key, value in rows:
+            cache.set(key, value)
+
+    def _lock_room_txn(self, txn: LoggingTransaction, room_nid: int) -> None:
+        """Serialize, per room, writes that reuse blocks and snapshots with
+        :meth:`delete_unused_txn`, which deletes unreferenced ones: a write must not
+        dedupe onto a row a concurrent ``delete_unused_txn`` is deleting. (SQLite has one
+        writer at a time anyway.)"""
+        if isinstance(self.engine, PostgresEngine):
+            txn.execute(
+                "SELECT pg_advisory_xact_lock(?, ?)", (_ROOM_LOCK_CLASS, room_nid % 2**31)
+            )
+
+    def _room_nid_txn(self, txn: LoggingTransaction, room_id: str) -> int | None:
+        txn.execute("SELECT room_nid FROM nidstate_rooms WHERE room_id = ?", (room_id,))
+        row = txn.fetchone()
+        return row[0] if row else None

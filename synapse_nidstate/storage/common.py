@@ -1,0 +1,88 @@
+"""What every part of the storage layer shares: the interned-string tables,
+the values the write side is given, and one IN-list clause per engine."""
+
+import json
+from collections.abc import Collection
+from typing import Any, Protocol
+
+import attr
+from synapse.storage.database import make_in_list_sql_clause
+from synapse.storage.engines import BaseDatabaseEngine
+from synapse.types import StateMap
+
+# Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
+# `bytes` parameters (matrix-org/synapse#6186).
+
+def in_list_clause(
+    engine: BaseDatabaseEngine, column: str, values: Collection[Any]
+) -> tuple[str, list[Any]]:
+    """``column`` is one of ``values``, as one clause with one parameter.
+
+    PostgreSQL: Synapse's ``make_in_list_sql_clause`` (``= ANY(?)``). SQLite:
+    one JSON array read by ``json_each`` (as Synapse's profile store does), so
+    a list of any length is one statement instead of one per 500 variables.
+    Only integers and strings: binary values have no JSON form.
+    """
+    if engine.supports_using_any_list:
+        return make_in_list_sql_clause(engine, column, values)
+    return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class StringTable:
+    """An interned-string table: ``table(nid_column, string_column UNIQUE)``."""
+
+    table: str
+    nid_column: str
+    string_column: str
+
+
+ROOMS = StringTable("nidstate_rooms", "room_nid", "room_id")
+TYPES = StringTable("nidstate_event_types", "type_nid", "event_type")
+STATE_KEYS = StringTable("nidstate_state_keys", "state_key_nid", "state_key")
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class GroupStep:
+    """How the mirror builds the snapshot of one Synapse state group.
+
+    The state of ``group`` is the state of ``prev_group`` with ``delta``
+    applied, or it is ``full_state``. A step with neither is a plan that still
+    needs its full state read (see ``SnapshotPlanner.with_full_state``).
+    """
+
+    group: int
+    prev_group: int | None
+    delta: StateMap[str] | None
+    full_state: StateMap[str] | None
+
+    @property
+    def needs_full_state(self) -> bool:
+        return self.delta is None and self.full_state is None
+
+
+@attr.s(slots=True, auto_attribs=True)
+class EventRow:
+    """What the mirror records for an event persisted with state."""
+
+    event_id: str
+    #: The group Synapse maps the event to (the state before it if rejected);
+    #: None: no snapshot (partial state).
+    state_group: int | None
+
+
+class CacheMiss(Exception):
+    """A cache-only read needed the database."""
+
+
+class WriteCounters(Protocol):
+    """What the write side counts (the runtime's ``MirrorStats`` is one)."""
+
+    #: events recorded with a snapshot
+    events_mirrored: int
+    #: snapshots written for new state groups
+    snapshots_built: int
+    #: of those, the ones that hit the 64-block limit and were compacted
+    compactions: int
+    #: events whose state group had neither a snapshot nor a plan
+    unprepared: int

@@ -1,0 +1,104 @@
+"""Interning: strings (rooms, event types, state keys, event IDs) to NIDs.
+
+A NID is created by the first writer that needs it and never changes; reads
+never create one.
+"""
+
+from collections.abc import Callable, Collection, Iterable
+
+from synapse.storage.database import LoggingTransaction
+from synapse.types import StateMap
+
+from synapse_nidstate.algebra import NidStateMap
+from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.common import STATE_KEYS, TYPES, StringTable
+
+
+class InterningStore(NidStoreBase):
+    def _intern_strings_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        table: StringTable,
+        strings: Iterable[str],
+    ) -> dict[str, int]:
+        """Return the NID of each string, creating the missing ones.
+
+        Safe under concurrent writers: a row another writer inserts first wins
+        (``ON CONFLICT DO NOTHING``) and is read back.
+        """
+        known, missing = self._split_cached(self._string_nids[table], set(strings))
+        for string in list(missing):
+            if string in learnt.strings[table]:
+                known[string] = learnt.strings[table][string]
+                missing.remove(string)
+        if not missing:
+            return known
+        select = f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE"
+        found = dict(self._select_in_txn(txn, select, table.string_column, missing))
+        # Sorted: concurrent writers take the unique-index locks in one order.
+        absent = sorted(s for s in missing if s not in found)
+        if absent:
+            txn.execute_batch(
+                f"INSERT INTO {table.table} ({table.string_column}) VALUES (?)"
+                f" ON CONFLICT ({table.string_column}) DO NOTHING",
+                [(s,) for s in absent],
+            )
+            found.update(self._select_in_txn(txn, select, table.string_column, absent))
+        learnt.strings[table].update(found)
+        known.update(found)
+        return known
+
+    def _intern_events_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        room_nid: int,
+        events: Collection[str],
+    ) -> dict[str, int]:
+        """Return the NID of each event ID (interned in ``room_nid`` if new).
+
+        A new row has no snapshot; :meth:`_set_event_state_txn` adds it for
+        events persisted with state.
+        """
+        known, missing = self._split_cached(self._event_nids, events)
+        missing = [e for e in missing if e not in learnt.events]
+        known.update((e, learnt.events[e]) for e in events if e in learnt.events)
+        if not missing:
+            return known
+        select = "SELECT event_id, event_nid FROM nidstate_events WHERE"
+        found = dict(self._select_in_txn(txn, select, "event_id", missing))
+        absent = sorted(e for e in missing if e not in found)
+        if absent:
+            txn.execute_batch(
+                "INSERT INTO nidstate_events (event_id, room_nid)"
+                " VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
+                [(e, room_nid) for e in absent],
+            )
+            found.update(self._select_in_txn(txn, select, "event_id", absent))
+        learnt.events.update(found)
+        known.update(found)
+        return known
+
+    def _intern_state_map_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        room_nid: int,
+        state_maps: Iterable[StateMap[str]],
+    ) -> Callable[[StateMap[str]], NidStateMap]:
+        """Intern every string of ``state_maps``; return a converter to NID maps."""
+        state_maps = list(state_maps)
+        types = {t for m in state_maps for t, _ in m}
+        keys = {s for m in state_maps for _, s in m}
+        type_nids = self._intern_strings_txn(txn, learnt, TYPES, types)
+        key_nids = self._intern_strings_txn(txn, learnt, STATE_KEYS, keys)
+        events = {e for m in state_maps for e in m.values()}
+        event_nids = self._intern_events_txn(txn, learnt, room_nid, events)
+
+        def convert(state: StateMap[str]) -> NidStateMap:
+            return {
+                (type_nids[t], key_nids[s]): event_nids[e] for (t, s), e in state.items()
+            }
+
+        return convert

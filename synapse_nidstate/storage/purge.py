@@ -1,0 +1,110 @@
+"""Following Synapse's purges: forget what Synapse deleted, then delete the
+snapshots and blocks nothing uses any more."""
+
+from collections.abc import Collection, Iterable
+
+from synapse.storage.database import LoggingTransaction
+
+from synapse_nidstate import algebra
+from synapse_nidstate.storage.base import NidStoreBase
+from synapse_nidstate.storage.common import in_list_clause
+
+
+class PurgeStore(NidStoreBase):
+    def delete_unused_txn(self, txn: LoggingTransaction, room_id: str) -> tuple[int, int]:
+        """Delete the room's snapshots no event or state group uses any more,
+        then its blocks no snapshot lists; returns how many of each.
+
+        Runs once Synapse has deleted unreferenced state groups: until then
+        every snapshot is still a group's. Memory: the room's referenced block NIDs.
+        """
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return 0, 0
+        self._lock_room_txn(txn, room_nid)
+        txn.execute(
+            "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?"
+            " AND snapshot_nid NOT IN"
+            "  (SELECT snapshot_nid FROM nidstate_events"
+            "   WHERE room_nid = ? AND snapshot_nid IS NOT NULL)"
+            " AND snapshot_nid NOT IN (SELECT snapshot_nid FROM nidstate_state_groups)",
+            (room_nid, room_nid),
+        )
+        snapshots = [row[0] for row in txn.fetchall()]
+        if snapshots:
+            clause, args = in_list_clause(self.engine, "snapshot_nid", snapshots)
+            txn.execute(f"DELETE FROM nidstate_snapshots WHERE {clause}", args)
+        referenced: set[int] = set()
+        txn.execute("SELECT block_nids FROM nidstate_snapshots WHERE room_nid = ?", (room_nid,))
+        for (block_nids,) in txn:
+            referenced.update(algebra.unpack_nids(block_nids))
+        txn.execute("SELECT block_nid FROM nidstate_blocks WHERE room_nid = ?", (room_nid,))
+        blocks = [row[0] for row in txn.fetchall() if row[0] not in referenced]
+        if blocks:
+            clause, args = in_list_clause(self.engine, "block_nid", blocks)
+            txn.execute(f"DELETE FROM nidstate_blocks WHERE {clause}", args)
+        txn.call_after(self._forget_snapshots_and_blocks, snapshots, blocks)
+        return len(snapshots), len(blocks)
+
+    def _forget_snapshots_and_blocks(self, snapshots: list[int], blocks: list[int]) -> None:
+        for snapshot_nid in snapshots:
+            self._snapshot_blocks.invalidate(snapshot_nid)
+            self._resolved.invalidate(snapshot_nid)
+        for block_nid in blocks:
+            self._blocks.invalidate(block_nid)
+
+    def forget_unmapped_events_txn(self, txn: LoggingTransaction, room_id: str) -> int:
+        """After Synapse purged history: no snapshot for what it no longer maps.
+
+        Synapse deletes the ``event_to_state_groups`` rows of every purged event
+        (deleted ones, and state events it keeps as outliers); the mirror then
+        must not answer for them either. Their rows stay (without a snapshot):
+        blocks of the events that remain may still name them. Idempotent.
+
+        The event -> snapshot cache is emptied by Synapse's own invalidation of
+        the room's event caches, which the purge streams to every process
+        (see ``hooks.install_purges``).
+        """
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return 0
+        txn.execute(
+            "UPDATE nidstate_events SET snapshot_nid = NULL"
+            " WHERE room_nid = ? AND snapshot_nid IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM event_to_state_groups AS esg"
+            "  WHERE esg.event_id = nidstate_events.event_id)",
+            (room_nid,),
+        )
+        return txn.rowcount
+
+    def forget_event_snapshots(self) -> None:
+        """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""
+        self._event_snapshots.clear()
+
+    def purge_room_txn(self, txn: LoggingTransaction, room_id: str) -> None:
+        """Delete every row of a room Synapse purges (idempotent: it runs twice)."""
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None:
+            return
+        txn.execute(
+            "DELETE FROM nidstate_state_groups WHERE snapshot_nid IN"
+            " (SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?)",
+            (room_nid,),
+        )
+        for table in ("nidstate_snapshots", "nidstate_blocks", "nidstate_events", "nidstate_rooms"):
+            txn.execute(f"DELETE FROM {table} WHERE room_nid = ?", (room_nid,))
+        # A purge is rare: forget every cached value rather than track the room's.
+        txn.call_after(self.clear_caches)
+
+    def forget_state_groups_txn(
+        self, txn: LoggingTransaction, room_id: str, groups: Collection[int]
+    ) -> None:
+        """Drop the mapping of state groups Synapse deleted, then what only they used."""
+        clause, args = in_list_clause(self.engine, "state_group", groups)
+        txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
+        txn.call_after(self._forget_groups, list(groups))
+        self.delete_unused_txn(txn, room_id)
+
+    def _forget_groups(self, groups: Iterable[int]) -> None:
+        for group in groups:
+            self._group_snapshots.invalidate(group)

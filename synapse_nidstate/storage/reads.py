@@ -1,0 +1,375 @@
+"""Where a lookup turns NIDs into strings: the state at events, filtered.
+
+Every read helper takes ``txn=None`` to read the caches only: a miss then
+raises ``CacheMiss`` and the caller retries in a transaction. Warm lookups so
+never leave the reactor thread, like Synapse's own cached state reads.
+"""
+
+import functools
+from collections.abc import Collection, Mapping
+from typing import cast
+
+import attr
+from synapse.storage.database import LoggingTransaction
+from synapse.storage.databases.state.store import StateGroupDataStore
+from synapse.types import MutableStateMap, StateMap
+from synapse.types.state import StateFilter
+from synapse.util.caches.dictionary_cache import DictionaryCache
+
+from synapse_nidstate import algebra
+from synapse_nidstate.algebra import NidStateMap
+from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CacheMiss, in_list_clause
+from synapse_nidstate.storage.snapshots import SnapshotStore
+
+
+class ResolvedState:
+    """A snapshot's whole state as strings, indexed by type for filtering.
+
+    Immutable once built (callers get copies), so it can be cached for good.
+    """
+
+    __slots__ = ("full", "by_type")
+
+    def __init__(self, full: dict[tuple[str, str], str]) -> None:
+        self.full = full
+        self.by_type: dict[str, dict[tuple[str, str], str]] = {}
+        for key, event_id in full.items():
+            self.by_type.setdefault(key[0], {})[key] = event_id
+
+    def __len__(self) -> int:
+        return len(self.full)
+
+    def filter(self, state_filter: StateFilter) -> MutableStateMap[str]:
+        """``state_filter.filter_state(self.full)``, touching only the types it names."""
+        if state_filter.is_full():
+            return dict(self.full)
+        out: MutableStateMap[str] = {}
+        for event_type, state_keys in state_filter.types.items():
+            of_type = self.by_type.get(event_type)
+            if not of_type:
+                continue
+            if state_keys is None:
+                out.update(of_type)
+            else:
+                for state_key in state_keys:
+                    event_id = of_type.get((event_type, state_key))
+                    if event_id is not None:
+                        out[(event_type, state_key)] = event_id
+        if state_filter.include_others:
+            for event_type, of_type in self.by_type.items():
+                if event_type not in state_filter.types:
+                    out.update(of_type)
+        return out
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _DictionaryCaches:
+    """The two attributes Synapse's ``StateGroupDataStore._insert_into_cache``
+    fills, here the module's per-snapshot caches."""
+
+    _state_group_members_cache: DictionaryCache
+    _state_group_cache: DictionaryCache
+
+
+def _state_from_cache(
+    cache: DictionaryCache, snapshot_nid: int, state_filter: StateFilter
+) -> tuple[MutableStateMap[str], bool]:
+    """Synapse's ``_get_state_for_group_using_cache`` (it uses nothing of its store)."""
+    return StateGroupDataStore._get_state_for_group_using_cache(
+        None,  # type: ignore[arg-type]
+        cache,
+        snapshot_nid,
+        state_filter,
+    )
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _FilterNids:
+    """The NIDs of a filter's types and state keys: cached ones, and those to read."""
+
+    type_nids: dict[str, int]
+    types_missing: list[str]
+    key_nids: dict[str, int]
+    keys_missing: list[str]
+
+    @classmethod
+    def of(cls, store: "NidStoreBase", state_filter: StateFilter) -> "_FilterNids":
+        types = state_filter.types
+        keys = {k for ks in types.values() if ks for k in ks}
+        type_nids, types_missing = store._split_cached(store._string_nids[TYPES], types)
+        key_nids, keys_missing = store._split_cached(store._string_nids[STATE_KEYS], keys)
+        return cls(type_nids, types_missing, key_nids, keys_missing)
+
+    def learnt(
+        self,
+        txn: LoggingTransaction,
+        store: "NidStoreBase",
+        type_rows: list[tuple[str, int]],
+        key_rows: list[tuple[str, int]],
+    ) -> None:
+        """Rows read for the missing strings; a string without a row has no NID."""
+        self.type_nids.update(type_rows)
+        self.key_nids.update(key_rows)
+        self.types_missing, self.keys_missing = [], []
+        txn.call_after(store._fill, store._string_nids[TYPES], type_rows)
+        txn.call_after(store._fill, store._string_nids[STATE_KEYS], key_rows)
+
+
+class StateReadStore(SnapshotStore):
+    def _event_snapshots_read(
+        self,
+        txn: LoggingTransaction | None,
+        event_ids: Collection[str],
+        learnt: TxnLearnt,
+        filter_nids: "_FilterNids | None",
+    ) -> dict[str, int]:
+        """Snapshot of each event that has one (an event without one is left out).
+
+        The snapshots' block lists come in the same query (into ``learnt``),
+        and so do the NIDs of ``filter_nids``' strings not cached yet.
+        """
+        found, missing = self._split_cached(self._event_snapshots, event_ids)
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            clause, args = in_list_clause(self.engine, "e.event_id", missing)
+            sql = (
+                "SELECT 0, e.event_id, e.snapshot_nid, s.block_nids FROM nidstate_events AS e"
+                f" JOIN nidstate_snapshots AS s ON s.snapshot_nid = e.snapshot_nid WHERE {clause}"
+            )
+            if filter_nids is not None:
+                for kind, (table, missing_strings) in enumerate(
+                    ((TYPES, filter_nids.types_missing), (STATE_KEYS, filter_nids.keys_missing)),
+                    start=1,
+                ):
+                    if missing_strings:
+                        string_clause, string_args = in_list_clause(
+                            self.engine, table.string_column, missing_strings
+                        )
+                        sql += (
+                            f" UNION ALL SELECT {kind}, {table.string_column}, {table.nid_column},"
+                            f" NULL FROM {table.table} WHERE {string_clause}"
+                        )
+                        args += string_args
+            txn.execute(sql, args)
+            pairs = []
+            strings: list[list[tuple[str, int]]] = [[], [], []]
+            for kind, string, nid, block_nids in txn:
+                if kind == 0:
+                    pairs.append((string, nid))
+                    learnt.snapshots[nid] = algebra.unpack_nids(block_nids)
+                else:
+                    strings[kind].append((string, nid))
+            found.update(pairs)
+            txn.call_after(self._fill, self._event_snapshots, pairs)
+            if filter_nids is not None:
+                filter_nids.learnt(txn, self, strings[1], strings[2])
+        return found
+
+    def cached_state_for_events(
+        self, event_ids: Collection[str], state_filter: StateFilter
+    ) -> dict[str, MutableStateMap[str]] | None:
+        """:meth:`state_for_events_txn` from the caches alone; None if anything is not cached.
+
+        Events the mirror has no snapshot for are never cached, so a request
+        with one of them goes to the database (and then falls back).
+        """
+        try:
+            return self.state_for_events_txn(None, event_ids, state_filter)
+        except CacheMiss:
+            return None
+
+    def state_for_events_txn(
+        self,
+        txn: LoggingTransaction | None,
+        event_ids: Collection[str],
+        state_filter: StateFilter,
+    ) -> dict[str, MutableStateMap[str]]:
+        """The state at each event the mirror has a snapshot for, filtered.
+
+        Events without a snapshot are left out of the result. A filter of
+        concrete keys (what visibility checks ask, lazy-loading) resolves
+        those keys in NIDs and keeps the answer in the per-snapshot member and
+        non-member caches, as Synapse does per state group; any other filter
+        resolves the whole state once, keeps it as strings in the
+        resolved-state cache and filters it with ``StateFilter.filter_state``.
+        """
+        # Filters that need most of the state (full, wildcards) resolve it all
+        # and keep it; narrower ones (concrete keys, lazy-loaded members)
+        # resolve in NIDs and turn only what they keep into strings.
+        # (StateFilter.has_wildcards() also counts include_others: not used here,
+        # so that lazy-loading members stays on the narrow path.)
+        whole = state_filter.is_full() or any(
+            state_keys is None for state_keys in state_filter.types.values()
+        )
+        filter_nids = None if whole else _FilterNids.of(self, state_filter)
+        learnt = TxnLearnt()
+        snapshots = self._event_snapshots_read(txn, event_ids, learnt, filter_nids)
+        if not snapshots:
+            return {}
+        by_snapshot: dict[int, MutableStateMap[str]] = {}
+        todo = []
+        member_filter, non_member_filter = state_filter.get_member_split()
+        for snapshot_nid in set(snapshots.values()):
+            resolved = self._resolved.get(snapshot_nid)
+            if resolved is not None:
+                by_snapshot[snapshot_nid] = resolved.filter(state_filter)
+                continue
+            # What narrower lookups left, per snapshot, in the two caches
+            # Synapse keeps per state group (members, and everything else).
+            non_members, got_non_members = _state_from_cache(
+                self._non_members, snapshot_nid, non_member_filter
+            )
+            members, got_members = _state_from_cache(self._members, snapshot_nid, member_filter)
+            if got_non_members and got_members:
+                by_snapshot[snapshot_nid] = {**non_members, **members}
+            else:
+                todo.append(snapshot_nid)
+        if todo:
+            sequences = (self._members.sequence, self._non_members.sequence)
+            block_lists = self._snapshots_txn(txn, learnt, todo)
+            blocks = self._blocks_txn(
+                txn, learnt, {b for nids in block_lists.values() for b in nids}
+            )
+            if txn is not None:
+                # Caching what a read loaded is safe: blocks and snapshots never change.
+                txn.call_after(self._publish, learnt)
+            if whole:
+                nid_states = {
+                    s: algebra.resolve(blocks[b] for b in block_lists[s]) for s in todo
+                }
+            else:
+                assert filter_nids is not None
+                nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
+                nid_states = {
+                    s: nid_filter.apply([blocks[b] for b in block_lists[s]]) for s in todo
+                }
+            # A whole state is cached as strings (below): filling the per-NID
+            # caches with thousands of entries as well would cost more than the read.
+            strings = self._to_strings(txn, nid_states, fill=not whole)
+            for snapshot_nid, state in strings.items():
+                if whole:
+                    resolved = ResolvedState(state)
+                    if txn is None:  # built from the caches: committed data only
+                        self._resolved.set(snapshot_nid, resolved)
+                    else:
+                        txn.call_after(self._resolved.set, snapshot_nid, resolved)
+                    by_snapshot[snapshot_nid] = resolved.filter(state_filter)
+                else:
+                    by_snapshot[snapshot_nid] = state
+            if not whole:
+                # Synapse's own rule for what a filtered read tells each cache.
+                insert = functools.partial(
+                    StateGroupDataStore._insert_into_cache,
+                    _DictionaryCaches(self._members, self._non_members),  # type: ignore[arg-type]
+                    cast("dict[int, StateMap[str]]", strings),
+                    state_filter,
+                    cache_seq_num_members=sequences[0],
+                    cache_seq_num_non_members=sequences[1],
+                )
+                if txn is None:
+                    insert()
+                else:
+                    txn.call_after(insert)
+        return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
+
+    def _to_strings(
+        self,
+        txn: LoggingTransaction | None,
+        nid_states: Mapping[int, NidStateMap],
+        fill: bool = True,
+    ) -> dict[int, dict[tuple[str, str], str]]:
+        type_strings, key_strings, event_strings = self._strings_of_nids_read(
+            txn,
+            {t for m in nid_states.values() for t, _ in m},
+            {s for m in nid_states.values() for _, s in m},
+            {e for m in nid_states.values() for e in m.values()},
+            fill,
+        )
+        return {
+            snapshot_nid: {
+                (type_strings[t], key_strings[s]): event_strings[e]
+                for (t, s), e in state.items()
+            }
+            for snapshot_nid, state in nid_states.items()
+        }
+
+    def _strings_of_nids_read(
+        self,
+        txn: LoggingTransaction | None,
+        type_nids: Collection[int],
+        key_nids: Collection[int],
+        event_nids: Collection[int],
+        fill: bool = True,
+    ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """The strings of type, state key and event NIDs, in one query for all misses.
+
+        ``fill=False`` leaves the state key and event caches as they were (the
+        few types are always cached).
+        """
+        caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
+        found: list[dict[int, str]] = []
+        missing: list[list[int]] = []
+        for cache, nids in zip(caches, (type_nids, key_nids, event_nids)):
+            hit, miss = self._split_cached(cache, nids)
+            found.append(hit)
+            missing.append(miss)
+        if any(missing):
+            if txn is None:
+                raise CacheMiss()
+            parts, args = [], []
+            for kind, (table, nid_column, column) in enumerate(
+                (
+                    ("nidstate_event_types", "type_nid", "event_type"),
+                    ("nidstate_state_keys", "state_key_nid", "state_key"),
+                    ("nidstate_events", "event_nid", "event_id"),
+                )
+            ):
+                if missing[kind]:
+                    clause, clause_args = in_list_clause(self.engine, nid_column, missing[kind])
+                    parts.append(
+                        f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
+                    )
+                    args.extend(clause_args)
+            txn.execute(" UNION ALL ".join(parts), args)
+            rows: list[list[tuple[int, str]]] = [[], [], []]
+            for kind, nid, string in txn.fetchall():
+                rows[kind].append((nid, string))
+            for kind, cache in enumerate(caches):
+                found[kind].update(rows[kind])
+                if fill or kind == 0:
+                    txn.call_after(self._fill, cache, rows[kind])
+        return found[0], found[1], found[2]
+
+    def _nid_filter_read(
+        self, txn: LoggingTransaction | None, state_filter: StateFilter, nids: "_FilterNids"
+    ) -> algebra.NidFilter:
+        """The filter in NIDs; strings that have no NID cannot match and are dropped."""
+        if nids.types_missing or nids.keys_missing:
+            if txn is None:
+                raise CacheMiss()
+            # One query for both tables (a read never creates a NID).
+            type_clause, type_args = in_list_clause(self.engine, "event_type", nids.types_missing)
+            key_clause, key_args = in_list_clause(self.engine, "state_key", nids.keys_missing)
+            txn.execute(
+                f"SELECT 0, event_type, type_nid FROM nidstate_event_types WHERE {type_clause}"
+                " UNION ALL"
+                f" SELECT 1, state_key, state_key_nid FROM nidstate_state_keys WHERE {key_clause}",
+                (*type_args, *key_args),
+            )
+            rows: list[list[tuple[str, int]]] = [[], []]
+            for kind, string, nid in txn.fetchall():
+                rows[kind].append((string, nid))
+            nids.learnt(txn, self, rows[0], rows[1])
+        type_nids, key_nids = nids.type_nids, nids.key_nids
+        nid_types: dict[int, frozenset[int] | None] = {}
+        for event_type, keys in state_filter.types.items():
+            if event_type not in type_nids:
+                continue  # no event of this type was ever mirrored
+            nid_types[type_nids[event_type]] = (
+                None
+                if keys is None
+                else frozenset(key_nids[k] for k in keys if k in key_nids)
+            )
+        return algebra.NidFilter(nid_types, state_filter.include_others)

@@ -1,0 +1,318 @@
+"""Where a snapshot is built and written: blocks, snapshots and the state
+group -> snapshot map, planned in Python and written in a few statements."""
+
+from collections.abc import Collection, Sequence
+
+from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import PostgresEngine
+
+from synapse_nidstate import algebra
+from synapse_nidstate.algebra import Block, NidStateMap
+from synapse_nidstate.storage.base import TxnLearnt, WriteScope
+from synapse_nidstate.storage.common import (
+    ROOMS,
+    CacheMiss,
+    EventRow,
+    GroupStep,
+    WriteCounters,
+)
+from synapse_nidstate.storage.interning import InterningStore
+
+
+class SnapshotStore(InterningStore):
+    def known_groups_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: Collection[int],
+        learnt: TxnLearnt | None = None,
+    ) -> dict[int, int]:
+        """State group -> snapshot NID, for the groups the mirror has.
+
+        In a write transaction pass its ``learnt``: rows it wrote itself must
+        not be cached before it commits.
+        """
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if learnt is not None:
+            found.update((g, learnt.groups[g]) for g in missing if g in learnt.groups)
+            missing = [g for g in missing if g not in learnt.groups]
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                "SELECT state_group, snapshot_nid FROM nidstate_state_groups WHERE",
+                "state_group",
+                missing,
+            )
+            found.update(rows)
+            if learnt is None:
+                txn.call_after(self._fill, self._group_snapshots, rows)
+            else:
+                learnt.groups.update(rows)
+        return found
+
+    async def known_groups(self, groups: Collection[int]) -> dict[int, int]:
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if not missing:
+            return found
+        found.update(
+            await self.db_pool.runInteraction(
+                "nidstate_known_groups", self.known_groups_txn, missing
+            )
+        )
+        return found
+
+    def _blocks_txn(
+        self, txn: LoggingTransaction | None, learnt: TxnLearnt, block_nids: Collection[int]
+    ) -> dict[int, Block]:
+        found, missing = self._split_cached(self._blocks, block_nids)
+        missing = [b for b in missing if b not in learnt.blocks]
+        found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            rows = self._select_in_txn(
+                txn, "SELECT block_nid, entries FROM nidstate_blocks WHERE", "block_nid", missing
+            )
+            loaded = {nid: algebra.unpack_block(entries) for nid, entries in rows}
+            if len(loaded) != len(missing):
+                raise RuntimeError(f"state blocks missing: {set(missing) - set(loaded)}")
+            learnt.blocks.update(loaded)
+            found.update(loaded)
+        return found
+
+    def _snapshots_txn(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        snapshot_nids: Collection[int],
+    ) -> dict[int, tuple[int, ...]]:
+        found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        missing = [s for s in missing if s not in learnt.snapshots]
+        found.update(
+            (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
+        )
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            rows = self._select_in_txn(
+                txn,
+                "SELECT snapshot_nid, block_nids FROM nidstate_snapshots WHERE",
+                "snapshot_nid",
+                missing,
+            )
+            loaded = {nid: algebra.unpack_nids(blocks) for nid, blocks in rows}
+            if len(loaded) != len(missing):
+                raise RuntimeError(f"snapshots missing: {set(missing) - set(loaded)}")
+            learnt.snapshots.update(loaded)
+            found.update(loaded)
+        return found
+
+    def _store_blocks_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        room_nid: int,
+        blocks: Collection[Block],
+    ) -> list[int]:
+        """Insert-or-select blocks by content; returns their NIDs in order."""
+        nids = self._insert_or_select_txn(
+            txn,
+            "nidstate_blocks",
+            "block_nid",
+            ("entry_count", "entries"),
+            room_nid,
+            [algebra.block_hash(b) for b in blocks],
+            [(len(b), bytearray(algebra.pack_block(b))) for b in blocks],
+        )
+        learnt.blocks.update(zip(nids, blocks))
+        return nids
+
+    def _store_snapshots_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        room_nid: int,
+        block_lists: list[tuple[int, ...]],
+    ) -> list[int]:
+        """Insert-or-select snapshots by their ordered block lists; their NIDs in order."""
+        for block_nids in block_lists:
+            if len(block_nids) > algebra.MAX_BLOCKS:
+                raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
+        nids = self._insert_or_select_txn(
+            txn,
+            "nidstate_snapshots",
+            "snapshot_nid",
+            ("block_nids",),
+            room_nid,
+            [algebra.snapshot_hash(b) for b in block_lists],
+            [(bytearray(algebra.pack_nids(b)),) for b in block_lists],
+        )
+        learnt.snapshots.update(zip(nids, block_lists))
+        return nids
+
+    def _insert_or_select_txn(
+        self,
+        txn: LoggingTransaction,
+        table: str,
+        nid_column: str,
+        columns: tuple[str, ...],
+        room_nid: int,
+        digests: list[bytes],
+        values: list[tuple],
+    ) -> list[int]:
+        """Rows deduplicated per room by content hash: insert those not there
+        (in a fixed order, so concurrent writers lock alike), then read every
+        one's NID; returns them in the order of ``digests``."""
+        placeholders = ", ".join("?" for _ in range(2 + len(columns)))
+        txn.execute_batch(
+            f"INSERT INTO {table} (room_nid, content_hash, {', '.join(columns)})"
+            f" VALUES ({placeholders}) ON CONFLICT (room_nid, content_hash) DO NOTHING",
+            sorted((room_nid, bytearray(d), *v) for d, v in zip(digests, values)),
+        )
+        rows = self._select_in_txn(
+            txn,
+            f"SELECT content_hash, {nid_column} FROM {table} WHERE room_nid = ? AND",
+            "content_hash",
+            [bytearray(d) for d in set(digests)],
+            (room_nid,),
+        )
+        by_digest = {bytes(d): nid for d, nid in rows}
+        return [by_digest[d] for d in digests]
+
+    def _build_groups_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        room_nid: int,
+        steps: list[GroupStep],
+        stats: WriteCounters,
+    ) -> None:
+        """Give each step's state group a snapshot (parents before children)."""
+        if not steps:
+            return
+        known = self.known_groups_txn(
+            txn,
+            {s.group for s in steps} | {s.prev_group for s in steps if s.prev_group},
+            learnt,
+        )
+        todo = [s for s in steps if s.group not in known]
+        if any(s.needs_full_state for s in todo):
+            raise ValueError("a step still needs its full state read")
+        convert = self._intern_state_map_txn(
+            txn,
+            learnt,
+            room_nid,
+            [s.delta if s.delta is not None else s.full_state for s in todo],  # type: ignore[misc]
+        )
+        # Plan every snapshot first, in Python: blocks new in this batch get a
+        # temporary (negative) NID, so that a child step can extend a parent
+        # planned just before it. Then three statements write them all: the
+        # blocks, the snapshots, the groups' mapping (not three per group).
+        new_blocks: dict[bytes, Block] = {}  # content hash -> block
+        temporary: dict[bytes, int] = {}  # content hash -> temporary NID
+        block_of_temporary: dict[int, Block] = {}
+        lists: dict[int, tuple[int, ...]] = {}  # group -> block list (temporary NIDs too)
+
+        def block_nid(block: Block) -> int:
+            digest = algebra.block_hash(block)
+            if digest not in temporary:
+                temporary[digest] = -(len(temporary) + 1)
+                new_blocks[digest] = block
+                block_of_temporary[temporary[digest]] = block
+            return temporary[digest]
+
+        def load(nids: Sequence[int]) -> dict[int, Block]:
+            loaded = self._blocks_txn(txn, learnt, [n for n in nids if n > 0])
+            loaded.update((n, block_of_temporary[n]) for n in nids if n < 0)
+            return loaded
+
+        for step in todo:
+            if step.full_state is not None:
+                plan = algebra.full(convert(step.full_state))
+            else:
+                assert step.prev_group is not None and step.delta is not None
+                parent_blocks = lists.get(step.prev_group)
+                if parent_blocks is None:
+                    parent = known[step.prev_group]
+                    parent_blocks = self._snapshots_txn(txn, learnt, [parent])[parent]
+
+                def parent_state(blocks: tuple[int, ...] = parent_blocks) -> NidStateMap:
+                    loaded = load(blocks)
+                    return algebra.resolve(loaded[b] for b in blocks)
+
+                change = algebra.make_block(
+                    (t, s, e) for (t, s), e in convert(step.delta).items()
+                )
+                plan = algebra.extend(parent_blocks, change, parent_state)
+            if plan.compacted and step.full_state is None:
+                stats.compactions += 1  # a delta on a parent at the 64-block limit
+            lists[step.group] = tuple(plan.base) + tuple(block_nid(b) for b in plan.blocks)
+
+        real: dict[int, int] = {}
+        if new_blocks:
+            nids = self._store_blocks_txn(txn, learnt, room_nid, list(new_blocks.values()))
+            real = {temporary[digest]: nid for digest, nid in zip(new_blocks, nids)}
+        groups = list(lists)
+        snapshot_nids = self._store_snapshots_txn(
+            txn, learnt, room_nid, [tuple(real.get(n, n) for n in lists[g]) for g in groups]
+        )
+        txn.execute_batch(
+            "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
+            " ON CONFLICT (state_group) DO NOTHING",
+            list(zip(groups, snapshot_nids)),
+        )
+        for group, snapshot_nid in zip(groups, snapshot_nids):
+            known[group] = snapshot_nid
+            learnt.groups[group] = snapshot_nid
+        stats.snapshots_built += len(groups)
+
+    def mirror_events_txn(
+        self,
+        txn: LoggingTransaction,
+        scope: WriteScope,
+        room_id: str,
+        rows: list[EventRow],
+        steps: list[GroupStep],
+        stats: WriteCounters,
+        keep_existing: bool = False,
+    ) -> None:
+        """Record ``rows`` and the snapshots of their state groups, in ``txn``.
+
+        An event whose state group the mirror has no snapshot for (and no step
+        to build one) is recorded without a snapshot; lookups for it fall back
+        to Synapse. With ``keep_existing`` (the migration, beside the live
+        mirror) an event that already has a snapshot keeps it.
+        """
+        learnt = scope.begin(txn, self)
+        (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
+        if steps:
+            self._lock_room_txn(txn, room_nid)
+        self._build_groups_txn(txn, learnt, room_nid, steps, stats)
+        groups = self.known_groups_txn(
+            txn, {r.state_group for r in rows if r.state_group is not None}, learnt
+        )
+        values = []
+        for row in rows:
+            snapshot_nid = groups.get(row.state_group) if row.state_group else None
+            if row.state_group is not None and snapshot_nid is None:
+                stats.unprepared += 1
+            values.append((row.event_id, room_nid, snapshot_nid))
+            if snapshot_nid is not None:
+                stats.events_mirrored += 1
+                if not keep_existing:
+                    # A new event is looked up soon after (visibility, sync).
+                    learnt.event_snapshots[row.event_id] = snapshot_nid
+        # One write per event: an insert, or an update of a row interned
+        # earlier (a state event named by its own snapshot) and only when it
+        # changes, as PostgreSQL writes a new row version for every update.
+        if keep_existing:
+            changes = "nidstate_events.snapshot_nid IS NULL"
+        elif isinstance(self.engine, PostgresEngine):
+            changes = "nidstate_events.snapshot_nid IS DISTINCT FROM EXCLUDED.snapshot_nid"
+        else:
+            changes = "nidstate_events.snapshot_nid IS NOT excluded.snapshot_nid"
+        txn.execute_batch(
+            "INSERT INTO nidstate_events (event_id, room_nid, snapshot_nid) VALUES (?, ?, ?)"
+            " ON CONFLICT (event_id) DO UPDATE SET snapshot_nid = EXCLUDED.snapshot_nid"
+            f" WHERE {changes}",
+            sorted(values),
+        )
