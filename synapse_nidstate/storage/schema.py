@@ -1,7 +1,7 @@
 """Creating and upgrading the module's tables in Synapse's main database.
 
-Schema files live in ``sql/<engine>/NN_name.sql`` (shipped inside the package
-as ``synapse_nidstate/sql``). Each is applied once, in order, in one transaction
+Schema files live in ``sql/<engine>/NN_name.sql`` beside this file (package
+data, in the wheel too). Each is applied once, in order, in one transaction
 that also records the new version, so a crash half-way leaves the old schema.
 """
 
@@ -11,9 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synapse.config._base import ConfigError
-from synapse.storage.database import LoggingTransaction, make_conn
-from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
+from synapse.storage.database import LoggingDatabaseConnection, LoggingTransaction, make_conn
+from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine, Sqlite3Engine
 from synapse.storage.prepare_database import get_statements
 
 if TYPE_CHECKING:
@@ -118,35 +117,68 @@ def apply_schema(hs: "HomeServer") -> int:
 
     Runs on a connection of its own, synchronously: the module calls it while
     Synapse starts (before any event can be persisted), the CLI before it works.
+    Every way Synapse accepts to name a database works, since the connection is
+    made by Synapse's own ``make_conn`` from the same settings (``database`` or
+    ``dbname``, a DSN, a unix socket).
+
+    An in-memory SQLite database (Synapse's own test harness) is a new, empty
+    database on every connection: the tables are created on each connection
+    Synapse's pool opens instead (see :func:`_apply_on_every_connection`).
     """
     db_pool = hs.get_datastores().main.db_pool
-    database_config = db_pool._database_config
-    if database_config.config.get("args", {}).get("database") in (None, ":memory:"):
-        raise ConfigError(
-            "synapse-nidstate needs an on-disk database: an in-memory SQLite "
-            "database cannot be opened a second time to create the module's tables",
-            path=("database", "args", "database"),
-        )
+    if isinstance(db_pool.engine, Sqlite3Engine) and db_pool.engine._is_in_memory:
+        return _apply_on_every_connection(hs)
     conn = make_conn(
-        db_config=database_config,
+        db_config=db_pool._database_config,
         engine=db_pool.engine,
         default_txn_name="nidstate_schema",
         server_name=hs.hostname,
     )
     try:
-        cursor = conn.cursor(txn_name="nidstate_apply_schema")
-        if isinstance(db_pool.engine, PostgresEngine):
-            # Synapse's connections are REPEATABLE READ, whose snapshot would be
-            # taken before the advisory lock is granted: the processes of a
-            # worker deployment starting together would then read a stale
-            # schema version and fail to serialize. Each statement sees what
-            # the process that held the lock before committed.
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        version = apply_schema_txn(cursor)
-        conn.commit()
-        return version
+        return _apply_on(conn)
     finally:
         conn.close()
+
+
+def _apply_on(conn: LoggingDatabaseConnection) -> int:
+    """Bring the schema up to date on ``conn`` and commit; returns the version."""
+    cursor = conn.cursor(txn_name="nidstate_apply_schema")
+    if isinstance(conn.engine, PostgresEngine):
+        # Synapse's connections are REPEATABLE READ, whose snapshot would be
+        # taken before the advisory lock is granted: the processes of a
+        # worker deployment starting together would then read a stale
+        # schema version and fail to serialize. Each statement sees what
+        # the process that held the lock before committed.
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    version = apply_schema_txn(cursor)
+    conn.commit()
+    return version
+
+
+def _apply_on_every_connection(hs: "HomeServer") -> int:
+    """In-memory SQLite: create the tables on the connections Synapse's pool holds
+    and, by wrapping ``SQLite3Engine.on_new_connection`` (which rebuilds Synapse's
+    own schema on every new in-memory connection), on every one it opens later."""
+    db_pool = hs.get_datastores().main.db_pool
+    engine = db_pool.engine
+    prepare = engine.on_new_connection
+
+    def on_new_connection(db_conn: LoggingDatabaseConnection) -> None:
+        prepare(db_conn)
+        _apply_on(db_conn)
+
+    engine.on_new_connection = on_new_connection  # type: ignore[method-assign]
+    version = schema_files(engine)[-1][0]
+    for conn in list(db_pool._db_pool.connections.values()):
+        version = _apply_on(
+            LoggingDatabaseConnection(
+                conn=conn,
+                engine=engine,
+                default_txn_name="nidstate_schema",
+                server_name=hs.hostname,
+            )
+        )
+    return version
 
 
 def drop_tables_txn(txn: LoggingTransaction) -> None:
