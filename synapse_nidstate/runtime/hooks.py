@@ -25,6 +25,11 @@ Read side (every process): ``StateStorageController.get_state_ids_for_events``
 and ``get_state_for_events``, through which the single-event forms and every
 state-at-event caller (visibility, /context, /messages, /members, sync,
 federation /state) go.
+
+Schema (in-memory SQLite only, as in Synapse's own test harness):
+``SQLite3Engine.on_new_connection`` rebuilds Synapse's schema on every new
+connection to ``:memory:``, each a new database; ``storage.schema`` wraps it to
+create the module's tables there too (a file or PostgreSQL needs no wrapper).
 """
 
 import functools
