@@ -4,14 +4,17 @@ as text tables, JSON or a plot (the figures themselves: ``storage_figures``)."""
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any
 
 from synapse.server import HomeServer
 
-from synapse_nidstate.commands.plot import plot_report, require_matplotlib
+from synapse_nidstate.commands.plot import plot_report, plot_target_problem, require_matplotlib
 from synapse_nidstate.commands.storage_figures import (
     NIDSTATE,
+    ROOM_NOTES,
     SYNAPSE,
+    RoomStats,
     SideStats,
     StorageReport,
     TableStats,
@@ -60,6 +63,10 @@ def format_report(report: StorageReport) -> str:
         ("bytes per state entry", per_entry(syn), per_entry(mod)),
     ]
     lines.append(table(summary, ("", SYNAPSE, NIDSTATE)))
+    lines.append(
+        f"(state entries: {SYNAPSE}'s rows of state_groups_state, {NIDSTATE}'s entries "
+        "of nidstate_blocks; both count full states and deltas as stored)"
+    )
     ratio = report.total_bytes_ratio
     if ratio is not None:
         lines.append(
@@ -98,28 +105,59 @@ def format_report(report: StorageReport) -> str:
         lines += ["", f"{side.name}:", table(rows, header)]
 
     if report.top:
-        lines += ["", f"Top {report.top} rooms by state entries:"]
-        room_rows: list[tuple[Any, ...]] = []
-        for i in range(max(len(syn.top_rooms), len(mod.top_rooms))):
-            cells: list[Any] = [i + 1]
-            for side in (syn, mod):
-                if i < len(side.top_rooms):
-                    room = side.top_rooms[i]
-                    cells += [room.room_id, _number(room.state_entries), format_bytes(room.data_bytes)]
-                else:
-                    cells += ["", "", ""]
-            room_rows.append(tuple(cells))
-        lines.append(
-            table(
-                room_rows,
-                ("#", f"{SYNAPSE} room", "entries", "data", f"{NIDSTATE} room", "entries", "data"),
-            )
-        )
-        lines.append(
-            f"(data: {SYNAPSE}: the values of its state_groups_state rows; "
-            f"{NIDSTATE}: the packed entries of its blocks)"
-        )
+        lines += ["", format_top_rooms(report)]
     return "\n".join(lines)
+
+
+def _name(room: RoomStats, width: int = 40) -> str:
+    label = room.name or room.canonical_alias
+    if not label:
+        return "-"
+    return label if len(label) <= width else label[: width - 1] + "\u2026"
+
+
+def _wrapped(label: str, text: str) -> list[str]:
+    return textwrap.wrap(
+        f"{label}: {text}.", width=100, subsequent_indent="  ", break_on_hyphens=False
+    )
+
+
+def format_top_rooms(report: StorageReport) -> str:
+    """The top rooms, one room a row with both sides' figures, and what each figure is."""
+    title = (
+        f"Top {len(report.top_rooms) or report.top} rooms by {SYNAPSE}'s state rows, most first"
+        " (room: its name or canonical alias):"
+    )
+    if not report.top_rooms:
+        return f"{title}\n(no room has state in state_groups_state)"
+    rows = [
+        (
+            _name(room),
+            room.room_id,
+            _number(room.synapse_rows),
+            format_bytes(room.synapse_data_bytes),
+            _number(room.nidstate_entries),
+            format_bytes(room.nidstate_data_bytes),
+            _ratio(room.data_bytes_ratio),
+        )
+        for room in report.top_rooms
+    ]
+    header = (
+        "room",
+        "room ID",
+        f"{SYNAPSE} rows",
+        "data",
+        f"{NIDSTATE} entries",
+        "data",
+        "data ratio",
+    )
+    notes = [
+        *_wrapped(f"{SYNAPSE} rows", ROOM_NOTES["synapse_rows"]),
+        *_wrapped(f"{NIDSTATE} entries", ROOM_NOTES["nidstate_entries"]),
+        *_wrapped("data", ROOM_NOTES["data_bytes"]),
+        *_wrapped("data ratio", ROOM_NOTES["data_bytes_ratio"]),
+    ]
+    return "\n".join([title, table(rows, header), *notes])
 
 
 def _table_json(t: TableStats) -> dict[str, Any]:
@@ -134,6 +172,18 @@ def _table_json(t: TableStats) -> dict[str, Any]:
     }
 
 
+#: The unit of every number in the JSON: a key is its unit or ends in ``_<unit>``.
+JSON_UNITS = {
+    "bytes": "an integer number of bytes",
+    "rows": "rows of a table",
+    "entries": "state entries as stored (see notes)",
+    "blocks": "rows of nidstate_blocks",
+    "bytes_per_state_entry": "total bytes / state entries (a mean, not an integer)",
+    "ratio": "synapse-nidstate's figure / Synapse's, a plain number",
+    "count": "how many of what the key names",
+}
+
+
 def _side_json(side: SideStats) -> dict[str, Any]:
     return {
         "tables": {t.name: _table_json(t) for t in side.tables},
@@ -144,32 +194,48 @@ def _side_json(side: SideStats) -> dict[str, Any]:
         "total_bytes": side.total_bytes,
         "state_entries": side.state_entries,
         "bytes_per_state_entry": side.bytes_per_state_entry,
-        "top_rooms": [
-            {
-                "room_id": r.room_id,
-                "state_entries": r.state_entries,
-                "data_bytes": r.data_bytes,
-                "rows": r.rows,
-            }
-            for r in side.top_rooms
-        ],
+    }
+
+
+def _room_json(room: RoomStats) -> dict[str, Any]:
+    return {
+        "room_id": room.room_id,
+        "name": room.name,
+        "canonical_alias": room.canonical_alias,
+        "label": room.label,
+        "synapse_rows": room.synapse_rows,
+        "synapse_data_bytes": room.synapse_data_bytes,
+        "nidstate_entries": room.nidstate_entries,
+        "nidstate_blocks": room.nidstate_blocks,
+        "nidstate_data_bytes": room.nidstate_data_bytes,
+        "data_bytes_ratio": room.data_bytes_ratio,
     }
 
 
 def report_as_json(report: StorageReport) -> dict[str, Any]:
-    """Every figure, with its unit in its key (``*_bytes``, ``rows``, ``state_entries``, ``*_ratio``).
+    """Every figure, with its unit in its key (see :data:`JSON_UNITS`, which the JSON
+    carries as ``units``; ``notes`` says what the per-room figures count).
 
     Sizes the engine cannot tell (TOAST on SQLite, any size without ``dbstat``) are null.
     """
     return {
+        "units": dict(JSON_UNITS),
+        "notes": {
+            "state_entries": (
+                f"{SYNAPSE}: rows of state_groups_state; {NIDSTATE}: entries of "
+                "nidstate_blocks (as synapse_rows and nidstate_entries of a room)"
+            ),
+            **ROOM_NOTES,
+        },
         "engines": dict(report.engines),
         "size_method": report.size_method,
         "separate_state_database": report.separate_state_database,
-        "top_rooms_count": report.top,
+        "top_rooms_requested_count": report.top,
         "synapse": _side_json(report.synapse),
         "nidstate": _side_json(report.nidstate),
         "nidstate_to_synapse_total_bytes_ratio": report.total_bytes_ratio,
         "nidstate_to_synapse_bytes_per_state_entry_ratio": report.bytes_per_state_entry_ratio,
+        "top_rooms": [_room_json(room) for room in report.top_rooms],
     }
 
 
@@ -198,17 +264,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(hs: HomeServer, args: argparse.Namespace) -> int:
-    """Print the report (text, or JSON with --json) and draw it if --plot is given."""
+    """Print the report (text, or JSON with --json) and draw it if --plot is given.
+
+    A plot file that cannot be written is one line on standard error and exit
+    code 2, found before the long scan when it can be.
+    """
     if args.plot:
         require_matplotlib()  # before the long scan, not after it
+        problem = plot_target_problem(args.plot)
+        if problem is not None:
+            return _cannot_plot(args.plot, problem)
     report = await storage_report(hs, top=args.top)
     if args.json:
         json.dump(report_as_json(report), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_report(report))
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"plot written to {args.plot}", file=sys.stderr)
     sys.stdout.flush()
+    if args.plot:
+        try:
+            plot_report(report, args.plot)
+        except OSError as e:  # e.g. the directory went away during the scan
+            return _cannot_plot(args.plot, e.strerror or str(e))
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _cannot_plot(path: str, why: str) -> int:
+    print(f"synapse-nidstate: cannot write the plot to {path}: {why}", file=sys.stderr)
+    return 2

@@ -15,13 +15,19 @@ Sizes come from the database itself, so they match what its own tools show:
   report then says so and gives the database file's size (``page_size`` x
   ``page_count``) instead.
 
-Row counts are exact (``COUNT(*)``), and the top rooms need a scan of
-``state_groups_state``: on a large server this takes as long as reading it.
+Row counts are exact (``COUNT(*)``). The top rooms are ranked by their rows in
+``state_groups_state``, which needs a scan of it (on a large server this takes as
+long as reading it); the module's figures are then read for the same rooms, and
+names from Synapse's ``room_stats_state``.
 """
 
 import attr
 from synapse.server import HomeServer
-from synapse.storage.database import DatabasePool, LoggingTransaction
+from synapse.storage.database import (
+    DatabasePool,
+    LoggingTransaction,
+    make_in_list_sql_clause,
+)
 from synapse.storage.engines import PostgresEngine
 
 from synapse_nidstate.storage.schema import TABLES, engine_name
@@ -52,19 +58,60 @@ class TableStats:
     total_bytes: int | None
 
 
+#: What each per-room figure is (the text report's footnote, the JSON's ``notes``).
+ROOM_NOTES = {
+    "synapse_rows": (
+        "the room's rows in state_groups_state, a full copy of its state at every "
+        "state group stored without a predecessor (the first, one after every 100 "
+        "deltas, and wherever Synapse has no delta), then one row per changed key at "
+        "every other state group"
+    ),
+    "nidstate_entries": (
+        "the entries of the room's nidstate_blocks, its full state for a state group "
+        "without a predecessor and again at every compaction (when a snapshot reaches 64 "
+        "blocks), one entry per changed key in every delta block (removed keys as "
+        "tombstones); identical blocks are stored once. So a room can hold more "
+        "entries than Synapse rows: the module writes its full state again after at "
+        "most 63 deltas, Synapse after 100"
+    ),
+    "data_bytes": (
+        "bytes of the stored values alone, without row headers, indexes, the "
+        "module's interned strings or its per-event table: Synapse: the columns of "
+        "its state_groups_state rows (pg_column_size; on SQLite the length of each "
+        "value, 8 for the state group); synapse-nidstate: its blocks' packed "
+        "entries (a tag byte, then 12 bytes an entry)"
+    ),
+    "data_bytes_ratio": "synapse-nidstate's data bytes / Synapse's, for the room",
+}
+
+
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class RoomStats:
-    """One room's share of a side's state storage."""
+    """One room's state storage on both sides (see :data:`ROOM_NOTES`)."""
 
     room_id: str
-    #: Synapse: rows of state_groups_state; module: sum of nidstate_blocks.entry_count.
-    state_entries: int
-    #: Bytes of the stored values, without row headers or indexes. Synapse: the
-    #: columns of its state_groups_state rows (``pg_column_size``, or the length of
-    #: each value as a blob on SQLite, 8 for the state group); module: ``length(entries)``.
-    data_bytes: int
-    #: Synapse: state_groups_state rows; module: nidstate_blocks rows.
-    rows: int
+    #: From Synapse's ``room_stats_state`` (None: the room has none).
+    name: str | None
+    canonical_alias: str | None
+    #: Rows of ``state_groups_state``.
+    synapse_rows: int
+    synapse_data_bytes: int
+    #: Sums over the room's ``nidstate_blocks`` (0: no blocks; None: no module tables).
+    nidstate_entries: int | None
+    nidstate_blocks: int | None
+    nidstate_data_bytes: int | None
+
+    @property
+    def label(self) -> str:
+        """The room's name, else its canonical alias, else its ID."""
+        return self.name or self.canonical_alias or self.room_id
+
+    @property
+    def data_bytes_ratio(self) -> float | None:
+        """The module's data bytes over Synapse's."""
+        if self.nidstate_data_bytes is None or not self.synapse_data_bytes:
+            return None
+        return self.nidstate_data_bytes / self.synapse_data_bytes
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -73,8 +120,9 @@ class SideStats:
 
     name: str
     tables: list[TableStats]
+    #: Synapse: rows of state_groups_state; module: the entries of nidstate_blocks
+    #: (full states and deltas as each side stores them, see :data:`ROOM_NOTES`).
     state_entries: int
-    top_rooms: list[RoomStats]
 
     @property
     def rows(self) -> int:
@@ -121,6 +169,8 @@ class StorageReport:
     top: int
     #: Synapse's state tables live in a database of their own (``data_stores: [state]``).
     separate_state_database: bool = False
+    #: The ``top`` rooms with the most rows in ``state_groups_state``, most first.
+    top_rooms: list[RoomStats] = attr.Factory(list)
 
     @property
     def total_bytes_ratio(self) -> float | None:
@@ -247,8 +297,10 @@ async def _module_state_entries(db_pool: DatabasePool, exists: bool) -> int:
     return await db_pool.runInteraction("nidstate_stats_module_entries", entries_txn)
 
 
-async def _synapse_top_rooms(db_pool: DatabasePool, top: int) -> list[RoomStats]:
-    def top_txn(txn: LoggingTransaction) -> list[RoomStats]:
+async def _synapse_top_rooms(db_pool: DatabasePool, top: int) -> list[tuple[str, int, int]]:
+    """(room ID, rows, data bytes) of the rooms with the most state_groups_state rows."""
+
+    def top_txn(txn: LoggingTransaction) -> list[tuple[str, int, int]]:
         if isinstance(txn.database_engine, PostgresEngine):
             size = " + ".join(
                 f"COALESCE(pg_column_size({c}), 0)"
@@ -264,28 +316,90 @@ async def _synapse_top_rooms(db_pool: DatabasePool, top: int) -> list[RoomStats]
             " GROUP BY room_id ORDER BY COUNT(*) DESC, room_id LIMIT ?",
             (top,),
         )
-        return [
-            RoomStats(room_id, int(count), int(size or 0), int(count))
-            for room_id, count, size in txn.fetchall()
-        ]
+        return [(room_id, int(count), int(size or 0)) for room_id, count, size in txn.fetchall()]
 
     return await db_pool.runInteraction("nidstate_stats_synapse_top_rooms", top_txn)
 
 
-async def _module_top_rooms(db_pool: DatabasePool, top: int) -> list[RoomStats]:
-    def top_txn(txn: LoggingTransaction) -> list[RoomStats]:
-        txn.execute(
-            "SELECT r.room_id, SUM(b.entry_count), SUM(LENGTH(b.entries)), COUNT(*)"
-            " FROM nidstate_blocks AS b JOIN nidstate_rooms AS r ON r.room_nid = b.room_nid"
-            " GROUP BY r.room_id ORDER BY SUM(b.entry_count) DESC, r.room_id LIMIT ?",
-            (top,),
-        )
-        return [
-            RoomStats(room_id, int(entries), int(size or 0), int(blocks))
-            for room_id, entries, size, blocks in txn.fetchall()
-        ]
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
 
-    return await db_pool.runInteraction("nidstate_stats_module_top_rooms", top_txn)
+
+async def _module_rooms(
+    db_pool: DatabasePool, room_ids: list[str]
+) -> dict[str, tuple[int, int, int]]:
+    """Room ID -> (entries, blocks, data bytes) of the module's blocks of these rooms."""
+
+    def rooms_txn(txn: LoggingTransaction) -> dict[str, tuple[int, int, int]]:
+        found: dict[str, tuple[int, int, int]] = {}
+        for chunk in _chunks(room_ids):
+            clause, args = make_in_list_sql_clause(txn.database_engine, "r.room_id", chunk)
+            txn.execute(
+                "SELECT r.room_id, SUM(b.entry_count), COUNT(*), SUM(LENGTH(b.entries))"
+                " FROM nidstate_blocks AS b"
+                " JOIN nidstate_rooms AS r ON r.room_nid = b.room_nid"
+                f" WHERE {clause} GROUP BY r.room_id",
+                args,
+            )
+            for room_id, entries, blocks, size in txn.fetchall():
+                found[room_id] = (int(entries), int(blocks), int(size or 0))
+        return found
+
+    return await db_pool.runInteraction("nidstate_stats_module_rooms", rooms_txn)
+
+
+async def _room_names(
+    db_pool: DatabasePool, room_ids: list[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """Room ID -> (name, canonical alias), from Synapse's ``room_stats_state``."""
+
+    def names_txn(txn: LoggingTransaction) -> dict[str, tuple[str | None, str | None]]:
+        found: dict[str, tuple[str | None, str | None]] = {}
+        for chunk in _chunks(room_ids):
+            clause, args = make_in_list_sql_clause(txn.database_engine, "room_id", chunk)
+            txn.execute(
+                f"SELECT room_id, name, canonical_alias FROM room_stats_state WHERE {clause}",
+                args,
+            )
+            for room_id, name, alias in txn.fetchall():
+                found[room_id] = (_one_line(name), _one_line(alias))
+        return found
+
+    return await db_pool.runInteraction("nidstate_stats_room_names", names_txn)
+
+
+def _one_line(value: str | None) -> str | None:
+    """A name as one line of text (None if empty)."""
+    if not value:
+        return None
+    return " ".join(str(value).split()) or None
+
+
+async def _top_rooms(
+    main: DatabasePool, state: DatabasePool, top: int, module_tables: bool
+) -> list[RoomStats]:
+    """The ``top`` rooms by Synapse's rows, with both sides' figures for each."""
+    synapse_rooms = await _synapse_top_rooms(state, top)
+    room_ids = [room_id for room_id, _, _ in synapse_rooms]
+    module = await _module_rooms(main, room_ids) if module_tables and room_ids else {}
+    names = await _room_names(main, room_ids) if room_ids else {}
+    rooms = []
+    for room_id, rows, data_bytes in synapse_rooms:
+        name, alias = names.get(room_id, (None, None))
+        entries, blocks, module_bytes = module.get(room_id, (0, 0, 0))
+        rooms.append(
+            RoomStats(
+                room_id=room_id,
+                name=name,
+                canonical_alias=alias,
+                synapse_rows=rows,
+                synapse_data_bytes=data_bytes,
+                nidstate_entries=entries if module_tables else None,
+                nidstate_blocks=blocks if module_tables else None,
+                nidstate_data_bytes=module_bytes if module_tables else None,
+            )
+        )
+    return rooms
 
 
 async def storage_report(hs: HomeServer, top: int = 10) -> StorageReport:
@@ -303,24 +417,27 @@ async def storage_report(hs: HomeServer, top: int = 10) -> StorageReport:
     module_exists = {t.name: t.exists for t in module_tables}
     module_entries = await _module_state_entries(main, module_exists["nidstate_blocks"])
 
-    synapse_top: list[RoomStats] = []
-    module_top: list[RoomStats] = []
+    top_rooms: list[RoomStats] = []
     if top:
-        synapse_top = await _synapse_top_rooms(state, top)
-        if module_exists["nidstate_blocks"] and module_exists["nidstate_rooms"]:
-            module_top = await _module_top_rooms(main, top)
+        top_rooms = await _top_rooms(
+            main,
+            state,
+            top,
+            module_exists["nidstate_blocks"] and module_exists["nidstate_rooms"],
+        )
 
     if state is main or state_method == main_method:
         method = main_method
     else:
         method = f"main database: {main_method}; state database: {state_method}"
     return StorageReport(
-        synapse=SideStats(SYNAPSE, state_tables + main_tables, synapse_entries, synapse_top),
-        nidstate=SideStats(NIDSTATE, module_tables, module_entries, module_top),
+        synapse=SideStats(SYNAPSE, state_tables + main_tables, synapse_entries),
+        nidstate=SideStats(NIDSTATE, module_tables, module_entries),
         engines={"main": engine_name(main.engine), "state": engine_name(state.engine)},
         size_method=method,
         top=top,
         separate_state_database=state is not main,
+        top_rooms=top_rooms,
     )
 
 
