@@ -101,9 +101,12 @@ def install_full_state_updates(hs: "HomeServer", mirror: Mirror) -> None:
 
     @functools.wraps(update_txn)
     def _update_state_for_partial_state_event_txn(
-        txn: LoggingTransaction, event: EventBase, context: EventContext, stream_id: int
+        txn: LoggingTransaction,
+        event: EventBase,
+        context: EventContext,
+        un_partial_state_event_stream_id: int,
     ) -> None:
-        update_txn(txn, event, context, stream_id)
+        update_txn(txn, event, context, un_partial_state_event_stream_id)
         mirror.write_full_state_txn(txn, event, context, plans.get(event.event_id, BatchPlan([])))
 
     main.update_state_for_partial_state_event = update_state_for_partial_state_event  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ import synapse
 from synapse.module_api import ModuleApi
 
 from synapse_nidstate.runtime import hooks, status
+from synapse_nidstate.runtime.compat import check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
@@ -127,4 +128,5 @@ class NidStateModule:
     def parse_config(config: dict[str, Any]) -> NidStateConfig:
         parsed = parse_config(config)
         check_synapse_version(synapse.__version__, parsed)
+        check_synapse_internals()  # even with allow_untested_synapse
         return parsed

@@ -1,0 +1,69 @@
+"""The start-up check of the Synapse internals the module relies on."""
+
+from unittest import mock
+
+from synapse.config._base import ConfigError
+from synapse.storage.controllers.state import StateStorageController
+from twisted.trial import unittest
+
+from synapse_nidstate.runtime.compat import REQUIREMENTS, Requirement, missing
+from synapse_nidstate.runtime.module import NidStateModule
+
+
+class CompatTests(unittest.TestCase):
+    def test_the_installed_synapse_has_everything(self) -> None:
+        """Run on every supported release (tox -e synapse-1.157 ...): fails on the
+        release that lacks or changed a method the module wraps or calls."""
+        self.assertEqual(missing(), [])
+
+    def test_every_wrapped_method_is_listed(self) -> None:
+        names = {r.name for r in REQUIREMENTS}
+        for wrapped in (
+            "_persist_events_and_state_updates",
+            "_store_event_state_mappings_txn",
+            "update_state_for_partial_state_event",
+            "_update_state_for_partial_state_event_txn",
+            "get_state_ids_for_events",
+            "get_state_for_events",
+            "_purge_history_txn",
+            "_purge_room_txn",
+            "purge_unreferenced_state_groups",
+            "_invalidate_caches_for_room_events",
+            "on_new_connection",
+        ):
+            self.assertIn(wrapped, names)
+
+    def test_a_missing_method_or_parameter_is_named(self) -> None:
+        problems = missing(
+            (
+                Requirement(
+                    "synapse.storage.controllers.state.StateStorageController",
+                    "no_such_method", (), "test",
+                ),
+                Requirement(
+                    "synapse.storage.controllers.state.StateStorageController",
+                    "get_state_group_delta", ("no_such_parameter",), "test",
+                ),
+                Requirement("synapse.no_such_module.Store", "method", (), "test"),
+            )
+        )
+        self.assertEqual(len(problems), 3)
+        self.assertIn("StateStorageController.no_such_method does not exist", problems[0])
+        self.assertIn("get_state_group_delta has no parameter no_such_parameter", problems[1])
+        self.assertIn("Store.method does not exist", problems[2])
+
+    def test_synapse_refuses_to_start_even_when_untested_releases_are_allowed(self) -> None:
+        async def get_state_group_delta(self, group):  # type: ignore[no-untyped-def]
+            raise AssertionError("never called")
+
+        with mock.patch.object(
+            StateStorageController, "get_state_group_delta", get_state_group_delta
+        ):
+            with self.assertRaises(ConfigError) as raised:
+                NidStateModule.parse_config({"allow_untested_synapse": True})
+        message = str(raised.exception)
+        self.assertIn("StateStorageController.get_state_group_delta", message)
+        self.assertIn("state_group", message)
+        import synapse
+
+        self.assertIn(synapse.__version__, message)
