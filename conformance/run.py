@@ -1,0 +1,236 @@
+"""Synapse's own test suite with synapse-nidstate loaded into every test homeserver.
+
+    python conformance/run.py [--engine sqlite|postgres] [--mode serve|shadow]
+                              [--tests NAME ...] [--synapse-tests DIR] [--sequential]
+
+1. Takes Synapse's ``tests`` package from the source distribution of the
+   installed matrix-synapse release (``pip download --no-binary :all:`` stops
+   when it tries to build the package's metadata, which needs Rust, but
+   ``--no-clean`` leaves the unpacked source: ``tests/`` is plain Python). It is
+   kept in ``.conformance/`` for the next run.
+2. Runs the selected tests (``selection.py``) twice, in two processes at once:
+   without the module, and with it in every homeserver (``site/sitecustomize.py``).
+3. Reports the failures the module adds (failing with it, not without it), the
+   module's counters summed over the run, and fails when the module adds a
+   failure, served nothing (``serve``) or compared nothing (``shadow``), or
+   anything mismatched or failed to write. The last line is ``N passed, M failed``
+   (M: failures the module adds).
+
+Exit codes: 0 all good, 1 a failure as above, 2 bad input or set-up.
+"""
+
+import argparse
+import glob
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE.parent / ".conformance"
+sys.path.insert(0, str(HERE))
+from selection import SELECTION  # noqa: E402
+
+#: A line of trial's ``bwverbose`` reporter: the test's full name and its result.
+_RESULT = re.compile(r"^(\S+) \.\.\. \[(OK|FAIL|ERROR|SKIPPED|TODO|SUCCESS!?!?|EXPECTED FAILURE|UNEXPECTED SUCCESS)\]")
+_FAILED = {"FAIL", "ERROR", "UNEXPECTED SUCCESS"}
+
+
+class SetupError(Exception):
+    """The job cannot run (no source distribution, no database...)."""
+
+
+def synapse_tests(version: str) -> Path:
+    """A folder holding Synapse's ``tests`` package of ``version`` (and nothing else)."""
+    root = CACHE / f"synapse-{version}"
+    if (root / "tests" / "unittest.py").exists():
+        return root
+    tmp = CACHE / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Metadata generation fails (no Rust); the unpacked source stays under TMPDIR.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+         "--no-deps", "--no-clean", "-d", str(tmp / "dl"), f"matrix-synapse=={version}"],
+        env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True,
+        check=False,
+    )
+    found = glob.glob(str(tmp / "pip-*" / "matrix-synapse*" / "tests" / "unittest.py"))
+    if not found:
+        raise SetupError(
+            f"could not unpack matrix-synapse {version}'s source distribution "
+            "(pip download --no-binary :all:); is PyPI reachable?"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(found[0]).parent, root / "tests")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def available(tests_root: Path, names: list[str]) -> tuple[list[str], list[str]]:
+    """The names this release has, and those it does not."""
+    have: list[str] = []
+    missing: list[str] = []
+    for name in names:
+        path = tests_root.joinpath(*name.split("."))
+        (have if path.with_suffix(".py").exists() or path.is_dir() else missing).append(name)
+    return have, missing
+
+
+def start_run(
+    tests_root: Path, names: list[str], engine: str, mode: str | None, work: Path
+) -> tuple[subprocess.Popen, Path, Path]:
+    """Start trial on ``names``; ``mode`` None runs without the module."""
+    label = mode or "without"
+    run_dir = work / label
+    run_dir.mkdir()
+    counters = run_dir / "counters.json"
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("NIDSTATE_CONFORMANCE_", "SYNAPSE_POSTGRES"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "site"), str(tests_root)])
+    if mode:
+        env["NIDSTATE_CONFORMANCE_MODE"] = mode
+        env["NIDSTATE_CONFORMANCE_COUNTERS"] = str(counters)
+    if engine == "postgres":
+        env["SYNAPSE_POSTGRES"] = "1"
+        env.setdefault("SYNAPSE_POSTGRES_HOST", os.environ.get("NIDSTATE_TEST_PG_HOST", "127.0.0.1"))
+        env.setdefault("SYNAPSE_POSTGRES_PORT", os.environ.get("NIDSTATE_TEST_PG_PORT", "5432"))
+        env.setdefault("SYNAPSE_POSTGRES_USER", os.environ.get("NIDSTATE_TEST_PG_USER", "postgres"))
+    output = run_dir / "trial.out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted.trial", "--reporter=bwverbose", *names],
+        cwd=run_dir,  # trial's _trial_temp goes here; our own tests/ is not on the path
+        env=env,
+        stdout=output.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return process, output, counters
+
+
+def results(output: Path) -> dict[str, str]:
+    """Test name -> result, from trial's output."""
+    found: dict[str, str] = {}
+    for line in output.read_text(errors="replace").splitlines():
+        m = _RESULT.match(line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="conformance/run.py",
+        description="Run Synapse's own tests with and without synapse-nidstate and "
+        "report the failures the module adds.",
+    )
+    parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--mode", choices=("serve", "shadow"), default="serve")
+    parser.add_argument(
+        "--tests", nargs="+", metavar="NAME",
+        help="trial names of Synapse's tests (default: the selection in conformance/selection.py)",
+    )
+    parser.add_argument(
+        "--synapse-tests", metavar="DIR", type=Path,
+        help="a folder holding Synapse's tests/ package (default: from the installed "
+        "release's source distribution, kept in .conformance/)",
+    )
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="run without and with the module one after the other (default: at once)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    args = parser.parse_args(argv)
+
+    version = importlib.metadata.version("matrix-synapse")
+    try:
+        tests_root = args.synapse_tests or synapse_tests(version)
+    except SetupError as e:
+        print(f"conformance: {e}", file=sys.stderr)
+        return 2
+    if not (tests_root / "tests" / "unittest.py").exists():
+        print(f"conformance: no Synapse tests/ package in {tests_root}", file=sys.stderr)
+        return 2
+    names, missing = available(tests_root, args.tests or [name for name, _ in SELECTION])
+    for name in missing:
+        print(f"conformance: matrix-synapse {version} has no {name}; skipped")
+    if not names:
+        print("conformance: no test to run", file=sys.stderr)
+        return 2
+
+    print(
+        f"conformance: matrix-synapse {version}, {args.engine}, mode {args.mode}, "
+        f"{len(names)} test modules: {' '.join(names)}",
+        flush=True,
+    )
+    work = Path(tempfile.mkdtemp(prefix="nidstate-conformance-"))
+    started = time.monotonic()
+    runs = {}
+    for mode in (None, args.mode):
+        runs[mode] = start_run(tests_root, names, args.engine, mode, work)
+        if args.sequential:
+            runs[mode][0].wait()
+    for process, _, _ in runs.values():
+        process.wait()
+    seconds = time.monotonic() - started
+
+    without, with_module = (results(runs[m][1]) for m in (None, args.mode))
+    counters_path = runs[args.mode][2]
+    counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
+    failed_without = {t for t, r in without.items() if r in _FAILED}
+    failed_with = {t for t, r in with_module.items() if r in _FAILED}
+    added = sorted(failed_with - failed_without)
+    passed = sum(1 for r in with_module.values() if r in ("OK", "SUCCESS"))
+    skipped = sum(1 for r in with_module.values() if r == "SKIPPED")
+
+    lookups = counters.get("lookups", {})
+    mirror = counters.get("mirror", {})
+    print(f"ran {len(with_module)} tests with the module, {len(without)} without, in {seconds:.0f}s")
+    print(f"without the module: {len(failed_without)} failed")
+    print(f"with the module:    {len(failed_with)} failed, {skipped} skipped")
+    print(f"homeservers with the module: {counters.get('homeservers', {}).get('with_module', 0)}")
+    print("lookups: " + ", ".join(f"{k} {v}" for k, v in lookups.items()))
+    print("mirror: " + ", ".join(f"{k} {v}" for k, v in mirror.items()))
+    problems = []
+    if len(with_module) == 0 or len(without) == 0:
+        problems.append("a run executed no test (see its output under " f"{work})")
+    if abs(len(with_module) - len(without)) > 0:
+        problems.append(f"the runs differ in tests run ({len(without)} vs {len(with_module)})")
+    for test in added:
+        problems.append(f"added failure: {test} ({with_module[test]})")
+    if args.mode == "serve" and not lookups.get("served"):
+        problems.append("no lookup was served by the module")
+    if args.mode == "shadow" and not lookups.get("compared"):
+        problems.append("no lookup was compared")
+    if lookups.get("mismatched"):
+        problems.append(f"{lookups['mismatched']} lookups mismatched")
+    for what in ("write_failures", "plan_failures"):
+        if mirror.get(what):
+            problems.append(f"mirror {what}: {mirror[what]}")
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    if problems:
+        print(f"outputs: {work}/without/trial.out, {work}/{args.mode}/trial.out")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "synapse": version, "engine": args.engine, "mode": args.mode, "tests": names,
+            "seconds": round(seconds), "run_with": len(with_module), "run_without": len(without),
+            "failed_without": sorted(failed_without), "failed_with": sorted(failed_with),
+            "added_failures": added, "counters": counters, "problems": problems,
+        }, indent=2))
+    print(f"{passed} passed, {len(added)} failed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

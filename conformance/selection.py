@@ -1,0 +1,46 @@
+"""Which of Synapse's own tests the conformance job runs, and why.
+
+Chosen by what reaches room state (state at events, state groups, state
+resolution, membership, visibility, purges), not by what passes. Every entry is
+a module or package of Synapse's ``tests`` as in its source distribution;
+an entry a release does not have is reported and skipped.
+"""
+
+#: (trial name, what of the module it exercises)
+SELECTION: tuple[tuple[str, str], ...] = (
+    # Storage and state
+    ("tests.storage.test_state", "state groups written and read back, StateFilter of every kind"),
+    ("tests.storage.test_state_deletion", "deletion of unreferenced state groups"),
+    ("tests.storage.test_purge", "purge history and rooms: the module's purge wrappers"),
+    ("tests.storage.test_events", "persisting events, extremities, state after forks"),
+    ("tests.storage.test_roommember", "membership read from current state and state groups"),
+    ("tests.storage.test_redaction", "redacted state events in state"),
+    ("tests.test_state", "state resolution through the state handler and storage"),
+    ("tests.test_visibility", "history visibility: state-at-event lookups per event"),
+    # Handlers
+    ("tests.handlers.test_room_member", "joins, leaves, invites, bans"),
+    ("tests.handlers.test_message", "event creation: state at prev events"),
+    ("tests.handlers.test_federation", "federation handler: backfill, state at remote events"),
+    ("tests.handlers.test_federation_event", "outliers, rejected events, partial state"),
+    ("tests.handlers.test_sync", "sync: state at timeline events, lazy-loaded members"),
+    ("tests.handlers.test_room_summary", "room summaries from state"),
+    # Client API
+    ("tests.rest.client.test_rooms", "/messages, /context, /members, /state, room creation"),
+    ("tests.rest.client.test_sync", "/sync, lazy-loading members"),
+    ("tests.rest.client.sliding_sync.test_rooms_required_state", "sliding sync required_state"),
+    ("tests.rest.client.sliding_sync.test_rooms_timeline", "sliding sync timelines and visibility"),
+    ("tests.rest.client.test_relations", "relations and threads, with visibility filtering"),
+    ("tests.rest.client.test_redactions", "redactions of state and messages"),
+    ("tests.rest.client.test_upgrade_room", "room upgrades: state copied across rooms"),
+    # Federation
+    ("tests.federation.test_federation_server", "federation /state, /state_ids, joins"),
+    (
+        "tests.federation.test_federation_out_of_band_membership",
+        "out-of-band membership (outliers)",
+    ),
+    # Admin: purge and room deletion
+    ("tests.rest.admin.test_room", "room deletion, purge history, the admin room APIs"),
+    # Replication and workers
+    ("tests.replication.storage.test_events", "events replicated to a worker's stores"),
+    ("tests.replication.test_sharded_event_persister", "several event persisters"),
+)
