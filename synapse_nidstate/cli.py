@@ -7,8 +7,85 @@ import tempfile
 
 from synapse_nidstate import __version__
 
+DEMO_DESCRIPTION = """\
+Start a real Synapse in this process (SQLite in a temporary directory, or the
+empty PostgreSQL database --postgres names), write a history with the module
+off, enable the module (mode serve), migrate that history and keep sending;
+then check every event's mirrored state against Synapse's own, print the
+storage of both and time state-at-event lookups both ways.
+
+It never touches a running Synapse or its database. The temporary directory
+is removed after a successful run (--keep keeps it and writes a
+homeserver.yaml there); after a failed run it is kept and its path printed.
+
+--postgres takes a libpq connection string naming an empty database with C
+collation, e.g. --postgres "{dsn}";
+create it with: CREATE DATABASE nidstate_demo LC_COLLATE='C' LC_CTYPE='C' TEMPLATE template0
+
+exit codes: 0 the mirror equals Synapse's state; 1 it does not, or the demo
+stopped with an error; 2 bad options (e.g. a --postgres database that cannot
+be used).
+"""
+
+MIGRATE_DESCRIPTION = """\
+Mirror every event Synapse persisted before the module ran (or while it was
+disabled), in stream order, --batch-size events per transaction. Resumable: a
+run that was interrupted goes on from its last batch at the next run.
+
+Safe while Synapse runs, with or without the module: it writes only the
+module's tables and never overwrites a snapshot the live mirror wrote. On
+SQLite (where Synapse is a single process) prefer running it with Synapse
+stopped, or use the background migration.
+
+exit codes: 0 done; 2 bad input (homeserver.yaml, or a database that does not
+exist or is not Synapse's).
+"""
+
+VERIFY_DESCRIPTION = """\
+Compare the mirror with Synapse's own answer for every event with state (or
+--sample N random ones, or those of --room ID), for full state, all members,
+a lazy-load members filter and a visibility filter; list each mismatch, and
+orphan rows (mirror rows for events or state groups Synapse no longer has).
+
+Safe while Synapse runs: it only reads (it creates the module's tables if
+they are missing, as the module would).
+
+exit codes: 0 no mismatch and no orphan; 1 a mismatch or an orphan; 2 bad
+input (homeserver.yaml, a database that does not exist or is not Synapse's,
+a --room the server does not have).
+"""
+
+STATS_DESCRIPTION = """\
+Storage of Synapse's state tables against the module's: rows, table, index and
+TOAST bytes from the database's own size functions (PostgreSQL) or page
+accounting (SQLite dbstat), bytes per state entry, the ratio, and the rooms
+with the most state on both sides.
+
+Read-only: safe while Synapse runs.
+
+exit codes: 0 done; 1 --plot without matplotlib; 2 bad input (homeserver.yaml,
+or a database that does not exist or is not Synapse's).
+"""
+
+DROP_DESCRIPTION = """\
+Remove every table of the module from Synapse's database (asks first; --yes
+skips the question). Synapse's own tables are untouched, and Synapse runs
+unchanged without the module.
+
+Not meant to run beside a Synapse that loads the module: its mirror and (in
+mode serve) its lookups need those tables, and it creates them again at its
+next start. Remove the module from homeserver.yaml and restart Synapse first
+(or stop Synapse); enabled again later, the module recreates its tables and
+migrate catches up.
+
+exit codes: 0 dropped, or nothing to drop; 1 declined at the question; 2 bad
+input, or no --yes when standard input is not a terminal.
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
+    from synapse_nidstate.demo.demo import DSN_EXAMPLE
+
     parser = argparse.ArgumentParser(
         prog="synapse-nidstate",
         description="Numeric-ID state storage for Synapse: operator tools.",
@@ -16,8 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser(
+    def add(name: str, description: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    demo = add(
         "demo",
+        DEMO_DESCRIPTION.replace("{dsn}", DSN_EXAMPLE),
         help="start a real Synapse in this process with the module, write a history "
         "and show that every event's mirrored state equals Synapse's",
     )
@@ -38,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--seed", type=int, default=1, help="random seed of the history (1)")
     demo.add_argument(
-        "--postgres", metavar="DSN", help="use this PostgreSQL database instead of SQLite"
+        "--postgres", metavar="DSN",
+        help="use this empty PostgreSQL database (C collation) instead of SQLite, "
+        f'e.g. "{DSN_EXAMPLE}"',
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument(
-        "--keep", action="store_true", help="keep the temporary data directory"
+        "--keep", action="store_true",
+        help="keep the temporary data directory and write a homeserver.yaml there "
+        "(a failed run keeps it anyway)",
     )
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -53,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("-v", "--verbose", action="store_true", help="log Synapse's INFO lines")
         return sub
 
-    migrate = with_config(commands.add_parser(
+    migrate = with_config(add(
         "migrate",
+        MIGRATE_DESCRIPTION,
         help="mirror every event persisted before the module ran (resumable, safe "
         "while Synapse runs with the module)",
     ))
@@ -63,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     migrate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    verify = with_config(commands.add_parser(
+    verify = with_config(add(
         "verify",
+        VERIFY_DESCRIPTION,
         help="compare the mirror with Synapse's own answer for every event (or a sample) "
         "and look for orphan rows; exit 1 on any mismatch or orphan",
     ))
@@ -75,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from synapse_nidstate.commands import stats
 
-    stats.add_arguments(with_config(commands.add_parser(
+    stats.add_arguments(with_config(add(
         "stats",
+        STATS_DESCRIPTION,
         help="storage of Synapse's state tables and of the module's, side by side",
     )))
 
-    drop = with_config(commands.add_parser(
-        "drop", help="remove every table of the module (Synapse's own are untouched)"
+    drop = with_config(add(
+        "drop", DROP_DESCRIPTION,
+        help="remove every table of the module (Synapse's own are untouched)",
     ))
     drop.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -92,17 +186,36 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("rooms", "events", "big_room_members", "small_room_members", "timing_events"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
-        from synapse_nidstate.demo.demo import run_demo
-
-        data_dir = tempfile.mkdtemp(prefix="synapse-nidstate-demo-")
-        try:
-            return run_demo(args, data_dir)
-        finally:
-            if args.keep:
-                print(f"data kept in {data_dir}")
-            else:
-                shutil.rmtree(data_dir, ignore_errors=True)
+        return _run_demo(args)
     return _run_tool(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from synapse_nidstate.demo.demo import check_postgres_dsn, run_demo
+
+    if args.postgres is not None:
+        problem = check_postgres_dsn(args.postgres)
+        if problem is not None:
+            print(f"synapse-nidstate: --postgres: {problem}", file=sys.stderr)
+            return 2
+    data_dir = tempfile.mkdtemp(prefix="synapse-nidstate-demo-")
+    code: int | None = None
+    try:
+        code = run_demo(args, data_dir)
+        return code
+    finally:
+        if args.keep:
+            print(f"data kept in {data_dir}")
+        elif code == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            # What an operator needs after a failure is Synapse's log.
+            what = "failed" if code is not None else "stopped before its end"
+            print(
+                f"synapse-nidstate: the demo {what}; its data directory is kept: {data_dir} "
+                f"(Synapse's log: {data_dir}/homeserver.log)",
+                file=sys.stderr,
+            )
 
 
 def _positive_int(value: str) -> int:
@@ -129,6 +242,7 @@ def _run_tool(args: argparse.Namespace) -> int:
 
     from synapse_nidstate.commands import drop, migrate, verify
     from synapse_nidstate.commands.homeserver import (
+        CommandInputError,
         ToolConfigError,
         run_in_reactor,
         tool_homeserver,
@@ -147,16 +261,13 @@ def _run_tool(args: argparse.Namespace) -> int:
         print(f"synapse-nidstate: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        where = ".".join(str(p) for p in e.path or ())
-        print(
-            f"synapse-nidstate: error in {args.config_path}"
-            + (f" at {where}" if where else "")
-            + f": {e.msg}",
-            file=sys.stderr,
-        )
+        print(f"synapse-nidstate: {config_error_text(e, args.config_path)}", file=sys.stderr)
         return 2
     except Exception as e:  # a database that cannot be opened, etc.
-        print(f"synapse-nidstate: cannot open Synapse's databases: {e}", file=sys.stderr)
+        print(
+            f"synapse-nidstate: cannot open Synapse's databases: {_one_line(str(e))}",
+            file=sys.stderr,
+        )
         return 2
     from synapse_nidstate.commands import stats
 
@@ -168,9 +279,39 @@ def _run_tool(args: argparse.Namespace) -> int:
     }[args.command]
     try:
         return run_in_reactor(lambda: command(hs, args))
+    except CommandInputError as e:  # e.g. a --room the server does not have
+        print(f"synapse-nidstate: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # e.g. --plot without matplotlib
         print(f"synapse-nidstate: {e}", file=sys.stderr)
         return 1
+
+
+def config_error_text(error: Exception, config_path: str) -> str:
+    """A ConfigError as one line: where, what, and every cause.
+
+    Synapse's module loader wraps a module's ConfigError in one of its own
+    ("Failed to parse config for module ...") and keeps the module's reason only
+    as the ``__cause__``; Synapse's start-up prints the causes
+    (``format_config_error``), and so must we.
+    """
+    path = getattr(error, "path", None) or ()
+    where = ".".join(str(p) for p in path)
+    parts = [str(getattr(error, "msg", error))]
+    cause = error.__cause__
+    while cause is not None:
+        parts.append(str(getattr(cause, "msg", cause)))
+        cause = cause.__cause__
+    return (
+        f"error in {config_path}"
+        + (f" at {where}" if where else "")
+        + ": "
+        + _one_line(": ".join(p for p in parts if p))
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

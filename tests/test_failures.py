@@ -1,7 +1,12 @@
 """Faults inside Synapse's persistence transaction, and bad configuration."""
 
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
+import yaml
 from synapse.config._base import ConfigError
 from synapse.config.homeserver import HomeServerConfig
 from synapse.types.state import StateFilter
@@ -136,10 +141,14 @@ class ConfigTests(unittest.TestCase):
             ({"snapshot_cache_size": True}, "snapshot_cache_size"),
             ({"allow_untested_synapse": "yes"}, "allow_untested_synapse"),
             ({"moed": "serve"}, "moed"),
+            # A YAML key may be a number: still a ConfigError (anything else
+            # reaches the operator without its reason).
+            ({1: "serve"}, "1"),
+            ({"background_migration": {2: True}}, "background_migration"),
         ]:
             with self.assertRaises(ConfigError) as caught:
                 parse_config(raw)
-            self.assertEqual(caught.exception.path, (key,), raw)
+            self.assertEqual(caught.exception.path[0], key, raw)
         with self.assertRaises(ConfigError):
             parse_config(["serve"])  # type: ignore[arg-type]
 
@@ -160,6 +169,59 @@ class ConfigTests(unittest.TestCase):
             path += list(getattr(detail, "path", ()) or ())
         self.assertIn("mode", path)
         self.assertEqual((path[0], path[2]), ("modules", "config"))
+
+    def test_synapse_process_prints_the_key_and_the_reason(self) -> None:
+        # `python -m synapse.app.homeserver -c homeserver.yaml`, as an operator
+        # runs it, on a config Synapse generated: its start-up output names the
+        # key and keeps the module's reason (Synapse prints a ConfigError's causes).
+        data_dir = tempfile.mkdtemp(prefix="nidstate-config-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        config_path = os.path.join(data_dir, "homeserver.yaml")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+        def synapse(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "synapse.app.homeserver", *args],
+                cwd=data_dir, env=env, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=120,
+            )
+
+        generated = synapse(
+            "--generate-config", "--server-name", "nidstate.config",
+            "--config-path", config_path, "--report-stats=no",
+        )
+        self.assertEqual(generated.returncode, 0, generated.stderr)
+        with open(config_path) as f:
+            base = yaml.safe_load(f)
+        base["suppress_key_server_warning"] = True
+        for module_config, key, reason in [
+            ({"mode": "servee"}, "mode", "must be one of mirror, shadow, serve, not 'servee'"),
+            (
+                {"block_cache_size": "abc"},
+                "block_cache_size",
+                "must be a positive integer, not 'abc'",
+            ),
+            ({"colour": "blue"}, "colour", "unknown key(s) colour; known keys:"),
+        ]:
+            with open(config_path, "w") as f:
+                yaml.safe_dump(
+                    {
+                        **base,
+                        "modules": [
+                            {"module": "synapse_nidstate.NidStateModule", "config": module_config}
+                        ],
+                    },
+                    f,
+                )
+            result = synapse("-c", config_path)
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertIn(
+                f"Error in configuration at 'modules.<item 0>.config.{key}'", result.stderr
+            )
+            self.assertIn("Failed to parse config for module", result.stderr)
+            self.assertIn(reason, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
 
     def test_untested_synapse_release(self) -> None:
         low, high = TESTED_SYNAPSE

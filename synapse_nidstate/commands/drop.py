@@ -17,7 +17,11 @@ async def drop(hs: "HomeServer", args: argparse.Namespace) -> int:
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
-            print("refusing to drop without --yes (standard input is not a terminal)")
+            print(
+                "synapse-nidstate: refusing to drop without --yes (standard input is not a "
+                "terminal to ask on)",
+                file=sys.stderr,
+            )
             return 2
         answer = input(
             f"Drop every synapse-nidstate table ({', '.join(TABLES)}) from "

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 from synapse.config.homeserver import HomeServerConfig
 from synapse.logging.context import LoggingContext, PreserveLoggingContext
 from synapse.server import HomeServer
+from synapse.storage.prepare_database import PrepareDatabaseException
 from synapse.types import ISynapseReactor, RoomID
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
@@ -82,6 +83,10 @@ class ToolConfigError(Exception):
     """The homeserver.yaml given to the command line cannot be used."""
 
 
+class CommandInputError(Exception):
+    """A command's input names something the server does not have (exit code 2)."""
+
+
 #: The name the command line's homeserver takes in a worker deployment.
 TOOL_WORKER_NAME = "synapse-nidstate-cli"
 
@@ -118,9 +123,73 @@ def tool_homeserver(config_path: str) -> HomeServer:
     config_dir = os.path.dirname(os.path.abspath(config_path))
     config = HomeServerConfig()
     config.parse_config_dict(raw, config_dir_path=config_dir, data_dir_path=config_dir)
+    check_sqlite_databases(config, config_path)
     hs = GenericWorkerServer(config.server.server_name, config=config, reactor=reactor)
-    hs.setup()
+    try:
+        hs.setup()
+    except PrepareDatabaseException as e:
+        raise ToolConfigError(_schema_problem(str(e), config_path)) from e
     return hs
+
+
+def check_sqlite_databases(config: HomeServerConfig, config_path: str) -> None:
+    """Refuse an SQLite database file that does not exist.
+
+    SQLite would create an empty file when Synapse opens it; a command must
+    never create Synapse's database, only use the one Synapse made.
+    """
+    for database in config.database.databases:
+        if database.config.get("name", "sqlite3") != "sqlite3":
+            continue
+        path = str(database.config.get("args", {}).get("database", ""))
+        if path == ":memory:" or not path:
+            raise ToolConfigError(
+                f"the SQLite database of {config_path} is {path or 'not set'!r}: "
+                "synapse-nidstate needs Synapse's database file"
+            )
+        if not os.path.isfile(path):
+            shown = path if os.path.isabs(path) else f"{path} ({os.path.abspath(path)})"
+            key = (
+                "database.args.database"
+                if len(config.database.databases) == 1
+                else f"databases.{database.name}.args.database"
+            )
+            raise ToolConfigError(
+                f"the database of {config_path} does not exist: no SQLite file {shown}. "
+                f"Check {key} there (synapse-nidstate opens the database Synapse "
+                "created and never creates one)"
+            )
+        if os.path.getsize(path) == 0:  # opening it would write SQLite's header
+            raise ToolConfigError(
+                f"the database of {config_path}, {path}, is an empty file, not a Synapse "
+                "database: check the database settings there, or start Synapse on it once first"
+            )
+
+
+def _schema_problem(error: str, config_path: str) -> str:
+    """Synapse's worker-oriented schema errors, in the words that fit a command."""
+    from synapse.storage.prepare_database import EMPTY_DATABASE_ON_WORKER_ERROR
+
+    if error == EMPTY_DATABASE_ON_WORKER_ERROR:
+        return (
+            f"the database of {config_path} is not a Synapse database (it has no Synapse "
+            "tables): check the database settings there, or start Synapse on it once first"
+        )
+    if "before starting worker processes" in error:
+        reason = error.split(": run the main synapse process", 1)[0]
+        return (
+            f"the database of {config_path} has an older schema than this Synapse "
+            f"({synapse_version()}): {reason}. Start this release of Synapse on it once "
+            "(it upgrades the schema), or run synapse-nidstate from the environment of the "
+            "Synapse that uses this database"
+        )
+    return f"cannot use the database of {config_path}: {' '.join(error.split())}"
+
+
+def synapse_version() -> str:
+    import synapse
+
+    return f"Synapse {synapse.__version__}"
 
 
 def module_config_of(hs: HomeServer) -> Any:

@@ -12,7 +12,7 @@ from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types.state import StateFilter
 from synapse.util.iterutils import batch_iter
 
-from synapse_nidstate.commands.homeserver import nid_store
+from synapse_nidstate.commands.homeserver import CommandInputError, nid_store
 from synapse_nidstate.commands.ui import WorkProgress
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import LookupStats
@@ -231,6 +231,11 @@ async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
 
 
 async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
+    if args.room is not None and await hs.get_datastores().main.get_room(args.room) is None:
+        # A typo must not pass as "0 events, 0 mismatches".
+        raise CommandInputError(
+            f"--room {args.room}: this server ({hs.hostname}) has no such room"
+        )
     controller = hs.get_storage_controllers().state
     lookups = StateLookups(
         controller, nid_store(hs), LookupStats(), "mirror", controller.get_state_ids_for_events

@@ -39,6 +39,74 @@ from synapse_nidstate.demo.inprocess import (
 from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
 from synapse_nidstate.runtime.module import module_for
 
+#: An example of the demo's --postgres (a libpq connection string).
+DSN_EXAMPLE = "host=127.0.0.1 port=5432 user=postgres dbname=nidstate_demo"
+
+
+def check_postgres_dsn(dsn: str) -> str | None:
+    """Why the demo cannot use the PostgreSQL database ``dsn`` names, or None.
+
+    Checked before Synapse starts: a malformed DSN, a server that does not
+    answer, a database that does not exist, does not have C collation (Synapse
+    refuses it) or is not empty (the demo writes a whole history into it).
+    """
+    try:
+        import psycopg2
+        import psycopg2.extensions
+    except ImportError:
+        return "PostgreSQL needs psycopg2: pip install 'synapse-nidstate[postgres]'"
+    example = f'e.g. "{DSN_EXAMPLE}"'
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as e:
+        return f"not a libpq connection string ({_one_line(str(e))}): {dsn!r}; {example}"
+    name = params.get("dbname")
+    if not name:
+        return f"names no database (dbname=...): {dsn!r}; {example}"
+    create_sql = "CREATE DATABASE {} LC_COLLATE='C' LC_CTYPE='C' TEMPLATE template0"
+    create = f"create it with C collation: {create_sql.format(name)}"
+    new_one = (
+        "give the demo a new database with C collation, e.g. "
+        + create_sql.format("nidstate_demo")
+    )
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.Error as e:
+        reason = _one_line(str(e))
+        if f'database "{name}" does not exist' in reason:
+            return f"the database {name!r} does not exist: {create}"
+        return f"cannot connect to PostgreSQL ({reason}); check the DSN, {example}"
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT datcollate, datctype FROM pg_database WHERE datname = current_database()"
+            )
+            collate, ctype = cur.fetchone()
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.tables"
+                " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+            )
+            tables = cur.fetchone()[0]
+    except psycopg2.Error as e:
+        return f"cannot read the database {name!r}: {_one_line(str(e))}"
+    finally:
+        conn.close()
+    if (collate, ctype) != ("C", "C"):
+        return (
+            f"the database {name!r} has collation {collate!r} and ctype {ctype!r}; Synapse "
+            f"needs 'C': {new_one}"
+        )
+    if tables:
+        return (
+            f"the database {name!r} is not empty ({tables} tables); the demo writes a whole "
+            f"history into it and needs an empty one: {new_one}"
+        )
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
 
 def _log_to_file(data_dir: str) -> str:
     path = os.path.join(data_dir, "homeserver.log")
@@ -70,7 +138,10 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
         return homeserver_config(data_dir, database, {"mode": "serve"} if module else None)
 
     async def demo() -> int:
-        engine = "PostgreSQL" if args.postgres else f"SQLite in {data_dir}"
+        # The data directory is named only if it outlives the run (--keep; a
+        # failed run names it at its end).
+        where = data_dir if args.keep else "a temporary directory"
+        engine = "PostgreSQL" if args.postgres else f"SQLite in {where}"
         print(
             f"synapse-nidstate demo: a real Synapse on {engine}; {shape.rooms} rooms "
             f"(the biggest with {shape.big_room_members + 1} members), {shape.events} events, "
@@ -151,8 +222,10 @@ def run_demo(args: argparse.Namespace, data_dir: str) -> int:
                 "native = Synapse's state groups, NID = the mirror; same process, same run):"
             )
             print(table(format_timings(timings), TIMING_HEADER))
-            print(f"\nSynapse's log: {log_path}")
             if args.keep:
+                # Without --keep the directory, and the log in it, is removed
+                # after a successful run (kept, and named, after a failed one).
+                print(f"\nSynapse's log: {log_path}")
                 config_path = os.path.join(data_dir, "homeserver.yaml")
                 with open(config_path, "w") as f:
                     yaml.safe_dump(config(module=True), f)
