@@ -16,7 +16,7 @@ from synapse.config._base import ConfigError
 MODES = ("mirror", "shadow", "serve")
 
 #: The Synapse releases this module was tested against (inclusive, exclusive).
-TESTED_SYNAPSE = ((1, 163, 0), (1, 164, 0))
+TESTED_SYNAPSE = ((1, 157, 0), (1, 164, 0))
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
@@ -68,7 +68,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError("synapse-nidstate's config must be a mapping")
-    unknown = sorted(set(raw) - _KEYS)
+    unknown = _unknown_keys(raw, _KEYS)
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_KEYS))}",
@@ -100,6 +100,12 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
     return NidStateConfig(**values)
 
 
+def _unknown_keys(raw: Mapping[Any, Any], known: set[str]) -> list[str]:
+    """The keys of ``raw`` not in ``known``, as strings (YAML keys may be numbers:
+    anything but a ConfigError would reach the operator without its reason)."""
+    return sorted(str(key) for key in raw if key not in known)
+
+
 def _parse_background_migration(raw: Any) -> BackgroundMigrationConfig:
     prefix = "background_migration"
     if raw is None:
@@ -107,7 +113,7 @@ def _parse_background_migration(raw: Any) -> BackgroundMigrationConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("must be a mapping", path=(prefix,))
     known = {field.name for field in attr.fields(BackgroundMigrationConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = _unknown_keys(raw, known)
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}",
