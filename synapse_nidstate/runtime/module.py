@@ -1,7 +1,6 @@
 """The Synapse module: what `modules: - module: synapse_nidstate.NidStateModule` loads."""
 
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import synapse
@@ -22,16 +21,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The module instance of each homeserver of this process, for the CLI, the demo
-# and tests (Synapse keeps no reference to the modules it loads).
-_INSTANCES: "weakref.WeakKeyDictionary[HomeServer, NidStateModule]" = (
-    weakref.WeakKeyDictionary()
-)
+#: The attribute of a HomeServer that holds its module instance, for the CLI,
+#: the demo and tests (Synapse keeps no reference to the modules it loads). On
+#: the HomeServer itself, so the module lives and dies with it: a
+#: WeakKeyDictionary would keep both alive for good (the module references
+#: its HomeServer), one leaked homeserver per test of Synapse's own suite.
+_ATTRIBUTE = "_synapse_nidstate_module"
 
 
 def module_for(hs: "HomeServer") -> "NidStateModule | None":
     """The NidStateModule loaded into ``hs``, if any."""
-    return _INSTANCES.get(hs)
+    return getattr(hs, _ATTRIBUTE, None)
 
 
 class NidStateModule:
@@ -90,7 +90,7 @@ class NidStateModule:
             )
 
         status.register(api, self)
-        _INSTANCES[hs] = self
+        setattr(hs, _ATTRIBUTE, self)
         logger.info(
             "synapse-nidstate: mode %s, schema %d, %s",
             config.mode,
