@@ -1,12 +1,20 @@
 """The start-up check of the Synapse internals the module relies on."""
 
+import ast
+from pathlib import Path
 from unittest import mock
 
+import synapse
 from synapse.config._base import ConfigError
 from synapse.storage.controllers.state import StateStorageController
 from twisted.trial import unittest
 
-from synapse_nidstate.runtime.compat import REQUIREMENTS, Requirement, missing
+from synapse_nidstate.runtime.compat import (
+    REQUIREMENTS,
+    STATE_GROUPS_STATE_USERS,
+    Requirement,
+    missing,
+)
 from synapse_nidstate.runtime.module import NidStateModule
 
 
@@ -64,6 +72,32 @@ class CompatTests(unittest.TestCase):
         message = str(raised.exception)
         self.assertIn("StateStorageController.get_state_group_delta", message)
         self.assertIn("state_group", message)
-        import synapse
-
         self.assertIn(synapse.__version__, message)
+
+    def test_every_use_of_state_groups_state_is_listed(self) -> None:
+        """Run on every supported release: a place of Synapse that starts (or stops)
+        naming the table fails here until compat.STATE_GROUPS_STATE_USERS says
+        what the module does about it."""
+        self.assertEqual(sorted(_places_naming("state_groups_state")),
+                         sorted(STATE_GROUPS_STATE_USERS))
+
+
+def _places_naming(table: str) -> set[str]:
+    """``path:Class.function`` of every scope of the installed Synapse whose code
+    has a string constant naming ``table`` (SQL, or a table= argument)."""
+    root = Path(synapse.__file__).parent
+    found: set[str] = set()
+
+    def visit(node: ast.AST, scope: list[str], path: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, [*scope, child.name], path)
+            elif isinstance(child, ast.Constant) and isinstance(child.value, str):
+                if table in child.value:
+                    found.add(f"{path}:{'.'.join(scope)}")
+            else:
+                visit(child, scope, path)
+
+    for file in root.rglob("*.py"):
+        visit(ast.parse(file.read_text()), [], str(file.relative_to(root)))
+    return found

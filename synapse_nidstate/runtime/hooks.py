@@ -26,6 +26,13 @@ and ``get_state_for_events``, through which the single-event forms and every
 state-at-event caller (visibility, /context, /messages, /members, sync,
 federation /state) go.
 
+State-group reads (every process, where the state database is the main one):
+``StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn``, the
+recursive read of ``state_groups_state`` behind every read of a state group's
+state (``_get_state_for_groups``, purge's de-delta, the deduplication
+background update): answered from the snapshots (serve) or compared (shadow),
+see ``group_reads``.
+
 Schema (in-memory SQLite only, as in Synapse's own test harness):
 ``SQLite3Engine.on_new_connection`` rebuilds Synapse's schema on every new
 connection to ``:memory:``, each a new database; ``storage.schema`` wraps it to
@@ -34,12 +41,16 @@ create the module's tables there too (a file or PostgreSQL needs no wrapper).
 
 import functools
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
 from synapse.storage.database import LoggingTransaction
+from synapse.types import StateMap
+from synapse.types.state import StateFilter
 
+from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.mirror import BatchPlan, Mirror
 from synapse_nidstate.storage import NidStore
@@ -118,6 +129,24 @@ def install_lookups(hs: "HomeServer", lookups: StateLookups) -> None:
     controller = hs.get_storage_controllers().state
     controller.get_state_ids_for_events = lookups.get_state_ids_for_events  # type: ignore[method-assign]
     controller.get_state_for_events = lookups.get_state_for_events  # type: ignore[method-assign]
+
+
+def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
+    """Route Synapse's reads of state groups through the mirror; False where the
+    state database is not the main one (the NID tables are in main)."""
+    state = hs.get_datastores().state
+    if state.db_pool is not hs.get_datastores().main.db_pool:
+        return False
+    native = state._get_state_groups_from_groups_txn
+
+    @functools.wraps(native)
+    def _get_state_groups_from_groups_txn(
+        txn: LoggingTransaction, groups: list[int], state_filter: StateFilter | None = None
+    ) -> Mapping[int, StateMap[str]]:
+        return group_reads.read_txn(txn, groups, state_filter, native)
+
+    state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
+    return True
 
 
 def install_purges(hs: "HomeServer", store: NidStore) -> None:

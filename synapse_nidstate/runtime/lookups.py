@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 NativeStateIds = Callable[..., Awaitable[dict[str, StateMap[str]]]]
 
 #: Mismatches logged in full at most this often per process (then only counted).
-_MAX_LOGGED_MISMATCHES = 100
+MAX_LOGGED_MISMATCHES = 100
 
 
 class StateLookups:
@@ -130,7 +130,7 @@ class StateLookups:
             self._stats.compared += 1
             if state != native[event_id]:
                 self._stats.mismatched += 1
-                if self._stats.mismatched <= _MAX_LOGGED_MISMATCHES:
+                if self._stats.mismatched <= MAX_LOGGED_MISMATCHES:
                     differing = sorted(
                         key
                         for key in state.keys() | native[event_id].keys()

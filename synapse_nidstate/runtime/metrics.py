@@ -21,6 +21,13 @@ LOOKUP_SECONDS = Histogram(
     labelnames=[SERVER_NAME_LABEL, "path"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+#: Time to read the state of a batch of state groups, by who answered it.
+GROUP_READ_SECONDS = Histogram(
+    "synapse_nidstate_group_read_seconds",
+    "Time to read the state of a batch of state groups",
+    labelnames=[SERVER_NAME_LABEL, "path"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 #: Time the mirror adds inside Synapse's persistence transaction, per batch.
 MIRROR_WRITE_SECONDS = Histogram(
     "synapse_nidstate_mirror_write_seconds",
@@ -59,7 +66,7 @@ class MirrorStats:
 
 @attr.s(slots=True, auto_attribs=True)
 class LookupStats:
-    """What the read side did, counted per event looked up."""
+    """What the read side did, counted per event (or state group) looked up."""
 
     #: answered from the NID tables (mode serve)
     served: int = 0
@@ -89,12 +96,15 @@ class NidStateStats:
     server_name: str
     mirror: MirrorStats = attr.Factory(MirrorStats)
     lookups: LookupStats = attr.Factory(LookupStats)
+    #: Synapse's reads of state groups (same outcomes, counted per group)
+    group_reads: LookupStats = attr.Factory(LookupStats)
     migration: MigrationStats = attr.Factory(MigrationStats)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
             "mirror": attr.asdict(self.mirror),
             "lookups": attr.asdict(self.lookups),
+            "group_reads": attr.asdict(self.group_reads),
             "migration": attr.asdict(self.migration),
         }
 
@@ -112,6 +122,11 @@ class StatsCollector(Collector):
         lookups = CounterMetricFamily(
             "synapse_nidstate_lookups",
             "Events whose state was looked up, by outcome",
+            labels=["server_name", "outcome"],
+        )
+        group_reads = CounterMetricFamily(
+            "synapse_nidstate_group_reads",
+            "State groups whose state Synapse read, by outcome",
             labels=["server_name", "outcome"],
         )
         mirror = CounterMetricFamily(
@@ -132,11 +147,14 @@ class StatsCollector(Collector):
         for stats in list(self._stats):
             for outcome, value in attr.asdict(stats.lookups).items():
                 lookups.add_metric([stats.server_name, outcome], value)
+            for outcome, value in attr.asdict(stats.group_reads).items():
+                group_reads.add_metric([stats.server_name, outcome], value)
             for what, value in attr.asdict(stats.mirror).items():
                 mirror.add_metric([stats.server_name, what], value)
             migrated.add_metric([stats.server_name], stats.migration.events_migrated)
             lag.add_metric([stats.server_name], stats.migration.lag_stream_positions)
         yield lookups
+        yield group_reads
         yield mirror
         yield migrated
         yield lag

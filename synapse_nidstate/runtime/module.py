@@ -9,6 +9,7 @@ from synapse.module_api import ModuleApi
 from synapse_nidstate.runtime import hooks, status
 from synapse_nidstate.runtime.compat import check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
+from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
 from synapse_nidstate.runtime.migration import Migrator
@@ -66,8 +67,13 @@ class NidStateModule:
             native_state_ids=controller.get_state_ids_for_events,
             server_name=hs.hostname,
         )
+        self.group_reads = GroupReads(
+            self.store, self.stats.group_reads, config.mode, server_name=hs.hostname
+        )
+        self.serves_group_reads = False
         if config.mode != "mirror":
             hooks.install_lookups(hs, self.lookups)
+            self.serves_group_reads = hooks.install_group_reads(hs, self.group_reads)
 
         self.migrator = Migrator(
             hs,

@@ -116,6 +116,17 @@ class _FilterNids:
         txn.call_after(store._fill, store._string_nids[STATE_KEYS], key_rows)
 
 
+def _is_whole(state_filter: StateFilter) -> bool:
+    """Filters that need most of the state (full, wildcards) resolve it all and
+    keep it; narrower ones (concrete keys, lazy-loaded members) resolve in NIDs
+    and turn only what they keep into strings. (``StateFilter.has_wildcards()``
+    also counts ``include_others``: not used here, so that lazy-loading members
+    stays on the narrow path.)"""
+    return state_filter.is_full() or any(
+        state_keys is None for state_keys in state_filter.types.values()
+    )
+
+
 class StateReadStore(SnapshotStore):
     def _event_snapshots_read(
         self,
@@ -195,23 +206,45 @@ class StateReadStore(SnapshotStore):
         resolves the whole state once, keeps it as strings in the
         resolved-state cache and filters it with ``StateFilter.filter_state``.
         """
-        # Filters that need most of the state (full, wildcards) resolve it all
-        # and keep it; narrower ones (concrete keys, lazy-loaded members)
-        # resolve in NIDs and turn only what they keep into strings.
-        # (StateFilter.has_wildcards() also counts include_others: not used here,
-        # so that lazy-loading members stays on the narrow path.)
-        whole = state_filter.is_full() or any(
-            state_keys is None for state_keys in state_filter.types.values()
-        )
-        filter_nids = None if whole else _FilterNids.of(self, state_filter)
+        filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
         learnt = TxnLearnt()
         snapshots = self._event_snapshots_read(txn, event_ids, learnt, filter_nids)
         if not snapshots:
             return {}
+        by_snapshot = self._states_of_snapshots_read(
+            txn, set(snapshots.values()), state_filter, filter_nids, learnt
+        )
+        return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
+
+    def state_for_groups_txn(
+        self, txn: LoggingTransaction, groups: Collection[int], state_filter: StateFilter
+    ) -> dict[int, MutableStateMap[str]]:
+        """The state of each Synapse state group the mirror has a snapshot for,
+        filtered (as ``StateGroupDataStore._get_state_groups_from_groups_txn``
+        answers); groups without a snapshot are left out."""
+        known = self.known_groups_txn(txn, groups)
+        if not known:
+            return {}
+        filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
+        by_snapshot = self._states_of_snapshots_read(
+            txn, set(known.values()), state_filter, filter_nids, TxnLearnt()
+        )
+        return {group: dict(by_snapshot[nid]) for group, nid in known.items()}
+
+    def _states_of_snapshots_read(
+        self,
+        txn: LoggingTransaction | None,
+        snapshot_nids: set[int],
+        state_filter: StateFilter,
+        filter_nids: "_FilterNids | None",
+        learnt: TxnLearnt,
+    ) -> dict[int, MutableStateMap[str]]:
+        """Each snapshot's state as strings, filtered (see ``state_for_events_txn``)."""
+        whole = filter_nids is None
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
         member_filter, non_member_filter = state_filter.get_member_split()
-        for snapshot_nid in set(snapshots.values()):
+        for snapshot_nid in snapshot_nids:
             resolved = self._resolved.get(snapshot_nid)
             if resolved is not None:
                 by_snapshot[snapshot_nid] = resolved.filter(state_filter)
@@ -272,7 +305,7 @@ class StateReadStore(SnapshotStore):
                     insert()
                 else:
                     txn.call_after(insert)
-        return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
+        return by_snapshot
 
     def _to_strings(
         self,

@@ -1,0 +1,114 @@
+"""Synapse's reads of a state group's state, answered from the NID tables.
+
+Synapse reads state by state group, not only at events: to compute a new
+event's context, resolve state, purge (de-delta before deleting a group others
+build on), in background updates. All of them go through
+``StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn``, the
+recursive read of ``state_groups_state`` (``hooks.install_group_reads`` wraps
+it on the state store). For every group the mirror has a snapshot for:
+
+* mode ``serve``: the answer comes from the snapshot; the other groups from
+  Synapse's query, in the same transaction;
+* mode ``shadow``: both are computed, Synapse's is returned, differences are
+  counted and logged.
+
+Only where the state database is Synapse's main database: the NID tables are
+in main, and a transaction of a separate state database cannot read them.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from synapse.storage.database import LoggingTransaction
+from synapse.types import StateMap
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.runtime.lookups import MAX_LOGGED_MISMATCHES
+from synapse_nidstate.runtime.metrics import GROUP_READ_SECONDS, LookupStats
+from synapse_nidstate.storage import NidStore
+
+logger = logging.getLogger(__name__)
+
+#: Synapse's ``_get_state_groups_from_groups_txn``, as bound on its state store.
+NativeGroupRead = Callable[
+    [LoggingTransaction, list[int], StateFilter | None], Mapping[int, StateMap[str]]
+]
+
+
+class GroupReads:
+    def __init__(
+        self, store: NidStore, stats: LookupStats, mode: str, server_name: str
+    ) -> None:
+        self._store = store
+        self._stats = stats
+        self._mode = mode
+        self._mirror_seconds = GROUP_READ_SECONDS.labels(server_name, "mirror")
+        self._native_seconds = GROUP_READ_SECONDS.labels(server_name, "native")
+        self._logged = 0
+
+    def read_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: list[int],
+        state_filter: StateFilter | None,
+        native: NativeGroupRead,
+    ) -> Mapping[int, StateMap[str]]:
+        """What ``_get_state_groups_from_groups_txn(txn, groups, state_filter)``
+        answers: every group a key, its state filtered."""
+        if state_filter is None:
+            state_filter = StateFilter.all()
+        started = time.perf_counter()
+        ours = self._store.state_for_groups_txn(txn, groups, state_filter)
+        mirror_seconds = time.perf_counter() - started
+        rest = [g for g in groups if g not in ours]
+        self._stats.fallback += len(rest)
+        if self._mode == "serve":
+            self._stats.served += len(ours)
+            if ours:
+                self._mirror_seconds.observe(mirror_seconds)
+            if not rest:
+                return ours
+            answer: dict[int, StateMap[str]] = dict(ours)
+            answer.update(self._native(txn, rest, state_filter, native))
+            return answer
+        theirs = self._native(txn, groups, state_filter, native)
+        for group, state in ours.items():
+            self._stats.compared += 1
+            if state != dict(theirs.get(group, {})):
+                self._stats.mismatched += 1
+                self._log_mismatch(group, state_filter, theirs.get(group, {}), state)
+        return theirs
+
+    def _native(
+        self,
+        txn: LoggingTransaction,
+        groups: list[int],
+        state_filter: StateFilter,
+        native: NativeGroupRead,
+    ) -> Mapping[int, StateMap[str]]:
+        started = time.perf_counter()
+        try:
+            return native(txn, groups, state_filter)
+        finally:
+            self._native_seconds.observe(time.perf_counter() - started)
+
+    def _log_mismatch(
+        self,
+        group: int,
+        state_filter: StateFilter,
+        theirs: StateMap[str],
+        ours: StateMap[str],
+    ) -> None:
+        if self._logged >= MAX_LOGGED_MISMATCHES:
+            return
+        self._logged += 1
+        differing = sorted(
+            key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key)
+        )
+        logger.warning(
+            "synapse-nidstate: state group %d differs from Synapse's (filter %s): keys %s",
+            group,
+            state_filter,
+            differing[:20],
+        )
