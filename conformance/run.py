@@ -15,9 +15,10 @@
    cores) the run without the module takes only the tests that failed with it:
    the failures the module adds are the same either way.
 3. Reports the failures the module adds (failing with it, not without it), the
-   module's counters summed over the run, and fails when the module adds a
-   failure, served nothing (``serve``) or compared nothing (``shadow``), or
-   anything mismatched or failed to write. The last line is ``N passed, M failed``
+   module's counters summed over the run (state-at-event lookups, state-group
+   reads, the mirror), and fails when the module adds a failure, served nothing
+   (``serve``) or compared nothing (``shadow``) of either kind, or anything
+   mismatched or failed to write. The last line is ``N passed, M failed``
    (M: failures the module adds).
 
 Exit codes: 0 all good, 1 a failure as above, 2 bad input or set-up.
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sum(1 for r in with_module.values() if r == "SKIPPED")
 
     lookups = counters.get("lookups", {})
+    group_reads = counters.get("group_reads", {})
     mirror = counters.get("mirror", {})
     print(
         f"ran {len(with_module)} tests with the module, {len(without)} without "
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"with the module:    {len(failed_with)} failed, {skipped} skipped")
     print(f"homeservers with the module: {counters.get('homeservers', {}).get('with_module', 0)}")
     print("lookups: " + ", ".join(f"{k} {v}" for k, v in lookups.items()))
+    print("group reads: " + ", ".join(f"{k} {v}" for k, v in group_reads.items()))
     print("mirror: " + ", ".join(f"{k} {v}" for k, v in mirror.items()))
     problems = []
     if len(with_module) == 0:
@@ -233,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"the runs differ in tests run ({len(without)} vs {len(with_module)})")
     for test in added:
         problems.append(f"added failure: {test} ({with_module[test]})")
-    if args.mode == "serve" and not lookups.get("served"):
-        problems.append("no lookup was served by the module")
-    if args.mode == "shadow" and not lookups.get("compared"):
-        problems.append("no lookup was compared")
-    if lookups.get("mismatched"):
-        problems.append(f"{lookups['mismatched']} lookups mismatched")
+    for what, counts in (("lookup", lookups), ("state-group read", group_reads)):
+        if args.mode == "serve" and not counts.get("served"):
+            problems.append(f"no {what} was served by the module")
+        if args.mode == "shadow" and not counts.get("compared"):
+            problems.append(f"no {what} was compared")
+        if counts.get("mismatched"):
+            problems.append(f"{counts['mismatched']} {what}s mismatched")
     for what in ("write_failures", "plan_failures"):
         if mirror.get(what):
             problems.append(f"mirror {what}: {mirror[what]}")
