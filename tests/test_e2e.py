@@ -32,6 +32,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
+from synapse_nidstate.demo.history import ROOM_VERSION
+
 SERVER_NAME = "nidstate.e2e"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USERS = ("alice", "bob", "carol")
@@ -433,7 +435,10 @@ def build_room(server: SynapseProcess, tokens: dict[str, str]) -> str:
     alice, bob, carol = (Client(server, u, tokens[u]) for u in USERS)
     room_id = alice.post(
         "/_matrix/client/v3/createRoom",
-        {"preset": "public_chat", "name": "E2E room", "topic": "the first topic"},
+        # Version 12 on every supported Synapse (1.157 defaults to 10, where the
+        # power-level changes below would take the creator's power).
+        {"preset": "public_chat", "name": "E2E room", "topic": "the first topic",
+         "room_version": ROOM_VERSION},
     )["room_id"]
     rooms = f"/_matrix/client/v3/rooms/{q(room_id)}"
     bob.post(f"{rooms}/join", {})
