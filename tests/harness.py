@@ -84,9 +84,9 @@ class HomeserverTestCase(unittest.TestCase):
     module_config: dict[str, Any] | None = {"mode": "shadow"}
     timeout = 300
 
-    def database_config(self) -> dict[str, Any]:
-        if self.engine == "sqlite":
-            return sqlite_database(tempfile.mkdtemp(prefix="nidstate-sqlite-"))
+    def postgres_database_name(self) -> str:
+        """A fresh PostgreSQL database, dropped after the test; without a server the
+        test is skipped, or fails under CI."""
         problem = postgres_available()
         if problem is not None:
             if os.environ.get("CI"):
@@ -94,6 +94,12 @@ class HomeserverTestCase(unittest.TestCase):
             raise unittest.SkipTest(f"PostgreSQL at {PG_HOST}:{PG_PORT}: {problem}")
         name = create_postgres_database()
         self.addCleanup(drop_postgres_database, name)
+        return name
+
+    def database_config(self) -> dict[str, Any]:
+        if self.engine == "sqlite":
+            return sqlite_database(tempfile.mkdtemp(prefix="nidstate-sqlite-"))
+        name = self.postgres_database_name()
         return {
             "name": "psycopg2",
             "args": {

@@ -1,5 +1,6 @@
 """Room histories written through Synapse's own handlers, and the native-vs-mirror check."""
 
+import random
 from typing import Any
 
 import attr
@@ -157,3 +158,28 @@ async def compare_room(
             )
             compared += 1
     return compared
+
+
+def random_filters(users: list[str], count: int, seed: int) -> dict[str, StateFilter]:
+    """Filters drawn at random (seeded) over the types and keys the rooms hold, plus
+    unknown ones: concrete keys, wildcards, empty key sets, include_others."""
+    rng = random.Random(seed)
+    types = [
+        EventTypes.Member, EventTypes.Name, EventTypes.Topic, EventTypes.PowerLevels,
+        EventTypes.JoinRules, EventTypes.Create, EventTypes.RoomHistoryVisibility,
+        "m.room.guest_access", "org.example.unknown",
+    ]
+    keys = users + ["", "@unknown:elsewhere"]
+    filters = {}
+    for i in range(count):
+        spec: dict[str, frozenset[str] | None] = {}
+        for event_type in rng.sample(types, rng.randint(0, 4)):
+            roll = rng.random()
+            if roll < 0.3:
+                spec[event_type] = None
+            elif roll < 0.4:
+                spec[event_type] = frozenset()
+            else:
+                spec[event_type] = frozenset(rng.sample(keys, rng.randint(1, 3)))
+        filters[f"random{i}"] = StateFilter.freeze(spec, include_others=rng.random() < 0.3)
+    return filters

@@ -17,10 +17,7 @@ from tests.harness import (
     PG_PORT,
     PG_USER,
     HomeserverTestCase,
-    create_postgres_database,
-    drop_postgres_database,
     in_logcontext,
-    postgres_available,
 )
 from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
 
@@ -49,16 +46,6 @@ class DatabaseSettingsTests(HomeserverTestCase):
         self.assertEqual(stats.lookups.fallback, 0)
         return hs
 
-    def _postgres(self) -> str:
-        problem = postgres_available()
-        if problem is not None:
-            if os.environ.get("CI"):
-                self.fail(f"PostgreSQL at {PG_HOST}:{PG_PORT} is required in CI: {problem}")
-            raise unittest.SkipTest(problem)
-        name = create_postgres_database()
-        self.addCleanup(drop_postgres_database, name)
-        return name
-
     @in_logcontext
     async def test_sqlite_in_memory(self) -> None:
         hs = await self._serves(
@@ -68,7 +55,7 @@ class DatabaseSettingsTests(HomeserverTestCase):
 
     @in_logcontext
     async def test_postgres_dbname(self) -> None:
-        name = self._postgres()
+        name = self.postgres_database_name()
         await self._serves(
             {
                 "name": "psycopg2",
@@ -78,7 +65,7 @@ class DatabaseSettingsTests(HomeserverTestCase):
 
     @in_logcontext
     async def test_postgres_database(self) -> None:
-        name = self._postgres()
+        name = self.postgres_database_name()
         await self._serves(
             {
                 "name": "psycopg2",
@@ -88,7 +75,7 @@ class DatabaseSettingsTests(HomeserverTestCase):
 
     @in_logcontext
     async def test_postgres_dsn(self) -> None:
-        name = self._postgres()
+        name = self.postgres_database_name()
         await self._serves(
             {
                 "name": "psycopg2",
@@ -100,7 +87,7 @@ class DatabaseSettingsTests(HomeserverTestCase):
     async def test_postgres_unix_socket(self) -> None:
         if not os.path.exists(os.path.join(PG_SOCKET_DIR, f".s.PGSQL.{PG_PORT}")):
             raise unittest.SkipTest(f"no PostgreSQL socket in {PG_SOCKET_DIR}")
-        name = self._postgres()
+        name = self.postgres_database_name()
         await self._serves(
             {
                 "name": "psycopg2",

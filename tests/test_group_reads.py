@@ -5,39 +5,13 @@ Every group of the test histories is read with every filter the issue names and
 through Synapse's own (the class's method, unwrapped), in one transaction.
 """
 
-import random
-
-from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdateStore
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import HistoryShape, realistic_history
 from tests.harness import HomeserverTestCase, in_logcontext
-from tests.scenarios import build_history, filters_for
-
-
-def random_filters(users: list[str], count: int, seed: int) -> dict[str, StateFilter]:
-    rng = random.Random(seed)
-    types = [
-        EventTypes.Member, EventTypes.Name, EventTypes.Topic, EventTypes.PowerLevels,
-        EventTypes.JoinRules, EventTypes.Create, EventTypes.RoomHistoryVisibility,
-        "m.room.guest_access", "org.example.unknown",
-    ]
-    keys = users + ["", "@unknown:elsewhere"]
-    filters = {}
-    for i in range(count):
-        spec: dict[str, frozenset[str] | None] = {}
-        for event_type in rng.sample(types, rng.randint(0, 4)):
-            roll = rng.random()
-            if roll < 0.3:
-                spec[event_type] = None
-            elif roll < 0.4:
-                spec[event_type] = frozenset()
-            else:
-                spec[event_type] = frozenset(rng.sample(keys, rng.randint(1, 3)))
-        filters[f"random{i}"] = StateFilter.freeze(spec, include_others=rng.random() < 0.3)
-    return filters
+from tests.scenarios import build_history, filters_for, random_filters
 
 
 def _selects_nothing(state_filter: StateFilter) -> bool:

@@ -7,7 +7,13 @@ from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import Driver
 from tests.harness import HomeserverTestCase, in_logcontext
-from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
+from tests.scenarios import (
+    build_history,
+    compare_room,
+    filters_for,
+    random_filters,
+    room_event_ids,
+)
 
 
 class MirrorTests:
@@ -217,26 +223,7 @@ class MirrorTests:
         # include_others, all built with Synapse's StateFilter.
         hs = await self.make_homeserver({"mode": "shadow"})
         history = await build_history(hs, messages_per_room=1)
-        rng = random.Random(20261127)
-        types = [
-            EventTypes.Member, EventTypes.Name, EventTypes.Topic, EventTypes.PowerLevels,
-            EventTypes.JoinRules, EventTypes.Create, EventTypes.RoomHistoryVisibility,
-            "m.room.guest_access", "org.example.unknown",
-        ]
-        keys = history.users + ["", "@unknown:elsewhere"]
-        filters = {}
-        for i in range(40):
-            chosen = rng.sample(types, rng.randint(0, 4))
-            spec = {}
-            for event_type in chosen:
-                roll = rng.random()
-                if roll < 0.3:
-                    spec[event_type] = None
-                elif roll < 0.4:
-                    spec[event_type] = frozenset()
-                else:
-                    spec[event_type] = frozenset(rng.sample(keys, rng.randint(1, 3)))
-            filters[f"random{i}"] = StateFilter.freeze(spec, include_others=rng.random() < 0.3)
+        filters = random_filters(history.users, 40, 20261127)
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters)
 
