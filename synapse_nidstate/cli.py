@@ -4,8 +4,12 @@ import argparse
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from synapse_nidstate import __version__
+
+if TYPE_CHECKING:
+    from synapse.config._base import ConfigError
 
 DEMO_DESCRIPTION = """\
 Start a real Synapse in this process (SQLite in a temporary directory, or the
@@ -287,27 +291,13 @@ def _run_tool(args: argparse.Namespace) -> int:
         return 1
 
 
-def config_error_text(error: Exception, config_path: str) -> str:
-    """A ConfigError as one line: where, what, and every cause.
+def config_error_text(error: "ConfigError", config_path: str) -> str:
+    """A ConfigError as one line, as Synapse's start-up prints it (its
+    ``format_config_error``: where, what, and every cause; Synapse's module loader
+    keeps a module's own reason only as the ``__cause__``)."""
+    from synapse.config._base import format_config_error
 
-    Synapse's module loader wraps a module's ConfigError in one of its own
-    ("Failed to parse config for module ...") and keeps the module's reason only
-    as the ``__cause__``; Synapse's start-up prints the causes
-    (``format_config_error``), and so must we.
-    """
-    path = getattr(error, "path", None) or ()
-    where = ".".join(str(p) for p in path)
-    parts = [str(getattr(error, "msg", error))]
-    cause = error.__cause__
-    while cause is not None:
-        parts.append(str(getattr(cause, "msg", cause)))
-        cause = cause.__cause__
-    return (
-        f"error in {config_path}"
-        + (f" at {where}" if where else "")
-        + ": "
-        + _one_line(": ".join(p for p in parts if p))
-    )
+    return f"{config_path}: {_one_line(''.join(format_config_error(error)))}"
 
 
 def _one_line(text: str) -> str:

@@ -284,7 +284,7 @@ class ConfigErrorTests(CliTestCase):
         ]:
             config = write_config(data_dir, database, module_config)
             self.assertInputError(
-                run_cli("verify", "-c", config), f"at modules.<item 0>.config.{key}: ", reason
+                run_cli("verify", "-c", config), f"at 'modules.<item 0>.config.{key}': ", reason
             )
 
 
