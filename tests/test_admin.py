@@ -77,7 +77,8 @@ class StatusEndpointTest(unittest.TestCase):
         code, body = server.request("GET", STATUS_PATH, admin_token)
         self.assertEqual(code, 200, body)
         self.assertLessEqual(
-            {"mode", "schema_version", "persists_events", "counters", "migration"},
+            {"mode", "schema_version", "persists_events", "serves_group_reads", "counters",
+             "migration"},
             set(body),
             body,
         )
@@ -86,11 +87,16 @@ class StatusEndpointTest(unittest.TestCase):
         self.assertGreaterEqual(body["schema_version"], 1)
         # The main process of a single-process deployment persists every event.
         self.assertIs(body["persists_events"], True)
+        # One database: Synapse's state-group reads go through the module (serve/shadow).
+        self.assertIs(body["serves_group_reads"], body["mode"] != "mirror")
         counters = body["counters"]
-        self.assertEqual(set(counters), {"mirror", "lookups", "migration"}, counters)
+        self.assertEqual(
+            set(counters), {"mirror", "lookups", "group_reads", "migration"}, counters
+        )
         for group, expected in (
             ("mirror", MirrorStats),
             ("lookups", LookupStats),
+            ("group_reads", LookupStats),
             ("migration", MigrationStats),
         ):
             names = {field.name for field in attr.fields(expected)}

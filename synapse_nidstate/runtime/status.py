@@ -51,6 +51,7 @@ async def status(module: "NidStateModule") -> dict[str, Any]:
         "mode": module.config.mode,
         "schema_version": module.schema_version,
         "persists_events": module.persists_events,
+        "serves_group_reads": module.serves_group_reads,
         "counters": module.stats.as_dict(),
         "migration": migration,
     }
