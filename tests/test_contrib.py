@@ -21,6 +21,7 @@ import yaml
 from prometheus_client import REGISTRY, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from synapse.util import caches as synapse_caches
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from synapse_nidstate.runtime import metrics
@@ -335,6 +336,10 @@ class ContribTestCase(HomeserverTestCase):
         global _EXPORTED
         if _EXPORTED is None:
             hs = await self.make_homeserver(self.module_config)
+            # Let start-up callbacks run before the test ends and the server stops
+            # (Synapse 1.157 starts the user-parting loop from one and fails
+            # loudly if the server has been shut down by then).
+            await task.deferLater(reactor, 0.1, lambda: None)
             labels = scrape(hs.hostname)
             cache_names = labels[synapse_caches.cache_size._name]["name"]
             _EXPORTED = Exported(
