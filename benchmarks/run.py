@@ -18,6 +18,7 @@ It prints markdown tables; ``--json FILE`` writes every figure with its unit.
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -431,7 +432,12 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         visibility = visibility_filter(member)
         for cold in (True, False):
             native = await batch_work(
-                hs, module.lookups, module.lookups.native_state_ids, batches, visibility, cold
+                hs,
+                module.lookups,
+                functools.partial(module.lookups.native_state_ids, fresh=False),
+                batches,
+                visibility,
+                cold,
             )
             nid = await batch_work(
                 hs, module.lookups, module.lookups.mirrored_state_ids, batches, visibility, cold
@@ -449,7 +455,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
             )
 
         # Warm every event's full state both ways, then weigh the caches.
-        await module.lookups.native_state_ids(events, StateFilter.all())
+        await module.lookups.native_state_ids(events, StateFilter.all(), fresh=False)
         await module.lookups.mirrored_state_ids(events, StateFilter.all())
         results.memory = cache_memory(hs, module)
         results.storage = await storage_report(hs, top=3)

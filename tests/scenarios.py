@@ -141,7 +141,7 @@ async def compare_room(
     """
     module = module_for(hs)
     assert module is not None
-    native = module.lookups._native_state_ids
+    native = module.lookups.native_state_ids
     event_ids, _ = await room_event_ids(hs, room_id)
     compared = 0
     for name, state_filter in filters.items():

@@ -109,7 +109,7 @@ class FaultTests:
         served = module.stats.lookups.served
         self.assertEqual(
             await controller.get_state_ids_for_event(later.event_id),
-            (await module.lookups._native_state_ids([later.event_id], StateFilter.all()))[
+            (await module.lookups.native_state_ids([later.event_id], StateFilter.all()))[
                 later.event_id
             ],
         )

@@ -11,7 +11,7 @@ from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import HistoryShape, realistic_history
 from tests.harness import HomeserverTestCase, in_logcontext
-from tests.scenarios import build_history, filters_for, random_filters
+from tests.scenarios import build_history, filters_for, random_filters, room_event_ids
 
 
 def _selects_nothing(state_filter: StateFilter) -> bool:
@@ -111,6 +111,25 @@ class GroupReadTests:
         before = module.stats.group_reads.served
         await self._compare_every_group(hs, filters)
         self.assertGreater(module.stats.group_reads.served, before)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_synapses_own_answer_never_sees_the_mirror(self) -> None:
+        """What verify, the demo and the timings call Synapse's answer bypasses the
+        module's group reads (and Synapse's caches they filled), then restores them."""
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        event_ids, _ = await room_event_ids(hs, history.rooms[0])
+        stats = module.stats.group_reads
+        served = stats.served
+        await module.lookups.native_state_ids(event_ids, StateFilter.all())
+        self.assertEqual(stats.served, served)  # type: ignore[attr-defined]
+        # Afterwards Synapse's reads are served again.
+        state = hs.get_datastores().state
+        state._state_group_cache.invalidate_all()
+        state._state_group_members_cache.invalidate_all()
+        await state._get_state_for_groups(await all_groups(hs), StateFilter.all())
+        self.assertGreater(stats.served, served)  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_split_state_database_is_left_to_synapse(self) -> None:

@@ -50,7 +50,7 @@ class MirrorTests:
         history = await build_history(hs)
         module = self.module(hs)
         controller = hs.get_storage_controllers().state
-        native = module.lookups._native_state_ids
+        native = module.lookups.native_state_ids
         filters = filters_for(hs, history.users)
         outliers_asked = 0
         for room_id in history.rooms:
@@ -129,7 +129,7 @@ class MirrorTests:
         d = Driver(hs)
         new = await d.message(history.users[0], history.rooms[0], "after enabling")
         answers = await controller.get_state_ids_for_events(old_ids + [new.event_id])
-        expected = await module.lookups._native_state_ids(
+        expected = await module.lookups.native_state_ids(
             old_ids + [new.event_id], StateFilter.all()
         )
         self.assertEqual(answers, expected)
@@ -184,7 +184,7 @@ class MirrorTests:
         hs = await self.make_homeserver({"mode": "serve"})
         history = await build_history(hs)
         module = self.module(hs)
-        native = module.lookups._native_state_ids
+        native = module.lookups.native_state_ids
         users = history.users
         narrow = {
             name: f

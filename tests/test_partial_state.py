@@ -61,7 +61,7 @@ class PartialStateTests:
         self.assertTrue(await store.is_partial_state_event(event.event_id))
 
         filters = filters_for(hs, history.users)
-        native = module.lookups._native_state_ids
+        native = module.lookups.native_state_ids
         fallback_before = module.stats.lookups.fallback
         for state_filter in filters.values():
             # The mirror has nothing for it...

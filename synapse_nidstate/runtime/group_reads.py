@@ -16,9 +16,11 @@ Only where the state database is Synapse's main database: the NID tables are
 in main, and a transaction of a separate state database cannot read them.
 """
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
@@ -46,6 +48,35 @@ class GroupReads:
         self._mirror_seconds = GROUP_READ_SECONDS.labels(server_name, "mirror")
         self._native_seconds = GROUP_READ_SECONDS.labels(server_name, "native")
         self._logged = 0
+        #: The state store whose reader is wrapped, its own reader and the wrapper.
+        self._installed: tuple[Any, NativeGroupRead, Callable] | None = None
+        self._native_depth = 0
+
+    def installed(self, state_store: Any, native: NativeGroupRead, wrapper: Callable) -> None:
+        """Called by ``hooks.install_group_reads`` once it has wrapped the reader."""
+        self._installed = (state_store, native, wrapper)
+
+    @contextlib.contextmanager
+    def native_only(self, fresh: bool) -> Iterator[None]:
+        """Within: Synapse's reads of state groups are Synapse's own again, so that a
+        comparison or a timing of Synapse's answer never sees the mirror. ``fresh``
+        also empties Synapse's per-group caches first (they may hold what the mirror
+        served). Other reads meanwhile are Synapse's too, which is always correct."""
+        if self._installed is None:
+            yield
+            return
+        state_store, native, wrapper = self._installed
+        self._native_depth += 1
+        state_store._get_state_groups_from_groups_txn = native
+        if fresh:
+            state_store._state_group_cache.invalidate_all()
+            state_store._state_group_members_cache.invalidate_all()
+        try:
+            yield
+        finally:
+            self._native_depth -= 1
+            if self._native_depth == 0:
+                state_store._get_state_groups_from_groups_txn = wrapper
 
     def read_txn(
         self,

@@ -146,6 +146,7 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
         return group_reads.read_txn(txn, groups, state_filter, native)
 
     state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
+    group_reads.installed(state, native, _get_state_groups_from_groups_txn)
     return True
 
 

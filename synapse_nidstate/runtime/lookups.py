@@ -11,8 +11,10 @@ Events the mirror has no snapshot for are answered by Synapse's own methods,
 per event, so a request mixing both still gets every event's right answer.
 """
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING
 
 from synapse.events import EventBase
 from synapse.storage.controllers.state import StateStorageController
@@ -22,6 +24,9 @@ from synapse.util.cancellation import cancellable
 
 from synapse_nidstate.runtime.metrics import LOOKUP_SECONDS, LookupStats
 from synapse_nidstate.storage import NidStore
+
+if TYPE_CHECKING:
+    from synapse_nidstate.runtime.group_reads import GroupReads
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +53,33 @@ class StateLookups:
         self._stats = stats
         self._mode = mode
         self._native_state_ids = native_state_ids
+        #: Set by the module when it serves state-group reads too: Synapse's own
+        #: answer (``native_state_ids``) then bypasses them.
+        self.group_reads: GroupReads | None = None
 
     @property
     def store(self) -> NidStore:
         return self._store
 
     async def native_state_ids(
-        self, event_ids: Collection[str], state_filter: StateFilter
+        self,
+        event_ids: Collection[str],
+        state_filter: StateFilter,
+        await_full_state: bool = True,
+        *,
+        fresh: bool = True,
     ) -> dict[str, StateMap[str]]:
-        """Synapse's own answer (its state groups), whatever the mode."""
-        with self._native_seconds.time():
-            return await self._native_state_ids(event_ids, state_filter)
+        """Synapse's own answer from its state groups, whatever the mode: the
+        module's state-group reads are bypassed meanwhile and, with ``fresh``
+        (comparisons), Synapse's per-group caches emptied first; timings of warm
+        lookups pass ``fresh=False``."""
+        guard = (
+            self.group_reads.native_only(fresh)
+            if self.group_reads is not None
+            else contextlib.nullcontext()
+        )
+        with self._native_seconds.time(), guard:
+            return await self._native_state_ids(event_ids, state_filter, await_full_state)
 
     async def mirrored_state_ids(
         self, event_ids: Collection[str], state_filter: StateFilter

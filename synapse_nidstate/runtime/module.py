@@ -74,6 +74,7 @@ class NidStateModule:
         if config.mode != "mirror":
             hooks.install_lookups(hs, self.lookups)
             self.serves_group_reads = hooks.install_group_reads(hs, self.group_reads)
+            self.lookups.group_reads = self.group_reads
 
         self.migrator = Migrator(
             hs,
