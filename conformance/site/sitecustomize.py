@@ -15,6 +15,7 @@ processes it starts. With ``NIDSTATE_CONFORMANCE_MODE`` unset nothing happens
 import atexit
 import json
 import os
+import threading
 
 MODE = os.environ.get("NIDSTATE_CONFORMANCE_MODE")
 COUNTERS = os.environ.get("NIDSTATE_CONFORMANCE_COUNTERS")
@@ -60,6 +61,11 @@ def _install(mode: str, counters_path: str | None) -> None:
             with open(counters_path, "w") as f:
                 json.dump(totals, f)
 
+    # Before the interpreter waits for non-daemon threads (a test may leave one,
+    # and the process then never reaches atexit), and at exit as well.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(write)
     atexit.register(write)
 
 
