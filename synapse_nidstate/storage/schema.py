@@ -1,7 +1,7 @@
 """Creating and upgrading the module's tables in Synapse's main database.
 
-Schema files live in ``sql/<engine>/NN_name.sql`` beside this file (package
-data, in the wheel too). Each is applied once, in order, in one transaction
+Schema files live in ``sql/<engine>/NN_name.sql`` at the repository's top (in
+the wheel: ``synapse_nidstate/storage/sql``). Each is applied once, in order, in one transaction
 that also records the new version, so a crash half-way leaves the old schema.
 """
 
@@ -32,8 +32,13 @@ def engine_name(engine: BaseDatabaseEngine) -> str:
 
 
 def _sql_dir() -> Path:
-    """``sql/`` beside this file: package data, in a checkout and in the wheel alike."""
-    return Path(str(resources.files("synapse_nidstate.storage") / "sql"))
+    """The wheel ships ``sql/`` inside the package, beside this file; a checkout
+    has it at the repository's top (pyproject.toml's force-include maps one to
+    the other)."""
+    shipped = Path(str(resources.files("synapse_nidstate.storage") / "sql"))
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent.parent / "sql"
 
 
 def schema_files(engine: BaseDatabaseEngine) -> list[tuple[int, Path]]:
