@@ -11,6 +11,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
+import synapse
 from synapse.config.homeserver import HomeServerConfig
 from synapse.logging.context import LoggingContext, PreserveLoggingContext
 from synapse.server import HomeServer
@@ -179,17 +180,11 @@ def _schema_problem(error: str, config_path: str) -> str:
         reason = error.split(": run the main synapse process", 1)[0]
         return (
             f"the database of {config_path} has an older schema than this Synapse "
-            f"({synapse_version()}): {reason}. Start this release of Synapse on it once "
+            f"(Synapse {synapse.__version__}): {reason}. Start this release of Synapse on it once "
             "(it upgrades the schema), or run synapse-nidstate from the environment of the "
             "Synapse that uses this database"
         )
     return f"cannot use the database of {config_path}: {' '.join(error.split())}"
-
-
-def synapse_version() -> str:
-    import synapse
-
-    return f"Synapse {synapse.__version__}"
 
 
 def module_config_of(hs: HomeServer) -> Any:

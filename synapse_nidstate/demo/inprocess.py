@@ -6,7 +6,7 @@ and is driven through its handlers.
 """
 
 import os
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import synapse.app.homeserver as synapse_app
 from synapse.config.homeserver import HomeServerConfig
@@ -19,8 +19,6 @@ reactor = cast(ISynapseReactor, _reactor)
 SERVER_NAME = "nidstate.test"
 # A throwaway key for servers that never federate.
 SIGNING_KEY = "ed25519 a_lPym qvioDNmfExFBRPgdTU+wtFYKq4JfwFRv7sYVgWvmgJg"
-
-T = TypeVar("T")
 
 _UNLIMITED = {"per_second": 1_000_000, "burst_count": 1_000_000}
 
