@@ -6,7 +6,8 @@ forks where one branch demotes the sender of the other branch's state event,
 so that resolution resets that state, and rejected events); each sequence is
 played through Synapse's own handlers into a fresh room, and the mirror's
 answer must equal Synapse's for every event and every filter of
-``filters_for``.
+``filters_for``, and for every state group (its state with every filter, its
+delta) as Synapse reads them.
 
 The examples are drawn first (``derandomize=True``: the same ones on every
 run, no example database) and played afterwards, because Synapse's handlers
@@ -22,7 +23,7 @@ from synapse.api.constants import EventTypes, Membership
 
 from synapse_nidstate.demo.history import Driver
 from tests.harness import HomeserverTestCase, in_logcontext
-from tests.scenarios import compare_room, filters_for
+from tests.scenarios import compare_every_delta, compare_every_group, compare_room, filters_for
 
 #: Examples per engine: each is a room of up to ~60 events through Synapse.
 EXAMPLES = 16
@@ -189,6 +190,13 @@ class RandomDagTests:
                 raise AssertionError(f"example {number}, operations {operations}: {e}") from e
         self.assertGreater(compared, EXAMPLES * len(filters) * 10)
         stats = self.module(hs).stats
+        # Every state group of every example, read and its delta read through the
+        # module (shadow: compared with Synapse's answer, which is returned).
+        before = stats.group_reads.compared
+        await compare_every_group(self, hs, filters)
+        groups = await compare_every_delta(self, hs)
+        self.assertGreater(stats.group_reads.compared - before, groups * len(filters) // 2)
+        self.assertEqual(stats.group_reads.mismatched, 0)
         self.assertEqual(stats.mirror.unprepared, 0)
         self.assertEqual(stats.mirror.write_failures, 0)
 

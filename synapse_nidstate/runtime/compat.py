@@ -76,6 +76,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         ("txn", "groups", "state_filter"),
         "wrapped: every read of a state group's state (serve, shadow)",
     ),
+    Requirement(
+        "synapse.storage.databases.state.store.StateGroupDataStore",
+        "get_state_group_delta",
+        ("state_group",),
+        "wrapped: one edge's delta (serve, shadow)",
+    ),
     # hooks.install_purges
     Requirement(
         "synapse.storage.databases.main.purge_events.PurgeEventsStore",
@@ -149,10 +155,13 @@ def missing(requirements: tuple[Requirement, ...] = REQUIREMENTS) -> list[str]:
     for req in requirements:
         where = f"{req.owner.rpartition('.')[2]}.{req.name}"
         try:
-            function: Callable = getattr(_resolve(req.owner), req.name)
+            function: Callable = inspect.getattr_static(_resolve(req.owner), req.name)
         except (ImportError, AttributeError):
             problems.append(f"{where} does not exist ({req.why})")
             continue
+        # A ``@cached`` method is a descriptor that refuses class access; its
+        # function is ``orig``. Static and class methods unwrap to theirs.
+        function = getattr(function, "orig", getattr(function, "__func__", function))
         parameters = inspect.signature(function).parameters
         absent = [p for p in req.parameters if p not in parameters]
         if absent:
@@ -184,7 +193,8 @@ STATE_GROUPS_STATE_USERS: dict[str, str] = {
         "compared (shadow) by group_reads, where the state database is the main one",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.get_state_group_delta._get_state_group_delta_txn":
-        "read: one edge's delta rows; not routed yet (Synapse's rows are all kept)",
+        "read: one edge's delta rows; the wrapped get_state_group_delta answers it from "
+        "the snapshots (group_reads.delta_txn) where the state database is the main one",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.store_state_group.insert_delta_group_txn":
         "write: a delta group (the mirror plans from the same delta)",

@@ -4,8 +4,10 @@ Synapse reads state by state group, not only at events: to compute a new
 event's context, resolve state, purge (de-delta before deleting a group others
 build on), in background updates. All of them go through
 ``StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn``, the
-recursive read of ``state_groups_state`` (``hooks.install_group_reads`` wraps
-it on the state store). For every group the mirror has a snapshot for:
+recursive read of ``state_groups_state``, except one edge's delta, read by
+``StateGroupDataStore.get_state_group_delta`` (``hooks.install_group_reads``
+wraps both on the state store). For every group the mirror can answer (it has
+the group's snapshot, or the group's delta chain reaches one: ``storage.groups``):
 
 * mode ``serve``: the answer comes from the snapshot; the other groups from
   Synapse's query, in the same transaction;
@@ -19,10 +21,11 @@ in main, and a transaction of a separate state database cannot read them.
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.databases.state.store import _GetStateGroupDelta
 from synapse.types import StateMap
 from synapse.types.state import StateFilter
 
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 NativeGroupRead = Callable[
     [LoggingTransaction, list[int], StateFilter | None], Mapping[int, StateMap[str]]
 ]
+#: Synapse's (cached) ``get_state_group_delta``, as bound on its state store.
+NativeDeltaRead = Callable[[int], Awaitable[_GetStateGroupDelta]]
 
 
 class GroupReads:
@@ -111,6 +116,57 @@ class GroupReads:
                 self._log_mismatch(group, state_filter, theirs.get(group, {}), state)
         return theirs
 
+    async def get_state_group_delta(
+        self, state_group: int, native: NativeDeltaRead
+    ) -> _GetStateGroupDelta:
+        """What ``get_state_group_delta(state_group)`` answers: the group's
+        predecessor and the delta from it, here the difference between their
+        states (Synapse stores exactly that difference, see ``delta_txn``)."""
+        if self._native_depth:
+            return await native(state_group)
+        ours = await self._store.db_pool.runInteraction(
+            "nidstate_get_state_group_delta", self.delta_txn, state_group
+        )
+        if ours is None:
+            self._stats.fallback += 1
+            return await native(state_group)
+        if self._mode == "serve":
+            self._stats.served += 1
+            return ours
+        theirs = await native(state_group)
+        self._stats.compared += 1
+        if ours != theirs:
+            self._stats.mismatched += 1
+            self._log_mismatch(
+                state_group,
+                None,
+                {**(theirs.delta_ids or {}), ("prev_group", ""): str(theirs.prev_group)},
+                {**(ours.delta_ids or {}), ("prev_group", ""): str(ours.prev_group)},
+            )
+        return theirs
+
+    def delta_txn(self, txn: LoggingTransaction, group: int) -> _GetStateGroupDelta | None:
+        """The group's predecessor and the entries where the group's state
+        differs from it; None where the mirror cannot answer for both.
+
+        Synapse stores a delta group only where the new state keeps every key of
+        the old (``StateGroupDataStore.store_state_group``; a state that drops a
+        key is stored in full), and the delta is what differs (``StateHandler``
+        computes ``delta_ids`` so); a difference that drops a key is left to
+        Synapse."""
+        if group not in self._store.known_groups_txn(txn, [group]):
+            return None
+        prev = self._store.prev_groups_txn(txn, [group]).get(group)
+        if prev is None:
+            return _GetStateGroupDelta(None, None)
+        states = self._store.state_for_groups_txn(txn, [group, prev], StateFilter.all())
+        if prev not in states:
+            return None
+        new, old = states[group], states[prev]
+        if not old.keys() <= new.keys():
+            return None
+        return _GetStateGroupDelta(prev, {k: v for k, v in new.items() if old.get(k) != v})
+
     def _native(
         self,
         txn: LoggingTransaction,
@@ -127,7 +183,7 @@ class GroupReads:
     def _log_mismatch(
         self,
         group: int,
-        state_filter: StateFilter,
+        state_filter: StateFilter | None,
         theirs: StateMap[str],
         ours: StateMap[str],
     ) -> None:
@@ -138,8 +194,8 @@ class GroupReads:
             key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key)
         )
         logger.warning(
-            "synapse-nidstate: state group %d differs from Synapse's (filter %s): keys %s",
+            "synapse-nidstate: state group %d differs from Synapse's (%s): keys %s",
             group,
-            state_filter,
+            "delta" if state_filter is None else f"filter {state_filter}",
             differing[:20],
         )

@@ -29,9 +29,10 @@ federation /state) go.
 State-group reads (every process, where the state database is the main one):
 ``StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn``, the
 recursive read of ``state_groups_state`` behind every read of a state group's
-state (``_get_state_for_groups``, purge's de-delta, the deduplication
-background update): answered from the snapshots (serve) or compared (shadow),
-see ``group_reads``.
+state (``_get_state_for_groups``, ``store_state_group``'s read of the
+predecessor, purge's de-delta, the deduplication background update), and
+``StateGroupDataStore.get_state_group_delta`` (one edge's delta): answered
+from the snapshots (serve) or compared (shadow), see ``group_reads``.
 
 Schema (in-memory SQLite only, as in Synapse's own test harness):
 ``SQLite3Engine.on_new_connection`` rebuilds Synapse's schema on every new
@@ -145,7 +146,16 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
     ) -> Mapping[int, StateMap[str]]:
         return group_reads.read_txn(txn, groups, state_filter, native)
 
+    native_delta = state.get_state_group_delta
+
+    # ``wraps`` also copies the cache's ``invalidate``/``invalidate_all``: callers
+    # (replication, our timings) find them where Synapse put them.
+    @functools.wraps(native_delta)
+    async def get_state_group_delta(state_group: int) -> Any:
+        return await group_reads.get_state_group_delta(state_group, native_delta)  # type: ignore[arg-type]
+
     state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
+    state.get_state_group_delta = get_state_group_delta  # type: ignore[method-assign,assignment]
     group_reads.installed(state, native, _get_state_groups_from_groups_txn)
     return True
 

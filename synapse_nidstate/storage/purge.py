@@ -6,11 +6,11 @@ from collections.abc import Collection, Iterable
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
-from synapse_nidstate.storage.base import NidStoreBase
 from synapse_nidstate.storage.common import in_list_clause
+from synapse_nidstate.storage.groups import GroupStateStore
 
 
-class PurgeStore(NidStoreBase):
+class PurgeStore(GroupStateStore):
     def delete_unused_txn(self, txn: LoggingTransaction, room_id: str) -> tuple[int, int]:
         """Delete the room's snapshots no event or state group uses any more,
         then its blocks no snapshot lists; returns how many of each.

@@ -216,20 +216,16 @@ class StateReadStore(SnapshotStore):
         )
         return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
 
-    def state_for_groups_txn(
-        self, txn: LoggingTransaction, groups: Collection[int], state_filter: StateFilter
+    def snapshot_states_txn(
+        self, txn: LoggingTransaction, snapshot_nids: Collection[int], state_filter: StateFilter
     ) -> dict[int, MutableStateMap[str]]:
-        """The state of each Synapse state group the mirror has a snapshot for,
-        filtered (as ``StateGroupDataStore._get_state_groups_from_groups_txn``
-        answers); groups without a snapshot are left out."""
-        known = self.known_groups_txn(txn, groups)
-        if not known:
+        """The state of each snapshot, filtered (callers copy before changing it)."""
+        if not snapshot_nids:
             return {}
         filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
-        by_snapshot = self._states_of_snapshots_read(
-            txn, set(known.values()), state_filter, filter_nids, TxnLearnt()
+        return self._states_of_snapshots_read(
+            txn, set(snapshot_nids), state_filter, filter_nids, TxnLearnt()
         )
-        return {group: dict(by_snapshot[nid]) for group, nid in known.items()}
 
     def _states_of_snapshots_read(
         self,

@@ -1,15 +1,15 @@
 """The store: every part of the NID tables' storage layer, as one object.
 
 Built like Synapse's ``DataStore``, from one class per concern, each in its own
-file: ``base`` (pool and caches), ``interning`` (strings to NIDs),
-``snapshots`` (where a snapshot is built and written), ``reads`` (where a
-lookup turns NIDs into strings), ``purge`` (following Synapse's purges). The
-schema and its per-engine SQL are in ``schema`` and ``sql/<engine>/``.
+file, each building on the one before: ``base`` (pool and caches),
+``interning`` (strings to NIDs), ``snapshots`` (where a snapshot is built and
+written), ``reads`` (where a lookup turns NIDs into strings), ``groups``
+(Synapse's state groups from the snapshots), ``purge`` (following Synapse's
+purges). The schema and its per-engine SQL are in ``schema`` and ``sql/<engine>/``.
 """
 
 from synapse_nidstate.storage.purge import PurgeStore
-from synapse_nidstate.storage.reads import StateReadStore
 
 
-class NidStore(StateReadStore, PurgeStore):
+class NidStore(PurgeStore):
     """Reads and writes the module's tables in Synapse's main database."""

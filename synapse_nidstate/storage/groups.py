@@ -1,0 +1,147 @@
+"""Synapse's state groups answered from the snapshots: a group the mirror has
+directly, any other group through its delta chain down to the nearest group
+the mirror has.
+
+Synapse stores a group as a delta over its predecessor (``state_group_edges``
+plus the delta's rows in ``state_groups_state``) or, every 100 hops and where
+a delta cannot express it, as full rows. A group without a snapshot (its
+events are being persisted, it is partial-state, its plan failed) usually
+builds on one with a snapshot, whose rows may be reclaimed; so its state is
+read as Synapse would, one hop at a time, except that the walk stops at the
+first group with a snapshot (``anchors``) and takes that group's state from
+it. A chain that ends (full rows) or is longer than :data:`MAX_WALK_HOPS`
+without meeting an anchor is not answered: Synapse's own read answers it.
+"""
+
+from collections.abc import Callable, Collection
+
+import attr
+from synapse.storage.database import LoggingTransaction
+from synapse.types import MutableStateMap, StateMap
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.storage.reads import StateReadStore
+
+#: Synapse writes full rows at least every 100 hops (``MAX_STATE_DELTA_HOPS``);
+#: a longer walk meets a full group first, unless groups were edited by hand.
+MAX_WALK_HOPS = 128
+
+#: Which of some groups may end a walk, each with its snapshot NID.
+Anchors = Callable[[LoggingTransaction, Collection[int]], dict[int, int]]
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Chain:
+    """A group's rows and its predecessors' rows down to an anchor."""
+
+    #: The group whose snapshot the state starts from (None: the chain ends in
+    #: full rows, the last of ``deltas``).
+    anchor: int | None
+    anchor_snapshot: int | None
+    #: Rows of each group on the way, the walked group's first.
+    deltas: list[StateMap[str]]
+
+
+class GroupStateStore(StateReadStore):
+    def group_rows_txn(
+        self, txn: LoggingTransaction, groups: Collection[int]
+    ) -> dict[int, dict[tuple[str, str], str]]:
+        """Each group's own rows in ``state_groups_state`` (a delta or a full copy)."""
+        rows: dict[int, dict[tuple[str, str], str]] = {g: {} for g in groups}
+        for group, event_type, state_key, event_id in self._select_in_txn(
+            txn,
+            "SELECT state_group, type, state_key, event_id FROM state_groups_state WHERE",
+            "state_group",
+            list(groups),
+        ):
+            rows[group][(event_type, state_key)] = event_id
+        return rows
+
+    def prev_groups_txn(
+        self, txn: LoggingTransaction, groups: Collection[int]
+    ) -> dict[int, int]:
+        """Each group's predecessor in ``state_group_edges``, for those that have one."""
+        return dict(
+            self._select_in_txn(
+                txn,
+                "SELECT state_group, prev_state_group FROM state_group_edges WHERE",
+                "state_group",
+                list(groups),
+            )
+        )
+
+    def chains_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: Collection[int],
+        anchors: Anchors,
+        ended: bool = False,
+    ) -> dict[int, Chain]:
+        """The chain of each of ``groups`` (none of them an anchor) down to its
+        nearest anchor; a chain that ends in full rows first is left out, or
+        with ``ended`` kept without an anchor; one longer than
+        :data:`MAX_WALK_HOPS` is left out. One hop for all groups at a time:
+        three statements per hop."""
+        # walked group -> (group reached, rows so far)
+        walking: dict[int, tuple[int, list[StateMap[str]]]] = {g: (g, []) for g in groups}
+        chains: dict[int, Chain] = {}
+        for _ in range(MAX_WALK_HOPS):
+            if not walking:
+                break
+            reached = {at for at, _ in walking.values()}
+            rows = self.group_rows_txn(txn, reached)
+            prevs = self.prev_groups_txn(txn, reached)
+            anchored = anchors(txn, set(prevs.values()))
+            still: dict[int, tuple[int, list[StateMap[str]]]] = {}
+            for group, (at, deltas) in walking.items():
+                deltas.append(rows[at])
+                prev = prevs.get(at)
+                if prev is None:  # full rows: no anchor on this chain
+                    if ended:
+                        chains[group] = Chain(None, None, deltas)
+                    continue
+                if prev in anchored:
+                    chains[group] = Chain(prev, anchored[prev], deltas)
+                else:
+                    still[group] = (prev, deltas)
+            walking = still
+        return chains
+
+    def state_for_groups_txn(
+        self, txn: LoggingTransaction, groups: Collection[int], state_filter: StateFilter
+    ) -> dict[int, MutableStateMap[str]]:
+        """The state of each group the mirror can answer, filtered as
+        ``StateGroupDataStore._get_state_groups_from_groups_txn`` answers: from
+        its snapshot, or through its chain to the nearest group with one."""
+        known = self.known_groups_txn(txn, groups)
+        chains = self.chains_txn(
+            txn, [g for g in groups if g not in known], self.known_groups_txn
+        )
+        return self.states_of_txn(txn, known, chains, state_filter)
+
+    def states_of_txn(
+        self,
+        txn: LoggingTransaction,
+        snapshots: dict[int, int],
+        chains: dict[int, Chain],
+        state_filter: StateFilter,
+    ) -> dict[int, MutableStateMap[str]]:
+        """Each group's state: of ``snapshots`` (group -> snapshot NID) from the
+        snapshot, of ``chains`` from the anchor's snapshot and the rows on the way."""
+        by_snapshot = self.snapshot_states_txn(
+            txn,
+            set(snapshots.values())
+            | {c.anchor_snapshot for c in chains.values() if c.anchor_snapshot is not None},
+            state_filter,
+        )
+        answer: dict[int, MutableStateMap[str]] = {
+            group: dict(by_snapshot[nid]) for group, nid in snapshots.items()
+        }
+        for group, chain in chains.items():
+            state: MutableStateMap[str] = (
+                {} if chain.anchor_snapshot is None else dict(by_snapshot[chain.anchor_snapshot])
+            )
+            for delta in reversed(chain.deltas):
+                state.update(state_filter.filter_state(delta))
+            answer[group] = state
+        return answer
