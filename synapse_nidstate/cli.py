@@ -71,10 +71,38 @@ exit codes: 0 done; 1 --plot without matplotlib; 2 bad input (homeserver.yaml,
 or a database that does not exist or is not Synapse's).
 """
 
+RECLAIM_DESCRIPTION = """\
+Delete the rows of state_groups_state that the NID tables replace: room by
+room, oldest state group first, a batch per transaction. Before a group's rows
+are deleted, Synapse's answer from them is compared with the group's snapshot
+in the same transaction; on any difference the rows stay (counted, logged).
+Safe beside a running Synapse that loads the module in mode serve; resumable
+(killed, it starts over with what is left). Groups without a snapshot (not
+migrated yet, partial state) keep their rows.
+
+While any group is reclaimed, Synapse refuses to start without the module
+("Cannot use this database as it is too new for the server to understand"),
+and so does synapse_port_db: run `restore` before removing the module.
+
+exit codes: 0 done; 1 some groups kept their rows (their proof failed); 2 bad
+input (no module in mode serve, a separate state database, an unknown room).
+"""
+
+RESTORE_DESCRIPTION = """\
+Write back the rows reclaim deleted, from the NID tables, in Synapse's own
+layout: a delta along each edge Synapse stored, full rows where it has none
+(so its full copies every 100 hops are where Synapse put them). Newest group
+first, a batch per transaction, resumable. Once no group is reclaimed,
+Synapse's schema_compat_version is back and Synapse runs without the module.
+
+exit codes: 0 done; 1 a group could not be written back (named); 2 bad input.
+"""
+
 DROP_DESCRIPTION = """\
 Remove every table of the module from Synapse's database (asks first; --yes
 skips the question). Synapse's own tables are untouched, and Synapse runs
-unchanged without the module.
+unchanged without the module. Refused while any state group is reclaimed:
+run restore first.
 
 Not meant to run beside a Synapse that loads the module: its mirror and (in
 mode serve) its lookups need those tables, and it creates them again at its
@@ -82,7 +110,8 @@ next start. Remove the module from homeserver.yaml and restart Synapse first
 (or stop Synapse); enabled again later, the module recreates its tables and
 migrate catches up.
 
-exit codes: 0 dropped, or nothing to drop; 1 declined at the question; 2 bad
+exit codes: 0 dropped, or nothing to drop; 1 declined at the question, or refused
+(groups are reclaimed); 2 bad
 input, or no --yes when standard input is not a terminal.
 """
 
@@ -177,6 +206,33 @@ def main(argv: list[str] | None = None) -> int:
         help="storage of Synapse's state tables and of the module's, side by side",
     )))
 
+    reclaim = with_config(add(
+        "reclaim",
+        RECLAIM_DESCRIPTION,
+        help="delete the rows of state_groups_state the NID tables replace, each group "
+        "proved first (resumable; restore writes them back)",
+    ))
+    reclaim.add_argument("--room", type=_room_id, help="only this room")
+    reclaim.add_argument(
+        "--dry-run", action="store_true", help="prove every group, delete nothing"
+    )
+    reclaim.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="state groups per transaction (100)"
+    )
+    reclaim.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    restore = with_config(add(
+        "restore",
+        RESTORE_DESCRIPTION,
+        help="write back the rows reclaim deleted, in Synapse's layout (then the module "
+        "can be removed)",
+    ))
+    restore.add_argument("--room", type=_room_id, help="only this room")
+    restore.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="state groups per transaction (100)"
+    )
+    restore.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     drop = with_config(add(
         "drop", DROP_DESCRIPTION,
         help="remove every table of the module (Synapse's own are untouched)",
@@ -244,7 +300,7 @@ def _run_tool(args: argparse.Namespace) -> int:
 
     from synapse.config._base import ConfigError
 
-    from synapse_nidstate.commands import drop, migrate, verify
+    from synapse_nidstate.commands import drop, migrate, reclaim, verify
     from synapse_nidstate.commands.homeserver import (
         CommandInputError,
         ToolConfigError,
@@ -259,7 +315,7 @@ def _run_tool(args: argparse.Namespace) -> int:
     )
     try:
         hs = tool_homeserver(args.config_path)
-        if args.command in ("migrate", "verify"):
+        if args.command in ("migrate", "verify", "reclaim", "restore"):
             apply_schema(hs)
     except ToolConfigError as e:
         print(f"synapse-nidstate: {e}", file=sys.stderr)
@@ -280,6 +336,8 @@ def _run_tool(args: argparse.Namespace) -> int:
         "verify": verify.verify,
         "stats": stats.run,
         "drop": drop.drop,
+        "reclaim": reclaim.reclaim,
+        "restore": reclaim.restore,
     }[args.command]
     try:
         return run_in_reactor(lambda: command(hs, args))

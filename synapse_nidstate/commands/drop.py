@@ -4,7 +4,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from synapse_nidstate.commands.homeserver import nid_store
 from synapse_nidstate.storage.schema import TABLES, current_version_txn, drop_tables_txn
+
+#: The schema version that added reclaim's table.
+RECLAIM_SCHEMA = 3
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -15,6 +19,19 @@ async def drop(hs: "HomeServer", args: argparse.Namespace) -> int:
     if await db_pool.runInteraction("nidstate_schema_version", current_version_txn) == 0:
         print("no synapse-nidstate tables in this database")
         return 0
+    version = await db_pool.runInteraction("nidstate_schema_version", current_version_txn)
+    if version >= RECLAIM_SCHEMA:
+        groups, rows = await db_pool.runInteraction(
+            "nidstate_reclaimed_totals", nid_store(hs).reclaimed_totals_txn
+        )
+        if groups:
+            print(
+                f"synapse-nidstate: refusing to drop: {groups} state groups are reclaimed "
+                f"({rows} rows of state_groups_state deleted); the NID tables are their only "
+                "copy. Run `synapse-nidstate restore` first.",
+                file=sys.stderr,
+            )
+            return 1
     if not args.yes:
         if not sys.stdin.isatty():
             print(

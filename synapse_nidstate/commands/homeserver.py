@@ -20,6 +20,7 @@ from synapse.types import ISynapseReactor, RoomID
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
+from synapse_nidstate.runtime import failsafe
 from synapse_nidstate.runtime.config import NidStateConfig
 from synapse_nidstate.storage import NidStore
 
@@ -125,6 +126,9 @@ def tool_homeserver(config_path: str) -> HomeServer:
     config = HomeServerConfig()
     config.parse_config_dict(raw, config_dir_path=config_dir, data_dir_path=config_dir)
     check_sqlite_databases(config, config_path)
+    # Read past the reclaim marker even where homeserver.yaml no longer loads the
+    # module: `restore` is how an operator takes it out.
+    failsafe.install()
     hs = GenericWorkerServer(config.server.server_name, config=config, reactor=reactor)
     try:
         hs.setup()

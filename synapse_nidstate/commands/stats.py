@@ -76,6 +76,7 @@ def format_report(report: StorageReport) -> str:
         )
     if not any(t.exists for t in mod.tables):
         lines.append(f"\n{NIDSTATE}'s tables do not exist in this database.")
+    lines += format_reclaim(report)
 
     header = ("table", "db", "rows", "table", "indexes", "TOAST", "total")
     for side in (syn, mod):
@@ -107,6 +108,33 @@ def format_report(report: StorageReport) -> str:
     if report.top:
         lines += ["", format_top_rooms(report)]
     return "\n".join(lines)
+
+
+#: How each engine gives deleted rows' space back.
+SPACE_BACK = {
+    "postgres": "PostgreSQL: autovacuum makes the space reusable; VACUUM FULL "
+    "state_groups_state (or pg_repack, without the lock) returns it to the "
+    "operating system",
+    "sqlite": "SQLite: the pages are reused; VACUUM (Synapse stopped) returns them to "
+    "the operating system",
+}
+
+
+def format_reclaim(report: StorageReport) -> list[str]:
+    """The reclaim lines: what was deleted, and the state footprint now."""
+    reclaim = report.reclaim
+    if reclaim is None or not reclaim.groups:
+        return []
+    rows_now = report.synapse.state_entries
+    return [
+        "",
+        f"reclaimed: {_number(reclaim.groups)} state groups, {_number(reclaim.rows_deleted)} "
+        f"rows of state_groups_state deleted ({_number(rows_now)} rows left of "
+        f"{_number(rows_now + reclaim.rows_deleted)})",
+        f"state footprint now ({SYNAPSE}'s state tables + {NIDSTATE}'s): "
+        f"{format_bytes(report.footprint_bytes)}",
+        f"(sizes are allocated space: {SPACE_BACK[report.engines['state']]})",
+    ]
 
 
 def _name(room: RoomStats, width: int = 40) -> str:
@@ -236,6 +264,13 @@ def report_as_json(report: StorageReport) -> dict[str, Any]:
         "nidstate_to_synapse_total_bytes_ratio": report.total_bytes_ratio,
         "nidstate_to_synapse_bytes_per_state_entry_ratio": report.bytes_per_state_entry_ratio,
         "top_rooms": [_room_json(room) for room in report.top_rooms],
+        "reclaim": None
+        if report.reclaim is None
+        else {
+            "groups_reclaimed_count": report.reclaim.groups,
+            "rows_deleted_count": report.reclaim.rows_deleted,
+            "state_footprint_total_bytes": report.footprint_bytes,
+        },
     }
 
 

@@ -159,6 +159,14 @@ class SideStats:
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
+class ReclaimFigures:
+    """What reclaim deleted (``nidstate_reclaimed_groups``)."""
+
+    groups: int
+    rows_deleted: int
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
 class StorageReport:
     synapse: SideStats
     nidstate: SideStats
@@ -171,6 +179,16 @@ class StorageReport:
     separate_state_database: bool = False
     #: The ``top`` rooms with the most rows in ``state_groups_state``, most first.
     top_rooms: list[RoomStats] = attr.Factory(list)
+    #: None: the module's reclaim table does not exist (an older schema, or none).
+    reclaim: ReclaimFigures | None = None
+
+    @property
+    def footprint_bytes(self) -> int | None:
+        """Synapse's state tables as they are plus the module's: the state footprint."""
+        ours, theirs = self.nidstate.total_bytes, self.synapse.total_bytes
+        if ours is None or theirs is None:
+            return None
+        return ours + theirs
 
     @property
     def total_bytes_ratio(self) -> float | None:
@@ -415,6 +433,17 @@ async def storage_report(hs: HomeServer, top: int = 10) -> StorageReport:
 
     synapse_entries = next(t.rows for t in state_tables if t.name == "state_groups_state")
     module_exists = {t.name: t.exists for t in module_tables}
+    reclaim = None
+    if module_exists.get("nidstate_reclaimed_groups"):
+
+        def reclaim_txn(txn: LoggingTransaction) -> ReclaimFigures:
+            txn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups"
+            )
+            groups, rows = txn.fetchone()  # type: ignore[misc]
+            return ReclaimFigures(int(groups), int(rows))
+
+        reclaim = await main.runInteraction("nidstate_stats_reclaim", reclaim_txn)
     module_entries = await _module_state_entries(main, module_exists["nidstate_blocks"])
 
     top_rooms: list[RoomStats] = []
@@ -438,6 +467,7 @@ async def storage_report(hs: HomeServer, top: int = 10) -> StorageReport:
         top=top,
         separate_state_database=state is not main,
         top_rooms=top_rooms,
+        reclaim=reclaim,
     )
 
 

@@ -14,6 +14,8 @@ from synapse.util.iterutils import batch_iter
 
 from synapse_nidstate.commands.homeserver import CommandInputError, nid_store
 from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.runtime import hooks
+from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import LookupStats
 
@@ -237,9 +239,13 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
             f"--room {args.room}: this server ({hs.hostname}) has no such room"
         )
     controller = hs.get_storage_controllers().state
+    store = nid_store(hs)
     lookups = StateLookups(
-        controller, nid_store(hs), LookupStats(), "mirror", controller.get_state_ids_for_events
+        controller, store, LookupStats(), "mirror", controller.get_state_ids_for_events
     )
+    # Synapse's own answer, where groups are reclaimed too: their state is the
+    # snapshot reclaim proved equal to their rows (runtime/group_reads.py).
+    hooks.install_group_reads(hs, GroupReads(store, LookupStats(), "native", hs.hostname))
     filters = standard_filters([f"@nobody:{hs.hostname}"])
     if args.sample is not None:
         event_ids = await sample_events_with_state(hs, args.sample, args.room)

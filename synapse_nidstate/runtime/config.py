@@ -2,7 +2,7 @@
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attr
 from synapse.config._base import ConfigError
@@ -14,6 +14,8 @@ from synapse.config._base import ConfigError
 #: serve: answers from the NID tables, per event falling back to Synapse's own
 #:   lookup where the mirror has no answer.
 MODES = ("mirror", "shadow", "serve")
+
+T = TypeVar("T")
 
 #: The Synapse releases this module was tested against (inclusive, exclusive).
 TESTED_SYNAPSE = ((1, 157, 0), (1, 164, 0))
@@ -33,6 +35,25 @@ class BackgroundMigrationConfig:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class ReclaimConfig:
+    """`reclaim:` — delete the rows of ``state_groups_state`` the snapshots replace
+    (each group proved first, in the same transaction; ``restore`` writes them
+    back). Needs mode ``serve``, and the state database to be the main one."""
+
+    #: A background job reclaims groups as they come, a batch at a time.
+    enabled: bool = False
+    #: Reclaim each new group in the transaction that persists its event, so
+    #: that its rows do not outlive that persistence.
+    eager: bool = False
+    #: State groups per transaction.
+    batch_size: int = 100
+    #: Pause between two batches of the background job.
+    interval_ms: int = 1000
+    #: The one process that runs the background job (`master`, or a worker's name).
+    instance: str = "master"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class NidStateConfig:
     mode: str = "shadow"
     #: Entries of the immutable-block cache (one entry is one state block).
@@ -47,6 +68,7 @@ class NidStateConfig:
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False
     background_migration: BackgroundMigrationConfig = BackgroundMigrationConfig()
+    reclaim: ReclaimConfig = ReclaimConfig()
 
 
 _KEYS = {field.name for field in attr.fields(NidStateConfig)}
@@ -93,9 +115,18 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, not {value!r}", path=("allow_untested_synapse",))
         values["allow_untested_synapse"] = value
-    if "background_migration" in raw:
-        values["background_migration"] = _parse_background_migration(
-            raw["background_migration"]
+    for section, cls in (
+        ("background_migration", BackgroundMigrationConfig),
+        ("reclaim", ReclaimConfig),
+    ):
+        if section in raw:
+            values[section] = _parse_section(raw[section], section, cls)
+    reclaim: ReclaimConfig = values.get("reclaim", ReclaimConfig())
+    if (reclaim.enabled or reclaim.eager) and mode != "serve":
+        raise ConfigError(
+            f"reclaim needs mode: serve (mode is {mode!r}): Synapse must read the "
+            "reclaimed groups from the NID tables",
+            path=("reclaim", "enabled" if reclaim.enabled else "eager"),
         )
     return NidStateConfig(**values)
 
@@ -106,41 +137,31 @@ def _unknown_keys(raw: Mapping[Any, Any], known: set[str]) -> list[str]:
     return sorted(str(key) for key in raw if key not in known)
 
 
-def _parse_background_migration(raw: Any) -> BackgroundMigrationConfig:
-    prefix = "background_migration"
+def _parse_section(raw: Any, prefix: str, cls: type[T]) -> T:
+    """A sub-mapping whose keys are ``cls``'s fields: true/false, positive
+    integers, or (``instance``) a process name."""
     if raw is None:
-        return BackgroundMigrationConfig()
+        return cls()
     if not isinstance(raw, Mapping):
         raise ConfigError("must be a mapping", path=(prefix,))
-    known = {field.name for field in attr.fields(BackgroundMigrationConfig)}
-    unknown = _unknown_keys(raw, known)
+    fields = {field.name: field for field in attr.fields(cls)}  # type: ignore[arg-type]
+    unknown = _unknown_keys(raw, set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}",
+            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}",
             path=(prefix, unknown[0]),
         )
     values: dict[str, Any] = {}
-    if "enabled" in raw:
-        if not isinstance(raw["enabled"], bool):
-            raise ConfigError(
-                f"must be true or false, not {raw['enabled']!r}", path=(prefix, "enabled")
-            )
-        values["enabled"] = raw["enabled"]
-    for key in ("batch_size", "interval_ms"):
-        if key in raw:
-            value = raw[key]
-            if type(value) is not int or value < 1:
-                raise ConfigError(
-                    f"must be a positive integer, not {value!r}", path=(prefix, key)
-                )
-            values[key] = value
-    if "instance" in raw:
-        if not isinstance(raw["instance"], str) or not raw["instance"]:
-            raise ConfigError(
-                f"must be a process name, not {raw['instance']!r}", path=(prefix, "instance")
-            )
-        values["instance"] = raw["instance"]
-    return BackgroundMigrationConfig(**values)
+    for key, value in raw.items():
+        kind = fields[key].type
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, not {value!r}", path=(prefix, key))
+        if kind is int and (type(value) is not int or value < 1):
+            raise ConfigError(f"must be a positive integer, not {value!r}", path=(prefix, key))
+        if kind is str and (not isinstance(value, str) or not value):
+            raise ConfigError(f"must be a process name, not {value!r}", path=(prefix, key))
+        values[key] = value
+    return cls(**values)
 
 
 def check_synapse_version(version: str, config: NidStateConfig) -> None:

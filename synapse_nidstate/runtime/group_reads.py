@@ -47,32 +47,34 @@ class GroupReads:
     def __init__(
         self, store: NidStore, stats: LookupStats, mode: str, server_name: str
     ) -> None:
+        """``mode``: the module's, or ``native`` (the CLI's verify): always
+        Synapse's own answer, reclaimed groups from their proved snapshots."""
         self._store = store
         self._stats = stats
         self._mode = mode
         self._mirror_seconds = GROUP_READ_SECONDS.labels(server_name, "mirror")
         self._native_seconds = GROUP_READ_SECONDS.labels(server_name, "native")
         self._logged = 0
-        #: The state store whose reader is wrapped, its own reader and the wrapper.
-        self._installed: tuple[Any, NativeGroupRead, Callable] | None = None
+        #: The state store whose readers are wrapped.
+        self._installed: Any = None
         self._native_depth = 0
 
-    def installed(self, state_store: Any, native: NativeGroupRead, wrapper: Callable) -> None:
-        """Called by ``hooks.install_group_reads`` once it has wrapped the reader."""
-        self._installed = (state_store, native, wrapper)
+    def installed(self, state_store: Any) -> None:
+        """Called by ``hooks.install_group_reads`` once it has wrapped the readers."""
+        self._installed = state_store
 
     @contextlib.contextmanager
     def native_only(self, fresh: bool) -> Iterator[None]:
-        """Within: Synapse's reads of state groups are Synapse's own again, so that a
-        comparison or a timing of Synapse's answer never sees the mirror. ``fresh``
-        also empties Synapse's per-group caches first (they may hold what the mirror
-        served). Other reads meanwhile are Synapse's too, which is always correct."""
+        """Within: Synapse's reads of state groups are Synapse's own again
+        (:meth:`synapse_answer_txn`), so that a comparison or a timing of Synapse's
+        answer never sees the mirror. ``fresh`` also empties Synapse's per-group
+        caches first (they may hold what the mirror served). Other reads
+        meanwhile are Synapse's too, which is correct (reclaimed groups included)."""
         if self._installed is None:
             yield
             return
-        state_store, native, wrapper = self._installed
+        state_store = self._installed
         self._native_depth += 1
-        state_store._get_state_groups_from_groups_txn = native
         if fresh:
             state_store._state_group_cache.invalidate_all()
             state_store._state_group_members_cache.invalidate_all()
@@ -80,8 +82,26 @@ class GroupReads:
             yield
         finally:
             self._native_depth -= 1
-            if self._native_depth == 0:
-                state_store._get_state_groups_from_groups_txn = wrapper
+
+    def synapse_answer_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: list[int],
+        state_filter: StateFilter,
+        native: NativeGroupRead,
+    ) -> Mapping[int, StateMap[str]]:
+        """Synapse's own answer: its read of its rows, or where groups are
+        reclaimed, the same walk taking a reclaimed group's state from the
+        snapshot that reclaim proved equal to it (``storage.reclaim``)."""
+        if not self._store.any_reclaimed_txn(txn):
+            return self._native(txn, groups, state_filter, native)
+        answer: dict[int, StateMap[str]] = dict(
+            self._store.synapse_states_txn(txn, groups, state_filter)
+        )
+        rest = [g for g in groups if g not in answer]
+        if rest:
+            answer.update(self._native(txn, rest, state_filter, native))
+        return answer
 
     def read_txn(
         self,
@@ -94,6 +114,8 @@ class GroupReads:
         answers: every group a key, its state filtered."""
         if state_filter is None:
             state_filter = StateFilter.all()
+        if self._native_depth or self._mode == "native":
+            return self.synapse_answer_txn(txn, groups, state_filter, native)
         started = time.perf_counter()
         ours = self._store.state_for_groups_txn(txn, groups, state_filter)
         mirror_seconds = time.perf_counter() - started
@@ -122,7 +144,7 @@ class GroupReads:
         """What ``get_state_group_delta(state_group)`` answers: the group's
         predecessor and the delta from it, here the difference between their
         states (Synapse stores exactly that difference, see ``delta_txn``)."""
-        if self._native_depth:
+        if self._native_depth or self._mode == "native":
             return await native(state_group)
         ours = await self._store.db_pool.runInteraction(
             "nidstate_get_state_group_delta", self.delta_txn, state_group

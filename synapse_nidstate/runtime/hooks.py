@@ -156,7 +156,7 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
 
     state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
     state.get_state_group_delta = get_state_group_delta  # type: ignore[method-assign,assignment]
-    group_reads.installed(state, native, _get_state_groups_from_groups_txn)
+    group_reads.installed(state)
     return True
 
 

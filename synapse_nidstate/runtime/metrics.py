@@ -91,6 +91,22 @@ class MigrationStats:
     lag_stream_positions: int = -1
 
 
+@attr.s(slots=True, auto_attribs=True)
+class ReclaimStats:
+    """What reclaim and restore did in this process (CLI, background job, eager)."""
+
+    #: groups whose rows were deleted, each proved first
+    groups_reclaimed: int = 0
+    #: rows of state_groups_state deleted
+    rows_deleted: int = 0
+    #: groups whose rows stayed: Synapse's answer differed from the snapshot
+    groups_refused: int = 0
+    #: groups whose rows were written back
+    groups_restored: int = 0
+    #: rows written back
+    rows_restored: int = 0
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class NidStateStats:
     server_name: str
@@ -99,6 +115,7 @@ class NidStateStats:
     #: Synapse's reads of state groups (same outcomes, counted per group)
     group_reads: LookupStats = attr.Factory(LookupStats)
     migration: MigrationStats = attr.Factory(MigrationStats)
+    reclaim: ReclaimStats = attr.Factory(ReclaimStats)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
@@ -106,6 +123,7 @@ class NidStateStats:
             "lookups": attr.asdict(self.lookups),
             "group_reads": attr.asdict(self.group_reads),
             "migration": attr.asdict(self.migration),
+            "reclaim": attr.asdict(self.reclaim),
         }
 
 
@@ -139,6 +157,12 @@ class StatsCollector(Collector):
             "Events the migration of history gave a snapshot, in this process",
             labels=["server_name"],
         )
+        reclaim = CounterMetricFamily(
+            "synapse_nidstate_reclaim",
+            "State groups and rows of state_groups_state reclaimed, refused and "
+            "restored, in this process",
+            labels=["server_name", "what"],
+        )
         lag = GaugeMetricFamily(
             "synapse_nidstate_migration_lag_stream_positions",
             "Synapse's newest stream position minus the newest one migrated (-1: unknown)",
@@ -151,6 +175,8 @@ class StatsCollector(Collector):
                 group_reads.add_metric([stats.server_name, outcome], value)
             for what, value in attr.asdict(stats.mirror).items():
                 mirror.add_metric([stats.server_name, what], value)
+            for what, value in attr.asdict(stats.reclaim).items():
+                reclaim.add_metric([stats.server_name, what], value)
             migrated.add_metric([stats.server_name], stats.migration.events_migrated)
             lag.add_metric([stats.server_name], stats.migration.lag_stream_positions)
         yield lookups
@@ -158,6 +184,7 @@ class StatsCollector(Collector):
         yield mirror
         yield migrated
         yield lag
+        yield reclaim
 
 
 COLLECTOR = StatsCollector()

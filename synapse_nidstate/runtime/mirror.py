@@ -13,7 +13,7 @@ Two steps per batch of events Synapse persists (one room, up to 100 events):
 """
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 import attr
@@ -164,6 +164,9 @@ class Mirror:
         self._plan_seconds = MIRROR_PLAN_SECONDS.labels(hs.hostname)
         self._write_seconds = MIRROR_WRITE_SECONDS.labels(hs.hostname)
         self.stats = stats
+        #: Set by the module under ``reclaim: eager``: reclaims groups in the
+        #: transaction that mirrored them.
+        self.eager_reclaim: Callable[[LoggingTransaction, str, list[int]], None] | None = None
         # room_id -> plan of the batch being persisted. Synapse persists one
         # batch per room at a time (its per-room persistence queue).
         self._plans: dict[str, BatchPlan] = {}
@@ -272,16 +275,10 @@ class Mirror:
     def _write_in_savepoint(
         self, txn: LoggingTransaction, plan: BatchPlan, room_id: str, rows: list[EventRow]
     ) -> None:
-        txn.execute("SAVEPOINT nidstate_mirror")
-        try:
+        def write() -> None:
             self._store.mirror_events_txn(txn, plan.scope, room_id, rows, plan.steps, self.stats)
-        except Exception as e:
-            module = self._engine.module
-            if isinstance(e, module.OperationalError) or (
-                isinstance(e, module.DatabaseError) and self._engine.is_deadlock(e)
-            ):
-                raise
-            txn.execute("ROLLBACK TO SAVEPOINT nidstate_mirror")
+
+        def failed() -> None:
             plan.scope.discard()
             self.stats.write_failures += 1
             logger.exception(
@@ -289,5 +286,44 @@ class Mirror:
                 len(rows),
                 room_id,
             )
-        else:
-            txn.execute("RELEASE SAVEPOINT nidstate_mirror")
+
+        if not self._in_savepoint(txn, "nidstate_mirror", write, failed):
+            return
+        if self.eager_reclaim is not None:
+            groups = sorted(
+                {r.state_group for r in rows if r.state_group is not None}
+                | {step.group for step in plan.steps}
+            )
+
+            def reclaim_failed() -> None:
+                self.stats.write_failures += 1
+                logger.exception(
+                    "synapse-nidstate: could not reclaim the state groups of %s eagerly; "
+                    "they keep their rows",
+                    room_id,
+                )
+
+            eager = self.eager_reclaim
+            self._in_savepoint(
+                txn, "nidstate_reclaim", lambda: eager(txn, room_id, groups), reclaim_failed
+            )
+
+    def _in_savepoint(
+        self, txn: LoggingTransaction, name: str, fn: Callable[[], None], failed: Callable[[], None]
+    ) -> bool:
+        """``fn`` in a savepoint of Synapse's transaction; a failure of ours rolls
+        back to it (and calls ``failed``), one Synapse must retry is raised."""
+        txn.execute(f"SAVEPOINT {name}")
+        try:
+            fn()
+        except Exception as e:
+            module = self._engine.module
+            if isinstance(e, module.OperationalError) or (
+                isinstance(e, module.DatabaseError) and self._engine.is_deadlock(e)
+            ):
+                raise
+            txn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            failed()
+            return False
+        txn.execute(f"RELEASE SAVEPOINT {name}")
+        return True

@@ -3,10 +3,11 @@
 import logging
 from typing import TYPE_CHECKING, Any
 
+import attr
 import synapse
 from synapse.module_api import ModuleApi
 
-from synapse_nidstate.runtime import hooks, status
+from synapse_nidstate.runtime import failsafe, hooks, status
 from synapse_nidstate.runtime.compat import check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.runtime.group_reads import GroupReads
@@ -14,6 +15,7 @@ from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
 from synapse_nidstate.runtime.migration import Migrator
 from synapse_nidstate.runtime.mirror import Mirror
+from synapse_nidstate.runtime.reclaim import Reclaimer
 from synapse_nidstate.storage import NidStore
 from synapse_nidstate.storage.schema import apply_schema
 
@@ -75,6 +77,25 @@ class NidStateModule:
             hooks.install_lookups(hs, self.lookups)
             self.serves_group_reads = hooks.install_group_reads(hs, self.group_reads)
             self.lookups.group_reads = self.group_reads
+        self.reclaimed_at_start = failsafe.check_start_up(
+            hs, config.mode, self.serves_group_reads
+        )
+        self.reclaimer = Reclaimer(hs, self.store, self.stats.reclaim, config.reclaim.batch_size)
+        if config.reclaim.enabled or config.reclaim.eager:
+            self.reclaimer.check_possible_at_start_up()
+        if config.reclaim.eager:
+            self.mirror.eager_reclaim = self.reclaimer.reclaim_txn
+        self.reclaims_in_background = (
+            config.reclaim.enabled and hs.get_instance_name() == config.reclaim.instance
+        )
+        self._reclaiming = False
+        if self.reclaims_in_background:
+            api.looping_background_call(
+                self._reclaim_batch,
+                config.reclaim.interval_ms,
+                desc="nidstate_background_reclaim",
+                run_on_all_instances=True,  # this one instance, chosen above
+            )
 
         self.migrator = Migrator(
             hs,
@@ -119,6 +140,30 @@ class NidStateModule:
         finally:
             self._migrating = False
 
+    async def _reclaim_batch(self) -> None:
+        """One batch of the background reclaim (a no-op while one runs)."""
+        if self._reclaiming:
+            return
+        self._reclaiming = True
+        try:
+            await self.reclaimer.background_batch()
+        except Exception:
+            logger.exception("synapse-nidstate: background reclaim batch failed; retrying")
+        finally:
+            self._reclaiming = False
+
+    async def reclaim_status(self) -> dict[str, Any]:
+        """Reclaim in this database and this process, as the status endpoint reports it."""
+        groups, rows = await self.reclaimer.database_totals()
+        return {
+            "background": self.reclaims_in_background,
+            "eager": self.config.reclaim.eager,
+            "groups_reclaimed": groups,
+            "rows_deleted": rows,
+            "groups_left": await self.reclaimer.remaining(),
+            "here": attr.asdict(self.stats.reclaim),
+        }
+
     async def migration_status(self) -> dict[str, Any]:
         """Where the migration of history stands, as the status endpoint reports it."""
         low, high = await self.migrator.stream_range()
@@ -136,4 +181,6 @@ class NidStateModule:
         parsed = parse_config(config)
         check_synapse_version(synapse.__version__, parsed)
         check_synapse_internals()  # even with allow_untested_synapse
+        # Before Synapse prepares its database: read past the reclaim marker.
+        failsafe.install()
         return parsed

@@ -54,6 +54,7 @@ async def status(module: "NidStateModule") -> dict[str, Any]:
         "serves_group_reads": module.serves_group_reads,
         "counters": module.stats.as_dict(),
         "migration": migration,
+        "reclaim": await module.reclaim_status(),
     }
 
 

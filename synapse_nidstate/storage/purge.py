@@ -7,10 +7,10 @@ from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
 from synapse_nidstate.storage.common import in_list_clause
-from synapse_nidstate.storage.groups import GroupStateStore
+from synapse_nidstate.storage.reclaim import ReclaimStore
 
 
-class PurgeStore(GroupStateStore):
+class PurgeStore(ReclaimStore):
     def delete_unused_txn(self, txn: LoggingTransaction, room_id: str) -> tuple[int, int]:
         """Delete the room's snapshots no event or state group uses any more,
         then its blocks no snapshot lists; returns how many of each.
@@ -91,8 +91,15 @@ class PurgeStore(GroupStateStore):
             " (SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?)",
             (room_nid,),
         )
-        for table in ("nidstate_snapshots", "nidstate_blocks", "nidstate_events", "nidstate_rooms"):
+        for table in (
+            "nidstate_reclaimed_groups",
+            "nidstate_snapshots",
+            "nidstate_blocks",
+            "nidstate_events",
+            "nidstate_rooms",
+        ):
             txn.execute(f"DELETE FROM {table} WHERE room_nid = ?", (room_nid,))
+        self._unmark_if_none_left_txn(txn)
         # A purge is rare: forget every cached value rather than track the room's.
         txn.call_after(self.clear_caches)
 
@@ -102,6 +109,7 @@ class PurgeStore(GroupStateStore):
         """Drop the mapping of state groups Synapse deleted, then what only they used."""
         clause, args = in_list_clause(self.engine, "state_group", groups)
         txn.execute(f"DELETE FROM nidstate_state_groups WHERE {clause}", args)
+        self.forget_reclaimed_txn(txn, groups)
         txn.call_after(self._forget_groups, list(groups))
         self.delete_unused_txn(txn, room_id)
 

@@ -7,9 +7,10 @@ that also records the new version, so a crash half-way leaves the old schema.
 
 import logging
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from synapse.storage.database import LoggingDatabaseConnection, LoggingTransaction, make_conn
 from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine, Sqlite3Engine
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Held while the schema is checked, so that the processes of a Synapse worker
 #: deployment starting together apply it once.
@@ -114,6 +117,7 @@ TABLES = (
     "nidstate_blocks",
     "nidstate_snapshots",
     "nidstate_state_groups",
+    "nidstate_reclaimed_groups",
 )
 
 
@@ -133,6 +137,12 @@ def apply_schema(hs: "HomeServer") -> int:
     db_pool = hs.get_datastores().main.db_pool
     if isinstance(db_pool.engine, Sqlite3Engine) and db_pool.engine._is_in_memory:
         return _apply_on_every_connection(hs)
+    return on_own_connection(hs, _apply_on)
+
+
+def on_own_connection(hs: "HomeServer", fn: Callable[[LoggingDatabaseConnection], T]) -> T:
+    """``fn`` on a new connection to ``hs``'s main database, closed afterwards."""
+    db_pool = hs.get_datastores().main.db_pool
     conn = make_conn(
         db_config=db_pool._database_config,
         engine=db_pool.engine,
@@ -140,7 +150,7 @@ def apply_schema(hs: "HomeServer") -> int:
         server_name=hs.hostname,
     )
     try:
-        return _apply_on(conn)
+        return fn(conn)
     finally:
         conn.close()
 

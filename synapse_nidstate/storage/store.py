@@ -4,8 +4,10 @@ Built like Synapse's ``DataStore``, from one class per concern, each in its own
 file, each building on the one before: ``base`` (pool and caches),
 ``interning`` (strings to NIDs), ``snapshots`` (where a snapshot is built and
 written), ``reads`` (where a lookup turns NIDs into strings), ``groups``
-(Synapse's state groups from the snapshots), ``purge`` (following Synapse's
-purges). The schema and its per-engine SQL are in ``schema`` and ``sql/<engine>/``.
+(Synapse's state groups from the snapshots), ``reclaim`` (deleting Synapse's
+rows that the snapshots replace, each proved first; writing them back),
+``purge`` (following Synapse's purges). The schema and its per-engine SQL are
+in ``schema`` and ``sql/<engine>/``.
 """
 
 from synapse_nidstate.storage.purge import PurgeStore

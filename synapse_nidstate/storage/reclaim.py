@@ -1,0 +1,278 @@
+"""Reclaim: delete the ``state_groups_state`` rows of groups the snapshots
+answer, each proved first in the same transaction; restore: write them back.
+
+**The proof.** A group's rows are deleted only if Synapse's answer from its
+rows equals the group's snapshot. Synapse's answer is its own read: the
+group's rows, then its predecessor's, one ``state_group_edges`` hop at a time,
+until full rows, except that the walk stops at a group reclaimed earlier and
+takes that group's state from its snapshot, which was proved equal to
+Synapse's answer when it was reclaimed (so, by induction, the answer is the
+one Synapse would give had nothing been deleted). Groups are reclaimed oldest
+first, so the walk is one hop. A difference keeps the rows, and is counted.
+
+**The marker.** In the transaction that reclaims the first group, Synapse's
+``schema_compat_version`` is set to :data:`RECLAIMED_COMPAT_VERSION`, which no
+Synapse accepts (it refuses a database "too new" for it), the original kept in
+``nidstate_meta``; the restore of the last group puts it back. Only the module
+(``runtime.failsafe``) reads past it. So there is never a reclaimed group that
+Synapse without the module could read.
+
+**Restore** writes a group's rows in Synapse's layout from the group's state
+and its predecessor's (a delta along the edge Synapse stored, full rows where
+it has none: the edges are never touched, so its full copies every 100 hops
+are where Synapse put them); newest first, so the predecessor is still a
+reclaimed group and its state one snapshot read.
+"""
+
+from collections.abc import Collection
+
+import attr
+from synapse.storage.database import LoggingDatabaseConnection, LoggingTransaction
+from synapse.types import MutableStateMap, StateMap
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.storage.common import in_list_clause
+from synapse_nidstate.storage.groups import GroupStateStore
+
+#: What ``schema_compat_version`` holds while any group is reclaimed: above any
+#: ``SCHEMA_VERSION`` a Synapse release will have, within a 32-bit INTEGER.
+RECLAIMED_COMPAT_VERSION = 2_000_000_000
+#: The ``nidstate_meta`` key of the compat version Synapse had before.
+SAVED_COMPAT_KEY = "reclaim_compat_version"
+
+
+def reclaimed_group_count(conn: LoggingDatabaseConnection) -> int:
+    """How many groups are reclaimed, on a connection of its own (start-up)."""
+    cursor = conn.cursor(txn_name="nidstate_reclaimed_count")
+    cursor.execute("SELECT COUNT(*) FROM nidstate_reclaimed_groups")
+    (count,) = cursor.fetchone()  # type: ignore[misc]
+    conn.rollback()
+    return int(count)
+
+
+class ReclaimError(Exception):
+    """A group's rows cannot be written back as Synapse's layout needs them."""
+
+
+@attr.s(slots=True, auto_attribs=True)
+class ReclaimOutcome:
+    """What one batch of reclaim or restore did."""
+
+    groups: int = 0
+    rows: int = 0
+    #: Groups whose rows stay: Synapse's answer differs from the snapshot, or
+    #: the walk found no end (reclaim only).
+    refused: list[int] = attr.Factory(list)
+    #: Groups whose rows were already back (a purge de-deltaed them; restore only).
+    already_present: int = 0
+
+
+class ReclaimStore(GroupStateStore):
+    # -- which groups ------------------------------------------------------
+
+    def reclaimed_anchors_txn(
+        self, txn: LoggingTransaction, groups: Collection[int]
+    ) -> dict[int, int]:
+        """Of ``groups``, the reclaimed ones, each with its snapshot NID."""
+        if not groups:
+            return {}
+        clause, args = in_list_clause(self.engine, "r.state_group", list(groups))
+        txn.execute(
+            "SELECT r.state_group, g.snapshot_nid FROM nidstate_reclaimed_groups AS r"
+            " JOIN nidstate_state_groups AS g ON g.state_group = r.state_group"
+            f" WHERE {clause}",
+            args,
+        )
+        return dict(txn.fetchall())
+
+    def reclaim_candidates_txn(
+        self, txn: LoggingTransaction, room_id: str, after: int, limit: int
+    ) -> list[int]:
+        """The room's groups with a snapshot and not reclaimed, above ``after``,
+        oldest first. A room Synapse holds in partial state has none: its groups
+        are still being completed from other servers."""
+        txn.execute(
+            "SELECT g.state_group FROM nidstate_state_groups AS g"
+            " JOIN state_groups AS sg ON sg.id = g.state_group"
+            " WHERE sg.room_id = ? AND g.state_group > ?"
+            " AND NOT EXISTS (SELECT 1 FROM nidstate_reclaimed_groups AS r"
+            "  WHERE r.state_group = g.state_group)"
+            " AND NOT EXISTS (SELECT 1 FROM partial_state_rooms AS p WHERE p.room_id = ?)"
+            " ORDER BY g.state_group LIMIT ?",
+            (room_id, after, room_id, limit),
+        )
+        return [row[0] for row in txn.fetchall()]
+
+    def reclaimed_in_room_txn(
+        self, txn: LoggingTransaction, room_id: str, before: int | None, limit: int
+    ) -> list[int]:
+        """The room's reclaimed groups below ``before`` (None: all), newest first."""
+        txn.execute(
+            "SELECT r.state_group FROM nidstate_reclaimed_groups AS r"
+            " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid"
+            " WHERE rm.room_id = ? AND r.state_group < ?"
+            " ORDER BY r.state_group DESC LIMIT ?",
+            (room_id, before if before is not None else 2**62, limit),
+        )
+        return [row[0] for row in txn.fetchall()]
+
+    def any_reclaimed_txn(self, txn: LoggingTransaction) -> bool:
+        txn.execute("SELECT 1 FROM nidstate_reclaimed_groups LIMIT 1")
+        return txn.fetchone() is not None
+
+    def reclaimed_rooms_txn(self, txn: LoggingTransaction) -> list[str]:
+        txn.execute(
+            "SELECT DISTINCT rm.room_id FROM nidstate_reclaimed_groups AS r"
+            " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid ORDER BY rm.room_id"
+        )
+        return [row[0] for row in txn.fetchall()]
+
+    def reclaimed_totals_txn(self, txn: LoggingTransaction) -> tuple[int, int]:
+        """(groups reclaimed, rows deleted) over the whole database."""
+        txn.execute("SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups")
+        groups, rows = txn.fetchone()  # type: ignore[misc]
+        return int(groups), int(rows)
+
+    # -- Synapse's answer ----------------------------------------------------
+
+    def synapse_states_txn(
+        self, txn: LoggingTransaction, groups: Collection[int], state_filter: StateFilter
+    ) -> dict[int, MutableStateMap[str]]:
+        """Synapse's answer for each group from its rows, reclaimed groups on the
+        way read from their (proved) snapshots; groups whose walk finds no end
+        are left out. Equals ``_get_state_groups_from_groups_txn`` while no group
+        is reclaimed."""
+        reclaimed = self.reclaimed_anchors_txn(txn, groups)
+        chains = self.chains_txn(
+            txn, [g for g in groups if g not in reclaimed], self.reclaimed_anchors_txn, ended=True
+        )
+        return self.states_of_txn(txn, reclaimed, chains, state_filter)
+
+    # -- reclaim -------------------------------------------------------------
+
+    def reclaim_groups_txn(
+        self, txn: LoggingTransaction, room_id: str, groups: list[int]
+    ) -> ReclaimOutcome:
+        """Prove and reclaim ``groups`` of the room, oldest first; groups without a
+        snapshot (or purged meanwhile), already reclaimed, or of a room in
+        partial state are left as they are."""
+        outcome = ReclaimOutcome()
+        room_nid = self._room_nid_txn(txn, room_id)
+        if room_nid is None or not groups:
+            return outcome
+        self._lock_room_txn(txn, room_nid)
+        txn.execute("SELECT 1 FROM partial_state_rooms WHERE room_id = ?", (room_id,))
+        if txn.fetchone() is not None:
+            return outcome
+        already = self.reclaimed_anchors_txn(txn, groups)
+        snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
+        if not snapshots:
+            return outcome
+        self._mark_reclaimed_txn(txn)
+        everything = StateFilter.all()
+        for group in sorted(snapshots):
+            theirs = self.synapse_states_txn(txn, [group], everything).get(group)
+            ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
+            if theirs is None or theirs != ours:
+                outcome.refused.append(group)
+                continue
+            txn.execute("DELETE FROM state_groups_state WHERE state_group = ?", (group,))
+            deleted = txn.rowcount
+            txn.execute(
+                "INSERT INTO nidstate_reclaimed_groups (state_group, room_nid, rows_deleted)"
+                " VALUES (?, ?, ?)",
+                (group, room_nid, deleted),
+            )
+            outcome.groups += 1
+            outcome.rows += deleted
+        return outcome
+
+    def _mark_reclaimed_txn(self, txn: LoggingTransaction) -> None:
+        """Synapse's compat version to the marker, the original kept (idempotent)."""
+        txn.execute("SELECT value FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
+        if txn.fetchone() is not None:
+            return
+        txn.execute("SELECT compat_version FROM schema_compat_version")
+        row = txn.fetchone()
+        original = "" if row is None or row[0] is None else str(row[0])
+        txn.execute(
+            "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (SAVED_COMPAT_KEY, original)
+        )
+        txn.execute("DELETE FROM schema_compat_version")
+        txn.execute(
+            "INSERT INTO schema_compat_version (compat_version) VALUES (?)",
+            (RECLAIMED_COMPAT_VERSION,),
+        )
+
+    # -- restore -------------------------------------------------------------
+
+    def restore_groups_txn(self, txn: LoggingTransaction, groups: list[int]) -> ReclaimOutcome:
+        """Write back the rows of reclaimed ``groups``, newest first; when none is
+        left reclaimed, give Synapse its compat version back."""
+        outcome = ReclaimOutcome()
+        everything = StateFilter.all()
+        for group in sorted(groups, reverse=True):
+            if group not in self.reclaimed_anchors_txn(txn, [group]):
+                continue
+            if any(self.group_rows_txn(txn, [group])[group]):
+                outcome.already_present += 1
+            else:
+                rows = self._rows_to_write_txn(txn, group, everything)
+                self._insert_rows_txn(txn, group, rows)
+                outcome.rows += len(rows)
+            txn.execute("DELETE FROM nidstate_reclaimed_groups WHERE state_group = ?", (group,))
+            outcome.groups += 1
+        self._unmark_if_none_left_txn(txn)
+        return outcome
+
+    def _rows_to_write_txn(
+        self, txn: LoggingTransaction, group: int, everything: StateFilter
+    ) -> StateMap[str]:
+        prev = self.prev_groups_txn(txn, [group]).get(group)
+        wanted = [group] if prev is None else [group, prev]
+        states = self.synapse_states_txn(txn, wanted, everything)
+        if group not in states or (prev is not None and prev not in states):
+            raise ReclaimError(f"state group {group}: its state or its predecessor's is unknown")
+        new = states[group]
+        if prev is None:
+            return new
+        old = states[prev]
+        if not old.keys() <= new.keys():
+            raise ReclaimError(
+                f"state group {group} drops keys of its predecessor {prev}: "
+                "no delta can express it"
+            )
+        return {k: v for k, v in new.items() if old.get(k) != v}
+
+    def _insert_rows_txn(
+        self, txn: LoggingTransaction, group: int, rows: StateMap[str]
+    ) -> None:
+        txn.execute("SELECT room_id FROM state_groups WHERE id = ?", (group,))
+        (room_id,) = txn.fetchone()  # type: ignore[misc]
+        self.db_pool.simple_insert_many_txn(
+            txn,
+            table="state_groups_state",
+            keys=("state_group", "room_id", "type", "state_key", "event_id"),
+            values=[(group, room_id, t, s, e) for (t, s), e in rows.items()],
+        )
+
+    def _unmark_if_none_left_txn(self, txn: LoggingTransaction) -> None:
+        if self.any_reclaimed_txn(txn):
+            return
+        txn.execute("SELECT value FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
+        row = txn.fetchone()
+        if row is None:
+            return
+        txn.execute("DELETE FROM schema_compat_version")
+        if row[0] != "":
+            txn.execute(
+                "INSERT INTO schema_compat_version (compat_version) VALUES (?)", (int(row[0]),)
+            )
+        txn.execute("DELETE FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
+
+    def forget_reclaimed_txn(self, txn: LoggingTransaction, groups: Collection[int]) -> None:
+        """Synapse deleted these groups (with whatever rows they had left)."""
+        if groups:
+            clause, args = in_list_clause(self.engine, "state_group", list(groups))
+            txn.execute(f"DELETE FROM nidstate_reclaimed_groups WHERE {clause}", args)
+        self._unmark_if_none_left_txn(txn)

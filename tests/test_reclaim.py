@@ -1,0 +1,269 @@
+"""Reclaim and restore on both engines: Synapse answers every event and every
+state group as before, with (almost) no ``state_groups_state`` rows, and again
+without the module after restore, with no more rows than before."""
+
+from typing import Any
+
+from synapse.api.constants import EventTypes
+from synapse.server import HomeServer
+from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdateStore
+from synapse.types.state import StateFilter
+
+from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.storage.reclaim import RECLAIMED_COMPAT_VERSION
+from tests.harness import HomeserverTestCase, in_logcontext
+from tests.scenarios import (
+    all_groups,
+    build_history,
+    compare_every_delta,
+    compare_room,
+    filters_for,
+    room_event_ids,
+)
+
+
+async def count(hs: HomeServer, sql: str) -> Any:
+    def count_txn(txn: Any) -> Any:
+        txn.execute(sql)
+        row = txn.fetchone()
+        return None if row is None else row[0]
+
+    return await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_count", count_txn)
+
+
+async def event_digest(hs: HomeServer, rooms: list[str]) -> dict[str, dict]:
+    """Synapse's answer at every event of ``rooms``, through whatever serves it."""
+    controller = hs.get_storage_controllers().state
+    digest = {}
+    for room_id in rooms:
+        event_ids, _ = await room_event_ids(hs, room_id)
+        for event_id, state in (await controller.get_state_ids_for_events(event_ids)).items():
+            digest[event_id] = dict(state)
+    return digest
+
+
+async def native_group_digest(hs: HomeServer) -> dict[int, dict]:
+    """Every group's state as Synapse's own code reads it from its rows (unwrapped)."""
+    state = hs.get_datastores().state
+    groups = await all_groups(hs)
+
+    def read_txn(txn: Any) -> Any:
+        return StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn(
+            state, txn, groups, StateFilter.all()
+        )
+
+    answer = await state.db_pool.runInteraction("nidstate_test_native_groups", read_txn)
+    return {group: dict(answer[group]) for group in groups}
+
+
+async def wrapped_group_digest(hs: HomeServer) -> dict[int, dict]:
+    """Every group's state as Synapse reads it with the module (the wrapped read)."""
+    state = hs.get_datastores().state
+    groups = await all_groups(hs)
+
+    def read_txn(txn: Any) -> Any:
+        return state._get_state_groups_from_groups_txn(txn, groups, StateFilter.all())
+
+    answer = await state.db_pool.runInteraction("nidstate_test_wrapped_groups", read_txn)
+    return {group: dict(answer[group]) for group in groups}
+
+
+def forget_caches(hs: HomeServer, module: Any) -> None:
+    """Cold: no cache of Synapse's or the module's holds a state any more."""
+    state = hs.get_datastores().state
+    state._state_group_cache.invalidate_all()
+    state._state_group_members_cache.invalidate_all()
+    state.get_state_group_delta.invalidate_all()
+    hs.get_datastores().main._get_state_group_for_event.invalidate_all()
+    module.store.clear_caches()
+
+
+class ReclaimTests:
+    @in_logcontext
+    async def test_reclaim_then_restore(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=4)
+        events_before = await event_digest(hs, history.rooms)
+        groups_before = await native_group_digest(hs)
+        rows_before = await count(hs, "SELECT COUNT(*) FROM state_groups_state")
+        compat_before = await count(hs, "SELECT compat_version FROM schema_compat_version")
+
+        totals = await module.reclaimer.run()
+        self.assertEqual(totals.refused, 0)  # type: ignore[attr-defined]
+        rows_after = await count(hs, "SELECT COUNT(*) FROM state_groups_state")
+        self.assertEqual(rows_before - rows_after, totals.rows)  # type: ignore[attr-defined]
+        # Groups no event maps to keep their rows (no snapshot): a few here.
+        self.assertLess(rows_after, 0.2 * rows_before)  # type: ignore[attr-defined]
+        self.assertEqual(module.stats.reclaim.groups_reclaimed, totals.groups)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, "SELECT compat_version FROM schema_compat_version"),
+            RECLAIMED_COMPAT_VERSION,
+        )
+        # A second run has nothing left to do.
+        self.assertEqual((await module.reclaimer.run()).groups, 0)  # type: ignore[attr-defined]
+
+        # Synapse, with the module, answers every event and every group as before,
+        # from cold, and every edge's delta as before.
+        forget_caches(hs, module)
+        self.assertEqual(await event_digest(hs, history.rooms), events_before)  # type: ignore[attr-defined]
+        forget_caches(hs, module)
+        self.assertEqual(await wrapped_group_digest(hs), groups_before)  # type: ignore[attr-defined]
+        # Synapse's own answer (what verify compares with) is unchanged too.
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
+        # ... while Synapse's code alone no longer could answer.
+        self.assertNotEqual(await native_group_digest(hs), groups_before)  # type: ignore[attr-defined]
+        # New events build on reclaimed groups.
+        driver, alice = Driver(hs), history.users[0]
+        for room_id in history.rooms:
+            await driver.send(alice, room_id, EventTypes.Topic, {"topic": "after reclaim"}, "")
+            await driver.message(alice, room_id, "after reclaim")
+
+        restored = await module.reclaimer.restore()
+        self.assertEqual(restored.groups, totals.groups)  # type: ignore[attr-defined]
+        self.assertEqual(await count(hs, "SELECT COUNT(*) FROM nidstate_reclaimed_groups"), 0)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, "SELECT compat_version FROM schema_compat_version"), compat_before
+        )
+        self.assertLessEqual(  # type: ignore[attr-defined]
+            await count(
+                hs,
+                "SELECT COUNT(*) FROM state_groups_state WHERE state_group <= "
+                f"{max(groups_before)}",
+            ),
+            rows_before,
+        )
+        # Synapse's own code answers every group as it did before reclaim.
+        after = await native_group_digest(hs)
+        self.assertEqual({g: after[g] for g in groups_before}, groups_before)  # type: ignore[attr-defined]
+        forget_caches(hs, module)
+        await compare_every_delta(self, hs)
+
+    @in_logcontext
+    async def test_a_group_whose_proof_fails_keeps_its_rows(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=2)
+        events_before = await event_digest(hs, history.rooms)
+        groups = sorted(await module.store.known_groups(await all_groups(hs)))
+        # Point one group at another group's snapshot: a mirror that went wrong.
+        victim, other = groups[len(groups) // 2], groups[0]
+
+        def corrupt_txn(txn: Any) -> None:
+            txn.execute(
+                "UPDATE nidstate_state_groups SET snapshot_nid ="
+                " (SELECT snapshot_nid FROM nidstate_state_groups WHERE state_group = ?)"
+                " WHERE state_group = ?",
+                (other, victim),
+            )
+
+        await module.store.db_pool.runInteraction("corrupt", corrupt_txn)
+        module.store.clear_caches()
+        victim_rows = await count(
+            hs, f"SELECT COUNT(*) FROM state_groups_state WHERE state_group = {victim}"
+        )
+        totals = await module.reclaimer.run()
+        self.assertEqual(totals.refused, 1)  # type: ignore[attr-defined]
+        self.assertEqual(module.stats.reclaim.groups_refused, 1)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, f"SELECT COUNT(*) FROM state_groups_state WHERE state_group = {victim}"),
+            victim_rows,
+        )
+        self.assertGreater(totals.groups, len(groups) // 2)  # type: ignore[attr-defined]
+        # The groups built on it were proved through its rows, and reclaimed.
+        # Put the mirror right: every event answers as before again.
+        def repair_txn(txn: Any) -> None:
+            txn.execute("DELETE FROM nidstate_state_groups WHERE state_group = ?", (victim,))
+
+        await module.store.db_pool.runInteraction("repair", repair_txn)
+        forget_caches(hs, module)
+        digest = await event_digest(hs, history.rooms)
+        self.assertEqual(digest, events_before)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_dry_run_deletes_nothing(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        await build_history(hs, messages_per_room=1)
+        rows = await count(hs, "SELECT COUNT(*) FROM state_groups_state")
+        compat = await count(hs, "SELECT compat_version FROM schema_compat_version")
+        totals = await module.reclaimer.run(dry_run=True)
+        self.assertGreater(totals.groups, 0)  # type: ignore[attr-defined]
+        self.assertEqual(await count(hs, "SELECT COUNT(*) FROM state_groups_state"), rows)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, "SELECT compat_version FROM schema_compat_version"), compat
+        )
+        self.assertEqual(module.stats.reclaim.groups_reclaimed, 0)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_eager_leaves_almost_no_rows(self) -> None:
+        hs = await self.make_homeserver(  # type: ignore[attr-defined]
+            {"mode": "serve", "reclaim": {"eager": True}}
+        )
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=3)
+        stats = module.stats.reclaim
+        self.assertGreater(stats.groups_reclaimed, 10)  # type: ignore[attr-defined]
+        self.assertEqual(stats.groups_refused, 0)  # type: ignore[attr-defined]
+        self.assertEqual(module.stats.mirror.write_failures, 0)  # type: ignore[attr-defined]
+        groups = await all_groups(hs)
+        with_rows = await count(
+            hs, "SELECT COUNT(DISTINCT state_group) FROM state_groups_state"
+        )
+        known = await module.store.known_groups(groups)
+        # Only groups without a snapshot keep rows.
+        self.assertLessEqual(with_rows, len(groups) - len(known))  # type: ignore[attr-defined]
+        filters = filters_for(hs, history.users)
+        forget_caches(hs, module)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters)
+
+    @in_logcontext
+    async def test_background_job(self) -> None:
+        hs = await self.make_homeserver(  # type: ignore[attr-defined]
+            {"mode": "serve", "reclaim": {"enabled": True, "interval_ms": 10, "batch_size": 5}}
+        )
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=2)
+        clock = hs.get_clock()
+        from synapse.util.duration import Duration
+
+        for _ in range(400):
+            if await module.reclaimer.remaining() == 0:
+                break
+            await clock.sleep(Duration(milliseconds=20))
+        self.assertEqual(await module.reclaimer.remaining(), 0)  # type: ignore[attr-defined]
+        status = await module.reclaim_status()
+        self.assertEqual(status["groups_left"], 0)  # type: ignore[attr-defined]
+        self.assertGreater(status["groups_reclaimed"], 0)  # type: ignore[attr-defined]
+        self.assertTrue(status["background"])  # type: ignore[attr-defined]
+        forget_caches(hs, module)
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters_for(hs, history.users))
+
+    @in_logcontext
+    async def test_modes_other_than_serve_are_refused_while_groups_are_reclaimed(self) -> None:
+        from synapse.config._base import ConfigError
+
+        database = self.database_config()  # type: ignore[attr-defined]
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        await build_history(hs, messages_per_room=1)
+        await self.module(hs).reclaimer.run()  # type: ignore[attr-defined]
+        await self.stop_homeserver(hs)  # type: ignore[attr-defined]
+        for mode in ("shadow", "mirror"):
+            with self.assertRaises(ConfigError) as caught:  # type: ignore[attr-defined]
+                await self.make_homeserver({"mode": mode}, database=database)  # type: ignore[attr-defined]
+            self.assertIn("state groups are reclaimed", str(caught.exception))  # type: ignore[attr-defined]
+            self.assertIn("synapse-nidstate restore", str(caught.exception))  # type: ignore[attr-defined]
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        self.assertGreater(self.module(hs).reclaimed_at_start, 0)  # type: ignore[attr-defined]
+
+
+class SqliteReclaimTests(ReclaimTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresReclaimTests(ReclaimTests, HomeserverTestCase):
+    engine = "postgres"
