@@ -54,7 +54,13 @@ from synapse_nidstate.demo.inprocess import (
     start_homeserver,
     stop_homeserver,
 )
-from synapse_nidstate.demo.timing import Timing, clear_state_caches, time_lookups, visibility_filter
+from synapse_nidstate.demo.timing import (
+    Timing,
+    clear_state_caches,
+    time_group_reads,
+    time_lookups,
+    visibility_filter,
+)
 from synapse_nidstate.runtime.config import BackgroundMigrationConfig
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.module import NidStateModule, module_for
@@ -425,6 +431,15 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         for cold in (True, False):
             results.timings += await time_lookups(
                 hs, module.lookups, events, member, others, cold=cold, batch=scale.batch
+            )
+
+        log(args, "timing state-group reads, cold then warm")
+        groups = sorted(
+            set((await hs.get_datastores().main._get_state_group_for_events(events)).values())  # type: ignore[call-arg, arg-type, misc]
+        )[-scale.lookup_events :]
+        for cold in (True, False):
+            results.timings += await time_group_reads(
+                hs, module.lookups, groups, member, others, cold=cold
             )
 
         batches = [events[i : i + scale.batch] for i in range(0, len(events), scale.batch)]

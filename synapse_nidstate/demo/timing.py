@@ -5,6 +5,7 @@ both ways, alternating, *cold* (every cache of Synapse's state path and of the
 module emptied before each lookup) or *warm* (asked once before it is timed).
 """
 
+import contextlib
 import functools
 import statistics
 import time
@@ -148,3 +149,74 @@ TIMING_HEADER = (
     "NID p95 ms",
     "speed-up p50",
 )
+
+
+async def time_group_reads(
+    hs: HomeServer,
+    lookups: StateLookups,
+    groups: list[int],
+    member: str,
+    other_members: list[str],
+    cold: bool,
+) -> list[Timing]:
+    """Synapse's reads of one state group, native against the module's, each in
+    a transaction of its own: ``_get_state_groups_from_groups_txn`` (what a miss
+    of Synapse's per-group caches costs: native has no cache below them, the
+    module its block and string caches) with each filter, and
+    ``get_state_group_delta`` (Synapse's cache emptied before each)."""
+    group_reads = lookups.group_reads
+    assert group_reads is not None, "the module does not serve state-group reads here"
+    state = hs.get_datastores().state
+    cache = "cold" if cold else "warm"
+
+    async def read(group: int, state_filter: StateFilter) -> object:
+        return await state.db_pool.runInteraction(
+            "nidstate_timing_group_read",
+            state._get_state_groups_from_groups_txn,
+            [group],
+            state_filter,
+        )
+
+    async def delta(group: int, state_filter: StateFilter) -> object:
+        state.get_state_group_delta.invalidate_all()
+        return await state.get_state_group_delta(group)  # type: ignore[call-arg, arg-type, misc]
+
+    async def measure(
+        call: Callable[[int, StateFilter], Awaitable[object]],
+        group: int,
+        state_filter: StateFilter,
+        native: bool,
+    ) -> float:
+        guard = group_reads.native_only(fresh=False)
+        if cold:
+            clear_state_caches(hs, lookups)
+        with guard if native else contextlib.nullcontext():
+            if not cold:
+                await call(group, state_filter)
+            started = time.perf_counter()
+            await call(group, state_filter)
+            return time.perf_counter() - started
+
+    cases: list[tuple[str, Callable[[int, StateFilter], Awaitable[object]], StateFilter]] = [
+        (f"state group: {name}", read, state_filter)
+        for name, state_filter in lookup_filters(member, other_members).items()
+    ]
+    cases.append(("state group delta", delta, StateFilter.all()))
+    results = []
+    for name, call, state_filter in cases:
+        native, nid = [], []
+        for group in groups:
+            native.append(await measure(call, group, state_filter, True))
+            nid.append(await measure(call, group, state_filter, False))
+        results.append(
+            Timing(
+                name,
+                cache,
+                len(groups),
+                _percentile(native, 50),
+                _percentile(native, 95),
+                _percentile(nid, 50),
+                _percentile(nid, 95),
+            )
+        )
+    return results
