@@ -81,6 +81,13 @@ class CompatTests(unittest.TestCase):
         self.assertEqual(sorted(_places_naming("state_groups_state")),
                          sorted(STATE_GROUPS_STATE_USERS))
 
+    def test_the_readme_lists_every_reader(self) -> None:
+        """The README's table of readers names every place the code lists."""
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        for place in STATE_GROUPS_STATE_USERS:
+            where = place.split(":", 1)[1] or "synapse_port_db"
+            self.assertIn(f"`{where}`", readme, place)
+
 
 def _places_naming(table: str) -> set[str]:
     """``path:Class.function`` of every scope of the installed Synapse whose code
