@@ -14,7 +14,7 @@ from typing import Any
 import attr
 from twisted.trial import unittest
 
-from synapse_nidstate.runtime.metrics import LookupStats, MigrationStats, MirrorStats
+from synapse_nidstate.runtime.metrics import LookupStats, MigrationStats, MirrorStats, ReclaimStats
 from synapse_nidstate.runtime.status import STATUS_PATH
 from tests.test_e2e import PASSWORD, SynapseProcess, q
 
@@ -91,13 +91,14 @@ class StatusEndpointTest(unittest.TestCase):
         self.assertIs(body["serves_group_reads"], body["mode"] != "mirror")
         counters = body["counters"]
         self.assertEqual(
-            set(counters), {"mirror", "lookups", "group_reads", "migration"}, counters
+            set(counters), {"mirror", "lookups", "group_reads", "migration", "reclaim"}, counters
         )
         for group, expected in (
             ("mirror", MirrorStats),
             ("lookups", LookupStats),
             ("group_reads", LookupStats),
             ("migration", MigrationStats),
+            ("reclaim", ReclaimStats),
         ):
             names = {field.name for field in attr.fields(expected)}
             self.assertEqual(set(counters[group]), names, counters)
@@ -113,3 +114,12 @@ class StatusEndpointTest(unittest.TestCase):
         migration = body["migration"]
         self.assertEqual(migration["remaining_events"], 0, migration)
         self.assertIs(migration["background"], False)
+        # Nothing reclaimed: no job, every group with a snapshot left to reclaim.
+        reclaim = body["reclaim"]
+        self.assertEqual(
+            set(reclaim),
+            {"background", "eager", "groups_reclaimed", "rows_deleted", "groups_left", "here"},
+        )
+        self.assertEqual((reclaim["groups_reclaimed"], reclaim["rows_deleted"]), (0, 0))
+        self.assertGreater(reclaim["groups_left"], 0)
+        self.assertEqual(reclaim["here"], counters["reclaim"])

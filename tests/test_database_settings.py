@@ -51,7 +51,7 @@ class DatabaseSettingsTests(HomeserverTestCase):
         hs = await self._serves(
             {"name": "sqlite3", "args": {"database": ":memory:", "cp_min": 1, "cp_max": 1}}
         )
-        self.assertEqual(self.module(hs).schema_version, 2)
+        self.assertEqual(self.module(hs).schema_version, 3)
 
     @in_logcontext
     async def test_postgres_dbname(self) -> None:

@@ -8,6 +8,7 @@ from synapse.util.duration import Duration
 
 from synapse_nidstate.algebra import unpack_nids
 from synapse_nidstate.commands.verify import find_orphans
+from synapse_nidstate.storage.reclaim import RECLAIMED_COMPAT_VERSION
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, room_event_ids
 
@@ -39,10 +40,42 @@ def _unreferenced_txn(txn: Any) -> tuple[set[int], set[int]]:
 
 
 class PurgeTests:
+    #: Reclaim every group before purging (the variants below).
+    reclaim = False
+
+    async def _history(self, hs: Any, messages_per_room: int) -> Any:
+        history = await build_history(hs, messages_per_room=messages_per_room)
+        if self.reclaim:
+            totals = await self.module(hs).reclaimer.run()
+            assert totals.groups > 0 and totals.refused == 0, totals
+        return history
+
+    async def _reclaim_left_consistent(self, hs: Any) -> None:
+        """No mark for a group Synapse deleted, and the compat marker set exactly
+        while some group is reclaimed."""
+        if not self.reclaim:
+            return
+
+        def check_txn(txn: Any) -> tuple[int, int, int]:
+            txn.execute(
+                "SELECT COUNT(*) FROM nidstate_reclaimed_groups AS r WHERE NOT EXISTS"
+                " (SELECT 1 FROM state_groups AS sg WHERE sg.id = r.state_group)"
+            )
+            orphans = txn.fetchone()[0]
+            txn.execute("SELECT COUNT(*) FROM nidstate_reclaimed_groups")
+            marked = txn.fetchone()[0]
+            txn.execute("SELECT compat_version FROM schema_compat_version")
+            return orphans, marked, txn.fetchone()[0]
+
+        orphans, marked, compat = await self.module(hs).store.db_pool.runInteraction(
+            "reclaim_left", check_txn
+        )
+        self.assertEqual(orphans, 0)
+        self.assertEqual(compat == RECLAIMED_COMPAT_VERSION, marked > 0)
     @in_logcontext
     async def test_purge_history_then_unreferenced_groups(self) -> None:
         hs = await self.make_homeserver({"mode": "serve"})
-        history = await build_history(hs, messages_per_room=6)
+        history = await self._history(hs, 6)
         module = self.module(hs)
         room_id = history.rooms[0]
         event_ids, _ = await room_event_ids(hs, room_id)
@@ -92,11 +125,12 @@ class PurgeTests:
         # What remains is still answered exactly.
         native, mirrored = await _answers(module, event_ids)
         self.assertEqual(mirrored, native)
+        await self._reclaim_left_consistent(hs)
 
     @in_logcontext
     async def test_purge_room(self) -> None:
         hs = await self.make_homeserver({"mode": "serve"})
-        history = await build_history(hs, messages_per_room=2)
+        history = await self._history(hs, 2)
         module = self.module(hs)
         gone, kept = history.rooms[1], history.rooms[0]
         gone_events, _ = await room_event_ids(hs, gone)
@@ -123,6 +157,7 @@ class PurgeTests:
         native, mirrored = await _answers(module, kept_events)
         self.assertEqual(mirrored, native)
         self.assertEqual(len(mirrored), len(kept_events))
+        await self._reclaim_left_consistent(hs)
 
 
     @in_logcontext
@@ -130,7 +165,7 @@ class PurgeTests:
         # What DELETE /_synapse/admin/v2/rooms/<room_id> starts: a scheduled
         # task that shuts the room down and purges it.
         hs = await self.make_homeserver({"mode": "serve"})
-        history = await build_history(hs, messages_per_room=2)
+        history = await self._history(hs, 2)
         module = self.module(hs)
         gone, kept = history.rooms[0], history.rooms[1]
         gone_events, _ = await room_event_ids(hs, gone)
@@ -173,6 +208,7 @@ class PurgeTests:
         kept_events, _ = await room_event_ids(hs, kept)
         native, mirrored = await _answers(module, kept_events)
         self.assertEqual(mirrored, native)
+        await self._reclaim_left_consistent(hs)
 
 
 class SqlitePurgeTests(PurgeTests, HomeserverTestCase):
@@ -181,3 +217,15 @@ class SqlitePurgeTests(PurgeTests, HomeserverTestCase):
 
 class PostgresPurgeTests(PurgeTests, HomeserverTestCase):
     engine = "postgres"
+
+
+class SqliteReclaimedPurgeTests(PurgeTests, HomeserverTestCase):
+    """The same purges on rooms whose state groups are reclaimed."""
+
+    engine = "sqlite"
+    reclaim = True
+
+
+class PostgresReclaimedPurgeTests(PurgeTests, HomeserverTestCase):
+    engine = "postgres"
+    reclaim = True

@@ -8,7 +8,9 @@ send messages and state changes concurrently into rooms owned by both
 persisters; then ``synapse-nidstate verify`` finds no mismatch and no orphan,
 every event with a state group has its snapshot, every NID is unique, the
 persisters (and only they) mirrored events, and the reading worker answered
-``/messages`` and ``/context`` from the mirror.
+``/messages`` and ``/context`` from the mirror. Meanwhile the main process's
+background job reclaims the state groups' rows; the reader then reads groups
+whose rows are gone.
 """
 
 import os
@@ -211,7 +213,15 @@ class Deployment:
                 "rc_joins": {"local": GENEROUS, "remote": GENEROUS},
                 "rc_login": {"address": GENEROUS, "account": GENEROUS, "failed_attempts": GENEROUS},
                 "modules": [
-                    {"module": "synapse_nidstate.NidStateModule", "config": {"mode": "serve"}}
+                    {
+                        "module": "synapse_nidstate.NidStateModule",
+                        # The main process reclaims state groups while the
+                        # persisters write new ones and the reader reads them.
+                        "config": {
+                            "mode": "serve",
+                            "reclaim": {"enabled": True, "interval_ms": 100, "batch_size": 10},
+                        },
+                    }
                 ],
             }
         )
@@ -351,6 +361,19 @@ class WorkersTest(unittest.TestCase):
         with ThreadPoolExecutor(max_workers=len(rooms)) as pool:
             list(pool.map(traffic, range(len(rooms))))
 
+        # The main process's background job reclaims every group with a snapshot
+        # (it ran during the traffic too); the reader then reads reclaimed groups.
+        deadline = time.monotonic() + 120
+        while True:
+            reclaim = self.status(d.main, admin)["reclaim"]
+            if reclaim["groups_left"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertEqual(reclaim["groups_left"], 0, reclaim)
+        self.assertGreater(reclaim["groups_reclaimed"], 20, reclaim)
+        self.assertEqual(reclaim["here"]["groups_refused"], 0, reclaim)
+        self.assertTrue(reclaim["background"])
+
         # Reads on the reading worker: /messages (lazy-loaded members) and /context.
         for room_id in rooms:
             deadline = time.monotonic() + 30
@@ -389,6 +412,10 @@ class WorkersTest(unittest.TestCase):
         lookups = statuses["reader"]["counters"]["lookups"]
         self.assertGreater(lookups["served"], 0, lookups)
         self.assertEqual(lookups["mismatched"], 0)
+        # Only the main process reclaimed.
+        for name in (*PERSISTERS, "reader"):
+            self.assertFalse(statuses[name]["reclaim"]["background"], name)
+            self.assertEqual(statuses[name]["counters"]["reclaim"]["groups_reclaimed"], 0, name)
 
         # Every event with a state group has its snapshot; every NID is unique.
         (missing,) = self.sql(
