@@ -1,7 +1,7 @@
 """Synapse's own test suite with synapse-nidstate loaded into every test homeserver.
 
     python conformance/run.py [--engine sqlite|postgres] [--mode serve|shadow]
-                              [--tests NAME ...] [--synapse-tests DIR]
+                              [--eager] [--tests NAME ...] [--synapse-tests DIR]
                               [--baseline all|failed] [--sequential]
 
 1. Takes Synapse's ``tests`` package from the source distribution of the
@@ -19,7 +19,10 @@
    reads, the mirror), and fails when the module adds a failure, served nothing
    (``serve``) or compared nothing (``shadow``) of either kind, or anything
    mismatched or failed to write. The last line is ``N passed, M failed``
-   (M: failures the module adds).
+   (M: failures the module adds). With ``--eager`` (mode serve) every state
+   group is reclaimed in the transaction that persists its event, so Synapse's
+   tests run with an (almost) empty ``state_groups_state``; the run then also
+   fails if nothing was reclaimed or a group was refused.
 
 Exit codes: 0 all good, 1 a failure as above, 2 bad input or set-up.
 """
@@ -90,7 +93,12 @@ def available(tests_root: Path, names: list[str]) -> tuple[list[str], list[str]]
 
 
 def start_run(
-    tests_root: Path, names: list[str], engine: str, mode: str | None, work: Path
+    tests_root: Path,
+    names: list[str],
+    engine: str,
+    mode: str | None,
+    work: Path,
+    eager: bool = False,
 ) -> tuple[subprocess.Popen, Path, Path]:
     """Start trial on ``names``; ``mode`` None runs without the module."""
     label = mode or "without"
@@ -105,6 +113,8 @@ def start_run(
     if mode:
         env["NIDSTATE_CONFORMANCE_MODE"] = mode
         env["NIDSTATE_CONFORMANCE_COUNTERS"] = str(counters)
+        if eager:
+            env["NIDSTATE_CONFORMANCE_EAGER"] = "1"
     if engine == "postgres":
         env["SYNAPSE_POSTGRES"] = "1"
         env.setdefault("SYNAPSE_POSTGRES_HOST", os.environ.get("NIDSTATE_TEST_PG_HOST", "127.0.0.1"))
@@ -163,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--mode", choices=("serve", "shadow"), default="serve")
     parser.add_argument(
+        "--eager", action="store_true",
+        help="reclaim every state group as its event is persisted (mode serve)",
+    )
+    parser.add_argument(
         "--tests", nargs="+", metavar="NAME",
         help="trial names of Synapse's tests (default: the selection in conformance/selection.py)",
     )
@@ -186,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         help="only unpack Synapse's tests into .conformance/ (before parallel runs)",
     )
     args = parser.parse_args(argv)
+    if args.eager and args.mode != "serve":
+        parser.error("--eager needs --mode serve")
 
     version = importlib.metadata.version("matrix-synapse")
     try:
@@ -207,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(
-        f"conformance: matrix-synapse {version}, {args.engine}, mode {args.mode}, "
+        f"conformance: matrix-synapse {version}, {args.engine}, mode {args.mode}"
+        f"{' (eager reclaim)' if args.eager else ''}, "
         f"{len(names)} test modules: {' '.join(names)}",
         flush=True,
     )
@@ -216,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     if args.baseline == "all":
         for mode in (None, args.mode):
-            runs[mode] = start_run(tests_root, names, args.engine, mode, work)
+            runs[mode] = start_run(tests_root, names, args.engine, mode, work, args.eager)
             if args.sequential:
                 runs[mode][0].wait()
     else:
-        runs[args.mode] = start_run(tests_root, names, args.engine, args.mode, work)
+        runs[args.mode] = start_run(tests_root, names, args.engine, args.mode, work, args.eager)
         finish(*runs[args.mode][:2])
         failed = sorted(t for t, r in results(runs[args.mode][1]).items() if r in _FAILED)
         if failed:
@@ -242,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     lookups = counters.get("lookups", {})
     group_reads = counters.get("group_reads", {})
     mirror = counters.get("mirror", {})
+    reclaim = counters.get("reclaim", {})
     print(
         f"ran {len(with_module)} tests with the module, {len(without)} without "
         f"(baseline: {args.baseline}), in {seconds:.0f}s"
@@ -252,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     print("lookups: " + ", ".join(f"{k} {v}" for k, v in lookups.items()))
     print("group reads: " + ", ".join(f"{k} {v}" for k, v in group_reads.items()))
     print("mirror: " + ", ".join(f"{k} {v}" for k, v in mirror.items()))
+    print("reclaim: " + ", ".join(f"{k} {v}" for k, v in reclaim.items()))
     problems = []
     if len(with_module) == 0:
         problems.append(f"the run with the module executed no test (see {work})")
@@ -269,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     for what in ("write_failures", "plan_failures"):
         if mirror.get(what):
             problems.append(f"mirror {what}: {mirror[what]}")
+    if args.eager:
+        if not reclaim.get("groups_reclaimed"):
+            problems.append("no state group was reclaimed")
+        if reclaim.get("groups_refused"):
+            problems.append(f"{reclaim['groups_refused']} state groups refused by reclaim")
     for problem in problems:
         print(f"PROBLEM: {problem}")
     if problems:
@@ -277,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "synapse": version, "engine": args.engine, "mode": args.mode, "tests": names,
+            "synapse": version, "engine": args.engine, "mode": args.mode,
+            "eager": args.eager, "tests": names,
             "seconds": round(seconds), "run_with": len(with_module), "run_without": len(without),
             "failed_without": sorted(failed_without), "failed_with": sorted(failed_with),
             "added_failures": added, "counters": counters, "problems": problems,

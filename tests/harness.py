@@ -120,6 +120,15 @@ class HomeserverTestCase(unittest.TestCase):
     ) -> HomeServer:
         """Build, set up and start a homeserver; it is shut down after the test."""
         data_dir = tempfile.mkdtemp(prefix="nidstate-hs-")
+        if (
+            os.environ.get("NIDSTATE_TEST_RECLAIM") == "eager"
+            and module_config is not None
+            and module_config.get("mode") == "serve"
+            and "reclaim" not in module_config
+        ):
+            # The whole suite with eager reclaim: every test's serving homeserver
+            # runs with an (almost) empty state_groups_state.
+            module_config = {**module_config, "reclaim": {"eager": True}}
         config_dict = homeserver_config(
             data_dir,
             database if database is not None else self.database_config(),

@@ -7,7 +7,8 @@ processes it starts. With ``NIDSTATE_CONFORMANCE_MODE`` unset nothing happens
 
 - every config Synapse parses (``HomeServerConfig.parse_config_dict``, which
   Synapse's ``setup_test_homeserver`` and its real start-up both call) gets the
-  module, in that mode, unless the config already names it;
+  module, in that mode (with ``NIDSTATE_CONFORMANCE_EAGER`` set, and eager
+  reclaim), unless the config already names it;
 - every module instance's counters are kept, and summed into the JSON file
   ``NIDSTATE_CONFORMANCE_COUNTERS`` names when the process exits.
 """
@@ -18,11 +19,12 @@ import os
 import threading
 
 MODE = os.environ.get("NIDSTATE_CONFORMANCE_MODE")
+EAGER = bool(os.environ.get("NIDSTATE_CONFORMANCE_EAGER"))
 COUNTERS = os.environ.get("NIDSTATE_CONFORMANCE_COUNTERS")
 MODULE = "synapse_nidstate.NidStateModule"
 
 
-def _install(mode: str, counters_path: str | None) -> None:
+def _install(mode: str, counters_path: str | None, eager: bool) -> None:
     from synapse.config.homeserver import HomeServerConfig
 
     from synapse_nidstate.runtime.metrics import NidStateStats
@@ -33,7 +35,10 @@ def _install(mode: str, counters_path: str | None) -> None:
     def parse_config_dict(self, config_dict, *args, **kwargs):  # type: ignore[no-untyped-def]
         modules = list(config_dict.get("modules") or [])
         if not any(m.get("module") == MODULE for m in modules):
-            modules.append({"module": MODULE, "config": {"mode": mode}})
+            config: dict = {"mode": mode}
+            if eager:
+                config["reclaim"] = {"eager": True}
+            modules.append({"module": MODULE, "config": config})
             config_dict = {**config_dict, "modules": modules}
         return parse(self, config_dict, *args, **kwargs)
 
@@ -70,4 +75,4 @@ def _install(mode: str, counters_path: str | None) -> None:
 
 
 if MODE:
-    _install(MODE, COUNTERS)
+    _install(MODE, COUNTERS, EAGER)
