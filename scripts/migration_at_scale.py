@@ -1,12 +1,23 @@
-"""Issue #3's acceptance run: migrate (killed with SIGKILL half-way, then rerun)
-and verify on a database a real Synapse wrote with the module off.
+"""The at-scale acceptance run: migrate (killed with SIGKILL half-way, then
+rerun) and verify on a database a real Synapse wrote with the module off; with
+``--reclaim``, then reclaim and restore, each killed half-way and rerun.
 
     python scripts/migration_at_scale.py --events 50000 --rooms 20 --big-room-members 5000
     python scripts/migration_at_scale.py ... --postgres "host=127.0.0.1 user=postgres dbname=X"
+    python scripts/migration_at_scale.py ... --reclaim [--data-dir DIR]
 
 Writes the history through Synapse's own handlers (slow: Synapse's own event
 creation is the bound), then runs the real `synapse-nidstate` commands as
-processes and prints what they printed.
+processes and prints what they printed. ``--data-dir`` reuses the directory an
+earlier run printed (history written and migrated) and goes on from there.
+
+The reclaim phase: a digest of Synapse's answer at every event and for every
+state group, by Synapse alone (no module); ``reclaim`` killed half-way and
+rerun; the digest again with the module (it must be equal); ``restore`` killed
+half-way and rerun; the digest by Synapse alone again (equal). Each digest is
+a process of its own (``--digest``: one reactor run per process). Rows and
+bytes of Synapse's state tables and of the module's (``stats --json``) are
+printed before, after reclaim (and after VACUUM) and after restore.
 """
 
 import argparse
@@ -62,6 +73,212 @@ def migrated(database: dict) -> int:
         conn.close()
 
 
+def count(database: dict, sql: str) -> int:
+    """One number from the database, read directly."""
+    if database["name"] == "sqlite3":
+        import sqlite3
+
+        conn = sqlite3.connect(database["args"]["database"], timeout=60)
+    else:
+        import psycopg2
+
+        a = database["args"]
+        conn = psycopg2.connect(
+            host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
+        )
+    try:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def vacuum(database: dict) -> None:
+    """What an operator runs to give the space back to the operating system."""
+    if database["name"] == "sqlite3":
+        import sqlite3
+
+        conn = sqlite3.connect(database["args"]["database"], timeout=60, isolation_level=None)
+        conn.execute("VACUUM")
+    else:
+        import psycopg2
+
+        a = database["args"]
+        conn = psycopg2.connect(
+            host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
+        )
+        conn.autocommit = True
+        conn.cursor().execute("VACUUM FULL state_groups_state")
+    conn.close()
+
+
+def digest_main(config_path: str, out: str) -> int:
+    """``--digest``: Synapse's answer at every event with state and for every
+    state group, as a SHA-256 each, through whatever homeserver.yaml loads."""
+    import hashlib
+    import json
+    import logging
+
+    from synapse.types.state import StateFilter
+
+    with open(config_path) as f:
+        config_dict = yaml.safe_load(f)
+    data_dir = os.path.dirname(os.path.abspath(config_path))
+    logging.basicConfig(filename=os.path.join(data_dir, "digest.log"), level=logging.WARNING)
+
+    def digest_of(state: dict) -> str:
+        return hashlib.sha256(json.dumps(sorted(state.items())).encode()).hexdigest()
+
+    async def run() -> dict:
+        hs = await start_homeserver(config_dict, data_dir)
+        try:
+            main_pool = hs.get_datastores().main.db_pool
+            events = await main_pool.simple_select_onecol(
+                "event_to_state_groups", None, "event_id", desc="nidstate_digest_events"
+            )
+            groups = await hs.get_datastores().state.db_pool.simple_select_onecol(
+                "state_groups", None, "id", desc="nidstate_digest_groups"
+            )
+            controller = hs.get_storage_controllers().state
+            state_store = hs.get_datastores().state
+            answer: dict = {"events": {}, "groups": {}}
+            progress = WorkProgress("digest", len(events) + len(groups))
+            events.sort()
+            for i in range(0, len(events), 100):
+                batch = events[i : i + 100]
+                for event_id, state in (await controller.get_state_ids_for_events(batch)).items():
+                    answer["events"][event_id] = digest_of(dict(state))
+                progress(len(batch))
+            groups.sort()
+            for i in range(0, len(groups), 100):
+                batch = groups[i : i + 100]
+                states = await state_store._get_state_for_groups(batch, StateFilter.all())
+                for group in batch:
+                    answer["groups"][str(group)] = digest_of(dict(states[group]))
+                state_store._state_group_cache.invalidate_all()
+                state_store._state_group_members_cache.invalidate_all()
+                progress(len(batch))
+            progress.finish()
+            return answer
+        finally:
+            await stop_homeserver(hs)
+
+    answer = run_in_reactor(run)
+    with open(out, "w") as f:
+        json.dump(answer, f)
+    return 0
+
+
+def stats_json(config_path: str) -> dict:
+    import json
+
+    result = cli("stats", "-c", config_path, "--json", "--top", "0")
+    return json.loads(result.stdout)
+
+
+def kill_half_way(args: list[str], database: dict, sql: str, target: int, what: str) -> None:
+    """Run a command; SIGKILL it once ``sql`` reaches ``target``."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synapse_nidstate.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    while process.poll() is None:
+        time.sleep(0.2)
+        try:
+            if count(database, sql) >= target:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                print(f"{what} killed with SIGKILL at {count(database, sql)} (target {target})")
+                return
+        except Exception:
+            pass  # locked: try again
+    print(f"{what} finished before the kill; rerun with more groups")
+
+
+def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
+    import json
+
+    bare_path = os.path.join(data_dir, "homeserver-without-module.yaml")
+    with open(bare_path, "w") as f:
+        yaml.safe_dump(homeserver_config(data_dir, database, None), f)
+
+    def digest(config: str, name: str) -> dict:
+        out = os.path.join(data_dir, f"digest-{name}.json")
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, __file__, "--digest", config, "--out", out], check=True
+        )
+        with open(out) as f:
+            answer = json.load(f)
+        print(
+            f"digest {name}: {len(answer['events'])} events, {len(answer['groups'])} "
+            f"state groups in {time.monotonic() - started:.0f}s"
+        )
+        return answer
+
+    def figures(name: str) -> dict:
+        report = stats_json(config_path)
+        synapse, module = report["synapse"], report["nidstate"]
+        line = {
+            "state_groups_state rows": synapse["tables"]["state_groups_state"]["rows"],
+            "Synapse state tables bytes": synapse["total_bytes"],
+            "module tables bytes": module["total_bytes"],
+        }
+        print(f"{name}: {line}")
+        return line
+
+    before = digest(bare_path, "before-synapse-alone")
+    figures_before = figures("before reclaim")
+    groups = count(database, "SELECT COUNT(*) FROM nidstate_state_groups")
+    reclaimed = "SELECT COUNT(*) FROM nidstate_reclaimed_groups"
+    kill_half_way(
+        ["reclaim", "-c", config_path, "--no-progress", "--batch-size", "20"],
+        database, reclaimed, groups // 2, "reclaim",
+    )
+    started = time.monotonic()
+    rerun = cli("reclaim", "-c", config_path, "--no-progress")
+    print(f"reclaim rerun ({time.monotonic() - started:.0f}s):", rerun.stdout.strip() or rerun.stderr.strip())
+    figures_reclaimed = figures("after reclaim")
+    vacuum(database)
+    figures_vacuumed = figures("after reclaim and VACUUM")
+    with_module = digest(config_path, "after-reclaim-with-module")
+    same = with_module == before
+    print(f"every event and group answered as before reclaim (with the module): {same}")
+    without = subprocess.run(
+        [sys.executable, "-m", "synapse.app.homeserver", "-c", bare_path],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    refused = "too new for the server to understand" in without.stdout + without.stderr
+    print(f"Synapse without the module refuses to start: {refused} (exit {without.returncode})")
+    total = count(database, reclaimed)
+    kill_half_way(
+        ["restore", "-c", config_path, "--no-progress", "--batch-size", "20"],
+        database, f"SELECT {total} - COUNT(*) FROM nidstate_reclaimed_groups", total // 2,
+        "restore",
+    )
+    started = time.monotonic()
+    rerun = cli("restore", "-c", config_path, "--no-progress")
+    print(f"restore rerun ({time.monotonic() - started:.0f}s):", rerun.stdout.strip() or rerun.stderr.strip())
+    figures_restored = figures("after restore")
+    after = digest(bare_path, "after-restore-synapse-alone")
+    same_after = after == before
+    print(f"every event and group answered as before reclaim (Synapse alone): {same_after}")
+    deleted = 1 - figures_reclaimed["state_groups_state rows"] / figures_before["state_groups_state rows"]
+    footprint = (
+        figures_vacuumed["Synapse state tables bytes"] + figures_vacuumed["module tables bytes"]
+    ) / figures_before["Synapse state tables bytes"]
+    print(
+        f"rows of state_groups_state deleted: {deleted:.1%}; state footprint after reclaim and "
+        f"VACUUM (Synapse's state tables + the module's) / Synapse's before: {footprint:.3f}; "
+        f"rows after restore <= before: "
+        f"{figures_restored['state_groups_state rows'] <= figures_before['state_groups_state rows']}"
+    )
+    ok = same and same_after and refused and deleted >= 0.95
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=50000)
@@ -69,7 +286,19 @@ def main() -> int:
     parser.add_argument("--big-room-members", type=int, default=5000)
     parser.add_argument("--postgres", metavar="DSN")
     parser.add_argument("--kill-after", type=float, default=0.5, help="part migrated at kill")
+    parser.add_argument("--reclaim", action="store_true", help="then reclaim and restore")
+    parser.add_argument("--data-dir", help="reuse what an earlier run wrote and migrated")
+    parser.add_argument("--digest", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.digest:
+        return digest_main(args.digest, args.out)
+
+    if args.data_dir:
+        config_path = os.path.join(args.data_dir, "homeserver.yaml")
+        with open(config_path) as f:
+            database = yaml.safe_load(f)["database"]
+        return reclaim_phase(args.data_dir, database, config_path)
 
     data_dir = tempfile.mkdtemp(prefix="nidstate-scale-")
     database = postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
@@ -127,6 +356,8 @@ def main() -> int:
     stats = cli("stats", "-c", config_path, "--top", "3")
     print(stats.stdout.strip())
     print(f"data: {data_dir}")
+    if args.reclaim and verify.returncode == 0:
+        return reclaim_phase(data_dir, database, config_path)
     return verify.returncode
 
 
