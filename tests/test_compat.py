@@ -37,6 +37,9 @@ class CompatTests(unittest.TestCase):
             "_purge_room_txn",
             "purge_unreferenced_state_groups",
             "_invalidate_caches_for_room_events",
+            "_get_state_groups_from_groups_txn",
+            "get_state_group_delta",
+            "_upgrade_existing_database",
             "on_new_connection",
         ):
             self.assertIn(wrapped, names)

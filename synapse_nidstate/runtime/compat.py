@@ -133,6 +133,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
          "cache_seq_num_non_members"),
         "called: Synapse's rule for filling the per-group DictionaryCaches",
     ),
+    # runtime/failsafe.py: read past the reclaim marker in schema_compat_version
+    Requirement(
+        "synapse.storage.prepare_database",
+        "_upgrade_existing_database",
+        ("cur", "current_schema_state"),
+        "wrapped: give Synapse its compat version while groups are reclaimed",
+    ),
     # storage/schema.py, in-memory SQLite only
     Requirement(
         "synapse.storage.engines.sqlite.Sqlite3Engine",

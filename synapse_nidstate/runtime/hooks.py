@@ -34,6 +34,13 @@ predecessor, purge's de-delta, the deduplication background update), and
 ``StateGroupDataStore.get_state_group_delta`` (one edge's delta): answered
 from the snapshots (serve) or compared (shadow), see ``group_reads``.
 
+Start-up (every process that loads the module, and the CLI):
+``prepare_database._upgrade_existing_database``, where Synapse refuses a
+database whose ``schema_compat_version`` is newer than it: while state groups
+are reclaimed that value is the module's marker, and the wrapper gives Synapse
+the version it had (see ``failsafe``, which installs it from ``parse_config``,
+before Synapse prepares its database).
+
 Schema (in-memory SQLite only, as in Synapse's own test harness):
 ``SQLite3Engine.on_new_connection`` rebuilds Synapse's schema on every new
 connection to ``:memory:``, each a new database; ``storage.schema`` wraps it to
