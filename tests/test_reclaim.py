@@ -183,6 +183,38 @@ class ReclaimTests:
         self.assertEqual(digest, events_before)  # type: ignore[attr-defined]
 
     @in_logcontext
+    async def test_restore_clears_a_mark_synapse_left_behind_and_names_a_lost_snapshot(
+        self,
+    ) -> None:
+        from synapse_nidstate.storage.reclaim import ReclaimError
+
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        await module.reclaimer.run(history.rooms[0])
+        groups = await all_groups(hs)
+        room_nid = await count(hs, "SELECT MIN(room_nid) FROM nidstate_reclaimed_groups")
+
+        def mark_txn(txn: Any, group: int) -> None:
+            txn.execute(
+                "INSERT INTO nidstate_reclaimed_groups (state_group, room_nid, rows_deleted)"
+                " VALUES (?, ?, 0)",
+                (group, room_nid),
+            )
+
+        # A group Synapse no longer has: its mark goes, restore completes.
+        await module.store.db_pool.runInteraction("mark", mark_txn, max(groups) + 1000)
+        await module.reclaimer.restore()
+        self.assertEqual(await count(hs, "SELECT COUNT(*) FROM nidstate_reclaimed_groups"), 0)  # type: ignore[attr-defined]
+        # A group Synapse has, without a snapshot: restore stops and names it.
+        await module.reclaimer.run(history.rooms[0])
+        unknown = sorted(set(groups) - set(await module.store.known_groups(groups)))[0]
+        await module.store.db_pool.runInteraction("mark", mark_txn, unknown)
+        with self.assertRaises(ReclaimError) as caught:  # type: ignore[attr-defined]
+            await module.reclaimer.restore()
+        self.assertIn(f"state group {unknown}", str(caught.exception))  # type: ignore[attr-defined]
+
+    @in_logcontext
     async def test_dry_run_deletes_nothing(self) -> None:
         hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
         module = self.module(hs)  # type: ignore[attr-defined]

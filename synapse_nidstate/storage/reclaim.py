@@ -213,6 +213,18 @@ class ReclaimStore(GroupStateStore):
         everything = StateFilter.all()
         for group in sorted(groups, reverse=True):
             if group not in self.reclaimed_anchors_txn(txn, [group]):
+                # A mark without a snapshot: Synapse deleted the group (the purge
+                # forgets both in one transaction, so this is a mark left over).
+                txn.execute("SELECT 1 FROM state_groups WHERE id = ?", (group,))
+                if txn.fetchone() is not None:
+                    raise ReclaimError(
+                        f"state group {group} is reclaimed but the NID tables have no "
+                        "snapshot for it"
+                    )
+                txn.execute(
+                    "DELETE FROM nidstate_reclaimed_groups WHERE state_group = ?", (group,)
+                )
+                outcome.groups += 1
                 continue
             if any(self.group_rows_txn(txn, [group])[group]):
                 outcome.already_present += 1
