@@ -170,6 +170,32 @@ def digest_main(config_path: str, out: str) -> int:
     return 0
 
 
+def background_updates_main(config_path: str) -> int:
+    """``--background-updates``: run Synapse's pending background updates to the
+    end (what a long-running Synapse has done; synapse_port_db requires it)."""
+    import logging
+
+    with open(config_path) as f:
+        config_dict = yaml.safe_load(f)
+    data_dir = os.path.dirname(os.path.abspath(config_path))
+    logging.basicConfig(filename=os.path.join(data_dir, "digest.log"), level=logging.WARNING)
+
+    async def run() -> None:
+        hs = await start_homeserver(config_dict, data_dir)
+        try:
+            from synapse.util.duration import Duration
+
+            updater = hs.get_datastores().main.db_pool.updates
+            updater.minimum_background_batch_size = 10_000  # as fast as it goes
+            while not await updater.has_completed_background_updates():
+                await hs.get_clock().sleep(Duration(milliseconds=200))
+        finally:
+            await stop_homeserver(hs)
+
+    run_in_reactor(run)
+    return 0
+
+
 def stats_json(config_path: str) -> dict:
     import json
 
@@ -279,6 +305,67 @@ def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
     return 0 if ok else 1
 
 
+def migrate_phase(
+    data_dir: str, database: dict, config_path: str, sent: int, kill_after: float
+) -> int:
+    """migrate killed with SIGKILL half-way, rerun; verify and stats."""
+    with open(config_path, "w") as f:
+        yaml.safe_dump(homeserver_config(data_dir, database, {"mode": "serve"}), f)
+
+    command = [sys.executable, "-m", "synapse_nidstate.cli", "migrate", "-c", config_path,
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Kill it when about half of the events are done.
+    while process.poll() is None:
+        time.sleep(0.5)
+        rows = migrated(database)
+        if rows >= sent * kill_after:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            print(f"migrate killed with SIGKILL at {rows} events migrated")
+            break
+    else:
+        print("migrate finished before the kill; rerun with a smaller --kill-after")
+    rerun = cli("migrate", "-c", config_path, "--no-progress")
+    print("rerun:", rerun.stdout.strip() or rerun.stderr.strip())
+    verify = cli("verify", "-c", config_path, "--no-progress")
+    print(verify.stdout.strip())
+    print(f"verify exit code: {verify.returncode}")
+    stats = cli("stats", "-c", config_path, "--top", "3")
+    print(stats.stdout.strip())
+    print(f"data: {data_dir}")
+    return verify.returncode
+
+
+def port_to_postgres(sqlite_path: str, database: dict, data_dir: str) -> int:
+    """Synapse's own ``synapse_port_db``: the history a real Synapse wrote on SQLite,
+    copied into PostgreSQL (Synapse's tables only); returns its events."""
+    source_config = os.path.join(data_dir, "port-source.yaml")
+    with open(source_config, "w") as f:
+        yaml.safe_dump(
+            homeserver_config(data_dir, {"name": "sqlite3", "args": {"database": sqlite_path}}, None),
+            f,
+        )
+    subprocess.run(
+        [sys.executable, __file__, "--background-updates", source_config], check=True
+    )
+    pg_config = os.path.join(data_dir, "port-target.yaml")
+    with open(pg_config, "w") as f:
+        yaml.safe_dump(homeserver_config(data_dir, database, None), f)
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable, "-m", "synapse._scripts.synapse_port_db",
+            "--sqlite-database", sqlite_path, "--postgres-config", pg_config,
+        ],
+        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    events = count(database, "SELECT COUNT(*) FROM events")
+    print(f"synapse_port_db: {events} events copied from {sqlite_path} in "
+          f"{time.monotonic() - started:.0f}s")
+    return events
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=50000)
@@ -288,11 +375,19 @@ def main() -> int:
     parser.add_argument("--kill-after", type=float, default=0.5, help="part migrated at kill")
     parser.add_argument("--reclaim", action="store_true", help="then reclaim and restore")
     parser.add_argument("--data-dir", help="reuse what an earlier run wrote and migrated")
+    parser.add_argument(
+        "--port-from", metavar="SQLITE_DB",
+        help="with --postgres: instead of writing a history, port this SQLite database "
+        "(one a run without --postgres wrote, restored) with synapse_port_db",
+    )
     parser.add_argument("--digest", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--background-updates", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.digest:
         return digest_main(args.digest, args.out)
+    if args.background_updates:
+        return background_updates_main(args.background_updates)
 
     if args.data_dir:
         config_path = os.path.join(args.data_dir, "homeserver.yaml")
@@ -302,6 +397,15 @@ def main() -> int:
 
     data_dir = tempfile.mkdtemp(prefix="nidstate-scale-")
     database = postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
+    if args.port_from:
+        if not args.postgres:
+            parser.error("--port-from needs --postgres")
+        sent = port_to_postgres(args.port_from, database, data_dir)
+        config_path = os.path.join(data_dir, "homeserver.yaml")
+        code = migrate_phase(data_dir, database, config_path, sent, args.kill_after)
+        if args.reclaim and code == 0:
+            return reclaim_phase(data_dir, database, config_path)
+        return code
     import logging
 
     logging.basicConfig(filename=os.path.join(data_dir, "homeserver.log"), level=logging.WARNING)
@@ -331,34 +435,10 @@ def main() -> int:
     print(f"history: {sent} events in {args.rooms} rooms (biggest: {args.big_room_members + 1} "
           f"members) written by Synapse with the module off in {time.monotonic() - started:.0f}s")
     config_path = os.path.join(data_dir, "homeserver.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump(homeserver_config(data_dir, database, {"mode": "serve"}), f)
-
-    command = [sys.executable, "-m", "synapse_nidstate.cli", "migrate", "-c", config_path,
-               "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Kill it when about half of the events are done.
-    while process.poll() is None:
-        time.sleep(0.5)
-        rows = migrated(database)
-        if rows >= sent * args.kill_after:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            print(f"migrate killed with SIGKILL at {rows} events migrated")
-            break
-    else:
-        print("migrate finished before the kill; rerun with a smaller --kill-after")
-    rerun = cli("migrate", "-c", config_path, "--no-progress")
-    print("rerun:", rerun.stdout.strip() or rerun.stderr.strip())
-    verify = cli("verify", "-c", config_path, "--no-progress")
-    print(verify.stdout.strip())
-    print(f"verify exit code: {verify.returncode}")
-    stats = cli("stats", "-c", config_path, "--top", "3")
-    print(stats.stdout.strip())
-    print(f"data: {data_dir}")
-    if args.reclaim and verify.returncode == 0:
+    code = migrate_phase(data_dir, database, config_path, sent, args.kill_after)
+    if args.reclaim and code == 0:
         return reclaim_phase(data_dir, database, config_path)
-    return verify.returncode
+    return code
 
 
 if __name__ == "__main__":
