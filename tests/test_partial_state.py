@@ -1,5 +1,6 @@
 """Partial-state events (faster joins): never answered from the mirror until
 Synapse gives them their full state; then mirrored, in the same transaction.
+Reclaim leaves the room alone until then.
 
 The event is built by Synapse's event-creation handler and its context by
 Synapse's state handler, with a partial ``state_ids_before_event`` and
@@ -76,6 +77,8 @@ class PartialStateTests:
                 await native([event.event_id], state_filter, False),
             )
         self.assertEqual(module.stats.lookups.fallback - fallback_before, len(filters))
+        # Reclaim leaves a room in partial state alone, even its mirrored groups.
+        self.assertEqual((await module.reclaimer.run(room_id)).groups, 0)
 
         # Synapse resyncs the room's state and gives the event its full state.
         full_context = await state_handler.compute_event_context(
@@ -99,6 +102,18 @@ class PartialStateTests:
         for key in members:
             self.assertIn(key, state)
         self.assertEqual(module.stats.mirror.write_failures, 0)
+
+        # Once the room has its full state, its groups are reclaimed, and every
+        # answer stays Synapse's.
+        totals = await module.reclaimer.run(room_id)
+        self.assertGreater(totals.groups, 0)
+        self.assertEqual(totals.refused, 0)
+        module.store.clear_caches()
+        for state_filter in filters.values():
+            self.assertEqual(
+                await controller.get_state_ids_for_events([event.event_id], state_filter),
+                await native([event.event_id], state_filter),
+            )
 
         # And a later event in the room is mirrored as usual.
         later = await Driver(hs).message(owner, room_id, "after the resync")

@@ -293,6 +293,28 @@ class ReclaimTests:
         self.assertGreater(self.module(hs).reclaimed_at_start, 0)  # type: ignore[attr-defined]
 
 
+    @in_logcontext
+    async def test_a_separate_state_database_is_refused(self) -> None:
+        """The proof and the deletion must be one transaction: with the state
+        database apart from the main one (where the NID tables are) reclaim
+        refuses, at start-up for the config and at run time for the command."""
+        from synapse.config._base import ConfigError
+
+        main, state = self.database_config(), self.database_config()  # type: ignore[attr-defined]
+        main["data_stores"] = ["main"]
+        state["data_stores"] = ["state"]
+        split = {"databases": {"main": main, "state": state}}
+        hs = await self.make_homeserver({"mode": "serve"}, extra_config=split)  # type: ignore[attr-defined]
+        reclaimer = self.module(hs).reclaimer  # type: ignore[attr-defined]
+        # What the module runs at start-up with reclaim.enabled or eager set.
+        with self.assertRaises(ConfigError) as caught:  # type: ignore[attr-defined]
+            reclaimer.check_possible_at_start_up()
+        self.assertIn("the state database is not the main database", str(caught.exception))  # type: ignore[attr-defined]
+        await build_history(hs, messages_per_room=1)
+        with self.assertRaises(RuntimeError):  # type: ignore[attr-defined]
+            await reclaimer.run()
+
+
 class SqliteReclaimTests(ReclaimTests, HomeserverTestCase):
     engine = "sqlite"
 
