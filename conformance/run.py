@@ -46,7 +46,9 @@ sys.path.insert(0, str(HERE))
 from selection import SELECTION  # noqa: E402
 
 #: A line of trial's ``bwverbose`` reporter: the test's full name and its result.
-_RESULT = re.compile(r"^(\S+) \.\.\. \[(OK|FAIL|ERROR|SKIPPED|TODO|SUCCESS!?!?|EXPECTED FAILURE|UNEXPECTED SUCCESS)\]")
+_TAGS = r"(OK|FAIL|ERROR|SKIPPED|TODO|SUCCESS!?!?|EXPECTED FAILURE|UNEXPECTED SUCCESS)"
+_RESULT = re.compile(r"^(\S+) \.\.\.(.*)$")
+_LATE_RESULT = re.compile(r"\[" + _TAGS + r"\]\s*$")
 _FAILED = {"FAIL", "ERROR", "UNEXPECTED SUCCESS"}
 
 
@@ -155,13 +157,36 @@ def finish(process: subprocess.Popen, output: Path) -> None:
 
 
 def results(output: Path) -> dict[str, str]:
-    """Test name -> result, from trial's output."""
+    """Test name -> result, from trial's output. A test that writes to standard
+    output or error pushes its result to a later line: it is matched there."""
     found: dict[str, str] = {}
+    pending: str | None = None
     for line in output.read_text(errors="replace").splitlines():
         m = _RESULT.match(line)
-        if m:
-            found[m.group(1)] = m.group(2)
+        if m and "." in m.group(1):
+            tag = _LATE_RESULT.search(m.group(2))
+            if tag:
+                found[m.group(1)] = tag.group(1)
+                pending = None
+            else:
+                pending = m.group(1)
+            continue
+        late = _LATE_RESULT.search(line)
+        if pending is not None and late:
+            found[pending] = late.group(1)
+            pending = None
     return found
+
+
+def expected_count(tests_root: Path, names: list[str]) -> int | None:
+    """How many tests ``names`` hold (trial's dry run), None if it cannot tell."""
+    env = {**os.environ, "PYTHONPATH": str(tests_root)}
+    dry = subprocess.run(
+        [sys.executable, "-m", "twisted.trial", "-n", *names],
+        cwd=tests_root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    m = re.search(r"^Ran (\d+) tests?", dry.stdout, re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(names)} test modules: {' '.join(names)}",
         flush=True,
     )
+    expected = expected_count(tests_root, names)
     work = Path(tempfile.mkdtemp(prefix="nidstate-conformance-"))
     started = time.monotonic()
     runs = {}
@@ -274,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if len(with_module) == 0:
         problems.append(f"the run with the module executed no test (see {work})")
+    if expected is not None and len(with_module) != expected:
+        problems.append(
+            f"{len(with_module)} results with the module for {expected} tests (see {work})"
+        )
     if args.baseline == "all" and len(with_module) != len(without):
         problems.append(f"the runs differ in tests run ({len(without)} vs {len(with_module)})")
     for test in added:
@@ -303,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "synapse": version, "engine": args.engine, "mode": args.mode,
             "eager": args.eager, "tests": names,
-            "seconds": round(seconds), "run_with": len(with_module), "run_without": len(without),
+            "seconds": round(seconds), "expected": expected,
+            "run_with": len(with_module), "run_without": len(without),
             "failed_without": sorted(failed_without), "failed_with": sorted(failed_with),
             "added_failures": added, "counters": counters, "problems": problems,
         }, indent=2))
