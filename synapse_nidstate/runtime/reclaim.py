@@ -121,13 +121,10 @@ class Reclaimer:
 
     async def reclaimed(self, room_id: str | None = None) -> int:
         """Groups reclaimed (in ``room_id``)."""
-
-        def count_txn(txn: LoggingTransaction) -> int:
-            if room_id is None:
-                return self._store.reclaimed_totals_txn(txn)[0]
-            return len(self._store.reclaimed_in_room_txn(txn, room_id, None, 2**31))
-
-        return await self._db_pool.runInteraction("nidstate_reclaimed_count", count_txn)
+        groups, _ = await self._db_pool.runInteraction(
+            "nidstate_reclaimed_count", self._store.reclaimed_totals_txn, room_id
+        )
+        return groups
 
     # -- reclaim -------------------------------------------------------------
 
@@ -235,7 +232,7 @@ class Reclaimer:
             while True:
 
                 def batch_txn(txn: LoggingTransaction, room: str = room) -> ReclaimOutcome | None:
-                    groups = self._store.reclaimed_in_room_txn(txn, room, None, self.batch_size)
+                    groups = self._store.reclaimed_in_room_txn(txn, room, self.batch_size)
                     if not groups:
                         return None
                     return self._store.restore_groups_txn(txn, groups)

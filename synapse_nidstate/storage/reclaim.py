@@ -104,15 +104,14 @@ class ReclaimStore(GroupStateStore):
         return [row[0] for row in txn.fetchall()]
 
     def reclaimed_in_room_txn(
-        self, txn: LoggingTransaction, room_id: str, before: int | None, limit: int
+        self, txn: LoggingTransaction, room_id: str, limit: int
     ) -> list[int]:
-        """The room's reclaimed groups below ``before`` (None: all), newest first."""
+        """The room's reclaimed groups, newest first."""
         txn.execute(
             "SELECT r.state_group FROM nidstate_reclaimed_groups AS r"
             " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid"
-            " WHERE rm.room_id = ? AND r.state_group < ?"
-            " ORDER BY r.state_group DESC LIMIT ?",
-            (room_id, before if before is not None else 2**62, limit),
+            " WHERE rm.room_id = ? ORDER BY r.state_group DESC LIMIT ?",
+            (room_id, limit),
         )
         return [row[0] for row in txn.fetchall()]
 
@@ -127,9 +126,21 @@ class ReclaimStore(GroupStateStore):
         )
         return [row[0] for row in txn.fetchall()]
 
-    def reclaimed_totals_txn(self, txn: LoggingTransaction) -> tuple[int, int]:
-        """(groups reclaimed, rows deleted) over the whole database."""
-        txn.execute("SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups")
+    def reclaimed_totals_txn(
+        self, txn: LoggingTransaction, room_id: str | None = None
+    ) -> tuple[int, int]:
+        """(groups reclaimed, rows deleted) in the database, or in ``room_id``."""
+        if room_id is None:
+            txn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups"
+            )
+        else:
+            txn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(r.rows_deleted), 0)"
+                " FROM nidstate_reclaimed_groups AS r"
+                " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid WHERE rm.room_id = ?",
+                (room_id,),
+            )
         groups, rows = txn.fetchone()  # type: ignore[misc]
         return int(groups), int(rows)
 
@@ -166,9 +177,6 @@ class ReclaimStore(GroupStateStore):
             return outcome
         already = self.reclaimed_anchors_txn(txn, groups)
         snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
-        if not snapshots:
-            return outcome
-        self._mark_reclaimed_txn(txn)
         everything = StateFilter.all()
         for group in sorted(snapshots):
             theirs = self.synapse_states_txn(txn, [group], everything).get(group)
@@ -185,6 +193,8 @@ class ReclaimStore(GroupStateStore):
             )
             outcome.groups += 1
             outcome.rows += deleted
+        if outcome.groups:  # in the transaction that deletes: both commit, or neither
+            self._mark_reclaimed_txn(txn)
         return outcome
 
     def _mark_reclaimed_txn(self, txn: LoggingTransaction) -> None:
