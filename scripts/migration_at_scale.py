@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import yaml
 
@@ -50,42 +51,29 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def migrated(database: dict) -> int:
     """Events with a snapshot, read directly from the database."""
+    try:
+        return count(database, "SELECT COUNT(*) FROM nidstate_events WHERE snapshot_nid IS NOT NULL")
+    except Exception:
+        return 0  # the tables do not exist yet
+
+
+def connect(database: dict, **kwargs: Any):  # type: ignore[no-untyped-def]
+    """A DB-API connection to the database of a homeserver.yaml's ``database``."""
     if database["name"] == "sqlite3":
         import sqlite3
 
-        conn = sqlite3.connect(database["args"]["database"], timeout=60)
-    else:
-        import psycopg2
+        return sqlite3.connect(database["args"]["database"], timeout=60, **kwargs)
+    import psycopg2
 
-        a = database["args"]
-        conn = psycopg2.connect(
-            host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
-        )
-    try:
-        cur = conn.cursor()
-        cur.execute(
-            "SELECT COUNT(*) FROM nidstate_events WHERE snapshot_nid IS NOT NULL"
-        )
-        return cur.fetchone()[0]
-    except Exception:
-        return 0  # the tables do not exist yet
-    finally:
-        conn.close()
+    a = database["args"]
+    return psycopg2.connect(
+        host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
+    )
 
 
 def count(database: dict, sql: str) -> int:
     """One number from the database, read directly."""
-    if database["name"] == "sqlite3":
-        import sqlite3
-
-        conn = sqlite3.connect(database["args"]["database"], timeout=60)
-    else:
-        import psycopg2
-
-        a = database["args"]
-        conn = psycopg2.connect(
-            host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
-        )
+    conn = connect(database)
     try:
         cur = conn.cursor()
         cur.execute(sql)
@@ -97,17 +85,10 @@ def count(database: dict, sql: str) -> int:
 def vacuum(database: dict) -> None:
     """What an operator runs to give the space back to the operating system."""
     if database["name"] == "sqlite3":
-        import sqlite3
-
-        conn = sqlite3.connect(database["args"]["database"], timeout=60, isolation_level=None)
+        conn = connect(database, isolation_level=None)
         conn.execute("VACUUM")
     else:
-        import psycopg2
-
-        a = database["args"]
-        conn = psycopg2.connect(
-            host=a.get("host"), port=a.get("port"), user=a.get("user"), dbname=a["database"]
-        )
+        conn = connect(database)
         conn.autocommit = True
         conn.cursor().execute("VACUUM FULL state_groups_state")
     conn.close()

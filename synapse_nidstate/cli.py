@@ -76,8 +76,9 @@ Delete the rows of state_groups_state that the NID tables replace: room by
 room, oldest state group first, a batch per transaction. Before a group's rows
 are deleted, Synapse's answer from them is compared with the group's snapshot
 in the same transaction; on any difference the rows stay (counted, logged).
-Safe beside a running Synapse that loads the module in mode serve; resumable
-(killed, it starts over with what is left). Groups without a snapshot (not
+Safe beside a running Synapse that loads the module in mode serve (on SQLite,
+stop Synapse first, or use the background job); resumable (killed, it starts
+over with what is left). Groups without a snapshot (not
 migrated yet, partial state) keep their rows.
 
 While any group is reclaimed, Synapse refuses to start without the module
@@ -206,32 +207,28 @@ def main(argv: list[str] | None = None) -> int:
         help="storage of Synapse's state tables and of the module's, side by side",
     )))
 
-    reclaim = with_config(add(
+    def with_groups(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """What reclaim and restore share: a room, a batch of groups, the bar."""
+        sub.add_argument("--room", type=_room_id, help="only this room")
+        sub.add_argument(
+            "--batch-size", type=_positive_int, default=100,
+            help="state groups per transaction (100)",
+        )
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+        return sub
+
+    with_groups(with_config(add(
         "reclaim",
         RECLAIM_DESCRIPTION,
         help="delete the rows of state_groups_state the NID tables replace, each group "
         "proved first (resumable; restore writes them back)",
-    ))
-    reclaim.add_argument("--room", type=_room_id, help="only this room")
-    reclaim.add_argument(
-        "--dry-run", action="store_true", help="prove every group, delete nothing"
-    )
-    reclaim.add_argument(
-        "--batch-size", type=_positive_int, default=100, help="state groups per transaction (100)"
-    )
-    reclaim.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    restore = with_config(add(
+    ))).add_argument("--dry-run", action="store_true", help="prove every group, delete nothing")
+    with_groups(with_config(add(
         "restore",
         RESTORE_DESCRIPTION,
         help="write back the rows reclaim deleted, in Synapse's layout (then the module "
         "can be removed)",
-    ))
-    restore.add_argument("--room", type=_room_id, help="only this room")
-    restore.add_argument(
-        "--batch-size", type=_positive_int, default=100, help="state groups per transaction (100)"
-    )
-    restore.add_argument("--no-progress", action="store_true", help="no progress bar")
+    )))
 
     drop = with_config(add(
         "drop", DROP_DESCRIPTION,

@@ -34,6 +34,18 @@ class Timing:
         return self.native_p50 / self.nid_p50 if self.nid_p50 else float("inf")
 
 
+def _timing(lookup: str, cache: str, native: list[float], nid: list[float]) -> Timing:
+    return Timing(
+        lookup,
+        cache,
+        len(native),
+        _percentile(native, 50),
+        _percentile(native, 95),
+        _percentile(nid, 50),
+        _percentile(nid, 95),
+    )
+
+
 def clear_state_caches(hs: HomeServer, lookups: StateLookups) -> None:
     """Empty Synapse's state-at-event caches and the module's."""
     stores = hs.get_datastores()
@@ -109,17 +121,7 @@ async def time_lookups(
             # Synapse's own reads; its caches are emptied by `cold`, kept warm otherwise.
             native.append(await measure(native_ids, group, state_filter))
             nid.append(await measure(lookups.mirrored_state_ids, group, state_filter))
-        results.append(
-            Timing(
-                name,
-                cache,
-                len(groups),
-                _percentile(native, 50),
-                _percentile(native, 95),
-                _percentile(nid, 50),
-                _percentile(nid, 95),
-            )
-        )
+        results.append(_timing(name, cache, native, nid))
     return results
 
 
@@ -208,15 +210,5 @@ async def time_group_reads(
         for group in groups:
             native.append(await measure(call, group, state_filter, True))
             nid.append(await measure(call, group, state_filter, False))
-        results.append(
-            Timing(
-                name,
-                cache,
-                len(groups),
-                _percentile(native, 50),
-                _percentile(native, 95),
-                _percentile(nid, 50),
-                _percentile(nid, 95),
-            )
-        )
+        results.append(_timing(name, cache, native, nid))
     return results

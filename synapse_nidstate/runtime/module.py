@@ -1,6 +1,7 @@
 """The Synapse module: what `modules: - module: synapse_nidstate.NidStateModule` loads."""
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attr
@@ -35,6 +36,28 @@ _ATTRIBUTE = "_synapse_nidstate_module"
 def module_for(hs: "HomeServer") -> "NidStateModule | None":
     """The NidStateModule loaded into ``hs``, if any."""
     return getattr(hs, _ATTRIBUTE, None)
+
+
+def _one_at_a_time(
+    what: str, batch: Callable[[], Awaitable[object]]
+) -> Callable[[], Awaitable[None]]:
+    """A background job's step: ``batch``, skipped while the previous one runs;
+    a failure is logged and the next step tries again."""
+    running = False
+
+    async def step() -> None:
+        nonlocal running
+        if running:
+            return
+        running = True
+        try:
+            await batch()
+        except Exception:
+            logger.exception("synapse-nidstate: background %s batch failed; retrying", what)
+        finally:
+            running = False
+
+    return step
 
 
 class NidStateModule:
@@ -88,10 +111,9 @@ class NidStateModule:
         self.reclaims_in_background = (
             config.reclaim.enabled and hs.get_instance_name() == config.reclaim.instance
         )
-        self._reclaiming = False
         if self.reclaims_in_background:
             api.looping_background_call(
-                self._reclaim_batch,
+                _one_at_a_time("reclaim", self.reclaimer.background_batch),
                 config.reclaim.interval_ms,
                 desc="nidstate_background_reclaim",
                 run_on_all_instances=True,  # this one instance, chosen above
@@ -108,10 +130,9 @@ class NidStateModule:
         self.migrates_in_background = (
             background.enabled and hs.get_instance_name() == background.instance
         )
-        self._migrating = False
         if self.migrates_in_background:
             api.looping_background_call(
-                self._migrate_batch,
+                _one_at_a_time("migration", self.migrator.run_batch),
                 background.interval_ms,
                 desc="nidstate_background_migration",
                 run_on_all_instances=True,  # this one instance, chosen above
@@ -127,30 +148,6 @@ class NidStateModule:
             if self.persists_events
             else "no events persisted by this process",
         )
-
-    async def _migrate_batch(self) -> None:
-        """One batch of the background migration (a no-op while one is running)."""
-        if self._migrating:
-            return
-        self._migrating = True
-        try:
-            await self.migrator.run_batch()
-        except Exception:
-            logger.exception("synapse-nidstate: background migration batch failed; retrying")
-        finally:
-            self._migrating = False
-
-    async def _reclaim_batch(self) -> None:
-        """One batch of the background reclaim (a no-op while one runs)."""
-        if self._reclaiming:
-            return
-        self._reclaiming = True
-        try:
-            await self.reclaimer.background_batch()
-        except Exception:
-            logger.exception("synapse-nidstate: background reclaim batch failed; retrying")
-        finally:
-            self._reclaiming = False
 
     async def reclaim_status(self) -> dict[str, Any]:
         """Reclaim in this database and this process, as the status endpoint reports it."""
