@@ -205,10 +205,19 @@ async def compare_every_group(
 ) -> int:
     """Synapse's read of every state group through the module (the wrapped
     ``_get_state_groups_from_groups_txn``) against Synapse's own (the class's
-    method), in one transaction, for every filter; returns how many were compared."""
+    method; where groups are reclaimed, with their proved snapshots), in one
+    transaction, for every filter; returns how many were compared."""
     from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdateStore
 
     state = hs.get_datastores().state
+    module = module_for(hs)
+    assert module is not None
+
+    def native(txn: Any, groups: list[int], f: StateFilter | None) -> Any:
+        return StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn(
+            state, txn, groups, f
+        )
+
     groups = await all_groups(hs)
     compared = 0
     for name, state_filter in filters.items():
@@ -218,9 +227,9 @@ async def compare_every_group(
 
             def both(txn: Any, chunk: list[int] = chunk, f: StateFilter = state_filter) -> Any:
                 ours = state._get_state_groups_from_groups_txn(txn, chunk, f)
-                theirs = StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn(
-                    state, txn, chunk, f
-                )
+                # Synapse's own read of its rows (where groups are reclaimed, as
+                # verify reads them: a reclaimed group from its proved snapshot).
+                theirs = module.group_reads.synapse_answer_txn(txn, chunk, f, native)
                 return ours, theirs
 
             ours, theirs = await state.db_pool.runInteraction("nidstate_test_both", both)

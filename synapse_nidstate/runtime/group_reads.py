@@ -145,7 +145,10 @@ class GroupReads:
         predecessor and the delta from it, here the difference between their
         states (Synapse stores exactly that difference, see ``delta_txn``)."""
         if self._native_depth or self._mode == "native":
-            return await native(state_group)
+            theirs = await self._store.db_pool.runInteraction(
+                "nidstate_synapse_group_delta", self.synapse_delta_txn, state_group
+            )
+            return theirs if theirs is not None else await native(state_group)
         ours = await self._store.db_pool.runInteraction(
             "nidstate_get_state_group_delta", self.delta_txn, state_group
         )
@@ -167,6 +170,21 @@ class GroupReads:
             )
         return theirs
 
+    def synapse_delta_txn(
+        self, txn: LoggingTransaction, group: int
+    ) -> _GetStateGroupDelta | None:
+        """Synapse's own answer for a reclaimed group (its delta rows are gone):
+        the difference between its proved state and its predecessor's, as
+        :meth:`synapse_answer_txn` reads them; None for any other group, whose
+        rows Synapse reads itself."""
+        if not self._store.reclaimed_anchors_txn(txn, [group]):
+            return None
+        prev = self._store.prev_groups_txn(txn, [group]).get(group)
+        if prev is None:
+            return _GetStateGroupDelta(None, None)
+        states = self._store.synapse_states_txn(txn, [group, prev], StateFilter.all())
+        return _difference(prev, states.get(group), states.get(prev))
+
     def delta_txn(self, txn: LoggingTransaction, group: int) -> _GetStateGroupDelta | None:
         """The group's predecessor and the entries where the group's state
         differs from it; None where the mirror cannot answer for both.
@@ -182,12 +200,7 @@ class GroupReads:
         if prev is None:
             return _GetStateGroupDelta(None, None)
         states = self._store.state_for_groups_txn(txn, [group, prev], StateFilter.all())
-        if prev not in states:
-            return None
-        new, old = states[group], states[prev]
-        if not old.keys() <= new.keys():
-            return None
-        return _GetStateGroupDelta(prev, {k: v for k, v in new.items() if old.get(k) != v})
+        return _difference(prev, states.get(group), states.get(prev))
 
     def _native(
         self,
@@ -221,3 +234,13 @@ class GroupReads:
             "delta" if state_filter is None else f"filter {state_filter}",
             differing[:20],
         )
+
+
+def _difference(
+    prev: int, new: StateMap[str] | None, old: StateMap[str] | None
+) -> _GetStateGroupDelta | None:
+    """``prev`` and the entries where ``new`` differs from ``old``; None where
+    either is unknown or ``new`` drops a key of ``old`` (no delta expresses it)."""
+    if new is None or old is None or not old.keys() <= new.keys():
+        return None
+    return _GetStateGroupDelta(prev, {k: v for k, v in new.items() if old.get(k) != v})
