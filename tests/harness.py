@@ -125,9 +125,12 @@ class HomeserverTestCase(unittest.TestCase):
             and module_config is not None
             and module_config.get("mode") == "serve"
             and "reclaim" not in module_config
+            and "databases" not in (extra_config or {})
         ):
             # The whole suite with eager reclaim: every test's serving homeserver
-            # runs with an (almost) empty state_groups_state.
+            # runs with an (almost) empty state_groups_state. Not where a test
+            # sets reclaim itself, nor with a separate state database (reclaim
+            # refuses it).
             module_config = {**module_config, "reclaim": {"eager": True}}
         config_dict = homeserver_config(
             data_dir,

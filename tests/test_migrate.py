@@ -272,7 +272,8 @@ class CliTests:
     @in_logcontext
     async def test_drop_then_synapse_runs_without_then_catches_up(self) -> None:
         database = self.database_config()
-        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        # Nothing reclaimed (drop refuses then: tests/test_reclaim_cli.py).
+        hs = await self.make_homeserver({"mode": "serve", "reclaim": {}}, database=database)
         history = await build_history(hs, messages_per_room=1)
         await self.stop_homeserver(hs)
         config = self.write_config(database)

@@ -21,6 +21,10 @@ from tests.scenarios import (
     room_event_ids,
 )
 
+#: Mode serve, reclaim set explicitly: these tests reclaim themselves, so a run
+#: of the suite with NIDSTATE_TEST_RECLAIM=eager leaves them as they are.
+SERVE: dict[str, Any] = {"mode": "serve", "reclaim": {}}
+
 
 async def count(hs: HomeServer, sql: str) -> Any:
     def count_txn(txn: Any) -> Any:
@@ -81,7 +85,7 @@ def forget_caches(hs: HomeServer, module: Any) -> None:
 class ReclaimTests:
     @in_logcontext
     async def test_reclaim_then_restore(self) -> None:
-        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
         module = self.module(hs)  # type: ignore[attr-defined]
         history = await build_history(hs, messages_per_room=4)
         events_before = await event_digest(hs, history.rooms)
@@ -143,7 +147,7 @@ class ReclaimTests:
 
     @in_logcontext
     async def test_a_group_whose_proof_fails_keeps_its_rows(self) -> None:
-        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
         module = self.module(hs)  # type: ignore[attr-defined]
         history = await build_history(hs, messages_per_room=2)
         events_before = await event_digest(hs, history.rooms)
@@ -188,7 +192,7 @@ class ReclaimTests:
     ) -> None:
         from synapse_nidstate.storage.reclaim import ReclaimError
 
-        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
         module = self.module(hs)  # type: ignore[attr-defined]
         history = await build_history(hs, messages_per_room=1)
         await module.reclaimer.run(history.rooms[0])
@@ -216,7 +220,7 @@ class ReclaimTests:
 
     @in_logcontext
     async def test_dry_run_deletes_nothing(self) -> None:
-        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
         module = self.module(hs)  # type: ignore[attr-defined]
         await build_history(hs, messages_per_room=1)
         rows = await count(hs, "SELECT COUNT(*) FROM state_groups_state")
@@ -280,7 +284,7 @@ class ReclaimTests:
         from synapse.config._base import ConfigError
 
         database = self.database_config()  # type: ignore[attr-defined]
-        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE, database=database)  # type: ignore[attr-defined]
         await build_history(hs, messages_per_room=1)
         await self.module(hs).reclaimer.run()  # type: ignore[attr-defined]
         await self.stop_homeserver(hs)  # type: ignore[attr-defined]
@@ -289,7 +293,7 @@ class ReclaimTests:
                 await self.make_homeserver({"mode": mode}, database=database)  # type: ignore[attr-defined]
             self.assertIn("state groups are reclaimed", str(caught.exception))  # type: ignore[attr-defined]
             self.assertIn("synapse-nidstate restore", str(caught.exception))  # type: ignore[attr-defined]
-        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE, database=database)  # type: ignore[attr-defined]
         self.assertGreater(self.module(hs).reclaimed_at_start, 0)  # type: ignore[attr-defined]
 
 
@@ -304,7 +308,7 @@ class ReclaimTests:
         main["data_stores"] = ["main"]
         state["data_stores"] = ["state"]
         split = {"databases": {"main": main, "state": state}}
-        hs = await self.make_homeserver({"mode": "serve"}, extra_config=split)  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE, extra_config=split)  # type: ignore[attr-defined]
         reclaimer = self.module(hs).reclaimer  # type: ignore[attr-defined]
         # What the module runs at start-up with reclaim.enabled or eager set.
         with self.assertRaises(ConfigError) as caught:  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from synapse_nidstate.demo.inprocess import homeserver_config
 from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history
 from tests.test_cli import REPO, CliTestCase, run_cli, write_config
-from tests.test_reclaim import event_digest, native_group_digest
+from tests.test_reclaim import SERVE, event_digest, native_group_digest
 
 #: Refusal of a database "too new" for the Synapse that opens it.
 TOO_NEW = "Cannot use this database as it is too new for the server to understand"
@@ -65,7 +65,7 @@ class ReclaimCliTests(HomeserverTestCase, CliTestCase):
     async def test_reclaim_and_restore_killed_half_way(self) -> None:
         database = self.database_config()
         path = database["args"]["database"]
-        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        hs = await self.make_homeserver(SERVE, database=database)
         history = await build_history(hs, messages_per_room=8)
         events_before = await event_digest(hs, history.rooms)
         groups_before = await native_group_digest(hs)
