@@ -42,7 +42,9 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertEqual(
             {(t["lookup"], t["caches"]) for t in figures["lookups"]},
             {(name, cache) for cache in ("cold", "warm") for name in
-             ("full state", "one member key", "lazy-load members", "batch of 10 events")},
+             ("full state", "one member key", "lazy-load members", "batch of 10 events",
+              "state group: full state", "state group: one member key",
+              "state group: lazy-load members", "state group delta")},
         )
         self.assertGreater(figures["migration"]["events"]["value"], 0)
         return figures
