@@ -42,10 +42,9 @@ class GroupReadTests:
         asked = sum(1 for f in filters.values() if not selects_nothing(f))
         self.assertEqual(stats.fallback - fallback, 0)  # type: ignore[attr-defined]
         self.assertEqual(stats.served - served, len(groups) * asked)  # type: ignore[attr-defined]
-        # One edge's delta, for every group, as Synapse answers it.
-        served = stats.served
+        # One edge's delta, for every group, as Synapse answers it (from its rows,
+        # which are there: nothing is reclaimed).
         self.assertEqual(await compare_every_delta(self, hs), len(groups))  # type: ignore[attr-defined]
-        self.assertGreaterEqual(stats.served - served, len(known))  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_shadow_counts_no_mismatch_over_a_realistic_history(self) -> None:

@@ -72,6 +72,13 @@ async def wrapped_group_digest(hs: HomeServer) -> dict[int, dict]:
     return {group: dict(answer[group]) for group in groups}
 
 
+async def delta_digest(hs: HomeServer) -> dict[int, Any]:
+    """Every group's ``get_state_group_delta`` as Synapse answers it (cache emptied)."""
+    state = hs.get_datastores().state
+    state.get_state_group_delta.invalidate_all()
+    return {group: await state.get_state_group_delta(group) for group in await all_groups(hs)}
+
+
 def forget_caches(hs: HomeServer, module: Any) -> None:
     """Cold: no cache of Synapse's or the module's holds a state any more."""
     state = hs.get_datastores().state
@@ -90,6 +97,7 @@ class ReclaimTests:
         history = await build_history(hs, messages_per_room=4)
         events_before = await event_digest(hs, history.rooms)
         groups_before = await native_group_digest(hs)
+        deltas_before = await delta_digest(hs)
         rows_before = await count(hs, "SELECT COUNT(*) FROM state_groups_state")
         compat_before = await count(hs, "SELECT compat_version FROM schema_compat_version")
 
@@ -113,6 +121,9 @@ class ReclaimTests:
         self.assertEqual(await event_digest(hs, history.rooms), events_before)  # type: ignore[attr-defined]
         forget_caches(hs, module)
         self.assertEqual(await wrapped_group_digest(hs), groups_before)  # type: ignore[attr-defined]
+        served = module.stats.group_reads.served
+        self.assertEqual(await delta_digest(hs), deltas_before)  # type: ignore[attr-defined]
+        self.assertGreater(module.stats.group_reads.served, served)  # type: ignore[attr-defined]
         # Synapse's own answer (what verify compares with) is unchanged too.
         filters = filters_for(hs, history.users)
         for room_id in history.rooms:

@@ -142,23 +142,34 @@ class GroupReads:
         self, state_group: int, native: NativeDeltaRead
     ) -> _GetStateGroupDelta:
         """What ``get_state_group_delta(state_group)`` answers: the group's
-        predecessor and the delta from it, here the difference between their
-        states (Synapse stores exactly that difference, see ``delta_txn``)."""
-        if self._native_depth or self._mode == "native":
-            theirs = await self._store.db_pool.runInteraction(
-                "nidstate_synapse_group_delta", self.synapse_delta_txn, state_group
+        predecessor and the delta from it.
+
+        Mode ``serve``: Synapse's own (cached) answer wherever its rows are
+        there: they are exact, and Synapse's cache makes them cheaper than two
+        states from the snapshots (``benchmarks/run.py``, "state group delta").
+        Rows are only ever deleted whole, by reclaim, so an answer with a
+        predecessor and no entry is the one to check: a reclaimed group's delta
+        is then the difference of its state and its predecessor's
+        (:meth:`synapse_delta_txn`). Mode ``shadow``: that difference for every
+        group the mirror has (:meth:`delta_txn`), compared with Synapse's."""
+        theirs = await native(state_group)
+        if self._mode != "shadow" or self._native_depth:
+            if theirs.prev_group is None or theirs.delta_ids:
+                return theirs
+            ours = await self._store.db_pool.runInteraction(
+                "nidstate_reclaimed_group_delta", self.synapse_delta_txn, state_group
             )
-            return theirs if theirs is not None else await native(state_group)
+            if ours is None:
+                return theirs  # not reclaimed: the group's state equals its predecessor's
+            if self._mode == "serve" and not self._native_depth:
+                self._stats.served += 1
+            return ours
         ours = await self._store.db_pool.runInteraction(
             "nidstate_get_state_group_delta", self.delta_txn, state_group
         )
         if ours is None:
             self._stats.fallback += 1
-            return await native(state_group)
-        if self._mode == "serve":
-            self._stats.served += 1
-            return ours
-        theirs = await native(state_group)
+            return theirs
         self._stats.compared += 1
         if ours != theirs:
             self._stats.mismatched += 1
