@@ -9,8 +9,11 @@ events are being persisted, it is partial-state, its plan failed) usually
 builds on one with a snapshot, whose rows may be reclaimed; so its state is
 read as Synapse would, one hop at a time, except that the walk stops at the
 first group with a snapshot (``anchors``) and takes that group's state from
-it. A chain that ends (full rows) or is longer than :data:`MAX_WALK_HOPS`
-without meeting an anchor is not answered: Synapse's own read answers it.
+it. While no group is reclaimed, a chain longer than :data:`SHORT_WALK_HOPS`
+or one that ends in full rows without meeting an anchor is left to Synapse's
+own read; while one is, the walk goes to the chain's end (at most
+:data:`MAX_WALK_HOPS`) and a chain that ends in full rows is answered from
+those rows, as Synapse would.
 """
 
 from collections.abc import Callable, Collection
@@ -25,6 +28,11 @@ from synapse_nidstate.storage.reads import StateReadStore
 #: Synapse writes full rows at least every 100 hops (``MAX_STATE_DELTA_HOPS``);
 #: a longer walk meets a full group first, unless groups were edited by hand.
 MAX_WALK_HOPS = 128
+#: How far a read walks while no group is reclaimed (Synapse's own read is then
+#: right for every group): far enough for a group stored before its event is
+#: persisted, short enough that a chain of groups the mirror has not seen yet
+#: (history not migrated) costs little more than Synapse's own read.
+SHORT_WALK_HOPS = 4
 
 #: Which of some groups may end a walk, each with its snapshot NID.
 Anchors = Callable[[LoggingTransaction, Collection[int]], dict[int, int]]
@@ -76,16 +84,17 @@ class GroupStateStore(StateReadStore):
         groups: Collection[int],
         anchors: Anchors,
         ended: bool = False,
+        max_hops: int = MAX_WALK_HOPS,
     ) -> dict[int, Chain]:
         """The chain of each of ``groups`` (none of them an anchor) down to its
         nearest anchor; a chain that ends in full rows first is left out, or
         with ``ended`` kept without an anchor; one longer than
-        :data:`MAX_WALK_HOPS` is left out. One hop for all groups at a time:
-        three statements per hop."""
+        ``max_hops`` is left out. One hop for all groups at a time: three
+        statements per hop."""
         # walked group -> (group reached, rows so far)
         walking: dict[int, tuple[int, list[StateMap[str]]]] = {g: (g, []) for g in groups}
         chains: dict[int, Chain] = {}
-        for _ in range(MAX_WALK_HOPS):
+        for _ in range(max_hops):
             if not walking:
                 break
             reached = {at for at, _ in walking.values()}
@@ -114,10 +123,27 @@ class GroupStateStore(StateReadStore):
         ``StateGroupDataStore._get_state_groups_from_groups_txn`` answers: from
         its snapshot, or through its chain to the nearest group with one."""
         known = self.known_groups_txn(txn, groups)
+        rest = [g for g in groups if g not in known]
+        if not rest:
+            return self.states_of_txn(txn, known, {}, state_filter)
+        # While a group is reclaimed, a chain may pass through it however deep:
+        # walk it all, and answer a chain that ends in full rows from those rows
+        # (Synapse's own answer, read once). Otherwise Synapse's read is right
+        # for every group: walk a few hops, and leave longer chains to it.
+        reclaimed = self.any_reclaimed_txn(txn)
         chains = self.chains_txn(
-            txn, [g for g in groups if g not in known], self.known_groups_txn
+            txn,
+            rest,
+            self.known_groups_txn,
+            ended=reclaimed,
+            max_hops=MAX_WALK_HOPS if reclaimed else SHORT_WALK_HOPS,
         )
         return self.states_of_txn(txn, known, chains, state_filter)
+
+    def any_reclaimed_txn(self, txn: LoggingTransaction) -> bool:
+        """Whether any state group's rows are reclaimed (``storage.reclaim``)."""
+        txn.execute("SELECT 1 FROM nidstate_reclaimed_groups LIMIT 1")
+        return txn.fetchone() is not None
 
     def states_of_txn(
         self,

@@ -115,10 +115,6 @@ class ReclaimStore(GroupStateStore):
         )
         return [row[0] for row in txn.fetchall()]
 
-    def any_reclaimed_txn(self, txn: LoggingTransaction) -> bool:
-        txn.execute("SELECT 1 FROM nidstate_reclaimed_groups LIMIT 1")
-        return txn.fetchone() is not None
-
     def reclaimed_rooms_txn(self, txn: LoggingTransaction) -> list[str]:
         txn.execute(
             "SELECT DISTINCT rm.room_id FROM nidstate_reclaimed_groups AS r"
