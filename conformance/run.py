@@ -46,10 +46,10 @@ sys.path.insert(0, str(HERE))
 from selection import SELECTION  # noqa: E402
 
 #: A line of trial's ``bwverbose`` reporter: the test's full name and its result.
-_TAGS = r"(OK|FAIL|ERROR|SKIPPED|TODO|SUCCESS!?!?|EXPECTED FAILURE|UNEXPECTED SUCCESS)"
+_TAGS = r"(OK|FAILURE|FAIL|ERROR|SKIPPED|TODO|SUCCESS!?!?|EXPECTED FAILURE|UNEXPECTED SUCCESS)"
 _RESULT = re.compile(r"^(\S+) \.\.\.(.*)$")
 _LATE_RESULT = re.compile(r"\[" + _TAGS + r"\]\s*$")
-_FAILED = {"FAIL", "ERROR", "UNEXPECTED SUCCESS"}
+_FAILED = {"FAIL", "FAILURE", "ERROR", "UNEXPECTED SUCCESS"}
 
 
 class SetupError(Exception):

@@ -1,5 +1,6 @@
 """The conformance runner's reading of trial's output: every test's result,
-also when the test wrote to standard output or error in the middle of its line."""
+also ``[FAILURE]`` (what trial's bwverbose prints for a failed assertion), and
+when the test wrote to standard output or error in the middle of its line."""
 
 import importlib.util
 import tempfile
@@ -33,6 +34,7 @@ class ResultsTests(unittest.TestCase):
             "  warnings.warn(\n"
             "[SKIPPED]\n"
             "tests.a.B.test_error ...                                  [ERROR]\n"
+            "tests.a.B.test_failure ... [FAILURE]\n"
         )
         self.assertEqual(
             _runner().results(output),
@@ -42,5 +44,6 @@ class ResultsTests(unittest.TestCase):
                 "tests.a.B.test_failed": "FAIL",
                 "tests.a.B.test_warned": "SKIPPED",
                 "tests.a.B.test_error": "ERROR",
+                "tests.a.B.test_failure": "FAILURE",
             },
         )
