@@ -4,7 +4,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from synapse_nidstate.commands.homeserver import nid_store
+from synapse_nidstate.storage.reclaim import reclaimed_totals_txn
 from synapse_nidstate.storage.schema import TABLES, current_version_txn, drop_tables_txn
 
 #: The schema version that added reclaim's table.
@@ -22,7 +22,7 @@ async def drop(hs: "HomeServer", args: argparse.Namespace) -> int:
     version = await db_pool.runInteraction("nidstate_schema_version", current_version_txn)
     if version >= RECLAIM_SCHEMA:
         groups, rows = await db_pool.runInteraction(
-            "nidstate_reclaimed_totals", nid_store(hs).reclaimed_totals_txn
+            "nidstate_reclaimed_totals", reclaimed_totals_txn
         )
         if groups:
             print(

@@ -30,6 +30,7 @@ from synapse.storage.database import (
 )
 from synapse.storage.engines import PostgresEngine
 
+from synapse_nidstate.storage.reclaim import reclaimed_totals_txn
 from synapse_nidstate.storage.schema import TABLES, engine_name
 
 #: Synapse's state storage: the state database's tables, and the main one's map.
@@ -437,11 +438,7 @@ async def storage_report(hs: HomeServer, top: int = 10) -> StorageReport:
     if module_exists.get("nidstate_reclaimed_groups"):
 
         def reclaim_txn(txn: LoggingTransaction) -> ReclaimFigures:
-            txn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups"
-            )
-            groups, rows = txn.fetchone()  # type: ignore[misc]
-            return ReclaimFigures(int(groups), int(rows))
+            return ReclaimFigures(*reclaimed_totals_txn(txn))
 
         reclaim = await main.runInteraction("nidstate_stats_reclaim", reclaim_txn)
     module_entries = await _module_state_entries(main, module_exists["nidstate_blocks"])

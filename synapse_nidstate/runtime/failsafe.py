@@ -30,8 +30,9 @@ from synapse.storage import prepare_database
 
 from synapse_nidstate.storage.reclaim import (
     RECLAIMED_COMPAT_VERSION,
-    SAVED_COMPAT_KEY,
     reclaimed_group_count,
+    saved_compat_version_txn,
+    set_marker_txn,
 )
 from synapse_nidstate.storage.schema import on_own_connection
 
@@ -58,24 +59,11 @@ def install() -> None:
     def _upgrade_existing_database(cur: Any, current_schema_state: Any, *args: Any, **kwargs: Any) -> None:
         if current_schema_state.compat_version != RECLAIMED_COMPAT_VERSION:
             return original(cur, current_schema_state, *args, **kwargs)
-        cur.execute("SELECT value FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
-        row = cur.fetchone()
-        saved = int(row[0]) if row is not None and row[0] else None
+        saved = saved_compat_version_txn(cur)
         logger.info("synapse-nidstate: %s", RESTORE_HINT)
         original(cur, attr.evolve(current_schema_state, compat_version=saved), *args, **kwargs)
-        cur.execute("SELECT compat_version FROM schema_compat_version")
-        row = cur.fetchone()
-        now = None if row is None else int(row[0])
-        if now != RECLAIMED_COMPAT_VERSION:  # Synapse raised it: keep the new one
-            cur.execute(
-                "UPDATE nidstate_meta SET value = ? WHERE key = ?",
-                ("" if now is None else str(now), SAVED_COMPAT_KEY),
-            )
-            cur.execute("DELETE FROM schema_compat_version")
-            cur.execute(
-                "INSERT INTO schema_compat_version (compat_version) VALUES (?)",
-                (RECLAIMED_COMPAT_VERSION,),
-            )
+        # Synapse raised the version (an upgrade): keep the new one, mark again.
+        set_marker_txn(cur)
 
     _upgrade_existing_database._nidstate_failsafe = True  # type: ignore[attr-defined]
     prepare_database._upgrade_existing_database = _upgrade_existing_database

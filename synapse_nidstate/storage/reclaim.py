@@ -41,13 +41,56 @@ RECLAIMED_COMPAT_VERSION = 2_000_000_000
 SAVED_COMPAT_KEY = "reclaim_compat_version"
 
 
+def reclaimed_totals_txn(
+    txn: LoggingTransaction, room_id: str | None = None
+) -> tuple[int, int]:
+    """(groups reclaimed, rows deleted) in the database, or in ``room_id``."""
+    if room_id is None:
+        txn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups"
+        )
+    else:
+        txn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(r.rows_deleted), 0)"
+            " FROM nidstate_reclaimed_groups AS r"
+            " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid WHERE rm.room_id = ?",
+            (room_id,),
+        )
+    groups, rows = txn.fetchone()  # type: ignore[misc]
+    return int(groups), int(rows)
+
+
 def reclaimed_group_count(conn: LoggingDatabaseConnection) -> int:
     """How many groups are reclaimed, on a connection of its own (start-up)."""
-    cursor = conn.cursor(txn_name="nidstate_reclaimed_count")
-    cursor.execute("SELECT COUNT(*) FROM nidstate_reclaimed_groups")
-    (count,) = cursor.fetchone()  # type: ignore[misc]
+    count, _ = reclaimed_totals_txn(conn.cursor(txn_name="nidstate_reclaimed_count"))
     conn.rollback()
-    return int(count)
+    return count
+
+
+def saved_compat_version_txn(txn: LoggingTransaction) -> int | None:
+    """The compat version Synapse had before the marker (None: it had none)."""
+    txn.execute("SELECT value FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
+    row = txn.fetchone()
+    return int(row[0]) if row is not None and row[0] else None
+
+
+def set_marker_txn(txn: LoggingTransaction) -> None:
+    """Synapse's ``schema_compat_version`` to :data:`RECLAIMED_COMPAT_VERSION`,
+    keeping the value it holds now as the one to put back (idempotent)."""
+    txn.execute("SELECT compat_version FROM schema_compat_version")
+    row = txn.fetchone()
+    if row is not None and row[0] == RECLAIMED_COMPAT_VERSION:
+        return
+    current = "" if row is None or row[0] is None else str(row[0])
+    txn.execute("DELETE FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
+    txn.execute(
+        "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (SAVED_COMPAT_KEY, current)
+    )
+    txn.execute("DELETE FROM schema_compat_version")
+    txn.execute(
+        "INSERT INTO schema_compat_version (compat_version) VALUES (?)",
+        (RECLAIMED_COMPAT_VERSION,),
+    )
 
 
 class ReclaimError(Exception):
@@ -125,20 +168,7 @@ class ReclaimStore(GroupStateStore):
     def reclaimed_totals_txn(
         self, txn: LoggingTransaction, room_id: str | None = None
     ) -> tuple[int, int]:
-        """(groups reclaimed, rows deleted) in the database, or in ``room_id``."""
-        if room_id is None:
-            txn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(rows_deleted), 0) FROM nidstate_reclaimed_groups"
-            )
-        else:
-            txn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(r.rows_deleted), 0)"
-                " FROM nidstate_reclaimed_groups AS r"
-                " JOIN nidstate_rooms AS rm ON rm.room_nid = r.room_nid WHERE rm.room_id = ?",
-                (room_id,),
-            )
-        groups, rows = txn.fetchone()  # type: ignore[misc]
-        return int(groups), int(rows)
+        return reclaimed_totals_txn(txn, room_id)
 
     # -- Synapse's answer ----------------------------------------------------
 
@@ -195,20 +225,7 @@ class ReclaimStore(GroupStateStore):
 
     def _mark_reclaimed_txn(self, txn: LoggingTransaction) -> None:
         """Synapse's compat version to the marker, the original kept (idempotent)."""
-        txn.execute("SELECT value FROM nidstate_meta WHERE key = ?", (SAVED_COMPAT_KEY,))
-        if txn.fetchone() is not None:
-            return
-        txn.execute("SELECT compat_version FROM schema_compat_version")
-        row = txn.fetchone()
-        original = "" if row is None or row[0] is None else str(row[0])
-        txn.execute(
-            "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (SAVED_COMPAT_KEY, original)
-        )
-        txn.execute("DELETE FROM schema_compat_version")
-        txn.execute(
-            "INSERT INTO schema_compat_version (compat_version) VALUES (?)",
-            (RECLAIMED_COMPAT_VERSION,),
-        )
+        set_marker_txn(txn)
 
     # -- restore -------------------------------------------------------------
 
