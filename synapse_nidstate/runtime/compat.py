@@ -200,8 +200,9 @@ STATE_GROUPS_STATE_USERS: dict[str, str] = {
         "compared (shadow) by group_reads, where the state database is the main one",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.get_state_group_delta._get_state_group_delta_txn":
-        "read: one edge's delta rows; the wrapped get_state_group_delta answers it from "
-        "the snapshots (group_reads.delta_txn) where the state database is the main one",
+        "read: one edge's delta rows; the wrapped get_state_group_delta keeps Synapse's "
+        "cached answer where the rows exist and gives a reclaimed group's from the "
+        "snapshots (group_reads); shadow compares every group's (delta_txn)",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.store_state_group.insert_delta_group_txn":
         "write: a delta group (the mirror plans from the same delta)",
