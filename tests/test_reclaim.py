@@ -5,6 +5,7 @@ without the module after restore, with no more rows than before."""
 from typing import Any
 
 from synapse.api.constants import EventTypes
+from synapse.logging.context import current_context
 from synapse.server import HomeServer
 from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdateStore
 from synapse.types.state import StateFilter
@@ -77,6 +78,12 @@ async def delta_digest(hs: HomeServer) -> dict[int, Any]:
     state = hs.get_datastores().state
     state.get_state_group_delta.invalidate_all()
     return {group: await state.get_state_group_delta(group) for group in await all_groups(hs)}
+
+
+def transactions() -> int:
+    """Database transactions the current logcontext has run (what Synapse's
+    own tests count, ``channel.resource_usage.db_txn_count``)."""
+    return current_context().get_resource_usage().db_txn_count
 
 
 def forget_caches(hs: HomeServer, module: Any) -> None:
@@ -266,6 +273,28 @@ class ReclaimTests:
         forget_caches(hs, module)
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters)
+
+        # A reclaimed group's delta costs what Synapse's costs: one transaction
+        # on a miss of Synapse's cache, none once the cache holds it (Synapse's
+        # own tests count a createRoom's transactions).
+        state = hs.get_datastores().state
+        pool = module.store.db_pool
+        reclaimed = await pool.runInteraction(
+            "nidstate_test_reclaimed", module.store.reclaimed_anchors_txn, groups
+        )
+        with_edge = await pool.runInteraction(
+            "nidstate_test_edges", module.store.prev_groups_txn, list(reclaimed)
+        )
+        self.assertGreater(len(with_edge), 10)  # type: ignore[attr-defined]
+        forget_caches(hs, module)
+        for group in with_edge:
+            before = transactions()
+            delta = await state.get_state_group_delta(group)
+            self.assertEqual(transactions() - before, 1)  # type: ignore[attr-defined]
+            self.assertEqual(delta.prev_group, with_edge[group])  # type: ignore[attr-defined]
+            self.assertEqual(await state.get_state_group_delta(group), delta)  # type: ignore[attr-defined]
+            self.assertEqual(transactions() - before, 1)  # type: ignore[attr-defined]
+        await compare_every_delta(self, hs)
 
     @in_logcontext
     async def test_background_job(self) -> None:

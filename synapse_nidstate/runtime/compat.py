@@ -80,7 +80,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "synapse.storage.databases.state.store.StateGroupDataStore",
         "get_state_group_delta",
         ("state_group",),
-        "wrapped: one edge's delta (serve, shadow)",
+        "wrapped: one edge's delta (serve, shadow); a miss of its cache (.cache, a "
+        "DeferredCache keyed by the group) is read by group_reads",
     ),
     # hooks.install_purges
     Requirement(
@@ -200,9 +201,10 @@ STATE_GROUPS_STATE_USERS: dict[str, str] = {
         "compared (shadow) by group_reads, where the state database is the main one",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.get_state_group_delta._get_state_group_delta_txn":
-        "read: one edge's delta rows; the wrapped get_state_group_delta keeps Synapse's "
-        "cached answer where the rows exist and gives a reclaimed group's from the "
-        "snapshots (group_reads); shadow compares every group's (delta_txn)",
+        "read: one edge's delta rows; the wrapped get_state_group_delta answers a miss "
+        "of Synapse's cache with the same two reads in one transaction and, for a "
+        "reclaimed group, the difference of the snapshots, into the same cache "
+        "(group_reads); shadow compares every group's (delta_txn)",
     "storage/databases/state/store.py:"
     "StateGroupDataStore.store_state_group.insert_delta_group_txn":
         "write: a delta group (the mirror plans from the same delta)",

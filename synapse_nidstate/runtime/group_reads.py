@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.databases.state.store import _GetStateGroupDelta
 from synapse.types import StateMap
@@ -144,26 +145,54 @@ class GroupReads:
         """What ``get_state_group_delta(state_group)`` answers: the group's
         predecessor and the delta from it.
 
-        Mode ``serve``: Synapse's own (cached) answer wherever its rows are
-        there: they are exact, and Synapse's cache makes them cheaper than two
-        states from the snapshots (``benchmarks/run.py``, "state group delta").
-        Rows are only ever deleted whole, by reclaim, so an answer with a
-        predecessor and no entry is the one to check: a reclaimed group's delta
-        is then the difference of its state and its predecessor's
-        (:meth:`synapse_delta_txn`). Mode ``shadow``: that difference for every
-        group the mirror has (:meth:`delta_txn`), compared with Synapse's."""
-        theirs = await native(state_group)
-        if self._mode != "shadow" or self._native_depth:
-            if theirs.prev_group is None or theirs.delta_ids:
-                return theirs
-            ours = await self._store.db_pool.runInteraction(
-                "nidstate_reclaimed_group_delta", self.synapse_delta_txn, state_group
+        Mode ``serve`` (and ``native``): Synapse's answer from Synapse's cache
+        (``native.cache``, the one its ``@cached`` fills) or, on a miss, from
+        one transaction that reads the edge and the delta rows as Synapse does
+        and, where the group has a predecessor and no rows, the difference
+        from it if the group is reclaimed (:meth:`delta_or_reclaimed_txn`): one
+        transaction per miss, as Synapse's own. Mode ``shadow``: that
+        difference for every group the mirror has (:meth:`delta_txn`),
+        compared with Synapse's answer, which is returned."""
+        if self._native_depth:
+            return await self._native_delta(state_group, native)
+        if self._mode == "shadow":
+            return await self._shadow_delta(state_group, native)
+        cache = native.cache  # type: ignore[attr-defined]
+        try:
+            pending = cache.get(state_group)
+        except KeyError:
+            pending = cache.set(
+                state_group,
+                run_in_background(
+                    self._store.db_pool.runInteraction,
+                    "get_state_group_delta",
+                    self.delta_or_reclaimed_txn,
+                    state_group,
+                ),
             )
-            if ours is None:
-                return theirs  # not reclaimed: the group's state equals its predecessor's
-            if self._mode == "serve" and not self._native_depth:
-                self._stats.served += 1
-            return ours
+        return await make_deferred_yieldable(pending)
+
+    async def _native_delta(
+        self, state_group: int, native: NativeDeltaRead
+    ) -> _GetStateGroupDelta:
+        """Within :meth:`native_only`: Synapse's own method (what a timing of
+        Synapse measures); a reclaimed group's answer, which Synapse's method
+        reads as no delta, then replaced in Synapse's cache by the right one."""
+        theirs = await native(state_group)
+        if theirs.prev_group is None or theirs.delta_ids:
+            return theirs
+        ours = await self._store.db_pool.runInteraction(
+            "nidstate_reclaimed_group_delta", self.synapse_delta_txn, state_group
+        )
+        if ours is None:
+            return theirs  # not reclaimed: the group's state equals its predecessor's
+        native.prefill((state_group,), ours)  # type: ignore[attr-defined]
+        return ours
+
+    async def _shadow_delta(
+        self, state_group: int, native: NativeDeltaRead
+    ) -> _GetStateGroupDelta:
+        theirs = await native(state_group)
         ours = await self._store.db_pool.runInteraction(
             "nidstate_get_state_group_delta", self.delta_txn, state_group
         )
@@ -180,6 +209,25 @@ class GroupReads:
                 {**(ours.delta_ids or {}), ("prev_group", ""): str(ours.prev_group)},
             )
         return theirs
+
+    def delta_or_reclaimed_txn(
+        self, txn: LoggingTransaction, group: int
+    ) -> _GetStateGroupDelta:
+        """Synapse's ``_get_state_group_delta_txn`` answer: the edge, then the
+        group's rows; a group with a predecessor and no rows may be reclaimed
+        (rows are only ever deleted whole), and its delta is then
+        :meth:`synapse_delta_txn`'s."""
+        prev = self._store.prev_groups_txn(txn, [group]).get(group)
+        if prev is None:
+            return _GetStateGroupDelta(None, None)
+        rows = self._store.group_rows_txn(txn, [group])[group]
+        if not rows:
+            reclaimed = self.synapse_delta_txn(txn, group)
+            if reclaimed is not None:
+                if self._mode == "serve":
+                    self._stats.served += 1
+                return reclaimed
+        return _GetStateGroupDelta(prev, rows)
 
     def synapse_delta_txn(
         self, txn: LoggingTransaction, group: int

@@ -31,9 +31,9 @@ State-group reads (every process, where the state database is the main one):
 recursive read of ``state_groups_state`` behind every read of a state group's
 state (``_get_state_for_groups``, ``store_state_group``'s read of the
 predecessor, purge's de-delta, the deduplication background update), and
-``StateGroupDataStore.get_state_group_delta`` (one edge's delta): answered
-from the snapshots (serve; a delta only where reclaim deleted its rows) or
-compared (shadow), see ``group_reads``.
+``StateGroupDataStore.get_state_group_delta`` (one edge's delta): Synapse's
+cache in front, a miss read in one transaction that also answers a reclaimed
+group from the snapshots (serve), or compared (shadow), see ``group_reads``.
 
 Start-up (every process that loads the module, and the CLI):
 ``prepare_database._upgrade_existing_database``, where Synapse refuses a
