@@ -19,6 +19,7 @@ from synapse_nidstate.algebra import (
     NidFilter,
     SnapshotPlan,
     block_hash,
+    changes,
     compact,
     delta,
     extend,
@@ -465,6 +466,22 @@ class LookupTests(unittest.TestCase):
         )
         self.assertEqual(lookup(blocks, []), {})
         self.assertEqual(lookup([], [(1, 1)]), {})
+
+
+class ChangesTests(unittest.TestCase):
+    @settings(max_examples=300, **_SETTINGS)
+    @given(parent=small_block_seqs, appended=small_block_seqs)
+    def test_parent_updated_with_changes_is_the_child(self, parent, appended):
+        # What the read path builds a child snapshot's state from: its parent's
+        # state and the changes of the blocks appended to it.
+        state = dict(model_resolve(parent))
+        for key, event_nid in changes(appended).items():
+            if event_nid:
+                state[key] = event_nid
+            else:
+                state.pop(key, None)
+        self.assertEqual(state, model_resolve([*parent, *appended]))
+        self.assertEqual(resolve(parent + appended), state)
 
 
 class DeltaTests(unittest.TestCase):

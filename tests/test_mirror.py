@@ -6,6 +6,7 @@ from synapse.api.constants import EventTypes
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.storage import ResolvedChanges, ResolvedState
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import (
     build_history,
@@ -243,6 +244,61 @@ class MirrorTests:
         stats = self.module(hs).stats.mirror
         self.assertGreaterEqual(stats.compactions, 1)
         await compare_room(self, hs, room_id, filters_for(hs, [alice, alice, alice]))
+
+    @in_logcontext
+    async def test_snapshots_between_compactions_share_one_resolved_state(self) -> None:
+        # A snapshot extends its parent by one block until the next compaction:
+        # the resolved-state cache keeps one whole state per compaction and each
+        # other snapshot's changes against it, whether the states are read in
+        # one batch, oldest first (a cached parent to build on) or newest first
+        # (none); every answer exact.
+        hs = await self.make_homeserver({"mode": "serve"})
+        module = self.module(hs)
+        d = Driver(hs)
+        alice = await d.register("alice")
+        room_id = await d.create_room(alice, "public_chat")
+        for i in range(40):
+            user = await d.register(f"user{i}")
+            await d.membership(user, user, room_id, "join")
+        for i in range(75):
+            await d.send(alice, room_id, EventTypes.Topic, {"topic": f"topic {i}"}, "")
+        self.assertGreaterEqual(module.stats.mirror.compactions, 1)
+        event_ids, _ = await room_event_ids(hs, room_id)
+        native = module.lookups.native_state_ids
+        expected = await native(event_ids, StateFilter.all())
+        one_member = StateFilter.from_types([(EventTypes.Member, alice)])
+        lookups = module.lookups
+        for order in ("batch", "oldest first", "newest first"):
+            module.store.clear_caches()
+            if order == "batch":
+                answers = await lookups.mirrored_state_ids(event_ids, StateFilter.all())
+            else:
+                answers = {}
+                ordered = event_ids if order == "oldest first" else event_ids[::-1]
+                for event_id in ordered:
+                    answers.update(
+                        await lookups.mirrored_state_ids([event_id], StateFilter.all())
+                    )
+            self.assertEqual(answers, expected, order)
+            # Narrower filters from the same cached entries.
+            self.assertEqual(
+                module.store.cached_state_for_events(event_ids, one_member),
+                await native(event_ids, one_member),
+                order,
+            )
+            cached = [
+                module.store._resolved.get(s) for s in list(module.store._resolved.cache)
+            ]
+            bases = [c for c in cached if isinstance(c, ResolvedState)]
+            changes = [c for c in cached if isinstance(c, ResolvedChanges)]
+            if order == "newest first":
+                continue  # no parent is ever cached before its child
+            self.assertGreater(len(changes), 40, order)
+            # A base per compaction and per quarter the state grew by.
+            self.assertLess(len(bases), len(changes) / 10, order)
+            whole = sum(len(expected[e]) for e in event_ids if e in answers)
+            # The cache weighs entries: a whole state its size, changes theirs.
+            self.assertLess(len(module.store._resolved), whole / 5, order)
 
     @in_logcontext
     async def test_warm_lookups_do_not_touch_the_database(self) -> None:

@@ -1,11 +1,12 @@
-"""ResolvedState.filter answers exactly as Synapse's StateFilter.filter_state."""
+"""ResolvedState.filter and ResolvedChanges.filter answer exactly as Synapse's
+StateFilter.filter_state."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from synapse.types.state import StateFilter
 from twisted.trial import unittest
 
-from synapse_nidstate.storage import ResolvedState
+from synapse_nidstate.storage import ResolvedChanges, ResolvedState
 
 TYPES = ["m.room.member", "m.room.name", "m.room.topic", "m.room.create", "x.custom"]
 KEYS = ["", "@a:hs", "@b:hs", "@c:hs", "k"]
@@ -36,6 +37,33 @@ class ResolvedStateTests(unittest.TestCase):
         out = resolved.filter(state_filter)
         out[("mutated", "")] = "$x"
         self.assertNotIn(("mutated", ""), resolved.full)
+
+    @settings(max_examples=500, deadline=None, derandomize=True, database=None)
+    @given(
+        base=states,
+        changes=st.dictionaries(
+            st.tuples(st.sampled_from(TYPES), st.sampled_from(KEYS)),
+            st.one_of(st.none(), st.text(alphabet="$abcdef", min_size=2, max_size=6)),
+            max_size=10,
+        ),
+        state_filter=filters,
+    )
+    def test_changes_filter_equals_synapse(self, base, changes, state_filter) -> None:
+        state = dict(base)
+        for key, event_id in changes.items():
+            if event_id is None:
+                state.pop(key, None)
+            else:
+                state[key] = event_id
+        resolved = ResolvedState(dict(base))
+        derived = ResolvedChanges(1, dict(changes))
+        self.assertEqual(
+            derived.filter(resolved, state_filter), state_filter.filter_state(state)
+        )
+        # Neither the base nor the changes are handed out.
+        derived.filter(resolved, state_filter)[("mutated", "")] = "$x"
+        self.assertNotIn(("mutated", ""), resolved.full)
+        self.assertNotIn(("mutated", ""), derived.changes)
 
     def test_named_filters(self) -> None:
         state = {(t, k): f"${t}{k}" for t in TYPES for k in KEYS}

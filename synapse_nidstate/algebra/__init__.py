@@ -18,6 +18,7 @@ from synapse_nidstate.algebra.encoding import (
 from synapse_nidstate.algebra.state import (
     NidFilter,
     SnapshotPlan,
+    changes,
     compact,
     delta,
     extend,
@@ -49,6 +50,7 @@ __all__ = [
     "SnapshotPlan",
     "StateKeyNids",
     "block_hash",
+    "changes",
     "compact",
     "content_hash",
     "delta",

@@ -40,11 +40,18 @@ def make_block(entries: Iterable[Entry]) -> Block:
 
 def resolve(blocks: Iterable[Block]) -> NidStateMap:
     """The state a sequence of blocks stands for: later blocks win, tombstones drop."""
+    return {key: event_nid for key, event_nid in changes(blocks).items() if event_nid}
+
+
+def changes(blocks: Iterable[Block]) -> NidStateMap:
+    """What appending ``blocks`` to a snapshot does to its state: later blocks
+    win, a tombstone (event NID 0) kept as 0. ``resolve(parent + blocks)`` is
+    ``resolve(parent)`` updated with this, the zeros then dropped."""
     state: NidStateMap = {}
     for block in blocks:
         for type_nid, state_key_nid, event_nid in block:
             state[(type_nid, state_key_nid)] = event_nid
-    return {key: event_nid for key, event_nid in state.items() if event_nid}
+    return state
 
 
 def lookup(blocks: Sequence[Block], keys: Iterable[StateKeyNids]) -> NidStateMap:

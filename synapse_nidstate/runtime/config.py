@@ -63,7 +63,8 @@ class NidStateConfig:
     #: Entries of the event -> snapshot and state group -> snapshot caches.
     snapshot_cache_size: int = 100_000
     #: State entries (summed over snapshots) of the resolved-state cache: whole
-    #: states as strings, what warm full-state and wildcard lookups read.
+    #: states as strings, what warm full-state and wildcard lookups read; a
+    #: snapshot that extends a cached one weighs only its changes.
     resolved_state_cache_size: int = 500_000
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
     from synapse_nidstate.runtime.config import NidStateConfig
-    from synapse_nidstate.storage.reads import ResolvedState
+    from synapse_nidstate.storage.reads import ResolvedChanges, ResolvedState
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -156,10 +156,14 @@ class NidStoreBase:
         )
         self.named_caches["nidstate_snapshot_members"] = self._members.cache
         self.named_caches["nidstate_snapshot_non_members"] = self._non_members.cache
-        # snapshot -> its whole state as strings (immutable), sized in entries.
-        self._resolved: LruCache[int, ResolvedState] = cache(
+        # snapshot -> its whole state as strings (immutable), or its changes
+        # against an ancestor's (``reads.ResolvedChanges``), sized in entries.
+        self._resolved: LruCache[int, ResolvedState | ResolvedChanges] = cache(
             "resolved_state", config.resolved_state_cache_size, size_callback=len
         )
+        #: The block list of each snapshot in ``_resolved`` (kept in step by the
+        #: cache's callbacks): how a snapshot finds a resolved ancestor.
+        self._resolved_index: dict[tuple[int, ...], int] = {}
 
     # ------------------------------------------------------------------ caches
 
@@ -170,6 +174,7 @@ class NidStoreBase:
     def clear_caches(self) -> None:
         for cache in self.caches():
             cache.clear()
+        self._resolved_index.clear()
 
     def _publish(self, learnt: TxnLearnt) -> None:
         """Fill the shared caches with what a committed transaction learnt."""
