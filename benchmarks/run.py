@@ -535,36 +535,63 @@ def machine() -> str:
 
 
 def targets(results: Results) -> list[tuple[str, str, str]]:
-    """(target, measured, met?) for the issue's targets."""
-    out = []
+    """(target, measured, met?) for issue 12's targets this run measures (the
+    ones set at scale L are "not at this scale" elsewhere; the realistic mix
+    and the HQ-scale run are not the runner's)."""
+    out: list[tuple[str, str, str]] = []
+    at_l = results.scale == "L"
+
+    def row(target: str, measured: str, ok: bool, scale_l_only: bool = False) -> None:
+        status = "met" if ok else "missed"
+        if scale_l_only and not at_l:
+            status = f"{status} (the target is set at L)"
+        out.append((target, measured, status))
+
     storage = results.storage
     if storage is not None and storage.total_bytes_ratio is not None:
         ratio = storage.total_bytes_ratio
-        out.append(("storage <= 1/10 of Synapse's", f"{ratio:.3f}", "met" if ratio <= 0.1 else "missed"))
+        bound = 40 if at_l else 10
+        row(f"storage <= 1/{bound} of Synapse's state tables", f"{ratio:.3f}", ratio <= 1 / bound)
     by_name = {(t.lookup, t.cache): t for t in results.timings}
+    cold = [
+        ("full state", 2), ("one member key", 10), ("lazy-load members", 5),
+    ]
+    for lookup, factor in cold:
+        t = by_name.get((lookup, "cold"))
+        if t:
+            row(f"cold {lookup} >= {factor}x faster at L (p50)", f"{t.speedup_p50:.1f}x",
+                t.speedup_p50 >= factor, scale_l_only=True)
     full = by_name.get(("full state", "cold"))
     if full:
-        out.append(("cold full state >= 10x faster (p50)", f"{full.speedup_p50:.1f}x", "met" if full.speedup_p50 >= 10 else "missed"))
-    one = by_name.get(("one member key", "cold"))
-    if one:
-        out.append(("cold one key >= 20x faster (p50)", f"{one.speedup_p50:.1f}x", "met" if one.speedup_p50 >= 20 else "missed"))
+        row("cold full state never slower (p50)", f"{full.speedup_p50:.1f}x", full.speedup_p50 >= 1)
+    batch = by_name.get(("batch of 100 events", "cold"))
+    if batch:
+        row("cold batch of 100 events >= 10x faster (p50)", f"{batch.speedup_p50:.1f}x",
+            batch.speedup_p50 >= 10)
     warm = [t for t in results.timings if t.cache == "warm"]
     if warm:
         slowest = min(warm, key=lambda t: t.speedup_p50)
-        out.append(("warm never slower (p50)", f"worst {slowest.speedup_p50:.1f}x ({slowest.lookup})", "met" if slowest.speedup_p50 >= 1 else "missed"))
+        row("warm >= 2x for every lookup kind (p50)",
+            f"worst {slowest.speedup_p50:.1f}x ({slowest.lookup})", slowest.speedup_p50 >= 2)
+    if results.memory:
+        native = sum(b for _, b in results.memory["native"].values())
+        nid = sum(b for _, b in results.memory["nid"].values())
+        if native:
+            row("cache memory <= 1/10 of Synapse's (same states)", f"{nid / native:.3f}",
+                nid * 10 <= native)
     if results.queries:
-        worst = max(q["nid_statements"] for q in results.queries)
-        out.append(("<= 2 queries per batch", f"{worst:.1f} statements", "met" if worst <= 2 else "missed"))
+        worst = max(q["nid_statements"] for q in results.queries if q["caches"] == "cold")
+        row("<= 2 statements per cold lookup batch", f"{worst:.1f}", worst <= 2)
     if results.persistence:
         off = sum(r["off_events"] for r in results.persistence) / sum(r["off_seconds"] for r in results.persistence)
         on = sum(r["on_events"] for r in results.persistence) / sum(r["on_seconds"] for r in results.persistence)
         overhead = 1 - on / off
-        out.append(("persistence overhead <= 5% (wall time, off vs on)", f"{overhead * 100:.1f}%", "met" if overhead <= 0.05 else "missed"))
+        row("persistence overhead <= 5% (wall time, off vs on)", f"{overhead * 100:.1f}%", overhead <= 0.05)
         share = results.mirror_seconds / sum(r["on_seconds"] for r in results.persistence)
-        out.append(("persistence overhead <= 5% (the module's own time)", f"{share * 100:.1f}%", "met" if share <= 0.05 else "missed"))
+        row("persistence overhead <= 5% (the module's own time)", f"{share * 100:.1f}%", share <= 0.05)
     if results.migration:
         rate = results.migration["rate"]
-        out.append(("migration >= 10k events/s", f"{rate:,.0f} events/s", "met" if rate >= 10000 else "missed"))
+        row("migration >= 10k events/s", f"{rate:,.0f} events/s", rate >= 10000)
     return out
 
 
@@ -678,7 +705,7 @@ def report(results: Results, command: str) -> str:
     for side, caches in results.memory.items():
         mem_rows.append((side, "**total**", f"{sum(e for e, _ in caches.values()):,}", f"{sum(b for _, b in caches.values()):,}"))
     out.append(markdown(mem_rows, ("side", "cache", "entries", "bytes")))
-    out += ["", "## Targets (issue 4)", "", markdown(targets(results), ("target", "measured", ""))]
+    out += ["", "## Targets (issue 12)", "", markdown(targets(results), ("target", "measured", ""))]
     return "\n".join(out)
 
 
