@@ -216,13 +216,13 @@ class GroupReads:
         """Synapse's ``_get_state_group_delta_txn`` answer: the edge, then the
         group's rows; a group with a predecessor and no rows may be reclaimed
         (rows are only ever deleted whole), and its delta is then
-        :meth:`synapse_delta_txn`'s."""
+        :meth:`_reclaimed_delta_txn`'s."""
         prev = self._store.prev_groups_txn(txn, [group]).get(group)
         if prev is None:
             return _GetStateGroupDelta(None, None)
         rows = self._store.group_rows_txn(txn, [group])[group]
         if not rows:
-            reclaimed = self.synapse_delta_txn(txn, group)
+            reclaimed = self._reclaimed_delta_txn(txn, group, prev)
             if reclaimed is not None:
                 if self._mode == "serve":
                     self._stats.served += 1
@@ -236,11 +236,19 @@ class GroupReads:
         the difference between its proved state and its predecessor's, as
         :meth:`synapse_answer_txn` reads them; None for any other group, whose
         rows Synapse reads itself."""
-        if not self._store.reclaimed_anchors_txn(txn, [group]):
-            return None
         prev = self._store.prev_groups_txn(txn, [group]).get(group)
         if prev is None:
+            if not self._store.reclaimed_anchors_txn(txn, [group]):
+                return None
             return _GetStateGroupDelta(None, None)
+        return self._reclaimed_delta_txn(txn, group, prev)
+
+    def _reclaimed_delta_txn(
+        self, txn: LoggingTransaction, group: int, prev: int
+    ) -> _GetStateGroupDelta | None:
+        """:meth:`synapse_delta_txn` for a group whose predecessor is ``prev``."""
+        if not self._store.reclaimed_anchors_txn(txn, [group]):
+            return None
         states = self._store.synapse_states_txn(txn, [group, prev], StateFilter.all())
         return _difference(prev, states.get(group), states.get(prev))
 
