@@ -12,7 +12,7 @@ from synapse_nidstate.storage.common import (
     WriteCounters,
     in_list_clause,
 )
-from synapse_nidstate.storage.reads import ResolvedChanges, ResolvedState
+from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
 from synapse_nidstate.storage.store import NidStore
 
 __all__ = [

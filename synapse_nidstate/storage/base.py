@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
     from synapse_nidstate.runtime.config import NidStateConfig
-    from synapse_nidstate.storage.reads import ResolvedChanges, ResolvedState
+    from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -3,7 +3,8 @@
 Built like Synapse's ``DataStore``, from one class per concern, each in its own
 file, each building on the one before: ``base`` (pool and caches),
 ``interning`` (strings to NIDs), ``snapshots`` (where a snapshot is built and
-written), ``reads`` (where a lookup turns NIDs into strings), ``groups``
+written), ``resolved`` (whole states as strings, cached per base), ``reads``
+(the state at events, filtered), ``groups``
 (Synapse's state groups from the snapshots), ``reclaim`` (deleting Synapse's
 rows that the snapshots replace, each proved first; writing them back),
 ``purge`` (following Synapse's purges). The schema and its per-engine SQL are

@@ -1,0 +1,397 @@
+"""The resolved-state cache: a snapshot's whole state as strings.
+
+A whole state is kept once per base (:class:`ResolvedState`); a snapshot whose
+block list extends a resolved one (every snapshot between two compactions of
+its room, ``algebra.extend``) is read from its extra blocks alone and kept as
+its changes against that base (:class:`ResolvedChanges`). Also where NIDs
+become strings (:meth:`ResolvedStateStore._to_strings`), for ``reads``.
+"""
+
+import functools
+from collections.abc import Callable, Collection, Mapping
+from typing import cast
+
+import attr
+from synapse.storage.database import LoggingTransaction
+from synapse.types import MutableStateMap
+from synapse.types.state import StateFilter
+
+from synapse_nidstate import algebra
+from synapse_nidstate.algebra import NidStateMap
+from synapse_nidstate.storage.base import TxnLearnt
+from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CacheMiss, in_list_clause
+from synapse_nidstate.storage.snapshots import SnapshotStore
+
+
+class ResolvedState:
+    """A snapshot's whole state as strings, indexed by type for filtering.
+
+    Immutable once built (callers get copies), so it can be cached for good.
+    """
+
+    __slots__ = ("full", "by_type")
+
+    def __init__(self, full: dict[tuple[str, str], str]) -> None:
+        self.full = full
+        self.by_type: dict[str, dict[tuple[str, str], str]] = {}
+        for key, event_id in full.items():
+            self.by_type.setdefault(key[0], {})[key] = event_id
+
+    def __len__(self) -> int:
+        return len(self.full)
+
+    def filter(self, state_filter: StateFilter) -> MutableStateMap[str]:
+        """``state_filter.filter_state(self.full)``, touching only the types it names."""
+        if state_filter.is_full():
+            return dict(self.full)
+        out: MutableStateMap[str] = {}
+        for event_type, state_keys in state_filter.types.items():
+            of_type = self.by_type.get(event_type)
+            if not of_type:
+                continue
+            if state_keys is None:
+                out.update(of_type)
+            else:
+                for state_key in state_keys:
+                    event_id = of_type.get((event_type, state_key))
+                    if event_id is not None:
+                        out[(event_type, state_key)] = event_id
+        if state_filter.include_others:
+            for event_type, of_type in self.by_type.items():
+                if event_type not in state_filter.types:
+                    out.update(of_type)
+        return out
+
+
+class ResolvedChanges:
+    """A snapshot's whole state as what it changes in an ancestor's
+    :class:`ResolvedState` (its ``base``, cached under that snapshot's NID):
+    a key mapped to None is not in the state.
+
+    A snapshot extends its parent by one block until the room's next
+    compaction (``algebra.extend``), so the snapshots of a busy room between
+    two compactions share one base and each keeps only its changes: the
+    cache holds one whole state per compaction instead of one per snapshot.
+    """
+
+    __slots__ = ("base", "changes")
+
+    def __init__(self, base: int, changes: dict[tuple[str, str], str | None]) -> None:
+        self.base = base
+        self.changes = changes
+
+    def __len__(self) -> int:
+        return len(self.changes) + 1
+
+    def filter(self, base: ResolvedState, state_filter: StateFilter) -> MutableStateMap[str]:
+        """``state_filter.filter_state`` of the state (``base`` the resolved base)."""
+        out = base.filter(state_filter)
+        full = state_filter.is_full()
+        types = state_filter.types
+        for key, event_id in self.changes.items():
+            if not full:
+                if key[0] in types:
+                    state_keys = types[key[0]]
+                    if state_keys is not None and key[1] not in state_keys:
+                        continue
+                elif not state_filter.include_others:
+                    continue
+            if event_id is None:
+                out.pop(key, None)
+            else:
+                out[key] = event_id
+        return out
+
+
+#: A snapshot's changes are kept against a base while they are at most this
+#: part of the base's entries (or :data:`MIN_CHANGES`); beyond, the snapshot
+#: is resolved whole and becomes a base itself.
+CHANGES_PART = 4
+MIN_CHANGES = 8
+#: How many blocks back (from its end) a snapshot's block list is searched for
+#: a resolved ancestor: snapshots extend their parent one block at a time.
+ANCESTOR_BLOCKS = 8
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _Ancestor:
+    """A resolved snapshot whose block list a snapshot's extends by ``extra``."""
+
+    snapshot_nid: int
+    extra: tuple[int, ...]
+    #: Its cache entry and that entry's base; None if it is earlier in this read.
+    cached: "ResolvedState | ResolvedChanges | None"
+    cached_base: ResolvedState | None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _Plan:
+    """How one read builds a snapshot's whole state (``_resolve_whole``).
+
+    ``whole``: a base, ``nids`` its whole state. Otherwise the state is
+    ``base``'s (``cached_base`` if cached, else a base of this read) with
+    ``inherited`` (strings) and then ``nids`` applied; kept so, or with
+    ``rebase`` made a base of its own. ``size``: the base's entries.
+    """
+
+    base: int | None
+    cached_base: ResolvedState | None
+    inherited: dict[tuple[str, str], str | None]
+    nids: NidStateMap
+    size: int
+    whole: bool = False
+    rebase: bool = False
+
+
+class ResolvedStateStore(SnapshotStore):
+    def _cached_resolved(
+        self, snapshot_nid: int
+    ) -> Callable[[StateFilter], MutableStateMap[str]] | None:
+        """The snapshot's whole state from the resolved-state cache, as a
+        filtering function; None if it (or its base) is not cached."""
+        entry = self._resolved.get(snapshot_nid)
+        if entry is None or isinstance(entry, ResolvedState):
+            return None if entry is None else entry.filter
+        base = self._resolved.get(entry.base)
+        if not isinstance(base, ResolvedState):
+            return None  # the base was evicted: read again
+        return functools.partial(entry.filter, base)
+
+    def _resolve_whole(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        block_lists: Mapping[int, tuple[int, ...]],
+        state_filter: StateFilter,
+    ) -> dict[int, MutableStateMap[str]]:
+        """Whole states of snapshots, filtered, and into the resolved-state cache.
+
+        Shortest block lists first: a snapshot whose block list extends one
+        already resolved (cached, or earlier in this read) is resolved from
+        the changes of its extra blocks alone (only those blocks, and the
+        strings of their entries, are read) and kept as changes against that
+        one's base (:class:`ResolvedChanges`) while they stay small beside it;
+        otherwise it becomes a base itself, built from its ancestor's state
+        and the changes where it has an ancestor, from all its blocks where not.
+        """
+        order = sorted(block_lists, key=lambda s: len(block_lists[s]))
+        ancestors: dict[int, _Ancestor] = {}
+        in_read: dict[tuple[int, ...], int] = {}
+        needed: set[int] = set()
+        for snapshot_nid in order:
+            block_nids = block_lists[snapshot_nid]
+            ancestor = self._ancestor(block_nids, in_read)
+            if ancestor is None:
+                needed.update(block_nids)
+            else:
+                ancestors[snapshot_nid] = ancestor
+                needed.update(ancestor.extra)
+            in_read[block_nids] = snapshot_nid
+        blocks = self._blocks_txn(txn, learnt, needed)
+        if txn is not None:
+            txn.call_after(self._publish, learnt)
+
+        plans: dict[int, _Plan] = {}
+        for snapshot_nid in order:
+            ancestor = ancestors.get(snapshot_nid)
+            if ancestor is None:
+                full = algebra.resolve(blocks[b] for b in block_lists[snapshot_nid])
+                plans[snapshot_nid] = _Plan(None, None, {}, full, len(full), whole=True)
+                continue
+            own = algebra.changes(blocks[b] for b in ancestor.extra)
+            if ancestor.cached is None:
+                parent = plans[ancestor.snapshot_nid]
+                if parent.whole or parent.rebase:  # a base of this read
+                    plan = _Plan(ancestor.snapshot_nid, None, {}, own, parent.size)
+                else:
+                    plan = _Plan(
+                        parent.base,
+                        parent.cached_base,
+                        parent.inherited,
+                        {**parent.nids, **own},
+                        parent.size,
+                    )
+            elif isinstance(ancestor.cached, ResolvedState):
+                plan = _Plan(
+                    ancestor.snapshot_nid, ancestor.cached, {}, own, len(ancestor.cached)
+                )
+            else:
+                assert ancestor.cached_base is not None
+                plan = _Plan(
+                    ancestor.cached.base,
+                    ancestor.cached_base,
+                    ancestor.cached.changes,
+                    own,
+                    len(ancestor.cached_base),
+                )
+            if len(plan.inherited) + len(plan.nids) > max(
+                MIN_CHANGES, plan.size // CHANGES_PART
+            ):
+                # Too many changes: a base of its own, from its base and them.
+                base_plan = (
+                    plans[plan.base]
+                    if plan.base is not None and plan.cached_base is None
+                    else None
+                )
+                if base_plan is not None and base_plan.whole and not plan.inherited:
+                    full = dict(base_plan.nids)
+                    for key, event_nid in plan.nids.items():
+                        if event_nid:
+                            full[key] = event_nid
+                        else:
+                            full.pop(key, None)
+                    plan = _Plan(None, None, {}, full, len(full), whole=True)
+                else:
+                    plan = attr.evolve(plan, rebase=True)
+            plans[snapshot_nid] = plan
+
+        # A whole state is cached as strings (below): filling the per-NID
+        # caches with thousands of entries as well would cost more than the read.
+        strings = self._to_strings(txn, {s: p.nids for s, p in plans.items()}, fill=False)
+        bases: dict[int, ResolvedState] = {}
+        answer: dict[int, MutableStateMap[str]] = {}
+        for snapshot_nid in order:  # a base before what builds on it
+            plan = plans[snapshot_nid]
+            own_strings = strings[snapshot_nid]
+            resolved: ResolvedState | ResolvedChanges
+            if plan.whole:
+                resolved = bases[snapshot_nid] = ResolvedState(
+                    cast("dict[tuple[str, str], str]", own_strings)
+                )
+                answer[snapshot_nid] = resolved.filter(state_filter)
+            else:
+                assert plan.base is not None
+                base = plan.cached_base or bases[plan.base]
+                changes = {**plan.inherited, **own_strings}
+                if plan.rebase:
+                    state = dict(base.full)
+                    for string_key, event_id in changes.items():
+                        if event_id is None:
+                            state.pop(string_key, None)
+                        else:
+                            state[string_key] = event_id
+                    resolved = bases[snapshot_nid] = ResolvedState(state)
+                    answer[snapshot_nid] = resolved.filter(state_filter)
+                else:
+                    resolved = ResolvedChanges(plan.base, changes)
+                    answer[snapshot_nid] = resolved.filter(base, state_filter)
+            remember = functools.partial(
+                self._remember_resolved, snapshot_nid, block_lists[snapshot_nid], resolved
+            )
+            if txn is None:  # built from the caches: committed data only
+                remember()
+            else:
+                txn.call_after(remember)
+        return answer
+
+    def _ancestor(
+        self, block_nids: tuple[int, ...], in_read: Mapping[tuple[int, ...], int]
+    ) -> "_Ancestor | None":
+        """The nearest resolved snapshot (earlier in this read, or cached with
+        its base) whose block list ``block_nids`` extends."""
+        for cut in range(len(block_nids) - 1, max(0, len(block_nids) - 1 - ANCESTOR_BLOCKS), -1):
+            prefix = block_nids[:cut]
+            extra = block_nids[cut:]
+            parent = in_read.get(prefix)
+            if parent is not None:
+                return _Ancestor(parent, extra, None, None)
+            parent = self._resolved_index.get(prefix)
+            if parent is None:
+                continue
+            # Held here: the reactor may evict them from the cache meanwhile.
+            entry = self._resolved.get(parent)
+            if isinstance(entry, ResolvedState):
+                return _Ancestor(parent, extra, entry, entry)
+            if isinstance(entry, ResolvedChanges):
+                base = self._resolved.get(entry.base)
+                if isinstance(base, ResolvedState):
+                    return _Ancestor(parent, extra, entry, base)
+        return None
+
+    def _remember_resolved(
+        self,
+        snapshot_nid: int,
+        block_nids: tuple[int, ...],
+        resolved: "ResolvedState | ResolvedChanges",
+    ) -> None:
+        """Cache a resolved state, findable by its block list (for the
+        snapshots that extend it) while it is cached."""
+        self._resolved.set(
+            snapshot_nid,
+            resolved,
+            callbacks=(functools.partial(self._forget_resolved, snapshot_nid, block_nids),),
+        )
+        self._resolved_index[block_nids] = snapshot_nid
+
+    def _forget_resolved(self, snapshot_nid: int, block_nids: tuple[int, ...]) -> None:
+        if self._resolved_index.get(block_nids) == snapshot_nid:
+            del self._resolved_index[block_nids]
+
+    def _to_strings(
+        self,
+        txn: LoggingTransaction | None,
+        nid_states: Mapping[int, NidStateMap],
+        fill: bool = True,
+    ) -> dict[int, dict[tuple[str, str], str | None]]:
+        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
+        type_strings, key_strings, event_strings = self._strings_of_nids_read(
+            txn,
+            {t for m in nid_states.values() for t, _ in m},
+            {s for m in nid_states.values() for _, s in m},
+            {e for m in nid_states.values() for e in m.values() if e},
+            fill,
+        )
+        return {
+            snapshot_nid: {
+                (type_strings[t], key_strings[s]): event_strings[e] if e else None
+                for (t, s), e in state.items()
+            }
+            for snapshot_nid, state in nid_states.items()
+        }
+
+    def _strings_of_nids_read(
+        self,
+        txn: LoggingTransaction | None,
+        type_nids: Collection[int],
+        key_nids: Collection[int],
+        event_nids: Collection[int],
+        fill: bool = True,
+    ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """The strings of type, state key and event NIDs, in one query for all misses.
+
+        ``fill=False`` leaves the state key and event caches as they were (the
+        few types are always cached).
+        """
+        caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
+        found: list[dict[int, str]] = []
+        missing: list[list[int]] = []
+        for cache, nids in zip(caches, (type_nids, key_nids, event_nids)):
+            hit, miss = self._split_cached(cache, nids)
+            found.append(hit)
+            missing.append(miss)
+        if any(missing):
+            if txn is None:
+                raise CacheMiss()
+            parts, args = [], []
+            for kind, (table, nid_column, column) in enumerate(
+                (
+                    ("nidstate_event_types", "type_nid", "event_type"),
+                    ("nidstate_state_keys", "state_key_nid", "state_key"),
+                    ("nidstate_events", "event_nid", "event_id"),
+                )
+            ):
+                if missing[kind]:
+                    clause, clause_args = in_list_clause(self.engine, nid_column, missing[kind])
+                    parts.append(
+                        f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
+                    )
+                    args.extend(clause_args)
+            txn.execute(" UNION ALL ".join(parts), args)
+            rows: list[list[tuple[int, str]]] = [[], [], []]
+            for kind, nid, string in txn.fetchall():
+                rows[kind].append((nid, string))
+            for kind, cache in enumerate(caches):
+                found[kind].update(rows[kind])
+                if fill or kind == 0:
+                    txn.call_after(self._fill, cache, rows[kind])
+        return found[0], found[1], found[2]
