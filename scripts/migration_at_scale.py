@@ -50,9 +50,13 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def migrated(database: dict) -> int:
-    """Events with a snapshot, read directly from the database."""
+    """Events whose state group has a snapshot, read directly from the database."""
     try:
-        return count(database, "SELECT COUNT(*) FROM nidstate_events WHERE snapshot_nid IS NOT NULL")
+        return count(
+            database,
+            "SELECT COUNT(*) FROM event_to_state_groups AS esg"
+            " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group",
+        )
     except Exception:
         return 0  # the tables do not exist yet
 

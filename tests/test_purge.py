@@ -26,11 +26,9 @@ async def _answers(module: Any, event_ids: list[str]) -> tuple[dict, dict]:
 
 
 def _unreferenced_txn(txn: Any) -> tuple[set[int], set[int]]:
-    """Snapshots no event or state group uses, and blocks no snapshot lists."""
-    txn.execute("SELECT snapshot_nid FROM nidstate_events WHERE snapshot_nid IS NOT NULL")
-    used = {row[0] for row in txn.fetchall()}
+    """Snapshots no state group uses, and blocks no snapshot lists."""
     txn.execute("SELECT snapshot_nid FROM nidstate_state_groups")
-    used |= {row[0] for row in txn.fetchall()}
+    used = {row[0] for row in txn.fetchall()}
     txn.execute("SELECT snapshot_nid, block_nids FROM nidstate_snapshots")
     snapshots = {nid: unpack_nids(blocks) for nid, blocks in txn.fetchall()}
     listed = {b for blocks in snapshots.values() for b in blocks}

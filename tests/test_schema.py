@@ -1,9 +1,17 @@
 """The module's schema: upgrades between versions, and a database newer than the code."""
 
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import PostgresEngine
+from synapse.storage.prepare_database import get_statements
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.storage.schema import apply_schema_txn, current_version_txn, schema_files
+from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.storage.schema import (
+    apply_schema_txn,
+    current_version_txn,
+    schema_dir,
+    schema_files,
+)
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import build_history, compare_room, filters_for, room_event_ids
 
@@ -79,6 +87,92 @@ class SchemaTests:
         filters = filters_for(hs, history.users)
         for room_id in history.rooms:
             self.assertGreater(await compare_room(self, hs, room_id, filters), 0)
+
+    @in_logcontext
+    async def test_upgrade_from_schema_3_keeps_state_events_and_their_nids(self) -> None:
+        database = self.database_config()
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        history = await build_history(hs)
+        db_pool = hs.get_datastores().main.db_pool
+        engine = hs.get_datastores().main.database_engine
+        (create,) = [
+            statement
+            for statement in get_statements((schema_dir(engine) / "02_compact.sql").open())
+            if statement.startswith("CREATE TABLE nidstate_events ")
+        ]
+
+        def schema_3_txn(txn: LoggingTransaction) -> dict[str, int]:
+            # What a release with schema 3 left: nidstate_events with a row per
+            # event persisted with state and its snapshot pointer, beside the
+            # interned state events (whose NIDs the blocks hold).
+            interned = dict(_rows(txn, "SELECT event_id, event_nid FROM nidstate_events"))
+            txn.execute("DROP TABLE nidstate_events")
+            txn.execute(create)
+            txn.executemany(
+                "INSERT INTO nidstate_events (event_nid, event_id, room_nid) VALUES (?, ?, 1)",
+                [(nid, event_id) for event_id, nid in interned.items()],
+            )
+            if isinstance(engine, PostgresEngine):
+                txn.execute(
+                    "SELECT setval('nidstate_events_event_nid_seq', ?)", (max(interned.values()),)
+                )
+            txn.execute(
+                "INSERT INTO nidstate_events (event_id, room_nid, snapshot_nid)"
+                " SELECT esg.event_id, 1, g.snapshot_nid FROM event_to_state_groups AS esg"
+                " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+                " WHERE esg.event_id NOT IN (SELECT event_id FROM nidstate_events)"
+            )
+            txn.execute(
+                "UPDATE nidstate_events SET snapshot_nid = (SELECT g.snapshot_nid"
+                " FROM event_to_state_groups AS esg JOIN nidstate_state_groups AS g"
+                " ON g.state_group = esg.state_group WHERE esg.event_id = nidstate_events.event_id)"
+            )
+            txn.execute("UPDATE nidstate_meta SET value = '3' WHERE key = 'schema_version'")
+            return interned
+
+        interned = await db_pool.runInteraction("schema_3", schema_3_txn)
+        rows_before = await db_pool.runInteraction(
+            "count", lambda txn: _rows(txn, "SELECT COUNT(*) FROM nidstate_events")[0][0]
+        )
+        self.assertGreater(rows_before, len(interned))
+        await self.stop_homeserver(hs)
+
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        self.module(hs)  # the module started (schema applied)
+        db_pool = hs.get_datastores().main.db_pool
+        after = await db_pool.runInteraction(
+            "after", lambda txn: dict(_rows(txn, "SELECT event_id, event_nid FROM nidstate_events"))
+        )
+        non_state = await db_pool.runInteraction(
+            "non_state",
+            lambda txn: _rows(
+                txn,
+                "SELECT COUNT(*) FROM nidstate_events AS n JOIN events AS e"
+                " ON e.event_id = n.event_id WHERE e.state_key IS NULL",
+            )[0][0],
+        )
+        # Only state events are left (a rejected one no block names may stay),
+        # with the NIDs their blocks name ...
+        self.assertEqual(non_state, 0)
+        self.assertEqual({e: after[e] for e in interned if e in after}, interned)
+        self.assertLess(len(after), rows_before)
+        # ... and every event is still answered from the mirror, equal to Synapse.
+        filters = filters_for(hs, history.users)
+        for room_id in history.rooms:
+            self.assertGreater(await compare_room(self, hs, room_id, filters), 0)
+        # A state event interned now gets a NID above every earlier one.
+        driver = Driver(hs)
+        event = await driver.send(
+            history.users[0], history.rooms[0], "m.room.topic", {"topic": "after 4"}, ""
+        )
+        nid = await db_pool.runInteraction(
+            "nid",
+            lambda txn: _rows(
+                txn, "SELECT event_nid FROM nidstate_events WHERE event_id = ?", event.event_id
+            )[0][0],
+        )
+        self.assertGreater(nid, max(interned.values()))
+        await compare_room(self, hs, history.rooms[0], filters)
 
     @in_logcontext
     async def test_a_newer_schema_stops_start_up(self) -> None:

@@ -417,11 +417,11 @@ class WorkersTest(unittest.TestCase):
             self.assertFalse(statuses[name]["reclaim"]["background"], name)
             self.assertEqual(statuses[name]["counters"]["reclaim"]["groups_reclaimed"], 0, name)
 
-        # Every event with a state group has its snapshot; every NID is unique.
+        # Every event's state group has its snapshot; every NID is unique.
         (missing,) = self.sql(
             "SELECT COUNT(*) FROM event_to_state_groups AS esg"
-            " LEFT JOIN nidstate_events AS n ON n.event_id = esg.event_id"
-            " WHERE n.snapshot_nid IS NULL"
+            " LEFT JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+            " WHERE g.state_group IS NULL"
         )
         self.assertEqual(missing, (0,))
         for table, column in (
@@ -447,4 +447,4 @@ class WorkersTest(unittest.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("mismatches: 0", result.stdout)
-        self.assertIn("orphans: 0 events, 0 state groups", result.stdout)
+        self.assertIn("orphans: 0 state groups", result.stdout)

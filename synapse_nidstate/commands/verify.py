@@ -47,16 +47,18 @@ class VerifyResult:
 
 @attr.s(auto_attribs=True)
 class Orphans:
-    """Mirror rows for what Synapse no longer has."""
+    """Mirror rows for state groups Synapse no longer has.
 
-    events: int = 0
-    event_sample: list[str] = attr.Factory(list)
+    (Events cannot be orphaned: the lookups reach an event's snapshot through
+    Synapse's own ``event_to_state_groups`` row, which goes with the event.)
+    """
+
     groups: int = 0
     group_sample: list[int] = attr.Factory(list)
 
     @property
     def count(self) -> int:
-        return self.events + self.groups
+        return self.groups
 
 
 def standard_filters(member_sample: Iterable[str]) -> dict[str, StateFilter]:
@@ -184,24 +186,10 @@ async def _compare_batch(
 
 
 async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
-    """Mirror rows for events or state groups Synapse no longer has (bounded memory)."""
+    """Mirror rows for state groups Synapse no longer has (bounded memory)."""
     main = hs.get_datastores().main.db_pool
     state = hs.get_datastores().state.db_pool
     orphans = Orphans()
-
-    def events_txn(txn: LoggingTransaction) -> tuple[int, list[str]]:
-        where = (
-            " FROM nidstate_events AS n WHERE n.snapshot_nid IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM event_to_state_groups AS esg WHERE esg.event_id = n.event_id)"
-        )
-        txn.execute("SELECT COUNT(*)" + where)
-        count = txn.fetchone()[0]  # type: ignore[index]
-        txn.execute("SELECT n.event_id" + where + " LIMIT ?", (MAX_LISTED,))
-        return count, [row[0] for row in txn.fetchall()]
-
-    orphans.events, orphans.event_sample = await main.runInteraction(
-        "nidstate_orphan_events", events_txn
-    )
 
     # The state groups may live in another database: compare a page at a time.
     def our_groups_txn(txn: LoggingTransaction, after: int) -> list[int]:
@@ -267,8 +255,6 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
         ],
         "not_mirrored": result.unmirrored,
         "not_mirrored_sample": result.unmirrored_sample,
-        "orphan_events": orphans.events,
-        "orphan_event_sample": orphans.event_sample,
         "orphan_state_groups": orphans.groups,
         "orphan_state_group_sample": orphans.group_sample,
     }
@@ -287,11 +273,9 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
             f"not mirrored (answered by Synapse): {result.unmirrored}"
             + (" (run migrate)" if result.unmirrored else "")
         )
-        for event_id in orphans.event_sample:
-            print(f"ORPHAN event {event_id}: mirrored, but Synapse has no state for it")
         for group in orphans.group_sample:
             print(f"ORPHAN state group {group}: mirrored, but Synapse no longer has it")
-        print(f"orphans: {orphans.events} events, {orphans.groups} state groups")
+        print(f"orphans: {orphans.groups} state groups")
     return 1 if result.mismatches or orphans.count else 0
 
 

@@ -86,12 +86,6 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     # hooks.install_purges
     Requirement(
         "synapse.storage.databases.main.purge_events.PurgeEventsStore",
-        "_purge_history_txn",
-        ("txn", "room_id"),
-        "wrapped: forget purged events' snapshots in the purge transaction",
-    ),
-    Requirement(
-        "synapse.storage.databases.main.purge_events.PurgeEventsStore",
         "_purge_room_txn",
         ("txn", "room_id"),
         "wrapped: delete a purged room's rows in the purge transaction",

@@ -171,15 +171,14 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
 def install_purges(hs: "HomeServer", store: NidStore) -> None:
     """Follow Synapse's purges, on whichever process runs them.
 
-    * ``PurgeEventsStore._purge_history_txn`` (purge history): in the same
-      transaction, events Synapse no longer maps to a state group lose their
-      snapshot.
     * ``PurgeEventsStore._purge_room_txn`` (purge/delete room; Synapse runs it
       twice): in the same transaction, every row of the room goes.
     * ``StateGroupDataStore.purge_unreferenced_state_groups`` (state database,
       maybe another one): afterwards, the mapping of the groups it deleted goes.
 
     Then the room's snapshots and blocks nothing uses any more are deleted.
+    A purge of history needs nothing more: Synapse deletes the purged events'
+    ``event_to_state_groups`` rows, through which the lookups find a snapshot.
 
     * ``CacheInvalidationWorkerStore._invalidate_caches_for_room_events`` (every
       process, from the purging one or from replication): the event ->
@@ -187,17 +186,8 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     """
     main = hs.get_datastores().main
     state = hs.get_datastores().state
-    purge_history_txn = main._purge_history_txn
     purge_room_txn = main._purge_room_txn
     purge_groups = state.purge_unreferenced_state_groups
-
-    @functools.wraps(purge_history_txn)
-    def _purge_history_txn(
-        txn: LoggingTransaction, room_id: str, *args: Any, **kwargs: Any
-    ) -> Any:
-        result = purge_history_txn(txn, room_id, *args, **kwargs)
-        store.forget_unmapped_events_txn(txn, room_id)
-        return result
 
     @functools.wraps(purge_room_txn)
     def _purge_room_txn(txn: LoggingTransaction, room_id: str) -> None:
@@ -232,6 +222,5 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
         store.forget_event_snapshots()
 
     main._invalidate_caches_for_room_events = _invalidate_caches_for_room_events  # type: ignore[method-assign]
-    main._purge_history_txn = _purge_history_txn  # type: ignore[method-assign]
     main._purge_room_txn = _purge_room_txn  # type: ignore[method-assign]
     state.purge_unreferenced_state_groups = purge_unreferenced_state_groups  # type: ignore[method-assign]

@@ -82,7 +82,9 @@ class LookupStats:
 class MigrationStats:
     """What the migration in this process did (CLI or background job)."""
 
-    #: events given a snapshot by the migration
+    #: events the migration's batches covered: each is answered from a snapshot
+    #: once its batch commits (its group built by that batch, an earlier one or
+    #: the live mirror; partial-state events are not counted)
     events_migrated: int = 0
     #: batches committed
     batches: int = 0

@@ -9,11 +9,12 @@ groups through Synapse's state store (which may be a separate database).
   orderings done) commit in one transaction, so a run killed at any moment
   resumes where the last batch committed, and ends as an uninterrupted run
   would: every write is an insert-or-select or a conditional update.
-* **Beside the live mirror.** An event the live mirror already recorded with a
-  snapshot is skipped, and the migration never overwrites a snapshot
-  (``keep_existing``); an event's snapshot pointer is set in the same
-  transaction as the blocks it points at, so an event is served only once its
-  snapshot is complete. Partial-state events are left to Synapse.
+* **Beside the live mirror.** An event whose state group already has a
+  snapshot (built by the live mirror, or for an earlier event of the same
+  group) is skipped. A group's row in ``nidstate_state_groups`` is written in
+  the same transaction as the blocks and snapshot it names, and the lookups
+  reach an event's snapshot through that row, so an event is served only once
+  its snapshot is complete. Partial-state events are left to Synapse.
 * **Gaps.** After a run the range ``[low, high]`` of stream orderings is done.
   The next run scans upwards from ``high`` (events persisted since, e.g. while
   the module was disabled) and downwards from ``low`` (history backfilled
@@ -100,13 +101,13 @@ class Migrator:
         )
 
     async def remaining(self) -> int:
-        """Events with a state group that have no snapshot yet (an estimate while live)."""
+        """Events whose state group has no snapshot yet (an estimate while live)."""
 
         def remaining_txn(txn: LoggingTransaction) -> int:
             txn.execute(
                 "SELECT COUNT(*) FROM event_to_state_groups AS esg"
-                " LEFT JOIN nidstate_events AS n ON n.event_id = esg.event_id"
-                " WHERE n.snapshot_nid IS NULL AND NOT EXISTS ("
+                " LEFT JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+                " WHERE g.state_group IS NULL AND NOT EXISTS ("
                 "   SELECT 1 FROM partial_state_events AS p WHERE p.event_id = esg.event_id)"
             )
             return txn.fetchone()[0]  # type: ignore[index]
@@ -115,16 +116,18 @@ class Migrator:
 
     def _pending_txn(
         self, txn: LoggingTransaction, after: int, upwards: bool, until: int | None
-    ) -> tuple[list[_PendingEvent], int | None]:
-        """The next batch beyond ``after`` (up to ``until``), and the last stream ordering scanned."""
+    ) -> tuple[list[_PendingEvent], int | None, int]:
+        """The next batch beyond ``after`` (up to ``until``): the events whose
+        group has no snapshot yet, the last stream ordering scanned, and how
+        many scanned events the batch covers (all but partial-state ones)."""
         bound = "" if until is None or not upwards else " AND e.stream_ordering <= ?"
         txn.execute(
             "SELECT e.stream_ordering, e.event_id, e.room_id, esg.state_group,"
-            "   n.snapshot_nid IS NOT NULL,"
+            "   g.state_group IS NOT NULL,"
             "   EXISTS (SELECT 1 FROM partial_state_events AS p WHERE p.event_id = e.event_id)"
             " FROM events AS e"
             " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
-            " LEFT JOIN nidstate_events AS n ON n.event_id = e.event_id"
+            " LEFT JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
             + (
                 " WHERE e.stream_ordering > ?" + bound + " ORDER BY e.stream_ordering ASC LIMIT ?"
                 if upwards
@@ -134,13 +137,13 @@ class Migrator:
         )
         rows = txn.fetchall()
         if not rows:
-            return [], None
+            return [], None, 0
         pending = [
             _PendingEvent(so, event_id, room_id, group)
             for so, event_id, room_id, group, done, partial in rows
             if not done and not partial
         ]
-        return pending, rows[-1][0]
+        return pending, rows[-1][0], sum(1 for row in rows if not row[5])
 
     # --------------------------------------------------------------- writing
 
@@ -192,13 +195,13 @@ class Migrator:
             after, upwards, range_key = _MIN_STREAM, True, _HIGH_KEY
         else:
             # New history since the last run first, then new backfill below it.
-            pending, scanned = await self._main.runInteraction(
+            pending, scanned, covered = await self._main.runInteraction(
                 "nidstate_migrate_pending", self._pending_txn, high, True, until
             )
             if scanned is not None:
-                return await self._migrate(pending, scanned, _HIGH_KEY, None, None)
+                return await self._migrate(pending, covered, scanned, _HIGH_KEY, None, None)
             after, upwards, range_key = low if low is not None else high, False, _LOW_KEY
-        pending, scanned = await self._main.runInteraction(
+        pending, scanned, covered = await self._main.runInteraction(
             "nidstate_migrate_pending", self._pending_txn, after, upwards, until
         )
         if scanned is None:
@@ -213,7 +216,7 @@ class Migrator:
                 "nidstate_migrate_first",
                 lambda txn: self._first_stream_ordering_txn(txn),
             )
-        return await self._migrate(pending, scanned, range_key, first_key, first_value)
+        return await self._migrate(pending, covered, scanned, range_key, first_key, first_value)
 
     @staticmethod
     def _last_stream_ordering_txn(txn: LoggingTransaction) -> int | None:
@@ -230,6 +233,7 @@ class Migrator:
     async def _migrate(
         self,
         pending: list[_PendingEvent],
+        covered: int,
         scanned_to: int,
         range_key: str,
         first_key: str | None,
@@ -269,7 +273,7 @@ class Migrator:
             first_key,
             first_value,
         )
-        self.stats.events_migrated += len(pending)
+        self.stats.events_migrated += covered
         self.stats.batches += 1
         newest = await self.last_stream_ordering()
         if range_key == _HIGH_KEY and newest is not None:

@@ -12,7 +12,7 @@ from synapse_nidstate.storage.reclaim import ReclaimStore
 
 class PurgeStore(ReclaimStore):
     def delete_unused_txn(self, txn: LoggingTransaction, room_id: str) -> tuple[int, int]:
-        """Delete the room's snapshots no event or state group uses any more,
+        """Delete the room's snapshots no state group uses any more,
         then its blocks no snapshot lists; returns how many of each.
 
         Runs once Synapse has deleted unreferenced state groups: until then
@@ -24,11 +24,8 @@ class PurgeStore(ReclaimStore):
         self._lock_room_txn(txn, room_nid)
         txn.execute(
             "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?"
-            " AND snapshot_nid NOT IN"
-            "  (SELECT snapshot_nid FROM nidstate_events"
-            "   WHERE room_nid = ? AND snapshot_nid IS NOT NULL)"
             " AND snapshot_nid NOT IN (SELECT snapshot_nid FROM nidstate_state_groups)",
-            (room_nid, room_nid),
+            (room_nid,),
         )
         snapshots = [row[0] for row in txn.fetchall()]
         if snapshots:
@@ -52,30 +49,6 @@ class PurgeStore(ReclaimStore):
             self._resolved.invalidate(snapshot_nid)
         for block_nid in blocks:
             self._blocks.invalidate(block_nid)
-
-    def forget_unmapped_events_txn(self, txn: LoggingTransaction, room_id: str) -> int:
-        """After Synapse purged history: no snapshot for what it no longer maps.
-
-        Synapse deletes the ``event_to_state_groups`` rows of every purged event
-        (deleted ones, and state events it keeps as outliers); the mirror then
-        must not answer for them either. Their rows stay (without a snapshot):
-        blocks of the events that remain may still name them. Idempotent.
-
-        The event -> snapshot cache is emptied by Synapse's own invalidation of
-        the room's event caches, which the purge streams to every process
-        (see ``hooks.install_purges``).
-        """
-        room_nid = self._room_nid_txn(txn, room_id)
-        if room_nid is None:
-            return 0
-        txn.execute(
-            "UPDATE nidstate_events SET snapshot_nid = NULL"
-            " WHERE room_nid = ? AND snapshot_nid IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM event_to_state_groups AS esg"
-            "  WHERE esg.event_id = nidstate_events.event_id)",
-            (room_nid,),
-        )
-        return txn.rowcount
 
     def forget_event_snapshots(self) -> None:
         """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""

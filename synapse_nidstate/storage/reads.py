@@ -103,10 +103,14 @@ class StateReadStore(ResolvedStateStore):
         if missing:
             if txn is None:
                 raise CacheMiss()
-            clause, args = in_list_clause(self.engine, "e.event_id", missing)
+            # The state at an event is its state group's: Synapse's own row
+            # says which group (the state before the event when rejected).
+            clause, args = in_list_clause(self.engine, "esg.event_id", missing)
             sql = (
-                "SELECT 0, e.event_id, e.snapshot_nid, s.block_nids FROM nidstate_events AS e"
-                f" JOIN nidstate_snapshots AS s ON s.snapshot_nid = e.snapshot_nid WHERE {clause}"
+                "SELECT 0, esg.event_id, g.snapshot_nid, s.block_nids"
+                " FROM event_to_state_groups AS esg"
+                " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+                f" JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid WHERE {clause}"
             )
             if filter_nids is not None:
                 for kind, (table, missing_strings) in enumerate(

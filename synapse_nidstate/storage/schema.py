@@ -44,9 +44,14 @@ def _sql_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "sql"
 
 
+def schema_dir(engine: BaseDatabaseEngine) -> Path:
+    """Where this engine's schema files are."""
+    return _sql_dir() / engine_name(engine)
+
+
 def schema_files(engine: BaseDatabaseEngine) -> list[tuple[int, Path]]:
     """The schema files for this engine, by version."""
-    directory = _sql_dir() / engine_name(engine)
+    directory = schema_dir(engine)
     files = []
     for path in directory.iterdir():
         match = _FILE_RE.match(path.name)

@@ -4,7 +4,6 @@ group -> snapshot map, planned in Python and written in a few statements."""
 from collections.abc import Collection, Sequence
 
 from synapse.storage.database import LoggingTransaction
-from synapse.storage.engines import PostgresEngine
 
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block, NidStateMap
@@ -275,12 +274,15 @@ class SnapshotStore(InterningStore):
         stats: WriteCounters,
         keep_existing: bool = False,
     ) -> None:
-        """Record ``rows`` and the snapshots of their state groups, in ``txn``.
+        """Build the snapshots of ``rows``' state groups, in ``txn``.
 
-        An event whose state group the mirror has no snapshot for (and no step
-        to build one) is recorded without a snapshot; lookups for it fall back
-        to Synapse. With ``keep_existing`` (the migration, beside the live
-        mirror) an event that already has a snapshot keeps it.
+        Nothing is written per event: the state at an event is the snapshot of
+        the group Synapse maps it to in ``event_to_state_groups``, which the
+        lookups join. An event whose group the mirror has no snapshot for (and
+        no step to build one) is counted as unprepared; its lookups fall back
+        to Synapse until the migration builds the group. ``keep_existing``
+        (the migration, beside the live mirror) only keeps its events out of
+        the event -> snapshot cache, which is for events looked up soon.
         """
         learnt = scope.begin(txn, self)
         (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
@@ -290,29 +292,12 @@ class SnapshotStore(InterningStore):
         groups = self.known_groups_txn(
             txn, {r.state_group for r in rows if r.state_group is not None}, learnt
         )
-        values = []
         for row in rows:
             snapshot_nid = groups.get(row.state_group) if row.state_group else None
             if row.state_group is not None and snapshot_nid is None:
                 stats.unprepared += 1
-            values.append((row.event_id, room_nid, snapshot_nid))
             if snapshot_nid is not None:
                 stats.events_mirrored += 1
                 if not keep_existing:
                     # A new event is looked up soon after (visibility, sync).
                     learnt.event_snapshots[row.event_id] = snapshot_nid
-        # One write per event: an insert, or an update of a row interned
-        # earlier (a state event named by its own snapshot) and only when it
-        # changes, as PostgreSQL writes a new row version for every update.
-        if keep_existing:
-            changes = "nidstate_events.snapshot_nid IS NULL"
-        elif isinstance(self.engine, PostgresEngine):
-            changes = "nidstate_events.snapshot_nid IS DISTINCT FROM EXCLUDED.snapshot_nid"
-        else:
-            changes = "nidstate_events.snapshot_nid IS NOT excluded.snapshot_nid"
-        txn.execute_batch(
-            "INSERT INTO nidstate_events (event_id, room_nid, snapshot_nid) VALUES (?, ?, ?)"
-            " ON CONFLICT (event_id) DO UPDATE SET snapshot_nid = EXCLUDED.snapshot_nid"
-            f" WHERE {changes}",
-            sorted(values),
-        )
