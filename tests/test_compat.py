@@ -33,7 +33,6 @@ class CompatTests(unittest.TestCase):
             "_update_state_for_partial_state_event_txn",
             "get_state_ids_for_events",
             "get_state_for_events",
-            "_purge_history_txn",
             "_purge_room_txn",
             "purge_unreferenced_state_groups",
             "_invalidate_caches_for_room_events",

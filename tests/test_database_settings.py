@@ -12,6 +12,7 @@ from typing import Any
 from synapse.server import HomeServer
 from twisted.trial import unittest
 
+from synapse_nidstate.storage.schema import schema_files
 from tests.harness import (
     PG_HOST,
     PG_PORT,
@@ -51,7 +52,8 @@ class DatabaseSettingsTests(HomeserverTestCase):
         hs = await self._serves(
             {"name": "sqlite3", "args": {"database": ":memory:", "cp_min": 1, "cp_max": 1}}
         )
-        self.assertEqual(self.module(hs).schema_version, 3)
+        engine = hs.get_datastores().main.database_engine
+        self.assertEqual(self.module(hs).schema_version, schema_files(engine)[-1][0])
 
     @in_logcontext
     async def test_postgres_dbname(self) -> None:
