@@ -31,7 +31,8 @@ class BenchmarkSmokeTests(unittest.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         for heading in ("## Storage", "## State-at-event lookups", "## Database work",
-                        "## Persistence", "## Migration", "## Cache memory", "## Targets"):
+                        "## Persistence", "## A realistic mix", "## Migration",
+                        "## Cache memory", "## Targets"):
             self.assertIn(heading, result.stdout)
         with open(out) as f:
             figures = json.load(f)
@@ -47,6 +48,11 @@ class BenchmarkSmokeTests(unittest.TestCase):
               "state group: lazy-load members", "state group delta")},
         )
         self.assertGreater(figures["migration"]["events"]["value"], 0)
+        mix = figures["realistic_mix"]
+        self.assertEqual(mix["requests"]["value"], 30)
+        self.assertEqual(mix["mismatches"]["value"], 0)
+        self.assertGreater(mix["lookups"]["value"], 30)
+        self.assertIn("realistic mix throughput >= 3x, from cold", {t["target"] for t in figures["targets"]})
         return figures
 
     def test_sqlite(self) -> None:

@@ -1,0 +1,138 @@
+"""A realistic mix of state lookups: a replay across all rooms, as a busy server asks them.
+
+The trace is drawn once (seeded) from the dataset and replayed both ways, from
+cold (every state cache emptied once, at the start of a replay, then kept: both
+sides with their default sizes), Synapse's own reads against the mirror's:
+
+* ``/messages`` (weight 6): a page of 10 consecutive events of a room; their
+  visibility (history visibility and the requester's membership at each, what
+  ``filter_events_for_client`` asks), then the lazy-loaded members of the
+  page's senders at its first event;
+* ``/context`` (weight 2): the 5 events before and after one; their visibility,
+  then the lazy-loaded members of their senders at the event;
+* an initial sync of a room (weight 1): the full state at its latest event.
+
+Rooms come up in proportion to their events (a random event picks the room),
+so the big room, the busiest, is asked most. Each request's answers are
+digested on both sides and compared: a difference is a mismatch.
+"""
+
+import hashlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import attr
+from synapse.api.constants import EventTypes
+from synapse.server import HomeServer
+from synapse.storage.database import LoggingTransaction
+from synapse.types import MutableStateMap
+from synapse.types.state import StateFilter
+
+PAGE = 10
+CONTEXT = 5
+#: (kind, weight)
+KINDS = (("/messages", 6), ("/context", 2), ("initial sync", 1))
+
+Lookup = Callable[[list[str], StateFilter], Awaitable[dict[str, MutableStateMap[str]]]]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Request:
+    kind: str
+    #: The lookups it makes, in order: (event IDs, filter).
+    calls: tuple[tuple[tuple[str, ...], StateFilter], ...]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Replay:
+    seconds: float
+    digests: list[bytes]
+
+
+async def timelines(hs: HomeServer) -> dict[str, list[tuple[str, str]]]:
+    """Every room's events with state, in stream order, as (event ID, sender)."""
+
+    def timelines_txn(txn: LoggingTransaction) -> dict[str, list[tuple[str, str]]]:
+        txn.execute(
+            "SELECT e.room_id, e.event_id, e.sender FROM events AS e"
+            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+            " WHERE NOT e.outlier ORDER BY e.stream_ordering"
+        )
+        rooms: dict[str, list[tuple[str, str]]] = {}
+        for room_id, event_id, sender in txn:
+            rooms.setdefault(room_id, []).append((event_id, sender))
+        return rooms
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        "bench_timelines", timelines_txn
+    )
+
+
+def _visibility(requester: str) -> StateFilter:
+    return StateFilter.from_types(
+        [(EventTypes.RoomHistoryVisibility, ""), (EventTypes.Member, requester)]
+    )
+
+
+def _lazy_members(senders: Sequence[str]) -> StateFilter:
+    return StateFilter.from_lazy_load_member_list(sorted(set(senders)))
+
+
+def draw_trace(rooms: dict[str, list[tuple[str, str]]], requests: int, seed: int) -> list[Request]:
+    """``requests`` requests drawn from ``rooms`` (see the module's docstring)."""
+    rng = random.Random(seed)
+    everything = [(room_id, i) for room_id, events in rooms.items() for i in range(len(events))]
+    kinds = [kind for kind, _ in KINDS]
+    weights = [weight for _, weight in KINDS]
+    trace = []
+    for _ in range(requests):
+        room_id, position = rng.choice(everything)
+        events = rooms[room_id]
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "/messages":
+            start = max(0, min(position, len(events) - PAGE))
+            page = events[start : start + PAGE]
+        elif kind == "/context":
+            page = events[max(0, position - CONTEXT) : position + CONTEXT + 1]
+        else:
+            trace.append(Request(kind, (((events[-1][0],), StateFilter.all()),)))
+            continue
+        requester = rng.choice(page)[1]
+        ids = tuple(e for e, _ in page)
+        at = ids[0] if kind == "/messages" else events[position][0]
+        trace.append(
+            Request(
+                kind,
+                (
+                    (ids, _visibility(requester)),
+                    ((at,), _lazy_members([s for _, s in page])),
+                ),
+            )
+        )
+    return trace
+
+
+def _digest(answers: Sequence[dict[str, MutableStateMap[str]]]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for answer in answers:
+        for event_id in sorted(answer):
+            h.update(event_id.encode())
+            for (event_type, state_key), value in sorted(answer[event_id].items()):
+                h.update(f"\0{event_type}\0{state_key}\0{value}".encode())
+            h.update(b"\1")
+        h.update(b"\2")
+    return h.digest()
+
+
+async def replay(
+    trace: Sequence[Request], lookup: Lookup, clear_caches: Callable[[], None]
+) -> Replay:
+    """The whole trace through ``lookup``, from cold: wall time and digests."""
+    clear_caches()
+    digests = []
+    started = time.perf_counter()
+    for request in trace:
+        answers = [await lookup(list(ids), state_filter) for ids, state_filter in request.calls]
+        digests.append(_digest(answers))
+    return Replay(time.perf_counter() - started, digests)
