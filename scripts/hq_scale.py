@@ -1,0 +1,401 @@
+"""A history at Matrix HQ's scale, written in Synapse's own layout, then the module on it.
+
+    python scripts/hq_scale.py --postgres "host=127.0.0.1 user=postgres" \\
+        [--members 50000 --events 1000000 --rooms 20] [--data-dir DIR] [--write-only]
+
+**How the history is made.** Not through Synapse's handlers (event creation,
+auth checks, signing and push rules make that hours here), but through the two
+storage paths every event of a real server ends in:
+
+* every state change gets its state group from Synapse's own
+  ``StateGroupDataStore.store_state_group`` (the predecessor and the delta, and
+  the full state, which Synapse stores instead of a delta once a chain reaches
+  ``MAX_STATE_DELTA_HOPS``, 100), exactly as after ``compute_event_context``;
+* the events, built as Synapse builds them for the room version (v10: event IDs
+  are reference hashes), are persisted by Synapse's own
+  ``EventsPersistenceStorageController.persist_events`` with contexts holding
+  those groups, batches of up to 100 events of one room, so ``events``,
+  ``event_json``, ``event_edges``, ``event_auth`` and the auth chain index,
+  ``event_to_state_groups``, ``current_state_events``, ``room_memberships`` and
+  the stream tables are Synapse's own rows.
+
+How it differs from a history written through the handlers: the senders are
+users of another server (no local users: no push actions or device lists),
+and Synapse runs without search indexing and user directory updates (see
+``writer_config``), none of which has anything to do with state; events are not signed and
+their ``hashes`` are not content hashes (nothing in storage checks them); the
+DAG is linear in each room (no forks, so no state resolution: every group is a
+delta on the one before); the batch's last state event carries the delta from
+the group before the batch to its own, as Synapse's handlers give one event at
+a time, so that persisting a batch never reads a whole state. The state is
+what a big public room has: a create event, power levels, join rules, history
+visibility, a topic now and then, and members joining (most), leaving and
+rejoining; every message comes from a joined member.
+
+Then, with the module (mode serve): ``migrate`` killed with SIGKILL half-way
+and rerun (events/s, peak RSS of each process), ``verify --sample 10000``,
+``stats``, and the lookups of the runner (cold and warm, native against NID)
+on the big room's 500 most recent events.
+"""
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import yaml
+from migration_at_scale import cli, count, migrated
+
+from synapse_nidstate.commands.homeserver import run_in_reactor
+from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.demo.inprocess import (
+    homeserver_config,
+    postgres_database,
+    start_homeserver,
+    stop_homeserver,
+)
+
+#: Events persisted in one call (Synapse's persistence queue writes up to 100
+#: events of a room in one transaction).
+BATCH = 100
+REMOTE = "hq.example"
+
+
+def writer_config(data_dir: str, database: dict) -> dict:
+    """Synapse's configuration while the history is written: no search index
+    (``enable_search: false``, as many operators run) and no user directory
+    on this process (``update_user_directory_from_worker`` names another):
+    neither has anything to do with state, and they would double the time."""
+    config = homeserver_config(data_dir, database, None)
+    config["enable_search"] = False
+    config["update_user_directory_from_worker"] = "nidstate-hq-no-such-worker"
+    return config
+
+
+def create_database(dsn: str, name: str) -> str:
+    """A fresh database with C collation (what Synapse requires); its DSN."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn + " dbname=postgres")
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    cur.execute(
+        f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
+        " TEMPLATE template0"
+    )
+    conn.close()
+    return f"{dsn} dbname={name}"
+
+
+class RoomWriter:
+    """One room's linear history: its state, its latest event, its depth."""
+
+    def __init__(self, hs: Any, room_id: str, creator: str) -> None:
+        from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+
+        self.hs = hs
+        self.room_id = room_id
+        self.creator = creator
+        self.version = KNOWN_ROOM_VERSIONS["10"]
+        self.state: dict[tuple[str, str], str] = {}
+        self.group: int | None = None
+        self.latest: str | None = None
+        self.depth = 0
+        self.joined: list[str] = []
+        self.left: list[str] = []
+        self.batch: list[tuple[Any, Any]] = []
+        #: The group before the batch's first event, and what the batch changed.
+        self.batch_start_group: int | None = None
+        self.changed: dict[tuple[str, str], str] = {}
+        #: Batches handed to Synapse's persistence queue and not done yet.
+        self.inflight: list[Any] = []
+
+    def _event(self, event_type: str, sender: str, content: dict, state_key: str | None) -> Any:
+        from synapse.events import make_event_from_dict
+
+        auth = [
+            self.state[k]
+            for k in (
+                ("m.room.create", ""),
+                ("m.room.power_levels", ""),
+                ("m.room.join_rules", ""),
+                ("m.room.member", sender),
+            )
+            if k in self.state
+        ]
+        self.depth += 1
+        event_dict: dict[str, Any] = {
+            "room_id": self.room_id,
+            "type": event_type,
+            "sender": sender,
+            "content": content,
+            "prev_events": [self.latest] if self.latest else [],
+            "auth_events": auth,
+            "depth": self.depth,
+            "origin_server_ts": 1_700_000_000_000 + self.depth,
+            "hashes": {"sha256": "unchecked"},
+            "signatures": {},
+        }
+        if state_key is not None:
+            event_dict["state_key"] = state_key
+        event = make_event_from_dict(event_dict, self.version)
+        self.latest = event.event_id
+        return event
+
+    async def add(
+        self, event_type: str, sender: str, content: dict, state_key: str | None = None
+    ) -> None:
+        from synapse.events.snapshot import EventContext
+
+        storage = self.hs.get_storage_controllers()
+        event = self._event(event_type, sender, content, state_key)
+        before = self.group
+        if not self.batch:
+            self.batch_start_group = before
+        if state_key is None:
+            context = EventContext.with_state(storage, before, before, None, False, {})
+        else:
+            key = (event_type, state_key)
+            delta = {key: event.event_id}
+            self.state[key] = event.event_id
+            self.changed[key] = event.event_id
+            group = await self.hs.get_datastores().state.store_state_group(
+                event.event_id, self.room_id, before, delta if before else None, self.state
+            )
+            deltas = {(before, group): delta} if before is not None else {}
+            start = self.batch_start_group
+            if start is not None and start != before:
+                # The whole batch's change, as one delta (see the docstring).
+                deltas[(start, group)] = dict(self.changed)
+            context = EventContext.with_state(storage, group, before, delta, False, deltas)
+            self.group = group
+        self.batch.append((event, context))
+        if len(self.batch) >= BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Hand the batch to Synapse's persistence queue for the room, and go on
+        building the next one while it is written (at most two queued). The
+        queue writes a room's batches in order, 100 events a transaction, so
+        each transaction is one batch and its last state event's delta hint
+        covers it."""
+        from synapse.logging.context import make_deferred_yieldable, run_in_background
+
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        self.batch_start_group = None
+        self.changed = {}
+        persistence = self.hs.get_storage_controllers().persistence
+        self.inflight.append(run_in_background(persistence.persist_events, batch))
+        while len(self.inflight) > 2:
+            await make_deferred_yieldable(self.inflight.pop(0))
+
+    async def drain(self) -> None:
+        from synapse.logging.context import make_deferred_yieldable
+
+        await self.flush()
+        while self.inflight:
+            await make_deferred_yieldable(self.inflight.pop(0))
+
+
+async def write_history(hs: Any, members: int, events: int, rooms: int, seed: int) -> dict:
+    """The big room and ``rooms - 1`` small ones; returns what was written."""
+    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+
+    rng = random.Random(seed)
+    store = hs.get_datastores().main
+    writers = []
+    for i in range(rooms):
+        room_id = f"!room{i}:{REMOTE}"
+        creator = f"@creator{i}:{REMOTE}"
+        await store.store_room(room_id, creator, True, KNOWN_ROOM_VERSIONS["10"])
+        w = RoomWriter(hs, room_id, creator)
+        await w.add("m.room.create", creator, {"creator": creator, "room_version": "10"}, "")
+        await w.add("m.room.member", creator, {"membership": "join"}, creator)
+        w.joined.append(creator)
+        await w.add("m.room.power_levels", creator, {"users": {creator: 100}}, "")
+        await w.add("m.room.join_rules", creator, {"join_rule": "public"}, "")
+        await w.add("m.room.history_visibility", creator, {"history_visibility": "shared"}, "")
+        writers.append(w)
+    big = writers[0]
+    # The big room takes 80% of the events; its members join through the
+    # first 60% of them, so that messages come from a growing room.
+    big_events = int(events * 0.8)
+    small_events = events - big_events
+    progress = WorkProgress("writing", events)
+    reported = 0
+    next_member = 1
+    join_every = max(1, int(big_events * 0.6) // members)
+
+    async def one_big(i: int) -> None:
+        nonlocal next_member
+        roll = rng.random()
+        if next_member <= members and i % join_every == 0:
+            user = f"@u{next_member}:{REMOTE}"
+            next_member += 1
+            await big.add("m.room.member", user, {"membership": "join"}, user)
+            big.joined.append(user)
+        elif roll < 0.004 and len(big.joined) > 10:
+            user = big.joined.pop(rng.randrange(1, len(big.joined)))
+            await big.add("m.room.member", user, {"membership": "leave"}, user)
+            big.left.append(user)
+        elif roll < 0.006 and big.left:
+            user = big.left.pop(rng.randrange(len(big.left)))
+            await big.add("m.room.member", user, {"membership": "join"}, user)
+            big.joined.append(user)
+        elif roll < 0.0062:
+            await big.add("m.room.topic", big.creator, {"topic": f"topic {i}"}, "")
+        else:
+            sender = rng.choice(big.joined)
+            await big.add("m.room.message", sender, {"msgtype": "m.text", "body": f"m{i}"})
+
+    async def one_small(i: int) -> None:
+        w = writers[1 + i % (len(writers) - 1)]
+        if len(w.joined) < 10 and rng.random() < 0.2:
+            user = f"@s{w.room_id[5:].split(':')[0]}_{len(w.joined)}:{REMOTE}"
+            await w.add("m.room.member", user, {"membership": "join"}, user)
+            w.joined.append(user)
+        else:
+            sender = rng.choice(w.joined)
+            await w.add("m.room.message", sender, {"msgtype": "m.text", "body": f"s{i}"})
+
+    started = time.monotonic()
+    small_done = 0
+    for i in range(big_events):
+        await one_big(i)
+        # The small rooms' events interleaved, in proportion.
+        while len(writers) > 1 and small_done < small_events * (i + 1) // big_events:
+            await one_small(small_done)
+            small_done += 1
+        if i % 1000 == 999:
+            total = sum(w.depth for w in writers)
+            progress(total - reported)
+            reported = total
+    for w in writers:
+        await w.drain()
+    progress.finish()
+    return {
+        "events": big_events + small_events + 5 * rooms,
+        "rooms": rooms,
+        "big_room_members_joined": len(big.joined),
+        "big_room_state": len(big.state),
+        "seconds": time.monotonic() - started,
+    }
+
+
+class PeakRss:
+    """The peak resident set of a process, read from /proc while it runs (VmHWM)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.kib = 0
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        path = f"/proc/{self.pid}/status"
+        while True:
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.kib = max(self.kib, int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+
+def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, int, bool]:
+    """Run a CLI command; (output, seconds, peak RSS KiB, killed)."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synapse_nidstate.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    rss = PeakRss(process.pid)
+    killed = False
+    while process.poll() is None:
+        time.sleep(1)
+        if kill_when is not None and kill_when():
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    out, _ = process.communicate()
+    return out.strip(), time.monotonic() - started, rss.kib, killed
+
+
+def module_phase(data_dir: str, database: dict, written: int) -> int:
+    config_path = os.path.join(data_dir, "homeserver.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(homeserver_config(data_dir, database, {"mode": "serve"}), f)
+    half = written // 2
+    out, seconds, rss, killed = run_measured(
+        ["migrate", "-c", config_path, "--no-progress"], lambda: migrated(database) >= half
+    )
+    done = migrated(database)
+    print(f"migrate: {'killed with SIGKILL' if killed else 'finished'} after {seconds:.0f}s at "
+          f"{done:,} events answered; peak RSS {rss / 1024:.0f} MiB; {out[-300:]}")
+    out, seconds, rss, _ = run_measured(["migrate", "-c", config_path, "--no-progress"])
+    print(f"migrate rerun: {seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB: {out[-400:]}")
+    out, seconds, rss, _ = run_measured(
+        ["verify", "-c", config_path, "--no-progress", "--sample", "10000"]
+    )
+    print(f"verify --sample 10000 ({seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB):\n{out[-1500:]}")
+    stats = cli("stats", "-c", config_path, "--top", "3")
+    print(stats.stdout.strip())
+    print(f"data: {data_dir}; config: {config_path}")
+    return 0 if "mismatches: 0" in out else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--postgres", metavar="DSN", default="host=127.0.0.1 user=postgres",
+                        help="libpq DSN of the server, without dbname")
+    parser.add_argument("--database-name", default="nidstate_hq")
+    parser.add_argument("--members", type=int, default=50000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rooms", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--data-dir", help="where the configuration and logs go")
+    parser.add_argument("--write-only", action="store_true")
+    args = parser.parse_args()
+
+    import logging
+
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="nidstate-hq-")
+    os.makedirs(data_dir, exist_ok=True)
+    logging.basicConfig(filename=os.path.join(data_dir, "homeserver.log"), level=logging.WARNING)
+    dsn = create_database(args.postgres, args.database_name)
+    database = postgres_database(dsn)
+
+    async def write() -> dict:
+        hs = await start_homeserver(writer_config(data_dir, database), data_dir)
+        try:
+            return await write_history(hs, args.members, args.events, args.rooms, args.seed)
+        finally:
+            await stop_homeserver(hs)
+
+    written = run_in_reactor(write)
+    rows = count(database, "SELECT COUNT(*) FROM state_groups_state")
+    groups = count(database, "SELECT COUNT(*) FROM state_groups")
+    with_state = count(database, "SELECT COUNT(*) FROM event_to_state_groups")
+    print(f"history: {written['events']:,} events ({with_state:,} with a state group) in "
+          f"{written['rooms']} rooms, big room {written['big_room_members_joined']:,} joined "
+          f"({written['big_room_state']:,} state entries); {groups:,} state groups, "
+          f"{rows:,} state_groups_state rows; written in {written['seconds']:.0f}s")
+    if args.write_only:
+        print(f"data: {data_dir}; database: {dsn}")
+        return 0
+    return module_phase(data_dir, database, with_state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
