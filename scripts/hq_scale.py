@@ -332,6 +332,62 @@ def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, in
     return out.strip(), time.monotonic() - started, rss.kib, killed
 
 
+def lookups_main(config_path: str, events: int) -> int:
+    """``--lookups``: the runner's lookups on the big room's ``events`` most
+    recent events, native against NID, cold then warm; answers compared first."""
+    import logging
+
+    from synapse_nidstate.commands.verify import compare_with_native, standard_filters
+    from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
+    from synapse_nidstate.runtime.module import module_for
+
+    with open(config_path) as f:
+        config_dict = yaml.safe_load(f)
+    data_dir = os.path.dirname(os.path.abspath(config_path))
+    logging.basicConfig(filename=os.path.join(data_dir, "lookups.log"), level=logging.WARNING)
+
+    async def run() -> None:
+        hs = await start_homeserver(config_dict, data_dir)
+        try:
+            module = module_for(hs)
+            assert module is not None
+
+            def recent_txn(txn: Any) -> list[tuple[str, str]]:
+                txn.execute(
+                    "SELECT e.event_id, e.sender FROM events AS e"
+                    " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+                    " WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?",
+                    (f"!room0:{REMOTE}", events),
+                )
+                return txn.fetchall()
+
+            recent = await hs.get_datastores().main.db_pool.runInteraction(
+                "hq_recent", recent_txn
+            )
+            event_ids = [e for e, _ in reversed(recent)]
+            senders = sorted({s for _, s in recent})
+            compared = await compare_with_native(
+                module.lookups, event_ids, standard_filters(senders[:3])
+            )
+            print(f"lookups: {compared.comparisons:,} answers compared on {len(event_ids)} "
+                  f"events, {len(compared.mismatches)} mismatches, {compared.unmirrored} "
+                  "not mirrored")
+            timings = []
+            for cold in (True, False):
+                timings += await time_lookups(
+                    hs, module.lookups, event_ids, senders[0], senders[1:], cold=cold
+                )
+            print("| " + " | ".join(TIMING_HEADER) + " |")
+            print("|" + "---|" * len(TIMING_HEADER))
+            for row in format_timings(timings):
+                print("| " + " | ".join(row) + " |")
+        finally:
+            await stop_homeserver(hs)
+
+    run_in_reactor(run)
+    return 0
+
+
 def module_phase(data_dir: str, database: dict, written: int) -> int:
     config_path = os.path.join(data_dir, "homeserver.yaml")
     with open(config_path, "w") as f:
@@ -349,10 +405,15 @@ def module_phase(data_dir: str, database: dict, written: int) -> int:
         ["verify", "-c", config_path, "--no-progress", "--sample", "10000"]
     )
     print(f"verify --sample 10000 ({seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB):\n{out[-1500:]}")
+    verified = "mismatches: 0" in out
     stats = cli("stats", "-c", config_path, "--top", "3")
     print(stats.stdout.strip())
+    lookups = subprocess.run(
+        [sys.executable, __file__, "--lookups", config_path], capture_output=True, text=True
+    )
+    print(lookups.stdout.strip() or lookups.stderr[-2000:])
     print(f"data: {data_dir}; config: {config_path}")
-    return 0 if "mismatches: 0" in out else 1
+    return 0 if verified and lookups.returncode == 0 else 1
 
 
 def main() -> int:
@@ -366,7 +427,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", help="where the configuration and logs go")
     parser.add_argument("--write-only", action="store_true")
+    parser.add_argument("--lookups", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
+    parser.add_argument("--lookup-events", type=int, default=500, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lookups:
+        return lookups_main(args.lookups, args.lookup_events)
 
     import logging
 
