@@ -90,6 +90,10 @@ def create_database(dsn: str, name: str) -> str:
         f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
         " TEMPLATE template0"
     )
+    # A bulk load's usual setting, for this database only: a commit does not
+    # wait for its WAL flush (a crash loses the last moments, never consistency).
+    # It changes how fast the rows are written, not which rows.
+    cur.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     conn.close()
     return f"{dsn} dbname={name}"
 
