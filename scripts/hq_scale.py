@@ -431,6 +431,22 @@ def module_phase(data_dir: str, database: dict, written: int) -> int:
     return 0 if verified and lookups.returncode == 0 else 1
 
 
+def describe(database: dict) -> int:
+    """What the database holds, read directly; returns the events with a state group."""
+    rows = count(database, "SELECT COUNT(*) FROM state_groups_state")
+    groups = count(database, "SELECT COUNT(*) FROM state_groups")
+    events = count(database, "SELECT COUNT(*) FROM events")
+    with_state = count(database, "SELECT COUNT(*) FROM event_to_state_groups")
+    members = count(
+        database,
+        "SELECT COUNT(*) FROM current_state_events WHERE room_id = '!room0:hq.example'"
+        " AND type = 'm.room.member' AND membership = 'join'",
+    )
+    print(f"history: {events:,} events ({with_state:,} with a state group); the big room "
+          f"{members:,} joined members; {groups:,} state groups, {rows:,} state_groups_state rows")
+    return with_state
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--postgres", metavar="DSN", default="host=127.0.0.1 user=postgres",
@@ -442,6 +458,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", help="where the configuration and logs go")
     parser.add_argument("--write-only", action="store_true")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="keep the database a run wrote (or was interrupted writing) and go on with the module",
+    )
     parser.add_argument("--lookups", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument("--lookup-events", type=int, default=500, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -453,6 +473,12 @@ def main() -> int:
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="nidstate-hq-")
     os.makedirs(data_dir, exist_ok=True)
     logging.basicConfig(filename=os.path.join(data_dir, "homeserver.log"), level=logging.WARNING)
+    if args.reuse:
+        database = postgres_database(f"{args.postgres} dbname={args.database_name}")
+        describe(database)
+        return module_phase(
+            data_dir, database, count(database, "SELECT COUNT(*) FROM event_to_state_groups")
+        )
     dsn = create_database(args.postgres, args.database_name)
     database = postgres_database(dsn)
 
@@ -464,13 +490,9 @@ def main() -> int:
             await stop_homeserver(hs)
 
     written = run_in_reactor(write)
-    rows = count(database, "SELECT COUNT(*) FROM state_groups_state")
-    groups = count(database, "SELECT COUNT(*) FROM state_groups")
-    with_state = count(database, "SELECT COUNT(*) FROM event_to_state_groups")
-    print(f"history: {written['events']:,} events ({with_state:,} with a state group) in "
-          f"{written['rooms']} rooms, big room {written['big_room_members_joined']:,} joined "
-          f"({written['big_room_state']:,} state entries); {groups:,} state groups, "
-          f"{rows:,} state_groups_state rows; written in {written['seconds']:.0f}s")
+    print(f"written: {written['events']:,} events in {written['rooms']} rooms in "
+          f"{written['seconds']:.0f}s ({written['events'] / written['seconds']:,.0f} events/s)")
+    with_state = describe(database)
     if args.write_only:
         print(f"data: {data_dir}; database: {dsn}")
         return 0
