@@ -431,6 +431,25 @@ def module_phase(data_dir: str, database: dict, written: int) -> int:
     return 0 if verified and lookups.returncode == 0 else 1
 
 
+def time_transactions() -> dict[str, list[float]]:
+    """From now on, the wall time of every Synapse transaction by its name
+    (``DatabasePool.new_transaction`` wrapped; for ``--transactions``)."""
+    from synapse.storage.database import DatabasePool
+
+    timed: dict[str, list[float]] = {}
+    new_transaction = DatabasePool.new_transaction
+
+    def timing(self: Any, conn: Any, desc: str, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return new_transaction(self, conn, desc, *args, **kwargs)
+        finally:
+            timed.setdefault(desc, []).append(time.perf_counter() - started)
+
+    DatabasePool.new_transaction = timing  # type: ignore[method-assign]
+    return timed
+
+
 def describe(database: dict) -> int:
     """What the database holds, read directly; returns the events with a state group."""
     rows = count(database, "SELECT COUNT(*) FROM state_groups_state")
@@ -458,6 +477,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", help="where the configuration and logs go")
     parser.add_argument("--write-only", action="store_true")
+    parser.add_argument(
+        "--transactions", action="store_true",
+        help="print the time Synapse's transactions took while writing, by name",
+    )
     parser.add_argument(
         "--reuse", action="store_true",
         help="keep the database a run wrote (or was interrupted writing) and go on with the module",
@@ -489,7 +512,11 @@ def main() -> int:
         finally:
             await stop_homeserver(hs)
 
+    timed = time_transactions() if args.transactions else {}
     written = run_in_reactor(write)
+    for name, seconds in sorted(timed.items(), key=lambda kv: -sum(kv[1]))[:10]:
+        print(f"  {sum(seconds):7.1f}s {len(seconds):7,} x {sum(seconds) / len(seconds) * 1000:6.1f} ms"
+              f"  {name}")
     print(f"written: {written['events']:,} events in {written['rooms']} rooms in "
           f"{written['seconds']:.0f}s ({written['events'] / written['seconds']:,.0f} events/s)")
     with_state = describe(database)
