@@ -51,7 +51,7 @@ import time
 from typing import Any
 
 import yaml
-from migration_at_scale import cli, count, migrated
+from migration_at_scale import cli, count, load_homeserver, migrated
 
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.commands.ui import WorkProgress
@@ -350,16 +350,12 @@ def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, in
 def lookups_main(config_path: str, events: int) -> int:
     """``--lookups``: the runner's lookups on the big room's ``events`` most
     recent events, native against NID, cold then warm; answers compared first."""
-    import logging
 
     from synapse_nidstate.commands.verify import compare_with_native, standard_filters
     from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
     from synapse_nidstate.runtime.module import module_for
 
-    with open(config_path) as f:
-        config_dict = yaml.safe_load(f)
-    data_dir = os.path.dirname(os.path.abspath(config_path))
-    logging.basicConfig(filename=os.path.join(data_dir, "lookups.log"), level=logging.WARNING)
+    config_dict, data_dir = load_homeserver(config_path, "lookups.log")
 
     async def run() -> None:
         hs = await start_homeserver(config_dict, data_dir)

@@ -98,19 +98,27 @@ def vacuum(database: dict) -> None:
     conn.close()
 
 
+def load_homeserver(config_path: str, log_name: str) -> tuple[dict, str]:
+    """A homeserver.yaml as a dict, and its directory, where ``log_name`` gets
+    the warnings of a process that starts the homeserver in-process."""
+    import logging
+
+    with open(config_path) as f:
+        config_dict = yaml.safe_load(f)
+    data_dir = os.path.dirname(os.path.abspath(config_path))
+    logging.basicConfig(filename=os.path.join(data_dir, log_name), level=logging.WARNING)
+    return config_dict, data_dir
+
+
 def digest_main(config_path: str, out: str) -> int:
     """``--digest``: Synapse's answer at every event with state and for every
     state group, as a SHA-256 each, through whatever homeserver.yaml loads."""
     import hashlib
     import json
-    import logging
 
     from synapse.types.state import StateFilter
 
-    with open(config_path) as f:
-        config_dict = yaml.safe_load(f)
-    data_dir = os.path.dirname(os.path.abspath(config_path))
-    logging.basicConfig(filename=os.path.join(data_dir, "digest.log"), level=logging.WARNING)
+    config_dict, data_dir = load_homeserver(config_path, "digest.log")
 
     def digest_of(state: dict) -> str:
         return hashlib.sha256(json.dumps(sorted(state.items())).encode()).hexdigest()
@@ -158,12 +166,8 @@ def digest_main(config_path: str, out: str) -> int:
 def background_updates_main(config_path: str) -> int:
     """``--background-updates``: run Synapse's pending background updates to the
     end (what a long-running Synapse has done; synapse_port_db requires it)."""
-    import logging
 
-    with open(config_path) as f:
-        config_dict = yaml.safe_load(f)
-    data_dir = os.path.dirname(os.path.abspath(config_path))
-    logging.basicConfig(filename=os.path.join(data_dir, "digest.log"), level=logging.WARNING)
+    config_dict, data_dir = load_homeserver(config_path, "digest.log")
 
     async def run() -> None:
         hs = await start_homeserver(config_dict, data_dir)
