@@ -46,7 +46,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -119,8 +118,6 @@ class RoomWriter:
         #: The group before the batch's first event, and what the batch changed.
         self.batch_start_group: int | None = None
         self.changed: dict[tuple[str, str], str] = {}
-        #: Batches handed to Synapse's persistence queue and not done yet.
-        self.inflight: list[Any] = []
 
     def _event(self, event_type: str, sender: str, content: dict, state_key: str | None) -> Any:
         from synapse.events import make_event_from_dict
@@ -186,29 +183,15 @@ class RoomWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Hand the batch to Synapse's persistence queue for the room, and go on
-        building the next one while it is written (at most two queued). The
-        queue writes a room's batches in order, 100 events a transaction, so
-        each transaction is one batch and its last state event's delta hint
-        covers it."""
-        from synapse.logging.context import make_deferred_yieldable, run_in_background
-
+        """Persist the batch through Synapse's persistence queue for the room
+        (100 events a transaction, so each transaction is one batch and its
+        last state event's delta hint covers it)."""
         if not self.batch:
             return
         batch, self.batch = self.batch, []
         self.batch_start_group = None
         self.changed = {}
-        persistence = self.hs.get_storage_controllers().persistence
-        self.inflight.append(run_in_background(persistence.persist_events, batch))
-        while len(self.inflight) > 2:
-            await make_deferred_yieldable(self.inflight.pop(0))
-
-    async def drain(self) -> None:
-        from synapse.logging.context import make_deferred_yieldable
-
-        await self.flush()
-        while self.inflight:
-            await make_deferred_yieldable(self.inflight.pop(0))
+        await self.hs.get_storage_controllers().persistence.persist_events(batch)
 
 
 async def write_history(hs: Any, members: int, events: int, rooms: int, seed: int) -> dict:
@@ -295,7 +278,7 @@ async def write_history(hs: Any, members: int, events: int, rooms: int, seed: in
                 )
                 next_analyze *= 2
     for w in writers:
-        await w.drain()
+        await w.flush()
     progress.finish()
     return {
         "events": big_events + small_events + 5 * rooms,
@@ -306,45 +289,29 @@ async def write_history(hs: Any, members: int, events: int, rooms: int, seed: in
     }
 
 
-class PeakRss:
-    """The peak resident set of a process, read from /proc while it runs (VmHWM)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.kib = 0
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        path = f"/proc/{self.pid}/status"
-        while True:
-            try:
-                with open(path) as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            self.kib = max(self.kib, int(line.split()[1]))
-            except OSError:
-                return
-            time.sleep(0.2)
-
-
 def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, int, bool]:
-    """Run a CLI command; (output, seconds, peak RSS KiB, killed)."""
+    """Run a CLI command; (output, seconds, peak RSS KiB, killed).
+
+    The peak RSS is the kernel's own figure for that child, from ``os.wait4``;
+    the output goes to a file, so a chatty child never blocks on a full pipe."""
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "synapse_nidstate.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    rss = PeakRss(process.pid)
-    killed = False
-    while process.poll() is None:
-        time.sleep(1)
-        if kill_when is not None and kill_when():
-            process.send_signal(signal.SIGKILL)
-            killed = True
-            break
-    out, _ = process.communicate()
-    return out.strip(), time.monotonic() - started, rss.kib, killed
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synapse_nidstate.cli", *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        killed = False
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(1)
+            if not killed and kill_when is not None and kill_when():
+                process.send_signal(signal.SIGKILL)
+                killed = True
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        return out.read().strip(), time.monotonic() - started, usage.ru_maxrss, killed
 
 
 def lookups_main(config_path: str, events: int) -> int:
