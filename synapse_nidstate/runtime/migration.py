@@ -159,7 +159,7 @@ class Migrator:
     ) -> None:
         for room_id, (rows, steps) in by_room.items():
             self._store.mirror_events_txn(
-                txn, scope, room_id, rows, steps, self._stats, keep_existing=True
+                txn, scope, room_id, rows, steps, self._stats, cache_events=False
             )
         for key, value in ((range_key, scanned_to), (first_key, first_value)):
             if key is None or value is None:

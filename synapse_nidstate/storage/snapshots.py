@@ -272,7 +272,7 @@ class SnapshotStore(InterningStore):
         rows: list[EventRow],
         steps: list[GroupStep],
         stats: WriteCounters,
-        keep_existing: bool = False,
+        cache_events: bool = True,
     ) -> None:
         """Build the snapshots of ``rows``' state groups, in ``txn``.
 
@@ -280,9 +280,9 @@ class SnapshotStore(InterningStore):
         the group Synapse maps it to in ``event_to_state_groups``, which the
         lookups join. An event whose group the mirror has no snapshot for (and
         no step to build one) is counted as unprepared; its lookups fall back
-        to Synapse until the migration builds the group. ``keep_existing``
-        (the migration, beside the live mirror) only keeps its events out of
-        the event -> snapshot cache, which is for events looked up soon.
+        to Synapse until the migration builds the group. With ``cache_events``
+        (the live mirror; not the migration) the events' snapshots go into the
+        event -> snapshot cache once ``txn`` commits: new events are looked up soon.
         """
         learnt = scope.begin(txn, self)
         (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
@@ -298,6 +298,5 @@ class SnapshotStore(InterningStore):
                 stats.unprepared += 1
             if snapshot_nid is not None:
                 stats.events_mirrored += 1
-                if not keep_existing:
-                    # A new event is looked up soon after (visibility, sync).
+                if cache_events:
                     learnt.event_snapshots[row.event_id] = snapshot_nid
