@@ -1,4 +1,4 @@
-"""`python -m benchmarks.profile`: where a state-at-event lookup spends its time.
+"""`python -m benchmarks.profile`: where a state-at-event lookup, or the migration, spends its time.
 
 Runs one lookup kind (cold by default) on the benchmark's kept dataset, under
 cProfile, on the native path or the mirror, and prints the top functions by
@@ -7,6 +7,10 @@ with the same ``--engine``/``--scale`` first); the module's tables must be
 migrated (``benchmarks.run`` leaves them so).
 
     python -m benchmarks.profile --scale M --lookup full --path nid
+    python -m benchmarks.profile --engine postgres --scale M --migration
+
+``--migration`` drops the module's tables and profiles the whole migration
+instead (as the runner's step 1 does it; the tables are migrated again at the end).
 """
 
 import argparse
@@ -15,6 +19,7 @@ import io
 import os
 import pstats
 import sys
+import time
 
 from synapse.types.state import StateFilter
 
@@ -31,6 +36,16 @@ from synapse_nidstate.demo.inprocess import (
 )
 from synapse_nidstate.demo.timing import clear_state_caches, lookup_filters, visibility_filter
 from synapse_nidstate.runtime.module import module_for
+from synapse_nidstate.storage.schema import drop_tables_txn
+
+
+def _report(profiler: cProfile.Profile, top: int, title: str) -> str:
+    out = io.StringIO()
+    out.write(title + "\n")
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def main() -> int:
@@ -44,6 +59,10 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true")
     parser.add_argument("--events", type=int, default=50)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--migration", action="store_true",
+        help="profile a whole migration (the module's tables dropped first) instead of lookups",
+    )
     args = parser.parse_args()
 
     import json
@@ -57,24 +76,22 @@ def main() -> int:
     else:
         database = sqlite_database(data_dir)
 
+    def config(with_module: bool) -> dict:
+        return homeserver_config(data_dir, database, {"mode": "serve"} if with_module else None)
+
     async def profile() -> str:
-        hs = await start_homeserver(
-            homeserver_config(data_dir, database, {"mode": "serve"}), data_dir
-        )
+        if args.migration:
+            hs = await start_homeserver(config(False), data_dir)
+            try:
+                await hs.get_datastores().main.db_pool.runInteraction(
+                    "profile_drop", drop_tables_txn
+                )
+            finally:
+                await stop_homeserver(hs)
+        hs = await start_homeserver(config(True), data_dir)
         try:
             module = module_for(hs)
             assert module is not None
-            lookups = module.lookups
-            events = (await room_events_with_state(hs, writer.rooms[0]))[-args.events :]
-            filters = lookup_filters(writer.users[1], writer.users[2:])
-            state_filter = {
-                "full": StateFilter.all(),
-                "member": filters["one member key"],
-                "lazy": filters["lazy-load members"],
-                "batch": visibility_filter(writer.users[1]),
-            }[args.lookup]
-            call = lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
-            groups = [events] if args.lookup == "batch" else [[e] for e in events]
             profiler = cProfile.Profile()
             # Synapse runs transactions on its database threads, where a profiler
             # started here does not look: profile inside the transaction as well.
@@ -88,6 +105,34 @@ def main() -> int:
                 finally:
                     profiler.disable()
 
+            if args.migration:
+                db_pool.new_transaction = profiled_transaction  # type: ignore[method-assign,assignment]
+                started = time.perf_counter()
+                profiler.enable()
+                try:
+                    await module.migrator.run()
+                finally:
+                    profiler.disable()
+                    db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
+                seconds = time.perf_counter() - started
+                migration = module.stats.migration
+                return _report(
+                    profiler,
+                    args.top,
+                    f"migration: {migration.events_migrated:,} events in {migration.batches} "
+                    f"batches, {seconds:.1f}s under the profiler",
+                )
+            lookups = module.lookups
+            events = (await room_events_with_state(hs, writer.rooms[0]))[-args.events :]
+            filters = lookup_filters(writer.users[1], writer.users[2:])
+            state_filter = {
+                "full": StateFilter.all(),
+                "member": filters["one member key"],
+                "lazy": filters["lazy-load members"],
+                "batch": visibility_filter(writer.users[1]),
+            }[args.lookup]
+            call = lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
+            groups = [events] if args.lookup == "batch" else [[e] for e in events]
             for group in groups:
                 if args.warm:
                     await call(group, state_filter)
@@ -100,11 +145,7 @@ def main() -> int:
                 finally:
                     profiler.disable()
                     db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
-            out = io.StringIO()
-            stats = pstats.Stats(profiler, stream=out)
-            stats.sort_stats("cumulative").print_stats(args.top)
-            stats.sort_stats("tottime").print_stats(args.top)
-            return out.getvalue()
+            return _report(profiler, args.top, f"{args.lookup} lookups, {args.path}")
         finally:
             await stop_homeserver(hs)
 
