@@ -19,10 +19,14 @@ groups through Synapse's state store (which may be a separate database).
   The next run scans upwards from ``high`` (events persisted since, e.g. while
   the module was disabled) and downwards from ``low`` (history backfilled
   since: backfilled events get negative, decreasing stream orderings).
-* **Memory.** One batch of events and their state deltas, and at most one
-  room's full state at a time: a group that needs its full state read (no
-  usable predecessor) is written in a transaction of its own before the
-  batch that uses it.
+* **Memory.** One batch of events and their state deltas, and full states
+  (groups with no usable predecessor) up to :data:`MAX_FULL_STATE_ENTRIES`
+  entries plus one: they are read one group at a time and join the batch's
+  transaction; past that bound those read so far are written in a
+  transaction of their own first (they have no parent, so any order works).
+* **Statements.** A batch's rooms are written together
+  (``NidStore.mirror_rooms_txn``): on PostgreSQL each statement is a round
+  trip, and a batch touches up to one room per event.
 """
 
 import logging
@@ -43,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 _LOW_KEY = "migrate_low_stream_ordering"
 _HIGH_KEY = "migrate_high_stream_ordering"
+
+#: How many entries of full states a batch holds in memory before writing them.
+MAX_FULL_STATE_ENTRIES = 200_000
 
 #: Below any stream ordering Synapse allocates.
 _MIN_STREAM = -(2**63) + 1
@@ -157,10 +164,9 @@ class Migrator:
         first_key: str | None,
         first_value: int | None,
     ) -> None:
-        for room_id, (rows, steps) in by_room.items():
-            self._store.mirror_events_txn(
-                txn, scope, room_id, rows, steps, self._stats, cache_events=False
-            )
+        # Every room of the batch at once: a statement count that does not
+        # grow with the rooms (a round trip each on PostgreSQL).
+        self._store.mirror_rooms_txn(txn, scope, by_room, self._stats, cache_events=False)
         for key, value in ((range_key, scanned_to), (first_key, first_value)):
             if key is None or value is None:
                 continue
@@ -169,16 +175,16 @@ class Migrator:
                 "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (key, str(value))
             )
 
-    async def _write_full_state_group(self, room_id: str, step: GroupStep) -> None:
-        step = await self._planner.with_full_state(step)
-        scope = WriteScope()
+    async def _write_full_states(self, steps: list[tuple[str, GroupStep]]) -> None:
+        """Groups built from full states, in a transaction of their own."""
+        by_room: dict[str, tuple[list[EventRow], list[GroupStep]]] = {}
+        for room_id, step in steps:
+            by_room.setdefault(room_id, ([], []))[1].append(step)
         await self._main.runInteraction(
             "nidstate_migrate_full_state",
-            self._store.mirror_events_txn,
-            scope,
-            room_id,
-            [],
-            [step],
+            self._store.mirror_rooms_txn,
+            WriteScope(),
+            by_room,
             self._stats,
             True,
         )
@@ -256,13 +262,24 @@ class Migrator:
         for step in reversed(steps):
             if step.prev_group is not None and step.prev_group not in room_of:
                 room_of[step.prev_group] = room_of[step.group]
+        full: list[tuple[str, GroupStep]] = []
+        full_entries = 0
         for step in steps:
             room_id = room_of[step.group]
-            if step.needs_full_state:
-                # Written now, alone, so one full state is in memory at a time.
-                await self._write_full_state_group(room_id, step)
-            else:
+            if not step.needs_full_state:
                 by_room[room_id][1].append(step)
+                continue
+            step = await self._planner.with_full_state(step)
+            assert step.full_state is not None
+            if full and full_entries + len(step.full_state) > MAX_FULL_STATE_ENTRIES:
+                await self._write_full_states(full)
+                full, full_entries = [], 0
+            full.append((room_id, step))
+            full_entries += len(step.full_state)
+        # The rest join the batch, each before its room's other steps (a
+        # full state has no parent; its children follow).
+        for room_id, step in reversed(full):
+            by_room[room_id][1].insert(0, step)
         await self._main.runInteraction(
             "nidstate_migrate_batch",
             self._write_batch_txn,

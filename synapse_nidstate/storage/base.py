@@ -242,10 +242,46 @@ class NidStoreBase:
         :meth:`delete_unused_txn`, which deletes unreferenced ones: a write must not
         dedupe onto a row a concurrent ``delete_unused_txn`` is deleting. (SQLite has one
         writer at a time anyway.)"""
-        if isinstance(self.engine, PostgresEngine):
-            txn.execute(
-                "SELECT pg_advisory_xact_lock(?, ?)", (_ROOM_LOCK_CLASS, room_nid % 2**31)
-            )
+        self._lock_rooms_txn(txn, [room_nid])
+
+    def _lock_rooms_txn(self, txn: LoggingTransaction, room_nids: Collection[int]) -> None:
+        """:meth:`_lock_room_txn` for several rooms in one statement, taken in
+        ascending order (``unnest`` yields the sorted array in order), so two
+        writers locking overlapping rooms cannot deadlock."""
+        if not room_nids or not isinstance(self.engine, PostgresEngine):
+            return
+        txn.execute(
+            "SELECT pg_advisory_xact_lock(?, r) FROM unnest(?::integer[]) AS r",
+            (_ROOM_LOCK_CLASS, sorted({n % 2**31 for n in room_nids})),
+        )
+        txn.fetchall()
+
+    def _select_by_room_txn(
+        self,
+        txn: LoggingTransaction,
+        sql: str,
+        column: str,
+        values: Iterable[tuple[int, Any]],
+    ) -> list[tuple]:
+        """Run ``sql`` (which ends in ``WHERE``) for ``(room_nid, value)`` pairs:
+        ``(room_nid = ? AND column IN ...) OR ...``, one statement per
+        :data:`_CHUNK` pairs whatever the number of rooms. Binary values are
+        given as ``bytes`` (hashable) and bound as ``bytearray`` (see ``common``)."""
+        rows: list[tuple] = []
+        for chunk in batch_iter(sorted(set(values)), _CHUNK):
+            by_room: dict[int, list[Any]] = {}
+            for room_nid, value in chunk:
+                by_room.setdefault(room_nid, []).append(
+                    bytearray(value) if isinstance(value, bytes) else value
+                )
+            clauses, args = [], []
+            for room_nid, room_values in by_room.items():
+                clause, clause_args = make_in_list_sql_clause(self.engine, column, room_values)
+                clauses.append(f"(room_nid = ? AND {clause})")
+                args += [room_nid, *clause_args]
+            txn.execute(f"{sql} {' OR '.join(clauses)}", args)
+            rows.extend(txn.fetchall())
+        return rows
 
     def _room_nid_txn(self, txn: LoggingTransaction, room_id: str) -> int | None:
         txn.execute("SELECT room_nid FROM nidstate_rooms WHERE room_id = ?", (room_id,))

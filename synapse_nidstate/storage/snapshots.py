@@ -1,7 +1,7 @@
 """Where a snapshot is built and written: blocks, snapshots and the state
 group -> snapshot map, planned in Python and written in a few statements."""
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from synapse.storage.database import LoggingTransaction
 
@@ -109,31 +109,30 @@ class SnapshotStore(InterningStore):
         self,
         txn: LoggingTransaction,
         learnt: TxnLearnt,
-        room_nid: int,
-        blocks: Collection[Block],
+        blocks: Sequence[tuple[int, Block]],
     ) -> list[int]:
-        """Insert-or-select blocks by content; returns their NIDs in order."""
+        """Insert-or-select ``(room_nid, block)`` by content; their NIDs in order."""
         nids = self._insert_or_select_txn(
             txn,
             "nidstate_blocks",
             "block_nid",
             ("entry_count", "entries"),
-            room_nid,
-            [algebra.block_hash(b) for b in blocks],
-            [(len(b), bytearray(algebra.pack_block(b))) for b in blocks],
+            [
+                (room_nid, algebra.block_hash(b), (len(b), bytearray(algebra.pack_block(b))))
+                for room_nid, b in blocks
+            ],
         )
-        learnt.blocks.update(zip(nids, blocks))
+        learnt.blocks.update(zip(nids, (b for _, b in blocks)))
         return nids
 
     def _store_snapshots_txn(
         self,
         txn: LoggingTransaction,
         learnt: TxnLearnt,
-        room_nid: int,
-        block_lists: list[tuple[int, ...]],
+        block_lists: Sequence[tuple[int, tuple[int, ...]]],
     ) -> list[int]:
-        """Insert-or-select snapshots by their ordered block lists; their NIDs in order."""
-        for block_nids in block_lists:
+        """Insert-or-select ``(room_nid, ordered block list)`` snapshots; their NIDs in order."""
+        for _, block_nids in block_lists:
             if len(block_nids) > algebra.MAX_BLOCKS:
                 raise algebra.AlgebraError(f"snapshot of {len(block_nids)} blocks")
         nids = self._insert_or_select_txn(
@@ -141,11 +140,12 @@ class SnapshotStore(InterningStore):
             "nidstate_snapshots",
             "snapshot_nid",
             ("block_nids",),
-            room_nid,
-            [algebra.snapshot_hash(b) for b in block_lists],
-            [(bytearray(algebra.pack_nids(b)),) for b in block_lists],
+            [
+                (room_nid, algebra.snapshot_hash(b), (bytearray(algebra.pack_nids(b)),))
+                for room_nid, b in block_lists
+            ],
         )
-        learnt.snapshots.update(zip(nids, block_lists))
+        learnt.snapshots.update(zip(nids, (b for _, b in block_lists)))
         return nids
 
     def _insert_or_select_txn(
@@ -154,77 +154,87 @@ class SnapshotStore(InterningStore):
         table: str,
         nid_column: str,
         columns: tuple[str, ...],
-        room_nid: int,
-        digests: list[bytes],
-        values: list[tuple],
+        rows: list[tuple[int, bytes, tuple]],
     ) -> list[int]:
-        """Rows deduplicated per room by content hash: insert those not there
-        (in a fixed order, so concurrent writers lock alike), then read every
-        one's NID; returns them in the order of ``digests``."""
+        """Rows ``(room_nid, content hash, values)`` deduplicated per room by
+        content hash: insert those not there (in a fixed order, so concurrent
+        writers lock alike), then read every one's NID; returns them in the
+        order of ``rows``. Two statements (per 500 rows) whatever the rooms."""
         placeholders = ", ".join("?" for _ in range(2 + len(columns)))
         txn.execute_batch(
             f"INSERT INTO {table} (room_nid, content_hash, {', '.join(columns)})"
             f" VALUES ({placeholders}) ON CONFLICT (room_nid, content_hash) DO NOTHING",
-            sorted((room_nid, bytearray(d), *v) for d, v in zip(digests, values)),
+            [
+                (room_nid, bytearray(digest), *values)
+                for room_nid, digest, values in sorted(rows, key=lambda r: (r[0], r[1]))
+            ],
         )
-        rows = self._select_in_txn(
+        found = self._select_by_room_txn(
             txn,
-            f"SELECT content_hash, {nid_column} FROM {table} WHERE room_nid = ? AND",
+            f"SELECT room_nid, content_hash, {nid_column} FROM {table} WHERE",
             "content_hash",
-            [bytearray(d) for d in set(digests)],
-            (room_nid,),
+            ((room_nid, digest) for room_nid, digest, _ in rows),
         )
-        by_digest = {bytes(d): nid for d, nid in rows}
-        return [by_digest[d] for d in digests]
+        by_key = {(room_nid, bytes(digest)): nid for room_nid, digest, nid in found}
+        return [by_key[(room_nid, digest)] for room_nid, digest, _ in rows]
 
     def _build_groups_txn(
         self,
         txn: LoggingTransaction,
         learnt: TxnLearnt,
-        room_nid: int,
-        steps: list[GroupStep],
+        steps: Sequence[tuple[int, GroupStep]],
         stats: WriteCounters,
     ) -> None:
-        """Give each step's state group a snapshot (parents before children)."""
+        """Give each ``(room_nid, step)``'s state group a snapshot (parents before
+        children), in a fixed number of statements whatever the number of rooms."""
         if not steps:
             return
         known = self.known_groups_txn(
             txn,
-            {s.group for s in steps} | {s.prev_group for s in steps if s.prev_group},
+            {s.group for _, s in steps} | {s.prev_group for _, s in steps if s.prev_group},
             learnt,
         )
-        todo = [s for s in steps if s.group not in known]
-        if any(s.needs_full_state for s in todo):
+        todo = [(room_nid, s) for room_nid, s in steps if s.group not in known]
+        if not todo:
+            return
+        if any(s.needs_full_state for _, s in todo):
             raise ValueError("a step still needs its full state read")
         convert = self._intern_state_map_txn(
             txn,
             learnt,
-            room_nid,
-            [s.delta if s.delta is not None else s.full_state for s in todo],  # type: ignore[misc]
+            [
+                (room_nid, s.delta if s.delta is not None else s.full_state)  # type: ignore[misc]
+                for room_nid, s in todo
+            ],
+        )
+        # The parents' block lists not cached, in one read.
+        self._snapshots_txn(
+            txn, learnt, {known[s.prev_group] for _, s in todo if s.prev_group in known}
         )
         # Plan every snapshot first, in Python: blocks new in this batch get a
         # temporary (negative) NID, so that a child step can extend a parent
         # planned just before it. Then three statements write them all: the
         # blocks, the snapshots, the groups' mapping (not three per group).
-        new_blocks: dict[bytes, Block] = {}  # content hash -> block
-        temporary: dict[bytes, int] = {}  # content hash -> temporary NID
+        new_blocks: dict[tuple[int, bytes], Block] = {}  # (room, content hash) -> block
+        temporary: dict[tuple[int, bytes], int] = {}  # (room, content hash) -> temporary NID
         block_of_temporary: dict[int, Block] = {}
         lists: dict[int, tuple[int, ...]] = {}  # group -> block list (temporary NIDs too)
+        room_of: dict[int, int] = {}  # group -> room NID
 
-        def block_nid(block: Block) -> int:
-            digest = algebra.block_hash(block)
-            if digest not in temporary:
-                temporary[digest] = -(len(temporary) + 1)
-                new_blocks[digest] = block
-                block_of_temporary[temporary[digest]] = block
-            return temporary[digest]
+        def block_nid(room_nid: int, block: Block) -> int:
+            key = (room_nid, algebra.block_hash(block))
+            if key not in temporary:
+                temporary[key] = -(len(temporary) + 1)
+                new_blocks[key] = block
+                block_of_temporary[temporary[key]] = block
+            return temporary[key]
 
         def load(nids: Sequence[int]) -> dict[int, Block]:
             loaded = self._blocks_txn(txn, learnt, [n for n in nids if n > 0])
             loaded.update((n, block_of_temporary[n]) for n in nids if n < 0)
             return loaded
 
-        for step in todo:
+        for room_nid, step in todo:
             if step.full_state is not None:
                 plan = algebra.full(convert(step.full_state))
             else:
@@ -244,15 +254,22 @@ class SnapshotStore(InterningStore):
                 plan = algebra.extend(parent_blocks, change, parent_state)
             if plan.compacted and step.full_state is None:
                 stats.compactions += 1  # a delta on a parent at the 64-block limit
-            lists[step.group] = tuple(plan.base) + tuple(block_nid(b) for b in plan.blocks)
+            lists[step.group] = tuple(plan.base) + tuple(
+                block_nid(room_nid, b) for b in plan.blocks
+            )
+            room_of[step.group] = room_nid
 
         real: dict[int, int] = {}
         if new_blocks:
-            nids = self._store_blocks_txn(txn, learnt, room_nid, list(new_blocks.values()))
-            real = {temporary[digest]: nid for digest, nid in zip(new_blocks, nids)}
+            nids = self._store_blocks_txn(
+                txn, learnt, [(room_nid, block) for (room_nid, _), block in new_blocks.items()]
+            )
+            real = {temporary[key]: nid for key, nid in zip(new_blocks, nids)}
         groups = list(lists)
         snapshot_nids = self._store_snapshots_txn(
-            txn, learnt, room_nid, [tuple(real.get(n, n) for n in lists[g]) for g in groups]
+            txn,
+            learnt,
+            [(room_of[g], tuple(real.get(n, n) for n in lists[g])) for g in groups],
         )
         txn.execute_batch(
             "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
@@ -260,7 +277,6 @@ class SnapshotStore(InterningStore):
             list(zip(groups, snapshot_nids)),
         )
         for group, snapshot_nid in zip(groups, snapshot_nids):
-            known[group] = snapshot_nid
             learnt.groups[group] = snapshot_nid
         stats.snapshots_built += len(groups)
 
@@ -284,19 +300,39 @@ class SnapshotStore(InterningStore):
         (the live mirror; not the migration) the events' snapshots go into the
         event -> snapshot cache once ``txn`` commits: new events are looked up soon.
         """
+        self.mirror_rooms_txn(txn, scope, {room_id: (rows, steps)}, stats, cache_events)
+
+    def mirror_rooms_txn(
+        self,
+        txn: LoggingTransaction,
+        scope: WriteScope,
+        rooms: Mapping[str, tuple[list[EventRow], list[GroupStep]]],
+        stats: WriteCounters,
+        cache_events: bool = True,
+    ) -> None:
+        """:meth:`mirror_events_txn` for several rooms at once (the migration's
+        batch): the same rows, in a number of statements that does not grow
+        with the number of rooms."""
         learnt = scope.begin(txn, self)
-        (room_nid,) = self._intern_strings_txn(txn, learnt, ROOMS, [room_id]).values()
-        if steps:
-            self._lock_room_txn(txn, room_nid)
-        self._build_groups_txn(txn, learnt, room_nid, steps, stats)
-        groups = self.known_groups_txn(
-            txn, {r.state_group for r in rows if r.state_group is not None}, learnt
+        room_nids = self._intern_strings_txn(txn, learnt, ROOMS, rooms)
+        self._lock_rooms_txn(txn, [room_nids[r] for r, (_, steps) in rooms.items() if steps])
+        self._build_groups_txn(
+            txn,
+            learnt,
+            [(room_nids[r], step) for r, (_, steps) in rooms.items() for step in steps],
+            stats,
         )
-        for row in rows:
-            snapshot_nid = groups.get(row.state_group) if row.state_group else None
-            if row.state_group is not None and snapshot_nid is None:
-                stats.unprepared += 1
-            if snapshot_nid is not None:
-                stats.events_mirrored += 1
-                if cache_events:
-                    learnt.event_snapshots[row.event_id] = snapshot_nid
+        groups = self.known_groups_txn(
+            txn,
+            {row.state_group for rows, _ in rooms.values() for row in rows if row.state_group},
+            learnt,
+        )
+        for rows, _ in rooms.values():
+            for row in rows:
+                snapshot_nid = groups.get(row.state_group) if row.state_group else None
+                if row.state_group is not None and snapshot_nid is None:
+                    stats.unprepared += 1
+                if snapshot_nid is not None:
+                    stats.events_mirrored += 1
+                    if cache_events:
+                        learnt.event_snapshots[row.event_id] = snapshot_nid
