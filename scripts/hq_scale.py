@@ -34,9 +34,9 @@ visibility, a topic now and then, and members joining (most), leaving and
 rejoining; every message comes from a joined member.
 
 Then, with the module (mode serve): ``migrate`` killed with SIGKILL half-way
-and rerun (events/s, peak RSS of each process), ``verify --sample 10000``,
-``stats``, and the lookups of the runner (cold and warm, native against NID)
-on the big room's 500 most recent events.
+and rerun (events/s, peak RSS of each process), ``stats``, the lookups of the
+runner (cold and warm, native against NID, answers compared first) on the big
+room's ``--lookup-events`` most recent events, and ``verify --sample 10000``.
 """
 
 import argparse
@@ -366,7 +366,7 @@ def lookups_main(config_path: str, events: int) -> int:
     return 0
 
 
-def module_phase(data_dir: str, database: dict, written: int) -> int:
+def module_phase(data_dir: str, database: dict, written: int, lookup_events: int) -> int:
     config_path = os.path.join(data_dir, "homeserver.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(homeserver_config(data_dir, database, {"mode": "serve"}), f)
@@ -376,20 +376,24 @@ def module_phase(data_dir: str, database: dict, written: int) -> int:
     )
     done = migrated(database)
     print(f"migrate: {'killed with SIGKILL' if killed else 'finished'} after {seconds:.0f}s at "
-          f"{done:,} events answered; peak RSS {rss / 1024:.0f} MiB; {out[-300:]}")
+          f"{done:,} events answered; peak RSS {rss / 1024:.0f} MiB; {out[-300:]}", flush=True)
     out, seconds, rss, _ = run_measured(["migrate", "-c", config_path, "--no-progress"])
-    print(f"migrate rerun: {seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB: {out[-400:]}")
+    print(f"migrate rerun: {seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB: {out[-400:]}", flush=True)
+    stats = cli("stats", "-c", config_path, "--top", "3")
+    print(stats.stdout.strip(), flush=True)
+    lookups = subprocess.run(
+        [sys.executable, __file__, "--lookups", config_path, "--lookup-events", str(lookup_events)],
+        capture_output=True,
+        text=True,
+    )
+    print(lookups.stdout.strip() or lookups.stderr[-2000:], flush=True)
+    # Last: on a big history it is the longest step (Synapse's side reads
+    # every sampled event's state cold).
     out, seconds, rss, _ = run_measured(
         ["verify", "-c", config_path, "--no-progress", "--sample", "10000"]
     )
     print(f"verify --sample 10000 ({seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB):\n{out[-1500:]}")
     verified = "mismatches: 0" in out
-    stats = cli("stats", "-c", config_path, "--top", "3")
-    print(stats.stdout.strip())
-    lookups = subprocess.run(
-        [sys.executable, __file__, "--lookups", config_path], capture_output=True, text=True
-    )
-    print(lookups.stdout.strip() or lookups.stderr[-2000:])
     print(f"data: {data_dir}; config: {config_path}")
     return 0 if verified and lookups.returncode == 0 else 1
 
@@ -449,7 +453,10 @@ def main() -> int:
         help="keep the database a run wrote (or was interrupted writing) and go on with the module",
     )
     parser.add_argument("--lookups", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
-    parser.add_argument("--lookup-events", type=int, default=500, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lookup-events", type=int, default=500,
+        help="how many of the big room's latest events the lookups time (default 500)",
+    )
     args = parser.parse_args()
     if args.lookups:
         return lookups_main(args.lookups, args.lookup_events)
@@ -463,7 +470,10 @@ def main() -> int:
         database = postgres_database(f"{args.postgres} dbname={args.database_name}")
         describe(database)
         return module_phase(
-            data_dir, database, count(database, "SELECT COUNT(*) FROM event_to_state_groups")
+            data_dir,
+            database,
+            count(database, "SELECT COUNT(*) FROM event_to_state_groups"),
+            args.lookup_events,
         )
     dsn = create_database(args.postgres, args.database_name)
     database = postgres_database(dsn)
@@ -486,7 +496,7 @@ def main() -> int:
     if args.write_only:
         print(f"data: {data_dir}; database: {dsn}")
         return 0
-    return module_phase(data_dir, database, with_state)
+    return module_phase(data_dir, database, with_state, args.lookup_events)
 
 
 if __name__ == "__main__":
