@@ -2,7 +2,7 @@
 
     python conformance/run.py [--engine sqlite|postgres] [--mode serve|shadow]
                               [--eager] [--tests NAME ...] [--synapse-tests DIR]
-                              [--baseline all|failed] [--sequential]
+                              [--baseline all|failed] [--sequential] [--jobs N]
 
 1. Takes Synapse's ``tests`` package from the source distribution of the
    installed matrix-synapse release (``pip download --no-binary :all:`` stops
@@ -101,12 +101,14 @@ def start_run(
     mode: str | None,
     work: Path,
     eager: bool = False,
+    jobs: int = 1,
 ) -> tuple[subprocess.Popen, Path, Path]:
     """Start trial on ``names``; ``mode`` None runs without the module."""
     label = mode or "without"
     run_dir = work / label
     run_dir.mkdir()
-    counters = run_dir / "counters.json"
+    counters = run_dir / "counters"
+    counters.mkdir()
     env = {
         k: v for k, v in os.environ.items()
         if not k.startswith(("NIDSTATE_CONFORMANCE_", "SYNAPSE_POSTGRES"))
@@ -124,7 +126,8 @@ def start_run(
         env.setdefault("SYNAPSE_POSTGRES_USER", os.environ.get("NIDSTATE_TEST_PG_USER", "postgres"))
     output = run_dir / "trial.out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "twisted.trial", "--reporter=bwverbose", *names],
+        [sys.executable, "-m", "twisted.trial", "--reporter=bwverbose",
+         *([f"--jobs={jobs}"] if jobs > 1 else []), *names],
         cwd=run_dir,  # trial's _trial_temp goes here; our own tests/ is not on the path
         env=env,
         stdout=output.open("w"),
@@ -154,6 +157,17 @@ def finish(process: subprocess.Popen, output: Path) -> None:
             print(f"conformance: trial printed its summary but did not exit; ended ({output})")
             process.terminate()
             process.wait()
+
+
+def summed_counters(folder: Path) -> dict[str, dict[str, int]]:
+    """The counters every test process wrote (one file each), summed."""
+    totals: dict[str, dict[str, int]] = {}
+    for path in sorted(folder.glob("counters-*.json")):
+        for part, values in json.loads(path.read_text()).items():
+            into = totals.setdefault(part, {})
+            for name, value in values.items():
+                into[name] = into.get(name, 0) + value
+    return totals
 
 
 def results(output: Path) -> dict[str, str]:
@@ -219,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sequential", action="store_true",
         help="run without and with the module one after the other (default: at once)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="trial worker processes per run (trial --jobs; on PostgreSQL a test mostly "
+        "waits for its database to be created from Synapse's template)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument(
         "--fetch-only", action="store_true",
@@ -259,23 +278,26 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     if args.baseline == "all":
         for mode in (None, args.mode):
-            runs[mode] = start_run(tests_root, names, args.engine, mode, work, args.eager)
+            runs[mode] = start_run(
+                tests_root, names, args.engine, mode, work, args.eager, args.jobs
+            )
             if args.sequential:
                 runs[mode][0].wait()
     else:
-        runs[args.mode] = start_run(tests_root, names, args.engine, args.mode, work, args.eager)
+        runs[args.mode] = start_run(
+            tests_root, names, args.engine, args.mode, work, args.eager, args.jobs
+        )
         finish(*runs[args.mode][:2])
         failed = sorted(t for t, r in results(runs[args.mode][1]).items() if r in _FAILED)
         if failed:
-            runs[None] = start_run(tests_root, failed, args.engine, None, work)
+            runs[None] = start_run(tests_root, failed, args.engine, None, work, jobs=args.jobs)
     for process, output, _ in runs.values():
         finish(process, output)
     seconds = time.monotonic() - started
 
     with_module = results(runs[args.mode][1])
     without = results(runs[None][1]) if None in runs else {}
-    counters_path = runs[args.mode][2]
-    counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
+    counters = summed_counters(runs[args.mode][2])
     failed_without = {t for t, r in without.items() if r in _FAILED}
     failed_with = {t for t, r in with_module.items() if r in _FAILED}
     added = sorted(failed_with - failed_without)

@@ -9,8 +9,9 @@ processes it starts. With ``NIDSTATE_CONFORMANCE_MODE`` unset nothing happens
   Synapse's ``setup_test_homeserver`` and its real start-up both call) gets the
   module, in that mode (with ``NIDSTATE_CONFORMANCE_EAGER`` set, and eager
   reclaim), unless the config already names it;
-- every module instance's counters are kept, and summed into the JSON file
-  ``NIDSTATE_CONFORMANCE_COUNTERS`` names when the process exits.
+- every module instance's counters are kept, and summed into a JSON file in
+  the folder ``NIDSTATE_CONFORMANCE_COUNTERS`` names when the process exits
+  (one file per process: ``trial -j`` runs tests in several).
 """
 
 import atexit
@@ -63,7 +64,7 @@ def _install(mode: str, counters_path: str | None, eager: bool) -> None:
                         into[name] = into.get(name, 0) + value
         totals["homeservers"] = {"with_module": len(every)}
         if counters_path:
-            with open(counters_path, "w") as f:
+            with open(os.path.join(counters_path, f"counters-{os.getpid()}.json"), "w") as f:
                 json.dump(totals, f)
 
     # Before the interpreter waits for non-daemon threads (a test may leave one,
