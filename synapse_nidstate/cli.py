@@ -300,6 +300,7 @@ def _run_tool(args: argparse.Namespace) -> int:
     from synapse_nidstate.commands import drop, migrate, reclaim, verify
     from synapse_nidstate.commands.homeserver import (
         CommandInputError,
+        Interrupted,
         ToolConfigError,
         run_in_reactor,
         tool_homeserver,
@@ -344,6 +345,9 @@ def _run_tool(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # e.g. --plot without matplotlib
         print(f"synapse-nidstate: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # every command resumes or starts over safely
+        print(f"synapse-nidstate: {args.command} {e}; run it again to go on", file=sys.stderr)
+        return 130
 
 
 def config_error_text(error: "ConfigError", config_path: str) -> str:

@@ -32,6 +32,10 @@ T = TypeVar("T")
 LOG_SERVER_NAME = "synapse-nidstate"
 
 
+class Interrupted(Exception):
+    """The command was stopped (SIGINT, SIGTERM) before it finished."""
+
+
 def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidstate") -> T:
     """Run ``main`` with the reactor, the way Synapse's own entry point does.
 
@@ -54,6 +58,9 @@ def run_in_reactor(main: Callable[[], Awaitable[T]], name: str = "synapse-nidsta
     reactor.callWhenRunning(begin)
     with PreserveLoggingContext():
         reactor.run()  # type: ignore[misc]  # zope interface without mypy-zope
+    if not outcome:
+        # The reactor stopped before ``main`` ended: Twisted's SIGINT/SIGTERM handlers.
+        raise Interrupted("stopped by a signal before it finished")
     kind, value = outcome[0]
     if kind == "error":
         raise value
