@@ -186,7 +186,7 @@ class Migrator:
             WriteScope(),
             by_room,
             self._stats,
-            True,
+            cache_events=False,
         )
 
     async def run_batch(self, until: int | None = None) -> bool:

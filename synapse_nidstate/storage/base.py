@@ -47,7 +47,8 @@ V = TypeVar("V")
 _ROOM_LOCK_CLASS = 0x6E6964  # "nid"
 
 #: Bound on the number of values in one IN list of bound variables (SQLite's
-#: variable limit); only binary values on SQLite need it, see in_list_clause.
+#: variable limit); only binary values need it (they have no JSON form for
+#: ``in_list_clause``): the content hashes ``_select_by_room_txn`` looks up.
 _CHUNK = 500
 
 
@@ -217,20 +218,15 @@ class NidStoreBase:
         sql: str,
         column: str,
         values: Collection[Any],
-        args: tuple = (),
     ) -> list[tuple]:
-        """Run ``sql`` (which ends in ``WHERE ... AND``-ready text) for ``values``:
-        one statement, or chunks of bound variables for binary values on SQLite."""
-        if values and not isinstance(next(iter(values)), (bytes, bytearray)):
-            clause, clause_args = in_list_clause(self.engine, column, values)
-            txn.execute(f"{sql} {clause}", (*args, *clause_args))
-            return txn.fetchall()
-        rows: list[tuple] = []
-        for chunk in batch_iter(values, _CHUNK):
-            clause, clause_args = make_in_list_sql_clause(self.engine, column, chunk)
-            txn.execute(f"{sql} {clause}", (*args, *clause_args))
-            rows.extend(txn.fetchall())
-        return rows
+        """Run ``sql`` (which ends in ``WHERE``) for ``values`` (integers or
+        strings), in one statement; binary values go per room through
+        :meth:`_select_by_room_txn`."""
+        if not values:
+            return []
+        clause, clause_args = in_list_clause(self.engine, column, values)
+        txn.execute(f"{sql} {clause}", clause_args)
+        return txn.fetchall()
 
     @staticmethod
     def _fill(cache: LruCache[K, V], rows: Iterable[tuple[K, V]]) -> None:
