@@ -57,6 +57,7 @@ from synapse_nidstate.demo.inprocess import (
     start_homeserver,
     stop_homeserver,
 )
+from synapse_nidstate.demo.port import PortFailed, port_sqlite_to_postgres
 from synapse_nidstate.demo.timing import (
     Timing,
     clear_state_caches,
@@ -270,6 +271,9 @@ class Dataset:
     #: Seconds the history took to write, when this run wrote it.
     build_seconds: float | None
     reused: bool
+    #: The SQLite dataset this one was ported from, and the port's seconds.
+    ported_from: str | None = None
+    port_seconds: float | None = None
 
     @property
     def marker(self) -> str:
@@ -277,7 +281,17 @@ class Dataset:
 
     def save(self, meta: dict[str, Any]) -> None:
         with open(self.marker, "w") as f:
-            json.dump({"version": DATASET_VERSION, **meta, "writer": self.writer.state()}, f)
+            json.dump(
+                {
+                    "version": DATASET_VERSION,
+                    **meta,
+                    "build_seconds": self.build_seconds,
+                    "ported_from": self.ported_from,
+                    "port_seconds": self.port_seconds,
+                    "writer": self.writer.state(),
+                },
+                f,
+            )
 
 
 def _marker_matches(path: str, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -311,7 +325,14 @@ async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str,
         )
     if saved is not None:
         writer = HistoryWriter.restore(saved["writer"])
-        return Dataset(data_dir, database, writer, saved.get("build_seconds"), reused=True)
+        return Dataset(
+            data_dir, database, writer, saved.get("build_seconds"), reused=True,
+            ported_from=saved.get("ported_from"), port_seconds=saved.get("port_seconds"),
+        )
+    if args.port_from:
+        dataset = await port_sqlite_dataset(args.port_from, data_dir, database, meta)
+        dataset.save(meta)
+        return dataset
 
     writer = HistoryWriter(scale.shape)
     hs = await start_homeserver(homeserver_config(data_dir, database, None), data_dir)
@@ -325,8 +346,33 @@ async def ensure_dataset(args: argparse.Namespace, scale: Scale, meta: dict[str,
     finally:
         await stop_homeserver(hs)
     dataset = Dataset(data_dir, database, writer, seconds, reused=False)
-    dataset.save({**meta, "build_seconds": seconds})
+    dataset.save(meta)
     return dataset
+
+
+async def port_sqlite_dataset(
+    source_dir: str, data_dir: str, database: dict[str, Any], meta: dict[str, Any]
+) -> Dataset:
+    """A PostgreSQL dataset made from a kept SQLite one of the same scale by
+    Synapse's own ``synapse_port_db`` (``synapse_nidstate/demo/port.py``): the
+    same events, state groups and writer state on both engines."""
+    source_dir = os.path.abspath(source_dir)
+    source = _marker_matches(os.path.join(source_dir, "dataset.json"), {**meta, "engine": "sqlite"})
+    if source is None:
+        raise SystemExit(
+            f"{source_dir} holds no SQLite dataset of scale {meta['scale']}: "
+            f"write one first with python -m benchmarks.run --scale {meta['scale']}"
+        )
+    try:
+        ported = await port_sqlite_to_postgres(
+            os.path.join(source_dir, "homeserver.db"), database, data_dir
+        )
+    except PortFailed as e:
+        raise SystemExit(str(e)) from None
+    return Dataset(
+        data_dir, database, HistoryWriter.restore(source["writer"]), source.get("build_seconds"),
+        reused=False, ported_from=source_dir, port_seconds=ported.seconds,
+    )
 
 
 # --- the run -----------------------------------------------------------------
@@ -446,7 +492,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
              "on_events": on_events, "on_seconds": on_seconds}
         )
     results.mirror_seconds = mirror_seconds
-    dataset.save({**meta, "build_seconds": dataset.build_seconds})
+    dataset.save(meta)
 
     hs = await start_homeserver(config(True), dataset.data_dir)
     try:
@@ -546,6 +592,8 @@ async def describe_dataset(hs: HomeServer, dataset: Dataset, scale: Scale) -> di
         "big_room_members_max": scale.shape.big_room_members + 1,
         "build_seconds": dataset.build_seconds,
         "reused": dataset.reused,
+        "ported_from": dataset.ported_from,
+        "port_seconds": dataset.port_seconds,
         "data_dir": dataset.data_dir,
     }
 
@@ -644,6 +692,18 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
     return out
 
 
+def _provenance(d: dict[str, Any]) -> str:
+    if d.get("ported_from"):
+        made = (
+            f"ported from the SQLite dataset in {d['ported_from']} by Synapse's synapse_port_db "
+            f"in {d['port_seconds']:.0f}s (writing that one took {d['build_seconds']:.0f}s)"
+        )
+        return made + ("; reused from an earlier run" if d["reused"] else " by this run")
+    if d["reused"]:
+        return "reused from an earlier run"
+    return f"written in {d['build_seconds']:.0f}s by this run"
+
+
 def report(results: Results, command: str) -> str:
     d = results.dataset
     out = [
@@ -655,7 +715,7 @@ def report(results: Results, command: str) -> str:
         f"{d['state_groups']:,} state groups, written by Synapse's own handlers with the module off "
         f"(the demo's history generator, seed {SCALES[results.scale].shape.seed}); the big room peaked at "
         f"{d['big_room_members_max']:,} members, {d['big_room_members_now']:,} joined now; "
-        + ("reused from an earlier run" if d["reused"] else f"written in {d['build_seconds']:.0f}s by this run"),
+        + _provenance(d),
         "",
         "## Storage (the database's own size functions; bytes include indexes and TOAST)",
         "",
@@ -876,9 +936,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data", metavar="DIR", help="where the dataset is kept (default benchmarks/data/<engine>-<scale>)")
     parser.add_argument("--rebuild", action="store_true", help="write a new dataset even if one is kept")
+    parser.add_argument(
+        "--port-from",
+        metavar="DIR",
+        help="PostgreSQL only: make the dataset by porting a kept SQLite dataset of the same scale "
+        "(its folder, e.g. benchmarks/data/sqlite-L) with Synapse's synapse_port_db, "
+        "instead of writing the history again",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every figure, with its unit, here")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.port_from and args.engine != "postgres":
+        parser.error("--port-from makes a PostgreSQL dataset: add --engine postgres")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

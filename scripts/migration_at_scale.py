@@ -41,6 +41,7 @@ from synapse_nidstate.demo.inprocess import (
     start_homeserver,
     stop_homeserver,
 )
+from synapse_nidstate.demo.port import port_sqlite_to_postgres
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -160,28 +161,6 @@ def digest_main(config_path: str, out: str) -> int:
     answer = run_in_reactor(run)
     with open(out, "w") as f:
         json.dump(answer, f)
-    return 0
-
-
-def background_updates_main(config_path: str) -> int:
-    """``--background-updates``: run Synapse's pending background updates to the
-    end (what a long-running Synapse has done; synapse_port_db requires it)."""
-
-    config_dict, data_dir = load_homeserver(config_path, "digest.log")
-
-    async def run() -> None:
-        hs = await start_homeserver(config_dict, data_dir)
-        try:
-            from synapse.util.duration import Duration
-
-            updater = hs.get_datastores().main.db_pool.updates
-            updater.minimum_background_batch_size = 10_000  # as fast as it goes
-            while not await updater.has_completed_background_updates():
-                await hs.get_clock().sleep(Duration(milliseconds=200))
-        finally:
-            await stop_homeserver(hs)
-
-    run_in_reactor(run)
     return 0
 
 
@@ -327,48 +306,13 @@ def migrate_phase(
 
 
 def port_to_postgres(sqlite_path: str, database: dict, data_dir: str) -> int:
-    """Synapse's own ``synapse_port_db``: the history a real Synapse wrote on SQLite,
-    copied into PostgreSQL (Synapse's tables only); returns its events.
-
-    The port reads a copy whose ``event_push_actions`` is emptied first: every
-    message in the big room gives each of its thousands of local members a
-    push action (about 10 million rows, 5 GB of the 5.7 GB file at 50,000
-    events), which has nothing to do with state and would make the port last
-    hours here. Every other table is ported as Synapse wrote it."""
-    import shutil
-    import sqlite3
-
-    copy = os.path.join(data_dir, "port-source.db")
-    shutil.copyfile(sqlite_path, copy)
-    conn = sqlite3.connect(copy, isolation_level=None)
-    dropped = conn.execute("SELECT COUNT(*) FROM event_push_actions").fetchone()[0]
-    conn.execute("DELETE FROM event_push_actions")
-    conn.close()
-    print(f"port source: {sqlite_path} copied, its {dropped:,} event_push_actions rows left out")
-    sqlite_path = copy
-    source_config = os.path.join(data_dir, "port-source.yaml")
-    with open(source_config, "w") as f:
-        yaml.safe_dump(
-            homeserver_config(data_dir, {"name": "sqlite3", "args": {"database": sqlite_path}}, None),
-            f,
-        )
-    subprocess.run(
-        [sys.executable, __file__, "--background-updates", source_config], check=True
-    )
-    pg_config = os.path.join(data_dir, "port-target.yaml")
-    with open(pg_config, "w") as f:
-        yaml.safe_dump(homeserver_config(data_dir, database, None), f)
-    started = time.monotonic()
-    subprocess.run(
-        [
-            sys.executable, "-m", "synapse._scripts.synapse_port_db",
-            "--sqlite-database", sqlite_path, "--postgres-config", pg_config,
-        ],
-        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )
+    """Synapse's own ``synapse_port_db`` (``synapse_nidstate/demo/port.py``): the
+    history a real Synapse wrote on SQLite, copied into PostgreSQL (Synapse's
+    tables only, ``event_push_actions`` left out); returns its events."""
+    ported = run_in_reactor(lambda: port_sqlite_to_postgres(sqlite_path, database, data_dir))
     events = count(database, "SELECT COUNT(*) FROM events")
-    print(f"synapse_port_db: {events} events copied from {sqlite_path} in "
-          f"{time.monotonic() - started:.0f}s")
+    print(f"synapse_port_db: {events} events copied from {sqlite_path} in {ported.seconds:.0f}s "
+          f"({ported.push_actions_left_out:,} event_push_actions rows left out)")
     return events
 
 
@@ -388,12 +332,9 @@ def main() -> int:
     )
     parser.add_argument("--digest", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--background-updates", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.digest:
         return digest_main(args.digest, args.out)
-    if args.background_updates:
-        return background_updates_main(args.background_updates)
 
     if args.data_dir:
         config_path = os.path.join(args.data_dir, "homeserver.yaml")

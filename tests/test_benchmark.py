@@ -7,6 +7,7 @@ mirror's answers equal Synapse's on every event it timed.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,12 +22,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class BenchmarkSmokeTests(unittest.TestCase):
     timeout = 600
 
-    def run_benchmark(self, *extra: str) -> dict:
-        work = tempfile.mkdtemp(prefix="nidstate-bench-")
-        out = os.path.join(work, "result.json")
+    def setUp(self) -> None:
+        self.work = tempfile.mkdtemp(prefix="nidstate-bench-")
+        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
+
+    def postgres_args(self) -> list[str]:
+        """The runner's PostgreSQL arguments, with a database dropped after the test."""
+        problem = postgres_available()
+        if problem is not None:
+            if os.environ.get("CI"):
+                self.fail(f"PostgreSQL is required in CI: {problem}")
+            raise unittest.SkipTest(problem)
+        name = f"nidstate_bench_test_{os.getpid()}"
+        self.addCleanup(drop_postgres_database, name)
+        return ["--engine", "postgres", "--database-name", name,
+                "--postgres", f"host={PG_HOST} port={PG_PORT} user={PG_USER}"]
+
+    def run_benchmark(self, data: str, *extra: str) -> dict:
+        out = os.path.join(self.work, "result.json")
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.run", "--scale", "tiny", "--no-progress",
-             "--data", os.path.join(work, "data"), "--json", out, *extra],
+             "--data", os.path.join(self.work, data), "--json", out, *extra],
             cwd=REPO, capture_output=True, text=True, timeout=600,
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
@@ -56,20 +72,26 @@ class BenchmarkSmokeTests(unittest.TestCase):
         return figures
 
     def test_sqlite(self) -> None:
-        figures = self.run_benchmark()
+        figures = self.run_benchmark("sqlite")
         self.assertEqual(figures["engine"], "sqlite")
 
     def test_postgres(self) -> None:
-        problem = postgres_available()
-        if problem is not None:
-            if os.environ.get("CI"):
-                self.fail(f"PostgreSQL is required in CI: {problem}")
-            raise unittest.SkipTest(problem)
-        name = f"nidstate_bench_test_{os.getpid()}"
-        self.addCleanup(drop_postgres_database, name)
-        figures = self.run_benchmark(
-            "--engine", "postgres", "--database-name", name,
-            "--postgres", f"host={PG_HOST} port={PG_PORT} user={PG_USER}",
-        )
+        figures = self.run_benchmark("postgres", *self.postgres_args())
         self.assertEqual(figures["engine"], "postgres")
         self.assertEqual(figures["storage"]["engines"]["main"], "postgres")
+        self.assertIsNone(figures["dataset"]["ported_from"])
+
+    def test_postgres_ported_from_sqlite(self) -> None:
+        """--port-from: the SQLite dataset, ported by Synapse's synapse_port_db, serves
+        a PostgreSQL run; its history is the SQLite one plus the run's own sends."""
+        postgres = self.postgres_args()
+        on_sqlite = self.run_benchmark("sqlite")["dataset"]
+        on_postgres = self.run_benchmark("postgres", *postgres,
+                                         "--port-from", os.path.join(self.work, "sqlite"))
+        self.assertEqual(on_postgres["engine"], "postgres")
+        dataset = on_postgres["dataset"]
+        self.assertEqual(dataset["ported_from"], os.path.join(self.work, "sqlite"))
+        self.assertGreater(dataset["port_seconds"], 0)
+        self.assertEqual(dataset["rooms"], on_sqlite["rooms"])
+        self.assertGreater(dataset["events"], on_sqlite["events"])
+        self.assertGreater(dataset["state_groups"], on_sqlite["state_groups"])
