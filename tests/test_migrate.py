@@ -13,8 +13,16 @@ import yaml
 from synapse.server import HomeServer
 from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
+from twisted.trial import unittest
 
-from synapse_nidstate.commands.verify import find_orphans
+from synapse_nidstate.commands import verify
+from synapse_nidstate.commands.verify import (
+    compare_with_native,
+    find_orphans,
+    next_batch_size,
+    room_events_with_state,
+    standard_filters,
+)
 from synapse_nidstate.demo.history import Driver, HistoryShape, realistic_history
 from synapse_nidstate.demo.inprocess import homeserver_config
 from synapse_nidstate.storage.schema import TABLES
@@ -110,6 +118,18 @@ class MigrateTests:
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters)
 
+        # verify's batches follow the size of the state: with a budget of one
+        # state entry, every batch after the first holds one event, and every
+        # event is still compared.
+        self.patch(verify, "ENTRY_BUDGET", 1)  # type: ignore[attr-defined]
+        events = [e for room in history.rooms for e in await room_events_with_state(hs, room)]
+        sizes: list[int] = []
+        result = await compare_with_native(
+            module.lookups, events, standard_filters(history.users[:1]), sizes.append
+        )
+        self.assertEqual((result.events, result.mismatches, result.unmirrored), (len(events), [], 0))
+        self.assertEqual(sizes, [verify.FIRST_BATCH] + [1] * (len(events) - verify.FIRST_BATCH))
+
     @in_logcontext
     async def test_background_migration(self) -> None:
         database = self.database_config()
@@ -135,6 +155,15 @@ class MigrateTests:
         self.assertGreater(status["events_migrated_here"], 0, status)
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters_for(hs, history.users))
+
+
+class VerifyBatchTests(unittest.TestCase):
+    def test_batches_fit_the_entry_budget(self) -> None:
+        budget, most = verify.ENTRY_BUDGET, verify.BATCH
+        self.assertEqual(next_batch_size(10, 10 * 200), most)  # small rooms: full batches
+        self.assertEqual(next_batch_size(10, 10 * 48_000), budget // 48_000)
+        self.assertEqual(next_batch_size(1, budget * 5), 1)  # never none
+        self.assertEqual(next_batch_size(0, 0), most)
 
 
 class SqliteMigrateTests(MigrateTests, HomeserverTestCase):

@@ -10,7 +10,6 @@ from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types.state import StateFilter
-from synapse.util.iterutils import batch_iter
 
 from synapse_nidstate.commands.homeserver import CommandInputError, nid_store
 from synapse_nidstate.commands.ui import WorkProgress
@@ -19,8 +18,14 @@ from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import LookupStats
 
-#: Events compared per lookup (what /messages asks at most is 100 too).
+#: Events compared per lookup at most (what /messages asks at most is 100 too).
 BATCH = 100
+#: Events in the first batch, before the state's size is known.
+FIRST_BATCH = 10
+#: State entries one batch's answers may hold per side: bounds the memory of a
+#: comparison in rooms of tens of thousands of members (100 full states of a
+#: 48,000-member room are 4.8 million entries a side, gigabytes in Python).
+ENTRY_BUDGET = 1_000_000
 #: Orphans listed by name (all are counted).
 MAX_LISTED = 20
 
@@ -128,24 +133,39 @@ async def sample_events_with_state(
     )
 
 
+def next_batch_size(events: int, entries: int) -> int:
+    """Events in the next batch: as many as fit ``ENTRY_BUDGET`` at the entries per
+    event the last batch's widest answer held, between 1 and ``BATCH``."""
+    per_event = max(1, entries // max(1, events))
+    return max(1, min(BATCH, ENTRY_BUDGET // per_event))
+
+
+async def _each(event_ids: Iterable[str] | AsyncIterator[str]) -> AsyncIterator[str]:
+    if isinstance(event_ids, AsyncIterator):
+        async for event_id in event_ids:
+            yield event_id
+    else:
+        for event_id in event_ids:
+            yield event_id
+
+
 async def compare_with_native(
     lookups: StateLookups,
     event_ids: Iterable[str] | AsyncIterator[str],
     filters: dict[str, StateFilter],
     progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
-    """Compare, per event and filter, the mirror's answer with Synapse's own."""
+    """Compare, per event and filter, the mirror's answer with Synapse's own, in
+    batches sized to the state (``next_batch_size``)."""
     result = VerifyResult()
     batch: list[str] = []
-    if isinstance(event_ids, AsyncIterator):
-        async for event_id in event_ids:
-            batch.append(event_id)
-            if len(batch) == BATCH:
-                await _compare_batch(lookups, batch, filters, result, progress)
-                batch = []
-    else:
-        for chunk in batch_iter(event_ids, BATCH):
-            await _compare_batch(lookups, list(chunk), filters, result, progress)
+    size = FIRST_BATCH
+    async for event_id in _each(event_ids):
+        batch.append(event_id)
+        if len(batch) >= size:
+            entries = await _compare_batch(lookups, batch, filters, result, progress)
+            size = next_batch_size(len(batch), entries)
+            batch = []
     if batch:
         await _compare_batch(lookups, batch, filters, result, progress)
     return result
@@ -157,10 +177,13 @@ async def _compare_batch(
     filters: dict[str, StateFilter],
     result: VerifyResult,
     progress: Callable[[int], None] | None,
-) -> None:
+) -> int:
+    """Compare one batch; returns the state entries of its widest answer."""
+    widest = 0
     for name, state_filter in filters.items():
         expected = await lookups.native_state_ids(batch, state_filter)
         mirrored = await lookups.mirrored_state_ids(batch, state_filter)
+        widest = max(widest, sum(len(state) for state in expected.values()))
         for event_id in batch:
             if event_id not in mirrored:
                 if name == "all":
@@ -180,9 +203,11 @@ async def _compare_batch(
                         ),
                     )
                 )
+        del expected, mirrored  # before the next filter's answers arrive
     result.events += len(batch)
     if progress is not None:
         progress(len(batch))
+    return widest
 
 
 async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
