@@ -56,8 +56,10 @@ class ReclaimConfig:
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class NidStateConfig:
     mode: str = "shadow"
-    #: Entries of the immutable-block cache (one entry is one state block).
-    block_cache_size: int = 20_000
+    #: State entries (summed over blocks) of the immutable-block cache. Sized in
+    #: entries, not blocks: a compacted block of a 50,000-member room holds
+    #: thousands, and a count of blocks let the cache grow to gigabytes.
+    block_cache_size: int = 500_000
     #: Entries of each NID <-> string cache (events, types, state keys, rooms).
     string_cache_size: int = 500_000
     #: Entries of the event -> snapshot and state group -> snapshot caches.

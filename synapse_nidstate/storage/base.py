@@ -140,7 +140,9 @@ class NidStoreBase:
         self._snapshot_blocks: LruCache[int, tuple[int, ...]] = cache(
             "snapshot_blocks", config.snapshot_cache_size
         )
-        self._blocks: LruCache[int, Block] = cache("blocks", config.block_cache_size)
+        self._blocks: LruCache[int, Block] = cache(
+            "blocks", config.block_cache_size, size_callback=len
+        )
         # snapshot -> parts of its state as strings, as Synapse caches a state
         # group's: members, and everything else (sized in state entries).
         self._members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
