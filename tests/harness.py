@@ -10,6 +10,7 @@ temporary directory) or PostgreSQL (a fresh database per test case).
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from typing import Any
@@ -46,6 +47,14 @@ def postgres_available() -> str | None:
     except psycopg2.Error as e:
         return str(e).strip()
     return None
+
+
+def temporary_directory(case: unittest.TestCase, prefix: str) -> str:
+    """A new directory, removed with what it holds when ``case`` ends (its
+    cleanups run last-registered first: after the servers started in it stop)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def create_postgres_database() -> str:
@@ -98,7 +107,7 @@ class HomeserverTestCase(unittest.TestCase):
 
     def database_config(self) -> dict[str, Any]:
         if self.engine == "sqlite":
-            return sqlite_database(tempfile.mkdtemp(prefix="nidstate-sqlite-"))
+            return sqlite_database(temporary_directory(self, "nidstate-sqlite-"))
         name = self.postgres_database_name()
         return {
             "name": "psycopg2",
@@ -119,7 +128,7 @@ class HomeserverTestCase(unittest.TestCase):
         extra_config: dict[str, Any] | None = None,
     ) -> HomeServer:
         """Build, set up and start a homeserver; it is shut down after the test."""
-        data_dir = tempfile.mkdtemp(prefix="nidstate-hs-")
+        data_dir = temporary_directory(self, "nidstate-hs-")
         if (
             os.environ.get("NIDSTATE_TEST_RECLAIM") == "eager"
             and module_config is not None

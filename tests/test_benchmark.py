@@ -7,14 +7,19 @@ mirror's answers equal Synapse's on every event it timed.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 from twisted.trial import unittest
 
-from tests.harness import PG_HOST, PG_PORT, PG_USER, drop_postgres_database, postgres_available
+from tests.harness import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    drop_postgres_database,
+    postgres_available,
+    temporary_directory,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +28,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
     timeout = 600
 
     def setUp(self) -> None:
-        self.work = tempfile.mkdtemp(prefix="nidstate-bench-")
-        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
+        self.work = temporary_directory(self, "nidstate-bench-")
 
     def postgres_args(self) -> list[str]:
         """The runner's PostgreSQL arguments, with a database dropped after the test."""

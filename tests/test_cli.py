@@ -13,7 +13,6 @@ it outlives the run.
 import contextlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from tests.harness import (
     drop_postgres_database,
     in_logcontext,
     postgres_available,
+    temporary_directory,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +68,7 @@ def write_config(
 
 class CliTestCase(unittest.TestCase):
     def tmpdir(self, prefix: str = "nidstate-cli-") -> str:
-        path = tempfile.mkdtemp(prefix=prefix)
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
+        return temporary_directory(self, prefix)
 
     def assertInputError(
         self, result: subprocess.CompletedProcess, *fragments: str

@@ -3,10 +3,11 @@ also ``[FAILURE]`` (what trial's bwverbose prints for a failed assertion), and
 when the test wrote to standard output or error in the middle of its line."""
 
 import importlib.util
-import tempfile
 from pathlib import Path
 
 from twisted.trial import unittest
+
+from tests.harness import temporary_directory
 
 _RUN = Path(__file__).parent.parent / "conformance" / "run.py"
 
@@ -21,7 +22,7 @@ def _runner():  # type: ignore[no-untyped-def]
 
 class ResultsTests(unittest.TestCase):
     def test_results_pushed_to_a_later_line_are_found(self) -> None:
-        output = Path(tempfile.mkdtemp()) / "trial.out"
+        output = Path(temporary_directory(self, "nidstate-conformance-runner-")) / "trial.out"
         output.write_text(
             "tests.storage.test_state\n"
             "  StateStoreTestCase\n"

@@ -8,17 +8,16 @@ keeps mirroring new events.
 """
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 from twisted.trial import unittest
 
+from tests.harness import temporary_directory
 from tests.test_e2e import USERS, HttpError, SynapseProcess, q
 
 BURST_THREADS = 4
@@ -28,8 +27,7 @@ class CrashTest(unittest.TestCase):
     timeout = 300
 
     def setUp(self) -> None:
-        self.data_dir = tempfile.mkdtemp(prefix="nidstate-crash-")
-        self.addCleanup(shutil.rmtree, self.data_dir, True)
+        self.data_dir = temporary_directory(self, "nidstate-crash-")
 
     def start(self) -> SynapseProcess:
         server = SynapseProcess(self.data_dir, "serve")

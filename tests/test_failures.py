@@ -1,10 +1,8 @@
 """Faults inside Synapse's persistence transaction, and bad configuration."""
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import yaml
 from synapse.config._base import ConfigError
@@ -15,7 +13,7 @@ from twisted.trial import unittest
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.demo.inprocess import homeserver_config, sqlite_database
 from synapse_nidstate.runtime.config import TESTED_SYNAPSE, check_synapse_version, parse_config
-from tests.harness import HomeserverTestCase, in_logcontext
+from tests.harness import HomeserverTestCase, in_logcontext, temporary_directory
 from tests.scenarios import compare_room, filters_for
 
 
@@ -154,7 +152,7 @@ class ConfigTests(unittest.TestCase):
 
     def test_synapse_start_up_stops_with_the_key(self) -> None:
         # Synapse's own config parsing, as at start-up, reports the full path.
-        data_dir = tempfile.mkdtemp(prefix="nidstate-config-")
+        data_dir = temporary_directory(self, "nidstate-config-")
         config_dict = homeserver_config(data_dir, sqlite_database(data_dir), {"mode": "fast"})
         with self.assertRaises(ConfigError) as caught:
             HomeServerConfig().parse_config_dict(
@@ -174,8 +172,7 @@ class ConfigTests(unittest.TestCase):
         # `python -m synapse.app.homeserver -c homeserver.yaml`, as an operator
         # runs it, on a config Synapse generated: its start-up output names the
         # key and keeps the module's reason (Synapse prints a ConfigError's causes).
-        data_dir = tempfile.mkdtemp(prefix="nidstate-config-")
-        self.addCleanup(shutil.rmtree, data_dir, True)
+        data_dir = temporary_directory(self, "nidstate-config-")
         config_path = os.path.join(data_dir, "homeserver.yaml")
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}

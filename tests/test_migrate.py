@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ from tests.harness import (
     create_postgres_database,
     drop_postgres_database,
     in_logcontext,
+    temporary_directory,
 )
 from tests.scenarios import build_history, compare_room, filters_for
 
@@ -189,7 +189,7 @@ class CliTests:
     """The `synapse-nidstate` commands, run as processes on a homeserver.yaml."""
 
     def write_config(self, database: dict[str, Any]) -> str:
-        data_dir = tempfile.mkdtemp(prefix="nidstate-cli-")
+        data_dir = temporary_directory(self, "nidstate-cli-")
         config = homeserver_config(data_dir, database, {"mode": "serve"})
         path = os.path.join(data_dir, "homeserver.yaml")
         with open(path, "w") as f:
@@ -200,7 +200,7 @@ class CliTests:
         """An identical copy of a database (its state right now)."""
         copy = {**database, "args": dict(database["args"])}
         if self.engine == "sqlite":
-            target = os.path.join(tempfile.mkdtemp(prefix="nidstate-copy-"), "homeserver.db")
+            target = os.path.join(temporary_directory(self, "nidstate-copy-"), "homeserver.db")
             shutil.copy(database["args"]["database"], target)
             copy["args"]["database"] = target
             return copy

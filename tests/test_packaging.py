@@ -1,7 +1,9 @@
 """`python -m build` makes a wheel and an sdist that install and run, schema included."""
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _built() -> Path:
     """One build for every test here (it takes half a minute); its output folder."""
     out = Path(tempfile.mkdtemp(prefix="nidstate-build-"))
+    atexit.register(shutil.rmtree, out, True)  # shared by the tests: removed at exit
     build = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
         capture_output=True,

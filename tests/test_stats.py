@@ -9,7 +9,6 @@ import math
 import os
 import re
 import sqlite3
-import tempfile
 from collections import defaultdict
 from typing import Any
 from unittest import mock
@@ -35,7 +34,14 @@ from synapse_nidstate.commands.storage_figures import (
 )
 from synapse_nidstate.demo.history import Driver, HistoryShape, realistic_history
 from synapse_nidstate.storage.schema import TABLES
-from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
+from tests.harness import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    HomeserverTestCase,
+    in_logcontext,
+    temporary_directory,
+)
 from tests.scenarios import build_history
 
 logger = logging.getLogger(__name__)
@@ -396,7 +402,7 @@ class StatsTests:
             parser.parse_args(["--top", "-1"])
 
         # Without matplotlib: a clear error, before any scan.
-        path = os.path.join(tempfile.mkdtemp(prefix="nidstate-stats-"), "stats.png")
+        path = os.path.join(temporary_directory(self, "nidstate-stats-"), "stats.png")
         with mock.patch.dict("sys.modules", {"matplotlib": None}):
             with self.assertRaises(RuntimeError) as missing:
                 plot_report(report, path)

@@ -16,7 +16,6 @@ whose rows are gone.
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from tests.harness import (
     create_postgres_database,
     drop_postgres_database,
     postgres_available,
+    temporary_directory,
 )
 from tests.test_e2e import (
     GENEROUS,
@@ -304,7 +304,7 @@ class WorkersTest(unittest.TestCase):
                 raise unittest.SkipTest(problem)
         self.database = create_postgres_database()
         self.addCleanup(drop_postgres_database, self.database)
-        self.deployment = Deployment(tempfile.mkdtemp(prefix="nidstate-workers-"), self.database)
+        self.deployment = Deployment(temporary_directory(self, "nidstate-workers-"), self.database)
         self.addCleanup(self.deployment.stop)
         self.deployment.start()
 
