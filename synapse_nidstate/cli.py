@@ -243,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("rooms", "events", "big_room_members", "small_room_members", "timing_events"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
-        return _run_demo(args)
-    return _run_tool(args)
+        runner = _run_demo
+    else:
+        runner = _run_tool
+    try:
+        return runner(args)
+    except KeyboardInterrupt:  # Ctrl-C before the reactor runs (it handles SIGINT after)
+        print(f"synapse-nidstate: {args.command} interrupted; run it again to go on", file=sys.stderr)
+        return 130
 
 
 def _run_demo(args: argparse.Namespace) -> int:

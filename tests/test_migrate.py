@@ -219,6 +219,8 @@ class CliTests:
 
     @in_logcontext
     async def test_kill_9_during_migrate_then_rerun(self) -> None:
+        """Ctrl-C (SIGINT) half-way: a message and exit 130, no traceback; then
+        kill -9 further on; the rerun finishes and every answer agrees."""
         database = self.database_config()
         hs = await self.make_homeserver(None, database=database)
         await realistic_history(
@@ -229,27 +231,40 @@ class CliTests:
 
         config = self.write_config(database)
         args = ["migrate", "-c", config, "--batch-size", "20", "--no-progress"]
-        process = subprocess.Popen(
-            [sys.executable, "-m", "synapse_nidstate.cli", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        # Wait until some batches have committed, then kill -9.
+
+        def migrate_until(events: int, sig: signal.Signals) -> subprocess.Popen:
+            """Start migrate; once ``events`` are migrated, send ``sig``."""
+            process = subprocess.Popen(
+                [sys.executable, "-m", "synapse_nidstate.cli", *args],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            self.addCleanup(lambda: process.poll() is None and process.kill())
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                if process.poll() is not None or _migrated_events(database) >= events:
+                    break
+            self.assertIsNone(process.poll(), "migrate finished before the signal")
+            process.send_signal(sig)
+            process.wait(60)
+            return process
+
+        interrupted = migrate_until(100, signal.SIGINT)
+        stderr = interrupted.stderr.read()  # type: ignore[union-attr]
+        self.assertEqual(interrupted.returncode, 130, stderr)
+        self.assertIn("synapse-nidstate: migrate stopped by a signal", stderr)
+        self.assertIn("run it again to go on", stderr)
+        self.assertNotIn("Traceback", stderr)
+        done_at_interrupt = _migrated_events(database)
+        self.assertGreater(done_at_interrupt, 0)
+
         check = self.write_config(database)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            if process.poll() is not None:
-                break
-            if _migrated_events(database) >= 100:
-                break
-        self.assertIsNone(process.poll(), "migrate finished before it could be killed")
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
+        migrate_until(done_at_interrupt + 100, signal.SIGKILL)
         done_at_kill = _migrated_events(database)
-        self.assertGreater(done_at_kill, 0)
+        self.assertGreater(done_at_kill, done_at_interrupt)
 
         rerun = _cli(*args)
         self.assertEqual(rerun.returncode, 0, rerun.stderr)
