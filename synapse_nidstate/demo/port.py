@@ -4,8 +4,8 @@ groups on both engines, without writing the history through the handlers twice.
 
 The source is never touched: the port reads a copy, on which Synapse first
 finishes its pending background updates (``synapse_port_db`` refuses to start
-otherwise; a short-lived in-process server leaves them pending). By default the
-copy's ``event_push_actions`` is emptied: in a room of thousands of local
+otherwise; a short-lived in-process server leaves them pending). The copy's
+``event_push_actions`` is emptied: in a room of thousands of local
 members every message gives each of them a push action (millions of rows at
 the larger scales, most of the file), which has nothing to do with state and
 would make the port last hours here. Every other table is ported as Synapse
@@ -64,8 +64,6 @@ async def port_sqlite_to_postgres(
     sqlite_path: str,
     database: dict[str, Any],
     work_dir: str,
-    *,
-    keep_push_actions: bool = False,
 ) -> Ported:
     """Port the SQLite database at ``sqlite_path`` into ``database`` (Synapse's
     ``psycopg2`` config of an empty database); ``work_dir`` holds the copy, the
@@ -75,14 +73,12 @@ async def port_sqlite_to_postgres(
     for suffix in ("-wal", "-shm"):
         if os.path.exists(sqlite_path + suffix):
             shutil.copyfile(sqlite_path + suffix, copy + suffix)
-    left_out = 0
-    if not keep_push_actions:
-        conn = sqlite3.connect(copy, isolation_level=None)
-        try:
-            left_out = conn.execute("SELECT COUNT(*) FROM event_push_actions").fetchone()[0]
-            conn.execute("DELETE FROM event_push_actions")
-        finally:
-            conn.close()
+    conn = sqlite3.connect(copy, isolation_level=None)
+    try:
+        left_out = conn.execute("SELECT COUNT(*) FROM event_push_actions").fetchone()[0]
+        conn.execute("DELETE FROM event_push_actions")
+    finally:
+        conn.close()
     await finish_background_updates(
         homeserver_config(work_dir, {"name": "sqlite3", "args": {"database": copy}}, None),
         work_dir,
