@@ -13,17 +13,21 @@ from twisted.trial import unittest
 
 from synapse_nidstate.algebra import (
     COMPACTED_BLOCKS_TARGET,
+    KEY_NID_LIMIT,
     MAX_BLOCKS,
+    MAX_KEY_NUMBER,
     MIN_CHUNK_ENTRIES,
     AlgebraError,
     NidFilter,
     SnapshotPlan,
     block_hash,
+    block_key_range,
     changes,
     compact,
     delta,
     extend,
     full,
+    key_number,
     lookup,
     make_block,
     pack_block,
@@ -439,6 +443,68 @@ class NidFilterTests(unittest.TestCase):
             NidFilter({1: frozenset()}, True).apply(blocks),
             {(2, 1): 12, (2, 2): 14, (3, 3): 13},
         )
+
+
+class KeyRangeTests(unittest.TestCase):
+    """A block whose key range meets none of a filter's key ranges cannot change
+    the filter's answer: reads leave such blocks out."""
+
+    @settings(max_examples=300, **_SETTINGS)
+    @given(blocks=small_block_seqs, nid_filter=filters)
+    @example(  # lazy-loading: one member of type 1 and everything else
+        blocks=[make_block([(1, 1, 1), (1, 2, 2), (2, 1, 3)]), make_block([(1, 3, 4)])],
+        nid_filter=NidFilter({1: frozenset({2})}, True),
+    )
+    def test_blocks_outside_the_ranges_change_nothing(self, blocks, nid_filter):
+        ranges = nid_filter.key_ranges()
+        if ranges is None:
+            self.assertTrue(nid_filter.is_full())
+            return
+        self.assertEqual(ranges, sorted(ranges))
+        for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+            self.assertLess(hi + 1, lo)  # disjoint, and not adjacent (merged)
+        for block in blocks:
+            for entry in block:
+                inside = any(lo <= key_number(entry[:2]) <= hi for lo, hi in ranges)
+                if nid_filter.matches(entry[:2]):
+                    self.assertTrue(inside, (entry, ranges))
+
+        def meets(block):
+            key_range = block_key_range(block)
+            return key_range is None or any(
+                lo <= key_range[1] and key_range[0] <= hi for lo, hi in ranges
+            )
+
+        self.assertEqual(
+            nid_filter.apply([b for b in blocks if meets(b)]), nid_filter.apply(blocks)
+        )
+
+    def test_ranges(self):
+        limit = KEY_NID_LIMIT
+        self.assertIsNone(NidFilter({}, True).key_ranges())
+        self.assertEqual(NidFilter({}, False).key_ranges(), [])
+        self.assertEqual(
+            NidFilter({5: frozenset({7, 8, 10})}, False).key_ranges(),
+            [(5 * limit + 7, 5 * limit + 8), (5 * limit + 10, 5 * limit + 10)],
+        )
+        self.assertEqual(NidFilter({2: None}, False).key_ranges(), [(2 * limit, 3 * limit - 1)])
+        # Lazy-loading members: one member key, and every other type.
+        self.assertEqual(
+            NidFilter({5: frozenset({7})}, True).key_ranges(),
+            [(0, 5 * limit - 1), (5 * limit + 7, 5 * limit + 7), (6 * limit, MAX_KEY_NUMBER)],
+        )
+        self.assertEqual(len(NidFilter({5: frozenset(range(1, 64))}, False).key_ranges()), 1)
+        self.assertIsNone(NidFilter({5: frozenset(range(1, 200, 2))}, False).key_ranges())
+        self.assertIsNone(NidFilter({5: frozenset({limit})}, False).key_ranges())
+
+    def test_block_key_range(self):
+        limit = KEY_NID_LIMIT
+        self.assertIsNone(block_key_range(()))
+        self.assertEqual(
+            block_key_range(make_block([(3, 9, 1), (2, 4, 2), (3, 1, 3)])),
+            (2 * limit + 4, 3 * limit + 9),
+        )
+        self.assertIsNone(block_key_range(make_block([(2, 4, 2), (3, limit, 1)])))
 
 
 class LookupTests(unittest.TestCase):

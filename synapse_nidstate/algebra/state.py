@@ -10,7 +10,9 @@ import attr
 
 from synapse_nidstate.algebra.types import (
     COMPACTED_BLOCKS_TARGET,
+    KEY_NID_LIMIT,
     MAX_BLOCKS,
+    MAX_KEY_NUMBER,
     MIN_CHUNK_ENTRIES,
     AlgebraError,
     Block,
@@ -82,6 +84,26 @@ def delta(base: Mapping[StateKeyNids, int], new: Mapping[StateKeyNids, int]) -> 
     entries = [(t, s, e) for (t, s), e in new.items() if base.get((t, s)) != e]
     entries.extend((t, s, 0) for (t, s) in base.keys() - new.keys())
     return make_block(entries)
+
+
+def key_number(key: StateKeyNids) -> int:
+    """``key`` as one number (see :data:`KEY_NID_LIMIT`)."""
+    return key[0] * KEY_NID_LIMIT + key[1]
+
+
+def block_key_range(block: Block) -> tuple[int, int] | None:
+    """The smallest and largest key number in ``block`` (its entries are sorted
+    by key), or None when it is empty or a NID does not fit a key number: its
+    range is then unknown, and every lookup reads it."""
+    if not block or any(t >= KEY_NID_LIMIT or s >= KEY_NID_LIMIT for t, s, _ in block):
+        return None
+    return key_number(block[0][:2]), key_number(block[-1][:2])
+
+
+def ranges_meet(key_range: tuple[int, int], ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether the closed range ``key_range`` meets one of ``ranges``."""
+    first, last = key_range
+    return any(lo <= last and first <= hi for lo, hi in ranges)
 
 
 def _is_boundary(key: StateKeyNids, modulus: int) -> bool:
@@ -199,6 +221,37 @@ class NidFilter:
         if self.include_others or any(k is None for k in self.types.values()):
             return None
         return [(t, s) for t, keys in self.types.items() for s in keys or ()]
+
+    def key_ranges(self, most: int = 64) -> list[tuple[int, int]] | None:
+        """Closed ranges of key numbers that hold every key the filter wants,
+        sorted and disjoint; only blocks whose key range meets one of them can
+        change the answer. None when that is every block: a full filter, a NID
+        that does not fit a key number, or more than ``most`` ranges."""
+        if self.is_full():
+            return None
+        ranges: list[tuple[int, int]] = []
+        low = 0  # where the gap before the next listed type starts
+        for type_nid in sorted(self.types):
+            keys = self.types[type_nid]
+            if type_nid >= KEY_NID_LIMIT or any(k >= KEY_NID_LIMIT for k in keys or ()):
+                return None
+            base = type_nid * KEY_NID_LIMIT
+            if self.include_others and low < base:
+                ranges.append((low, base - 1))
+            if keys is None:
+                ranges.append((base, base + KEY_NID_LIMIT - 1))
+            else:
+                ranges.extend((base + k, base + k) for k in sorted(keys))
+            low = base + KEY_NID_LIMIT
+        if self.include_others:
+            ranges.append((low, MAX_KEY_NUMBER))
+        merged: list[tuple[int, int]] = []
+        for lo, hi in ranges:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        return merged if len(merged) <= most else None
 
     def apply(self, blocks: Sequence[Block]) -> NidStateMap:
         """Resolve ``blocks`` and keep what the filter wants."""

@@ -30,6 +30,13 @@ COMPACTED_BLOCKS_TARGET = 16
 #: compaction. The expected block size is at least this.
 MIN_CHUNK_ENTRIES = 64
 
+#: A key ``(type_nid, state_key_nid)`` as one number (what a block's stored key
+#: range holds): ``type_nid * KEY_NID_LIMIT + state_key_nid``, which orders as
+#: the pairs do while both NIDs are below the limit.
+KEY_NID_LIMIT = 1 << 32
+#: The largest key number a database BIGINT holds.
+MAX_KEY_NUMBER = (1 << 63) - 1
+
 StateKeyNids = tuple[int, int]
 Entry = tuple[int, int, int]
 Block = tuple[Entry, ...]

@@ -51,6 +51,9 @@ _HIGH_KEY = "migrate_high_stream_ordering"
 #: How many entries of full states a batch holds in memory before writing them.
 MAX_FULL_STATE_ENTRIES = 200_000
 
+#: Blocks given their key range per transaction (blocks written before schema 5).
+KEY_RANGE_PAGE = 1000
+
 #: Below any stream ordering Synapse allocates.
 _MIN_STREAM = -(2**63) + 1
 
@@ -88,6 +91,9 @@ class Migrator:
         self._planner = SnapshotPlanner(hs, store, stats)
         self.batch_size = batch_size
         self.progress = MigrationProgress()
+        #: Where filling key ranges goes on (a block NID); None once every block
+        #: has one (found once per process, then not looked for).
+        self._key_ranges_after: int | None = 0
 
     # --------------------------------------------------------------- reading
 
@@ -317,4 +323,18 @@ class Migrator:
             batches += 1
             if progress is not None:
                 progress(self.stats.events_migrated - before)
+        else:
+            return self.progress  # more to migrate: the ranges can wait
+        # History done: blocks written before schema 5 get their key ranges,
+        # a page a transaction (resumable: a filled block is never selected again).
+        while self._key_ranges_after is not None and (
+            max_batches is None or batches < max_batches
+        ):
+            self._key_ranges_after = await self._store.db_pool.runInteraction(
+                "nidstate_fill_key_ranges",
+                self._store.fill_key_ranges_txn,
+                self._key_ranges_after,
+                KEY_RANGE_PAGE,
+            )
+            batches += 1
         return self.progress

@@ -143,6 +143,12 @@ class NidStoreBase:
         self._blocks: LruCache[int, Block] = cache(
             "blocks", config.block_cache_size, size_callback=len
         )
+        #: Each block's stored key range, learnt with the block or without it (a
+        #: narrow read that skipped it): what lets a narrow lookup answer from the
+        #: caches without the blocks it does not need.
+        self._block_ranges: LruCache[int, tuple[int, int]] = cache(
+            "block_ranges", config.snapshot_cache_size
+        )
         # snapshot -> parts of its state as strings, as Synapse caches a state
         # group's: members, and everything else (sized in state entries).
         self._members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(

@@ -225,13 +225,22 @@ class StateReadStore(ResolvedStateStore):
             by_snapshot.update(self._resolve_whole(txn, learnt, block_lists, state_filter))
             return by_snapshot
         sequences = (self._members.sequence, self._non_members.sequence)
-        blocks = self._blocks_txn(txn, learnt, {b for nids in block_lists.values() for b in nids})
+        assert filter_nids is not None
+        nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
+        # Only the blocks whose key range holds a wanted key: in a big room
+        # one or two of a compaction's blocks, and the deltas after them.
+        blocks = self._blocks_txn(
+            txn,
+            learnt,
+            {b for nids in block_lists.values() for b in nids},
+            nid_filter.key_ranges(),
+        )
         if txn is not None:
             # Caching what a read loaded is safe: blocks and snapshots never change.
             txn.call_after(self._publish, learnt)
-        assert filter_nids is not None
-        nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
-        nid_states = {s: nid_filter.apply([blocks[b] for b in block_lists[s]]) for s in todo}
+        nid_states = {
+            s: nid_filter.apply([blocks[b] for b in block_lists[s] if b in blocks]) for s in todo
+        }
         strings = cast("dict[int, MutableStateMap[str]]", self._to_strings(txn, nid_states))
         by_snapshot.update(strings)
         # Synapse's own rule for what a filtered read tells each cache.

@@ -14,8 +14,16 @@ from synapse_nidstate.storage.common import (
     EventRow,
     GroupStep,
     WriteCounters,
+    in_list_clause,
 )
 from synapse_nidstate.storage.interning import InterningStore
+
+
+def _key_range_columns(block: Block) -> tuple[int, int]:
+    """``first_key``, ``last_key`` of a block: every key when its range is not
+    known (NULL is kept for blocks written before schema 5, not filled yet)."""
+    key_range = algebra.block_key_range(block)
+    return key_range if key_range is not None else (0, algebra.MAX_KEY_NUMBER)
 
 
 class SnapshotStore(InterningStore):
@@ -60,23 +68,56 @@ class SnapshotStore(InterningStore):
         return found
 
     def _blocks_txn(
-        self, txn: LoggingTransaction | None, learnt: TxnLearnt, block_nids: Collection[int]
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        block_nids: Collection[int],
+        key_ranges: Sequence[tuple[int, int]] | None = None,
     ) -> dict[int, Block]:
+        """The blocks ``block_nids``, cached or read. With ``key_ranges``
+        (``NidFilter.key_ranges``), a block not cached whose key range meets
+        none of them is left out: it holds no key the caller wants. Its range
+        comes from the cache, or from its row, which is read either way (a
+        missing row is an error) and whose range is then cached."""
         found, missing = self._split_cached(self._blocks, block_nids)
         missing = [b for b in missing if b not in learnt.blocks]
         found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
+        if missing and key_ranges is not None:
+            if not key_ranges:
+                return found  # the filter wants no key at all
+            missing = [b for b in missing if not self._skips(b, key_ranges)]
         if missing:
             if txn is None:
                 raise CacheMiss()
-            rows = self._select_in_txn(
-                txn, "SELECT block_nid, entries FROM nidstate_blocks WHERE", "block_nid", missing
+            clause, args = in_list_clause(self.engine, "block_nid", missing)
+            if key_ranges is None:
+                entries = "entries"
+            else:
+                meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
+                entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
+                args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
+            txn.execute(
+                f"SELECT block_nid, first_key, last_key, {entries} FROM nidstate_blocks"
+                f" WHERE {clause}",
+                args,
             )
-            loaded = {nid: algebra.unpack_block(entries) for nid, entries in rows}
-            if len(loaded) != len(missing):
-                raise RuntimeError(f"state blocks missing: {set(missing) - set(loaded)}")
+            rows = txn.fetchall()
+            if len(rows) != len(missing):
+                raise RuntimeError(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+            loaded = {nid: algebra.unpack_block(data) for nid, _, _, data in rows if data is not None}
             learnt.blocks.update(loaded)
             found.update(loaded)
+            txn.call_after(
+                self._fill,
+                self._block_ranges,
+                [(nid, (first, last)) for nid, first, last, _ in rows if first is not None],
+            )
         return found
+
+    def _skips(self, block_nid: int, key_ranges: Sequence[tuple[int, int]]) -> bool:
+        """Whether block ``block_nid`` is known to hold no key in ``key_ranges``."""
+        key_range = self._block_ranges.get(block_nid)
+        return key_range is not None and not algebra.ranges_meet(key_range, key_ranges)
 
     def _snapshots_txn(
         self,
@@ -116,14 +157,36 @@ class SnapshotStore(InterningStore):
             txn,
             "nidstate_blocks",
             "block_nid",
-            ("entry_count", "entries"),
+            ("entry_count", "entries", "first_key", "last_key"),
             [
-                (room_nid, algebra.block_hash(b), (len(b), bytearray(algebra.pack_block(b))))
+                (
+                    room_nid,
+                    algebra.block_hash(b),
+                    (len(b), bytearray(algebra.pack_block(b)), *_key_range_columns(b)),
+                )
                 for room_nid, b in blocks
             ],
         )
         learnt.blocks.update(zip(nids, (b for _, b in blocks)))
         return nids
+
+    def fill_key_ranges_txn(self, txn: LoggingTransaction, after: int, limit: int) -> int | None:
+        """Give up to ``limit`` blocks written before schema 5 (``first_key``
+        NULL), after block NID ``after``, their key range; returns the last
+        block NID looked at, None when there was none."""
+        txn.execute(
+            "SELECT block_nid, entries FROM nidstate_blocks"
+            " WHERE block_nid > ? AND first_key IS NULL ORDER BY block_nid LIMIT ?",
+            (after, limit),
+        )
+        rows = txn.fetchall()
+        if not rows:
+            return None
+        txn.execute_batch(
+            "UPDATE nidstate_blocks SET first_key = ?, last_key = ? WHERE block_nid = ?",
+            [(*_key_range_columns(algebra.unpack_block(data)), nid) for nid, data in rows],
+        )
+        return rows[-1][0]
 
     def _store_snapshots_txn(
         self,
