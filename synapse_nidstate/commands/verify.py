@@ -1,6 +1,7 @@
 """Comparing the mirror with Synapse's native state-at-event answers, and finding orphans."""
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -154,9 +155,11 @@ async def compare_with_native(
     event_ids: Iterable[str] | AsyncIterator[str],
     filters: dict[str, StateFilter],
     progress: Callable[[int], None] | None = None,
+    after_batch: Callable[[], None] | None = None,
 ) -> VerifyResult:
     """Compare, per event and filter, the mirror's answer with Synapse's own, in
-    batches sized to the state (``next_batch_size``)."""
+    batches sized to the state (``next_batch_size``); ``after_batch`` runs
+    after each."""
     result = VerifyResult()
     batch: list[str] = []
     size = FIRST_BATCH
@@ -166,6 +169,8 @@ async def compare_with_native(
             entries = await _compare_batch(lookups, batch, filters, result, progress)
             size = next_batch_size(len(batch), entries)
             batch = []
+            if after_batch is not None:
+                after_batch()
     if batch:
         await _compare_batch(lookups, batch, filters, result, progress)
     return result
@@ -268,7 +273,12 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
         total = await _count_events_with_state(hs, args.room)
         source = events_with_state(hs, args.room)  # type: ignore[assignment]
     progress = WorkProgress("verifying", total, enabled=not args.no_progress)
-    result = await compare_with_native(lookups, source, filters, progress)
+    # Both sides' state caches are emptied after each batch: a sample's states
+    # share little, and kept, they grew to gigabytes at HQ scale (1.9 GiB at
+    # 3,000 samples). Memory is then one batch's answers.
+    result = await compare_with_native(
+        lookups, source, filters, progress, functools.partial(lookups.clear_caches, hs)
+    )
     progress.finish()
     orphans = await find_orphans(hs)
     report = {

@@ -48,12 +48,7 @@ def _timing(lookup: str, cache: str, native: list[float], nid: list[float]) -> T
 
 def clear_state_caches(hs: HomeServer, lookups: StateLookups) -> None:
     """Empty Synapse's state-at-event caches and the module's."""
-    stores = hs.get_datastores()
-    stores.state._state_group_cache.invalidate_all()
-    stores.state._state_group_members_cache.invalidate_all()
-    stores.state.get_state_group_delta.invalidate_all()
-    stores.main._get_state_group_for_event.invalidate_all()
-    lookups.store.clear_caches()
+    lookups.clear_caches(hs)
 
 
 def _percentile(values: list[float], q: float) -> float:

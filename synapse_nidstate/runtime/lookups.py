@@ -26,6 +26,8 @@ from synapse_nidstate.runtime.metrics import LOOKUP_SECONDS, LookupStats
 from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
     from synapse_nidstate.runtime.group_reads import GroupReads
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,16 @@ class StateLookups:
     @property
     def store(self) -> NidStore:
         return self._store
+
+    def clear_caches(self, hs: "HomeServer") -> None:
+        """Empty both sides' state-at-event caches: Synapse's (its state groups,
+        their members and deltas, event -> group) and the module's."""
+        stores = hs.get_datastores()
+        stores.state._state_group_cache.invalidate_all()
+        stores.state._state_group_members_cache.invalidate_all()
+        stores.state.get_state_group_delta.invalidate_all()
+        stores.main._get_state_group_for_event.invalidate_all()
+        self._store.clear_caches()
 
     async def native_state_ids(
         self,
