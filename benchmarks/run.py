@@ -395,6 +395,17 @@ class Results:
     mix: dict[str, Any] = attr.Factory(dict)
 
 
+async def analyze(args: argparse.Namespace, hs: HomeServer) -> None:
+    """Fresh planner statistics on PostgreSQL, as autovacuum keeps them on a live
+    server (it may be off, as on the machine of these runs): a dataset just
+    written, ported or migrated has none, and Synapse's recursive state-group
+    query then takes seconds."""
+    if args.engine == "postgres":
+        await hs.get_datastores().main.db_pool.runInteraction(
+            "bench_analyze", lambda txn: txn.execute("ANALYZE")
+        )
+
+
 def module_config() -> dict[str, Any]:
     return {"mode": "serve"}
 
@@ -430,6 +441,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
     hs = await start_homeserver(config(False), dataset.data_dir)
     try:
         await hs.get_datastores().main.db_pool.runInteraction("bench_drop", drop_tables_txn)
+        await analyze(args, hs)  # Synapse's tables, as the migration reads them
     finally:
         await stop_homeserver(hs)
 
@@ -455,14 +467,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
             "statements_per_batch": work.statements / migration_batches,
             "transactions_per_batch": work.transactions / migration_batches,
         }
-        if args.engine == "postgres":
-            # Planner statistics for both sides' tables, as autovacuum keeps them
-            # on a live server (it may be off, as on the machine of these runs):
-            # a dataset just written, ported or migrated has none, and Synapse's
-            # recursive state-group query then takes seconds.
-            await hs.get_datastores().main.db_pool.runInteraction(
-                "bench_analyze", lambda txn: txn.execute("ANALYZE")
-            )
+        await analyze(args, hs)  # the module's tables, just written
     finally:
         await stop_homeserver(hs)
 
