@@ -240,6 +240,10 @@ class CliTests:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                # As from an operator's terminal: a shell without job control
+                # (CI's) starts background jobs with SIGINT ignored, and
+                # children inherit that; Ctrl-C must reach the command.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
             self.addCleanup(lambda: process.poll() is None and process.kill())
             deadline = time.monotonic() + 120
