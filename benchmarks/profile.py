@@ -11,6 +11,13 @@ migrated (``benchmarks.run`` leaves them so).
 
 ``--migration`` drops the module's tables and profiles the whole migration
 instead (as the runner's step 1 does it; the tables are migrated again at the end).
+
+``--homeserver-config`` profiles lookups on the database a homeserver.yaml opens
+instead (the module configured and migrated there), on ``--room``'s latest events,
+with their senders as the members asked for; for the HQ-scale run's data:
+
+    python -m benchmarks.profile --homeserver-config /work/runs/hq/homeserver.yaml \
+        --room '!room0:hq.example' --lookup full --events 5
 """
 
 import argparse
@@ -20,7 +27,9 @@ import os
 import pstats
 import sys
 import time
+from typing import Any
 
+import yaml
 from synapse.types.state import StateFilter
 
 from benchmarks.run import REPO, SCALES, prepare_postgres
@@ -48,6 +57,23 @@ def _report(profiler: cProfile.Profile, top: int, title: str) -> str:
     return out.getvalue()
 
 
+async def latest_events_with_state(hs: Any, room_id: str, limit: int) -> list[str]:
+    """The room's ``limit`` latest events that have a state group, oldest first."""
+
+    def latest_txn(txn: Any) -> list[str]:
+        txn.execute(
+            "SELECT e.event_id FROM events AS e"
+            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+            " WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?",
+            (room_id, limit),
+        )
+        return [event_id for (event_id,) in txn.fetchall()][::-1]
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        "profile_latest_events", latest_txn
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
@@ -63,20 +89,37 @@ def main() -> int:
         "--migration", action="store_true",
         help="profile a whole migration (the module's tables dropped first) instead of lookups",
     )
+    parser.add_argument(
+        "--homeserver-config", metavar="HOMESERVER_YAML",
+        help="profile lookups on the database this homeserver.yaml opens (with the module), "
+        "not on the benchmark's dataset",
+    )
+    parser.add_argument("--room", help="with --homeserver-config: the room to look up state in")
     args = parser.parse_args()
+    if args.homeserver_config and (args.migration or not args.room):
+        parser.error("--homeserver-config profiles lookups, in the --room it names")
 
     import json
 
-    data_dir = os.path.join(REPO, "benchmarks", "data", f"{args.engine}-{args.scale}")
-    with open(os.path.join(data_dir, "dataset.json")) as f:
-        writer = HistoryWriter.restore(json.load(f)["writer"])
-    if args.engine == "postgres":
-        name = args.database_name or f"nidstate_bench_{args.scale.lower()}"
-        database = postgres_database(prepare_postgres(args.postgres, name, fresh=False)[0])
+    if args.homeserver_config:
+        with open(args.homeserver_config) as f:
+            homeserver_yaml = yaml.safe_load(f)
+        data_dir = os.path.dirname(os.path.abspath(args.homeserver_config))
+        room_id = args.room
     else:
-        database = sqlite_database(data_dir)
+        data_dir = os.path.join(REPO, "benchmarks", "data", f"{args.engine}-{args.scale}")
+        with open(os.path.join(data_dir, "dataset.json")) as f:
+            writer = HistoryWriter.restore(json.load(f)["writer"])
+        room_id = writer.rooms[0]
+        if args.engine == "postgres":
+            name = args.database_name or f"nidstate_bench_{args.scale.lower()}"
+            database = postgres_database(prepare_postgres(args.postgres, name, fresh=False)[0])
+        else:
+            database = sqlite_database(data_dir)
 
     def config(with_module: bool) -> dict:
+        if args.homeserver_config:
+            return homeserver_yaml
         return homeserver_config(data_dir, database, {"mode": "serve"} if with_module else None)
 
     async def profile() -> str:
@@ -123,13 +166,21 @@ def main() -> int:
                     f"batches, {seconds:.1f}s under the profiler",
                 )
             lookups = module.lookups
-            events = (await room_events_with_state(hs, writer.rooms[0]))[-args.events :]
-            filters = lookup_filters(writer.users[1], writer.users[2:])
+            if args.homeserver_config:
+                events = await latest_events_with_state(hs, room_id, args.events)
+                senders = sorted(
+                    {e.sender for e in (await hs.get_datastores().main.get_events(events)).values()}
+                )
+                member, others = senders[0], senders[1:]
+            else:
+                events = (await room_events_with_state(hs, room_id))[-args.events :]
+                member, others = writer.users[1], writer.users[2:]
+            filters = lookup_filters(member, others)
             state_filter = {
                 "full": StateFilter.all(),
                 "member": filters["one member key"],
                 "lazy": filters["lazy-load members"],
-                "batch": visibility_filter(writer.users[1]),
+                "batch": visibility_filter(member),
             }[args.lookup]
             call = lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
             groups = [events] if args.lookup == "batch" else [[e] for e in events]

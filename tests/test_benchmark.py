@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 
+import yaml
 from twisted.trial import unittest
 
+from synapse_nidstate.demo.inprocess import homeserver_config, sqlite_database
 from tests.harness import (
     PG_HOST,
     PG_PORT,
@@ -78,6 +80,28 @@ class BenchmarkSmokeTests(unittest.TestCase):
     def test_sqlite(self) -> None:
         figures = self.run_benchmark("sqlite")
         self.assertEqual(figures["engine"], "sqlite")
+        self.profile_homeserver(os.path.join(self.work, "sqlite"))
+
+    def profile_homeserver(self, data_dir: str) -> None:
+        """``benchmarks.profile --homeserver-config`` (how the HQ-scale data is
+        profiled) on the run's database, through a homeserver.yaml with the module."""
+        with open(os.path.join(data_dir, "dataset.json")) as f:
+            room_id = json.load(f)["writer"]["rooms"][0]
+        config_path = os.path.join(data_dir, "homeserver.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump(
+                homeserver_config(data_dir, sqlite_database(data_dir), {"mode": "serve"}), f
+            )
+        for path, reader in (("nid", "state_for_events_txn"), ("native", "get_state_for_groups")):
+            result = subprocess.run(
+                [sys.executable, "-m", "benchmarks.profile", "--homeserver-config", config_path,
+                 "--room", room_id, "--lookup", "full", "--events", "3", "--path", path,
+                 "--top", "60"],
+                cwd=REPO, capture_output=True, text=True, timeout=300,
+            )
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
+            self.assertIn(f"full lookups, {path}", result.stdout)
+            self.assertIn(reader, result.stdout)
 
     def test_postgres(self) -> None:
         figures = self.run_benchmark("postgres", *self.postgres_args())
