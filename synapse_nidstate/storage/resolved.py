@@ -159,6 +159,10 @@ class ResolvedStateStore(SnapshotStore):
     ) -> Callable[[StateFilter], MutableStateMap[str]] | None:
         """The snapshot's whole state from the resolved-state cache, as a
         filtering function; None if it (or its base) is not cached."""
+        if snapshot_nid not in self._resolved.cache:
+            # Narrow lookups miss here for every snapshot of a warm batch:
+            # the cache's own dict answers a miss without LruCache.get's cost.
+            return None
         entry = self._resolved.get(snapshot_nid)
         if entry is None or isinstance(entry, ResolvedState):
             return None if entry is None else entry.filter
