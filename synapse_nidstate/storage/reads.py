@@ -132,7 +132,8 @@ class StateReadStore(ResolvedStateStore):
             for kind, string, nid, block_nids in txn:
                 if kind == 0:
                     pairs.append((string, nid))
-                    learnt.snapshots[nid] = algebra.unpack_nids(block_nids)
+                    if nid not in learnt.snapshots:  # events of a batch share snapshots
+                        learnt.snapshots[nid] = algebra.unpack_nids(block_nids)
                 else:
                     strings[kind].append((string, nid))
             found.update(pairs)
