@@ -22,9 +22,9 @@ def in_list_clause(
     PostgreSQL: ``= ANY(?)``; integers (NIDs, state groups) as one array
     literal in text, ``'{1,2,3}'::bigint[]``; anything else as Synapse's
     ``make_in_list_sql_clause`` passes it (psycopg2 turns a Python list into
-    ``ARRAY[1,2,3]``, one expression per element for the server to parse and
-    the client to quote: for the 48,500 event NIDs of a full state at HQ scale
-    that took 119 ms against 38 ms for the same rows read with the literal).
+    ``ARRAY[1,2,3]``, one expression per element for the client to adapt and
+    the server to parse: for the strings of a full state at HQ scale, most of
+    a cold read's time; docs/benchmarks.md, "Matrix HQ's scale, third run").
     SQLite: one JSON array read by ``json_each`` (as Synapse's profile store
     does), so a list of any length is one statement instead of one per 500
     variables. Only integers and strings: binary values have no JSON form.
