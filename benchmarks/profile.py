@@ -27,14 +27,16 @@ import os
 import pstats
 import sys
 import time
-from typing import Any
 
 import yaml
 from synapse.types.state import StateFilter
 
 from benchmarks.run import REPO, SCALES, prepare_postgres
 from synapse_nidstate.commands.homeserver import run_in_reactor
-from synapse_nidstate.commands.verify import room_events_with_state
+from synapse_nidstate.commands.verify import (
+    latest_room_events_with_state,
+    room_events_with_state,
+)
 from synapse_nidstate.demo.history import HistoryWriter
 from synapse_nidstate.demo.inprocess import (
     homeserver_config,
@@ -55,23 +57,6 @@ def _report(profiler: cProfile.Profile, top: int, title: str) -> str:
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
     return out.getvalue()
-
-
-async def latest_events_with_state(hs: Any, room_id: str, limit: int) -> list[str]:
-    """The room's ``limit`` latest events that have a state group, oldest first."""
-
-    def latest_txn(txn: Any) -> list[str]:
-        txn.execute(
-            "SELECT e.event_id FROM events AS e"
-            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
-            " WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?",
-            (room_id, limit),
-        )
-        return [event_id for (event_id,) in txn.fetchall()][::-1]
-
-    return await hs.get_datastores().main.db_pool.runInteraction(
-        "profile_latest_events", latest_txn
-    )
 
 
 def main() -> int:
@@ -167,7 +152,7 @@ def main() -> int:
                 )
             lookups = module.lookups
             if args.homeserver_config:
-                events = await latest_events_with_state(hs, room_id, args.events)
+                events = await latest_room_events_with_state(hs, room_id, args.events)
                 senders = sorted(
                     {e.sender for e in (await hs.get_datastores().main.get_events(events)).values()}
                 )

@@ -310,7 +310,9 @@ def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, in
                 break
             time.sleep(1)
             if not killed and kill_when is not None and kill_when():
-                process.send_signal(signal.SIGKILL)
+                # os.kill, not Popen.send_signal: that polls first and may reap
+                # a child that just finished, leaving wait4 nothing to report.
+                os.kill(process.pid, signal.SIGKILL)
                 killed = True
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -321,7 +323,11 @@ def lookups_main(config_path: str, events: int) -> int:
     """``--lookups``: the runner's lookups on the big room's ``events`` most
     recent events, native against NID, cold then warm; answers compared first."""
 
-    from synapse_nidstate.commands.verify import compare_with_native, standard_filters
+    from synapse_nidstate.commands.verify import (
+        compare_with_native,
+        latest_room_events_with_state,
+        standard_filters,
+    )
     from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
     from synapse_nidstate.runtime.module import module_for
 
@@ -333,20 +339,9 @@ def lookups_main(config_path: str, events: int) -> int:
             module = module_for(hs)
             assert module is not None
 
-            def recent_txn(txn: Any) -> list[tuple[str, str]]:
-                txn.execute(
-                    "SELECT e.event_id, e.sender FROM events AS e"
-                    " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
-                    " WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?",
-                    (f"!room0:{REMOTE}", events),
-                )
-                return txn.fetchall()
-
-            recent = await hs.get_datastores().main.db_pool.runInteraction(
-                "hq_recent", recent_txn
-            )
-            event_ids = [e for e, _ in reversed(recent)]
-            senders = sorted({s for _, s in recent})
+            event_ids = await latest_room_events_with_state(hs, f"!room0:{REMOTE}", events)
+            fetched = await hs.get_datastores().main.get_events(event_ids)
+            senders = sorted({e.sender for e in fetched.values()})
             compared = await compare_with_native(
                 module.lookups, event_ids, standard_filters(senders[:3])
             )

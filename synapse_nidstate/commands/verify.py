@@ -86,6 +86,24 @@ async def room_events_with_state(hs: HomeServer, room_id: str) -> list[str]:
     return [e async for e in events_with_state(hs, room_id=room_id)]
 
 
+async def latest_room_events_with_state(hs: HomeServer, room_id: str, limit: int) -> list[str]:
+    """The room's ``limit`` latest events that have a state group, oldest first
+    (one query, where ``room_events_with_state`` pages through the whole room)."""
+
+    def latest_txn(txn: LoggingTransaction) -> list[str]:
+        txn.execute(
+            "SELECT e.event_id FROM events AS e"
+            " JOIN event_to_state_groups AS esg ON esg.event_id = e.event_id"
+            " WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?",
+            (room_id, limit),
+        )
+        return [event_id for (event_id,) in txn.fetchall()][::-1]
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        "nidstate_latest_events", latest_txn
+    )
+
+
 async def events_with_state(
     hs: HomeServer, room_id: str | None = None, page: int = 1000
 ) -> AsyncIterator[str]:
