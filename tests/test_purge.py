@@ -1,7 +1,9 @@
 """Purges and room deletion: the mirror follows Synapse and leaves no orphan rows."""
 
+import json
 from typing import Any
 
+from synapse.storage.engines import PostgresEngine
 from synapse.types import TaskStatus
 from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
@@ -214,11 +216,93 @@ class PurgeTests:
         await self._reclaim_left_consistent(hs)
 
 
-class SqlitePurgeTests(PurgeTests, HomeserverTestCase):
+class _Recorder:
+    """A transaction that records the statements run through it."""
+
+    def __init__(self, txn: Any, statements: list[tuple[str, tuple]]) -> None:
+        self._txn = txn
+        self._statements = statements
+
+    def execute(self, sql: str, args: Any = ()) -> None:
+        self._statements.append((sql, tuple(args)))
+        self._txn.execute(sql, args)
+
+    def __iter__(self) -> Any:
+        return iter(self._txn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+
+def _scans_txn(txn: Any, sql: str, args: tuple) -> list[str]:
+    """The module tables ``sql`` reads whole (no index), from the engine's plan."""
+    if isinstance(txn.database_engine, PostgresEngine):
+        # Tiny test tables make a scan the cheapest plan: forbid it, so that a
+        # scan in the plan means no index could serve the statement.
+        txn.execute("SET LOCAL enable_seqscan = off")
+        txn.execute(f"EXPLAIN (FORMAT JSON) {sql}", args)
+        plan = txn.fetchone()[0]
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        scans, nodes = [], [plan[0]["Plan"]]
+        while nodes:
+            node = nodes.pop()
+            nodes.extend(node.get("Plans", ()))
+            relation = node.get("Relation Name", "")
+            if node["Node Type"] == "Seq Scan" and relation.startswith("nidstate_"):
+                scans.append(relation)
+        return scans
+    txn.execute(f"EXPLAIN QUERY PLAN {sql}", args)
+    return [
+        row[-1]
+        for row in txn.fetchall()
+        if row[-1].startswith("SCAN ") and "json_each" not in row[-1]
+    ]
+
+
+class PurgeIndexTests:
+    @in_logcontext
+    async def test_purge_statements_use_indexes(self) -> None:
+        # Every statement the module runs for Synapse's purges (of history and
+        # its unreferenced groups, of a room) finds its rows by an index: none
+        # reads a module table whole (schema 6 added the two that did).
+        hs = await self.make_homeserver({"mode": "serve"})
+        module = self.module(hs)
+        history = await build_history(hs, messages_per_room=4)
+        store = module.store
+        statements: list[tuple[str, tuple]] = []
+        purge_room_txn, forget_txn = store.purge_room_txn, store.forget_state_groups_txn
+        store.purge_room_txn = lambda txn, *a: purge_room_txn(_Recorder(txn, statements), *a)  # type: ignore[method-assign]
+        store.forget_state_groups_txn = (  # type: ignore[method-assign]
+            lambda txn, *a: forget_txn(_Recorder(txn, statements), *a)
+        )
+        room_id = history.rooms[0]
+        event_ids, _ = await room_event_ids(hs, room_id)
+        main = hs.get_datastores().main
+        cut = event_ids[len(event_ids) * 2 // 3]
+        token = await (await main.get_topological_token_for_event(cut)).to_string(main)
+        purge = hs.get_storage_controllers().purge_events
+        await purge.purge_history(room_id, token, True)
+        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = 0
+        await purge._delete_state_groups_loop()
+        await purge.purge_room(history.rooms[1])
+        seen = {sql.split()[0] + " " + sql.split("FROM ")[1].split()[0] for sql, _ in statements}
+        self.assertIn("DELETE nidstate_events", seen)
+        self.assertIn("SELECT nidstate_snapshots", seen)
+        scans = {}
+        for sql, args in statements:
+            if "LIMIT 1" in sql:  # one row of a table: stops at the first
+                continue
+            found = await store.db_pool.runInteraction("explain", _scans_txn, sql, args)
+            if found:
+                scans[sql] = found
+        self.assertEqual(scans, {})
+
+
+class SqlitePurgeTests(PurgeTests, PurgeIndexTests, HomeserverTestCase):
     engine = "sqlite"
 
 
-class PostgresPurgeTests(PurgeTests, HomeserverTestCase):
+class PostgresPurgeTests(PurgeTests, PurgeIndexTests, HomeserverTestCase):
     engine = "postgres"
 
 

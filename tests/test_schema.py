@@ -129,9 +129,11 @@ class SchemaTests:
                 " FROM event_to_state_groups AS esg JOIN nidstate_state_groups AS g"
                 " ON g.state_group = esg.state_group WHERE esg.event_id = nidstate_events.event_id)"
             )
-            # Schema 5's columns were not there either.
+            # Schema 5's columns were not there either, nor schema 6's indexes
+            # (nidstate_events' went with the table).
             txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN first_key")
             txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN last_key")
+            txn.execute("DROP INDEX nidstate_state_groups_snapshot")
             txn.execute("UPDATE nidstate_meta SET value = '3' WHERE key = 'schema_version'")
             return interned
 
@@ -197,6 +199,19 @@ class SchemaTests:
             )
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters)
+
+        # Schema 6: the indexes the purges use.
+        def indexes_txn(txn: LoggingTransaction) -> set[str]:
+            if isinstance(engine, PostgresEngine):
+                sql = "SELECT indexname FROM pg_indexes"
+            else:
+                sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+            return {row[0] for row in _rows(txn, sql)}
+
+        self.assertLessEqual(
+            {"nidstate_state_groups_snapshot", "nidstate_events_room"},
+            await db_pool.runInteraction("indexes", indexes_txn),
+        )
 
     @in_logcontext
     async def test_a_newer_schema_stops_start_up(self) -> None:

@@ -22,9 +22,12 @@ class PurgeStore(ReclaimStore):
         if room_nid is None:
             return 0, 0
         self._lock_room_txn(txn, room_nid)
+        # NOT EXISTS on the index of nidstate_state_groups.snapshot_nid (schema 6):
+        # a probe per snapshot of the room, not a scan of every group's row.
         txn.execute(
-            "SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?"
-            " AND snapshot_nid NOT IN (SELECT snapshot_nid FROM nidstate_state_groups)",
+            "SELECT s.snapshot_nid FROM nidstate_snapshots AS s WHERE s.room_nid = ?"
+            " AND NOT EXISTS (SELECT 1 FROM nidstate_state_groups AS g"
+            " WHERE g.snapshot_nid = s.snapshot_nid)",
             (room_nid,),
         )
         snapshots = [row[0] for row in txn.fetchall()]
@@ -44,6 +47,7 @@ class PurgeStore(ReclaimStore):
         return len(snapshots), len(blocks)
 
     def _forget_snapshots_and_blocks(self, snapshots: list[int], blocks: list[int]) -> None:
+        self.invalidations += 1
         for snapshot_nid in snapshots:
             self._snapshot_blocks.invalidate(snapshot_nid)
             self._resolved.invalidate(snapshot_nid)
@@ -52,6 +56,7 @@ class PurgeStore(ReclaimStore):
 
     def forget_event_snapshots(self) -> None:
         """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""
+        self.invalidations += 1
         self._event_snapshots.clear()
 
     def purge_room_txn(self, txn: LoggingTransaction, room_id: str) -> None:
@@ -87,5 +92,6 @@ class PurgeStore(ReclaimStore):
         self.delete_unused_txn(txn, room_id)
 
     def _forget_groups(self, groups: Iterable[int]) -> None:
+        self.invalidations += 1
         for group in groups:
             self._group_snapshots.invalidate(group)
