@@ -23,7 +23,15 @@ from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
 
 from synapse_nidstate.runtime.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
-from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
+from synapse_nidstate.storage import (
+    Contained,
+    EventRow,
+    GroupStep,
+    NidStore,
+    WriteScope,
+    in_list_clause,
+    in_savepoint,
+)
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -229,8 +237,9 @@ class Mirror:
 
         A failure of the mirror itself is contained in a savepoint: Synapse's
         writes go on and the events are left for the catch-up (their lookups
-        fall back). A database error that makes Synapse retry the transaction
-        (deadlock, serialization failure, lock timeout) is raised for it to retry.
+        fall back). Only a database error Synapse must retry the transaction
+        for (``storage.must_retry``: a deadlock, a serialization failure, a lost
+        connection, SQLite's "database is locked") is raised, for it to retry.
         """
         events_and_contexts = list(events_and_contexts)
         if not events_and_contexts:
@@ -308,22 +317,16 @@ class Mirror:
                 txn, "nidstate_reclaim", lambda: eager(txn, room_id, groups), reclaim_failed
             )
 
+    @staticmethod
     def _in_savepoint(
-        self, txn: LoggingTransaction, name: str, fn: Callable[[], None], failed: Callable[[], None]
+        txn: LoggingTransaction, name: str, fn: Callable[[], None], failed: Callable[[], None]
     ) -> bool:
-        """``fn`` in a savepoint of Synapse's transaction; a failure of ours rolls
-        back to it (and calls ``failed``), one Synapse must retry is raised."""
-        txn.execute(f"SAVEPOINT {name}")
+        """``fn`` in a savepoint of Synapse's transaction (``storage.in_savepoint``):
+        a failure of ours rolls back to it and calls ``failed`` (within the
+        ``except``, so that it can log the error); one Synapse must retry is raised."""
         try:
-            fn()
-        except Exception as e:
-            module = self._engine.module
-            if isinstance(e, module.OperationalError) or (
-                isinstance(e, module.DatabaseError) and self._engine.is_deadlock(e)
-            ):
-                raise
-            txn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            in_savepoint(txn, name, fn)
+        except Contained:
             failed()
             return False
-        txn.execute(f"RELEASE SAVEPOINT {name}")
         return True

@@ -7,16 +7,22 @@ files behind them are described in ``store``.
 from synapse_nidstate.storage.base import WriteScope
 from synapse_nidstate.storage.common import (
     CacheMiss,
+    Contained,
+    CorruptState,
     EventRow,
     GroupStep,
     WriteCounters,
     in_list_clause,
+    in_savepoint,
+    must_retry,
 )
 from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
 from synapse_nidstate.storage.store import NidStore
 
 __all__ = [
     "CacheMiss",
+    "Contained",
+    "CorruptState",
     "EventRow",
     "GroupStep",
     "NidStore",
@@ -25,4 +31,6 @@ __all__ = [
     "WriteCounters",
     "WriteScope",
     "in_list_clause",
+    "in_savepoint",
+    "must_retry",
 ]
