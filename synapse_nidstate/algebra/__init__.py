@@ -13,7 +13,9 @@ from synapse_nidstate.algebra.encoding import (
     pack_nids,
     snapshot_hash,
     unpack_block,
+    unpack_block_checked,
     unpack_nids,
+    unpack_nids_checked,
 )
 from synapse_nidstate.algebra.state import (
     NidFilter,
@@ -73,5 +75,7 @@ __all__ = [
     "resolve",
     "snapshot_hash",
     "unpack_block",
+    "unpack_block_checked",
     "unpack_nids",
+    "unpack_nids_checked",
 ]

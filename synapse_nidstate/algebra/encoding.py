@@ -74,6 +74,32 @@ def unpack_block(data: bytes) -> Block:
     return tuple(zip(it, it, it))
 
 
+def unpack_block_checked(data: bytes, digest: bytes) -> Block:
+    """:func:`unpack_block`, refusing data whose content is not the one
+    ``digest`` (the stored :func:`block_hash`) was made of: a corrupted row
+    raises instead of decoding to other NIDs."""
+    values = _unpack_fixed(bytes(data))
+    if len(values) % 3:
+        raise AlgebraError("packed block is not a whole number of entries")
+    # The hash is of int64s: widen in C (an int32 array converts element-wise).
+    wide = values if values.typecode == "q" else array("q", values)
+    if not _LITTLE:
+        wide.byteswap()
+    if content_hash(wide.tobytes()) != bytes(digest):
+        raise AlgebraError("block content does not match its hash")
+    it = iter(values)
+    return tuple(zip(it, it, it))
+
+
+def unpack_nids_checked(data: bytes, digest: bytes) -> tuple[int, ...]:
+    """:func:`unpack_nids`, refusing a list that is not the one ``digest``
+    (the stored :func:`snapshot_hash`) was made of."""
+    nids = unpack_nids(data)
+    if snapshot_hash(nids) != bytes(digest):
+        raise AlgebraError("block list does not match its hash")
+    return nids
+
+
 def _varint(value: int, out: bytearray) -> None:
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

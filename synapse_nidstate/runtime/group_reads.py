@@ -30,9 +30,10 @@ from synapse.storage.databases.state.store import _GetStateGroupDelta
 from synapse.types import StateMap
 from synapse.types.state import StateFilter
 
+from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
 from synapse_nidstate.runtime.lookups import MAX_LOGGED_MISMATCHES
 from synapse_nidstate.runtime.metrics import GROUP_READ_SECONDS, LookupStats
-from synapse_nidstate.storage import NidStore
+from synapse_nidstate.storage import Contained, NidStore, in_savepoint
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,12 @@ NativeDeltaRead = Callable[[int], Awaitable[_GetStateGroupDelta]]
 
 class GroupReads:
     def __init__(
-        self, store: NidStore, stats: LookupStats, mode: str, server_name: str
+        self,
+        store: NidStore,
+        stats: LookupStats,
+        mode: str,
+        server_name: str,
+        faults: FaultLog | None = None,
     ) -> None:
         """``mode``: the module's, or ``native`` (the CLI's verify): always
         Synapse's own answer, reclaimed groups from their proved snapshots."""
@@ -56,6 +62,7 @@ class GroupReads:
         self._mirror_seconds = GROUP_READ_SECONDS.labels(server_name, "mirror")
         self._native_seconds = GROUP_READ_SECONDS.labels(server_name, "native")
         self._logged = 0
+        self._faults = faults if faults is not None else FaultLog()
         #: The state store whose readers are wrapped.
         self._installed: Any = None
         self._native_depth = 0
@@ -93,12 +100,26 @@ class GroupReads:
     ) -> Mapping[int, StateMap[str]]:
         """Synapse's own answer: its read of its rows, or where groups are
         reclaimed, the same walk taking a reclaimed group's state from the
-        snapshot that reclaim proved equal to it (``storage.reclaim``)."""
-        if not self._store.any_reclaimed_txn(txn):
+        snapshot that reclaim proved equal to it (``storage.reclaim``).
+
+        Whether any group is reclaimed is read from Synapse's own table (the
+        marker), so this holds when the module's tables are what failed. A
+        failure to read a reclaimed group's snapshot fails the read
+        (:class:`StateUnavailable`): Synapse's rows for it are gone."""
+        if not self._store.reclaim_marked_txn(txn):
             return self._native(txn, groups, state_filter, native)
-        answer: dict[int, StateMap[str]] = dict(
-            self._store.synapse_states_txn(txn, groups, state_filter)
-        )
+        try:
+            ours = in_savepoint(
+                txn,
+                "nidstate_reclaimed_read",
+                lambda: self._store.synapse_states_txn(txn, groups, state_filter),
+            )
+        except Contained as e:
+            self._stats.unavailable += len(groups)
+            what = _groups_named(groups)
+            self._faults.report(what, e, fallback=False)
+            raise StateUnavailable(f"{what} could not be read") from e
+        answer: dict[int, StateMap[str]] = dict(ours)
         rest = [g for g in groups if g not in answer]
         if rest:
             answer.update(self._native(txn, rest, state_filter, native))
@@ -118,8 +139,22 @@ class GroupReads:
         if self._native_depth or self._mode == "native":
             return self.synapse_answer_txn(txn, groups, state_filter, native)
         started = time.perf_counter()
-        ours = self._store.state_for_groups_txn(txn, groups, state_filter)
+        invalidations = self._store.invalidations
+        try:
+            # In a savepoint: a failed statement must not abort Synapse's transaction.
+            ours = in_savepoint(
+                txn,
+                "nidstate_group_read",
+                lambda: self._store.state_for_groups_txn(txn, groups, state_filter),
+            )
+        except Contained as e:
+            self._faults.report(_groups_named(groups), e, fallback=True)
+            fallback = self.synapse_answer_txn(txn, groups, state_filter, native)
+            self._stats.failed += len(groups)
+            return fallback
         mirror_seconds = time.perf_counter() - started
+        # After the read's own cache fills, once Synapse's transaction commits.
+        txn.call_after(self._store.forget_if_invalidated_since, invalidations)
         rest = [g for g in groups if g not in ours]
         self._stats.fallback += len(rest)
         if self._mode == "serve":
@@ -222,7 +257,19 @@ class GroupReads:
             return _GetStateGroupDelta(None, None)
         rows = self._store.group_rows_txn(txn, [group])[group]
         if not rows:
-            reclaimed = self._reclaimed_delta_txn(txn, group, prev)
+            try:
+                reclaimed = in_savepoint(
+                    txn, "nidstate_delta", lambda: self._reclaimed_delta_txn(txn, group, prev)
+                )
+            except Contained as e:
+                # Reclaimed or not is unknown: only an unmarked database proves not.
+                if self._store.reclaim_marked_txn(txn):
+                    self._stats.unavailable += 1
+                    self._faults.report(f"the delta of state group {group}", e, fallback=False)
+                    raise StateUnavailable(f"the delta of state group {group}") from e
+                self._stats.failed += 1
+                self._faults.report(f"the delta of state group {group}", e, fallback=True)
+                reclaimed = None
             if reclaimed is not None:
                 if self._mode == "serve":
                     self._stats.served += 1
@@ -301,6 +348,13 @@ class GroupReads:
             "delta" if state_filter is None else f"filter {state_filter}",
             differing[:20],
         )
+
+
+def _groups_named(groups: list[int]) -> str:
+    shown = ", ".join(map(str, groups[:5]))
+    return f"state group{'s' if len(groups) > 1 else ''} {shown}" + (
+        f" and {len(groups) - 5} more" if len(groups) > 5 else ""
+    )
 
 
 def _difference(

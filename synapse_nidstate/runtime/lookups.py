@@ -8,7 +8,10 @@ filtered by the ``StateFilter``, as strings, in the order of ``event_ids``,
 raising like Synapse for outliers and unknown events.
 
 Events the mirror has no snapshot for are answered by Synapse's own methods,
-per event, so a request mixing both still gets every event's right answer.
+per event, so a request mixing both still gets every event's right answer. A
+read of the mirror that fails is answered by Synapse too, for every event of
+the request, or fails loudly where Synapse's rows are reclaimed
+(``runtime.faults``).
 """
 
 import contextlib
@@ -21,7 +24,9 @@ from synapse.storage.controllers.state import StateStorageController
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 from synapse.util.cancellation import cancellable
+from twisted.internet.defer import CancelledError
 
+from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
 from synapse_nidstate.runtime.metrics import LOOKUP_SECONDS, LookupStats
 from synapse_nidstate.storage import NidStore
 
@@ -47,8 +52,10 @@ class StateLookups:
         mode: str,
         native_state_ids: NativeStateIds,
         server_name: str = "",
+        faults: FaultLog | None = None,
     ) -> None:
         self._controller = controller
+        self._faults = faults if faults is not None else FaultLog()
         self._mirror_seconds = LOOKUP_SECONDS.labels(server_name, "mirror")
         self._native_seconds = LOOKUP_SECONDS.labels(server_name, "native")
         self._store = store
@@ -101,13 +108,20 @@ class StateLookups:
             cached = self._store.cached_state_for_events(event_ids, state_filter)
             if cached is not None:
                 return cached
-            return await self._store.db_pool.runInteraction(
+            # One transaction, not autocommit: on PostgreSQL (Synapse's
+            # REPEATABLE READ) every statement of the read then sees the same
+            # snapshot of the tables, so a purge or reclaim committing between
+            # two of them cannot leave a snapshot whose blocks are gone. (SQLite:
+            # Synapse's one connection runs one transaction at a time.)
+            invalidations = self._store.invalidations
+            answer = await self._store.db_pool.runInteraction(
                 "nidstate_get_state_for_events",
                 self._store.state_for_events_txn,
                 event_ids,
                 state_filter,
-                db_autocommit=True,
             )
+            self._store.forget_if_invalidated_since(invalidations)
+            return answer
 
     @cancellable
     async def get_state_ids_for_events(
@@ -131,9 +145,14 @@ class StateLookups:
             await self._controller._partial_state_events_tracker.await_full_state(
                 event_ids
             )
-        served: dict[str, StateMap[str]] = dict(
-            await self.mirrored_state_ids(event_ids, state_filter)
-        )
+        try:
+            served: dict[str, StateMap[str]] = dict(
+                await self.mirrored_state_ids(event_ids, state_filter)
+            )
+        except CancelledError:
+            raise
+        except Exception as e:
+            return await self._after_failure(e, event_ids, state_filter, await_full_state)
         missing = [e for e in event_ids if e not in served]
         self._stats.served += len(event_ids) - len(missing)
         if missing:
@@ -143,6 +162,28 @@ class StateLookups:
                     await self._native_state_ids(missing, state_filter, await_full_state)
                 )
         return {event_id: served[event_id] for event_id in event_ids}
+
+    async def _after_failure(
+        self,
+        error: Exception,
+        event_ids: Collection[str],
+        state_filter: StateFilter,
+        await_full_state: bool,
+    ) -> dict[str, StateMap[str]]:
+        """The mirror's read failed: Synapse's answer for every event, its
+        state-group reads Synapse's own meanwhile (``native_only``), where a
+        reclaimed group's state comes from its proved snapshot or the request
+        fails with ``StateUnavailable`` (``runtime.faults``)."""
+        self._faults.report(f"the state at {len(event_ids)} events", error, fallback=True)
+        try:
+            answer = await self.native_state_ids(
+                event_ids, state_filter, await_full_state, fresh=False
+            )
+        except StateUnavailable:
+            self._stats.unavailable += len(event_ids)
+            raise
+        self._stats.failed += len(event_ids)
+        return answer
 
     async def _shadow(
         self,
@@ -155,9 +196,12 @@ class StateLookups:
             native = await self._native_state_ids(event_ids, state_filter, await_full_state)
         try:
             mirrored = await self.mirrored_state_ids(event_ids, state_filter)
-        except Exception:
-            logger.exception("synapse-nidstate: shadow lookup failed")
-            mirrored = {}
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._faults.report(f"the state at {len(event_ids)} events", e, fallback=True)
+            self._stats.failed += len(event_ids)
+            return native
         self._stats.fallback += len(set(event_ids) - mirrored.keys())
         for event_id, state in mirrored.items():
             self._stats.compared += 1

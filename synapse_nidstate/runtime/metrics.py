@@ -76,6 +76,11 @@ class LookupStats:
     compared: int = 0
     #: of those, the answers that differed
     mismatched: int = 0
+    #: the mirror's read failed and Synapse's rows answered (``runtime.faults``)
+    failed: int = 0
+    #: the mirror's read failed where Synapse's rows are reclaimed: the request
+    #: failed (``StateUnavailable``) rather than answer a wrong state
+    unavailable: int = 0
 
 
 @attr.s(slots=True, auto_attribs=True)

@@ -11,6 +11,7 @@ from synapse.module_api import ModuleApi
 from synapse_nidstate.runtime import failsafe, hooks, status
 from synapse_nidstate.runtime.compat import check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
+from synapse_nidstate.runtime.faults import FaultLog
 from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
@@ -84,6 +85,7 @@ class NidStateModule:
         hooks.install_purges(hs, self.store)
 
         controller = hs.get_storage_controllers().state
+        faults = FaultLog()  # each cause logged once, whichever read met it
         self.lookups = StateLookups(
             controller,
             self.store,
@@ -91,9 +93,10 @@ class NidStateModule:
             config.mode,
             native_state_ids=controller.get_state_ids_for_events,
             server_name=hs.hostname,
+            faults=faults,
         )
         self.group_reads = GroupReads(
-            self.store, self.stats.group_reads, config.mode, server_name=hs.hostname
+            self.store, self.stats.group_reads, config.mode, server_name=hs.hostname, faults=faults
         )
         self.serves_group_reads = False
         if config.mode != "mirror":

@@ -106,6 +106,10 @@ class NidStoreBase:
         clock = hs.get_clock()
         name = hs.hostname
 
+        #: How many times a purge (or a caller) made the caches forget values:
+        #: a read in flight meanwhile may have cached what was purged
+        #: (:meth:`forget_if_invalidated_since`).
+        self.invalidations = 0
         #: Every in-process cache of the module, by its metrics name.
         self.named_caches: dict[str, LruCache] = {}
 
@@ -181,9 +185,19 @@ class NidStoreBase:
         return list(self.named_caches.values())
 
     def clear_caches(self) -> None:
+        self.invalidations += 1
         for cache in self.caches():
             cache.clear()
         self._resolved_index.clear()
+
+    def forget_if_invalidated_since(self, invalidations: int) -> None:
+        """After a read that started when :attr:`invalidations` was
+        ``invalidations``: if a purge forgot cached values meanwhile, what the
+        read cached after that (read from a snapshot of the tables taken before
+        the purge committed) may name purged rows, so everything goes, as
+        Synapse's caches do with their sequence numbers. Purges are rare."""
+        if self.invalidations != invalidations:
+            self.clear_caches()
 
     def _publish(self, learnt: TxnLearnt) -> None:
         """Fill the shared caches with what a committed transaction learnt."""

@@ -18,8 +18,15 @@ from synapse.util.caches.dictionary_cache import DictionaryCache
 
 from synapse_nidstate import algebra
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
-from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CacheMiss, in_list_clause
+from synapse_nidstate.storage.common import (
+    STATE_KEYS,
+    TYPES,
+    CacheMiss,
+    CorruptState,
+    in_list_clause,
+)
 from synapse_nidstate.storage.resolved import ResolvedStateStore
+from synapse_nidstate.storage.snapshots import checked_block_list
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -106,11 +113,14 @@ class StateReadStore(ResolvedStateStore):
             # The state at an event is its state group's: Synapse's own row
             # says which group (the state before the event when rejected).
             clause, args = in_list_clause(self.engine, "esg.event_id", missing)
+            # LEFT JOIN: a mapping to a snapshot that is not there is an error
+            # (CorruptState), not an event without a snapshot.
             sql = (
-                "SELECT 0, esg.event_id, g.snapshot_nid, s.block_nids"
+                "SELECT 0, esg.event_id, g.snapshot_nid, s.block_nids, s.content_hash"
                 " FROM event_to_state_groups AS esg"
                 " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
-                f" JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid WHERE {clause}"
+                " LEFT JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid"
+                f" WHERE {clause}"
             )
             if filter_nids is not None:
                 for kind, (table, missing_strings) in enumerate(
@@ -123,17 +133,19 @@ class StateReadStore(ResolvedStateStore):
                         )
                         sql += (
                             f" UNION ALL SELECT {kind}, {table.string_column}, {table.nid_column},"
-                            f" NULL FROM {table.table} WHERE {string_clause}"
+                            f" NULL, NULL FROM {table.table} WHERE {string_clause}"
                         )
                         args += string_args
             txn.execute(sql, args)
             pairs = []
             strings: list[list[tuple[str, int]]] = [[], [], []]
-            for kind, string, nid, block_nids in txn:
+            for kind, string, nid, block_nids, digest in txn:
                 if kind == 0:
                     pairs.append((string, nid))
                     if nid not in learnt.snapshots:  # events of a batch share snapshots
-                        learnt.snapshots[nid] = algebra.unpack_nids(block_nids)
+                        if block_nids is None:
+                            raise CorruptState(f"snapshot {nid} of event {string} missing")
+                        learnt.snapshots[nid] = checked_block_list(nid, block_nids, digest)
                 else:
                     strings[kind].append((string, nid))
             found.update(pairs)

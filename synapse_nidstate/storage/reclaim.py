@@ -31,7 +31,7 @@ from synapse.storage.database import LoggingDatabaseConnection, LoggingTransacti
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.storage.common import in_list_clause
+from synapse_nidstate.storage.common import CorruptState, in_list_clause
 from synapse_nidstate.storage.groups import GroupStateStore
 
 #: What ``schema_compat_version`` holds while any group is reclaimed: above any
@@ -113,20 +113,37 @@ class ReclaimOutcome:
 class ReclaimStore(GroupStateStore):
     # -- which groups ------------------------------------------------------
 
+    def reclaim_marked_txn(self, txn: LoggingTransaction) -> bool:
+        """Whether Synapse's ``schema_compat_version`` holds the marker. It is
+        set in the transaction that reclaims the first group and put back in
+        the one that restores the last, so unmarked means no group is reclaimed,
+        known from Synapse's own table: what a fallback checks when the
+        module's tables are the thing that failed."""
+        txn.execute("SELECT compat_version FROM schema_compat_version")
+        return any(row[0] == RECLAIMED_COMPAT_VERSION for row in txn.fetchall())
+
     def reclaimed_anchors_txn(
-        self, txn: LoggingTransaction, groups: Collection[int]
+        self, txn: LoggingTransaction, groups: Collection[int], strict: bool = True
     ) -> dict[int, int]:
-        """Of ``groups``, the reclaimed ones, each with its snapshot NID."""
+        """Of ``groups``, the reclaimed ones, each with its snapshot NID. A
+        reclaimed group without a snapshot is :class:`CorruptState` (its state
+        is nowhere, and Synapse's walk would read its missing rows as none);
+        ``strict=False`` (restore, which clears marks Synapse's purges left)
+        leaves it out instead."""
         if not groups:
             return {}
         clause, args = in_list_clause(self.engine, "r.state_group", list(groups))
         txn.execute(
             "SELECT r.state_group, g.snapshot_nid FROM nidstate_reclaimed_groups AS r"
-            " JOIN nidstate_state_groups AS g ON g.state_group = r.state_group"
+            " LEFT JOIN nidstate_state_groups AS g ON g.state_group = r.state_group"
             f" WHERE {clause}",
             args,
         )
-        return dict(txn.fetchall())
+        found = dict(txn.fetchall())
+        lost = sorted(group for group, snapshot_nid in found.items() if snapshot_nid is None)
+        if lost and strict:
+            raise CorruptState(f"reclaimed state groups without a snapshot: {lost[:10]}")
+        return {group: nid for group, nid in found.items() if nid is not None}
 
     def reclaim_candidates_txn(
         self, txn: LoggingTransaction, room_id: str, after: int, limit: int
@@ -235,7 +252,7 @@ class ReclaimStore(GroupStateStore):
         outcome = ReclaimOutcome()
         everything = StateFilter.all()
         for group in sorted(groups, reverse=True):
-            if group not in self.reclaimed_anchors_txn(txn, [group]):
+            if group not in self.reclaimed_anchors_txn(txn, [group], strict=False):
                 # A mark without a snapshot: Synapse deleted the group (the purge
                 # forgets both in one transaction, so this is a mark left over).
                 txn.execute("SELECT 1 FROM state_groups WHERE id = ?", (group,))

@@ -19,7 +19,13 @@ from synapse.types.state import StateFilter
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import TxnLearnt
-from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CacheMiss, in_list_clause
+from synapse_nidstate.storage.common import (
+    STATE_KEYS,
+    TYPES,
+    CacheMiss,
+    CorruptState,
+    in_list_clause,
+)
 from synapse_nidstate.storage.snapshots import SnapshotStore
 
 
@@ -404,6 +410,10 @@ class ResolvedStateStore(SnapshotStore):
             rows: list[list[tuple[int, str]]] = [[], [], []]
             for kind, nid, string in txn.fetchall():
                 rows[kind].append((nid, string))
+            for kind, table in enumerate(("event type", "state key", "event")):
+                if len(rows[kind]) != len(missing[kind]):
+                    lost = set(missing[kind]) - {nid for nid, _ in rows[kind]}
+                    raise CorruptState(f"{table} NIDs named by blocks missing: {sorted(lost)[:10]}")
             for kind, cache in enumerate(caches):
                 found[kind].update(rows[kind])
                 if fill or kind == 0:

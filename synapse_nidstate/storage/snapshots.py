@@ -1,7 +1,8 @@
 """Where a snapshot is built and written: blocks, snapshots and the state
 group -> snapshot map, planned in Python and written in a few statements."""
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TypeVar
 
 from synapse.storage.database import LoggingTransaction
 
@@ -11,12 +12,30 @@ from synapse_nidstate.storage.base import TxnLearnt, WriteScope
 from synapse_nidstate.storage.common import (
     ROOMS,
     CacheMiss,
+    CorruptState,
     EventRow,
     GroupStep,
     WriteCounters,
     in_list_clause,
 )
 from synapse_nidstate.storage.interning import InterningStore
+
+T = TypeVar("T")
+
+
+def _checked(
+    decode: Callable[[bytes, bytes], T], what: str, nid: int, data: bytes, digest: bytes
+) -> T:
+    """A stored value decoded and checked against its content hash."""
+    try:
+        return decode(data, digest)
+    except algebra.AlgebraError as e:
+        raise CorruptState(f"{what} {nid}: {e}") from e
+
+
+def checked_block_list(snapshot_nid: int, data: bytes, digest: bytes) -> tuple[int, ...]:
+    """A snapshot's stored block list, checked against its content hash."""
+    return _checked(algebra.unpack_nids_checked, "snapshot", snapshot_nid, data, digest)
 
 
 def _key_range_columns(block: Block) -> tuple[int, int]:
@@ -97,20 +116,24 @@ class SnapshotStore(InterningStore):
                 entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
                 args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
             txn.execute(
-                f"SELECT block_nid, first_key, last_key, {entries} FROM nidstate_blocks"
-                f" WHERE {clause}",
+                f"SELECT block_nid, first_key, last_key, {entries}, content_hash"
+                f" FROM nidstate_blocks WHERE {clause}",
                 args,
             )
             rows = txn.fetchall()
             if len(rows) != len(missing):
-                raise RuntimeError(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
-            loaded = {nid: algebra.unpack_block(data) for nid, _, _, data in rows if data is not None}
+                raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+            loaded = {
+                nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
+                for nid, _, _, data, digest in rows
+                if data is not None
+            }
             learnt.blocks.update(loaded)
             found.update(loaded)
             txn.call_after(
                 self._fill,
                 self._block_ranges,
-                [(nid, (first, last)) for nid, first, last, _ in rows if first is not None],
+                [(nid, (first, last)) for nid, first, last, _, _ in rows if first is not None],
             )
         return found
 
@@ -135,13 +158,13 @@ class SnapshotStore(InterningStore):
                 raise CacheMiss()
             rows = self._select_in_txn(
                 txn,
-                "SELECT snapshot_nid, block_nids FROM nidstate_snapshots WHERE",
+                "SELECT snapshot_nid, block_nids, content_hash FROM nidstate_snapshots WHERE",
                 "snapshot_nid",
                 missing,
             )
-            loaded = {nid: algebra.unpack_nids(blocks) for nid, blocks in rows}
+            loaded = {nid: checked_block_list(nid, blocks, digest) for nid, blocks, digest in rows}
             if len(loaded) != len(missing):
-                raise RuntimeError(f"snapshots missing: {set(missing) - set(loaded)}")
+                raise CorruptState(f"snapshots missing: {set(missing) - set(loaded)}")
             learnt.snapshots.update(loaded)
             found.update(loaded)
         return found
