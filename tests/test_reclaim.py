@@ -11,7 +11,7 @@ from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdat
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import Driver
-from synapse_nidstate.storage.reclaim import RECLAIMED_COMPAT_VERSION
+from synapse_nidstate.storage.reclaim import RECLAIMED_COMPAT_VERSION, SAVED_COMPAT_KEY
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import (
     all_groups,
@@ -235,6 +235,42 @@ class ReclaimTests:
         with self.assertRaises(ReclaimError) as caught:  # type: ignore[attr-defined]
             await module.reclaimer.restore()
         self.assertIn(f"state group {unknown}", str(caught.exception))  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_a_synapse_upgrade_that_raises_its_compat_version(self) -> None:
+        # Groups reclaimed, then Synapse upgraded to a release whose schema
+        # raises schema_compat_version: it starts (the module hands it its own
+        # compat version), writes the new one, and the marker is set again over
+        # it in the same transaction; restore then gives Synapse the new one.
+        from synapse.storage import prepare_database
+
+        database = self.database_config()  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE, database=database)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        events_before = await event_digest(hs, history.rooms)
+        compat_before = await count(hs, "SELECT compat_version FROM schema_compat_version")
+        self.assertGreater((await self.module(hs).reclaimer.run()).groups, 0)  # type: ignore[attr-defined]
+        await self.stop_homeserver(hs)  # type: ignore[attr-defined]
+
+        upgraded = compat_before + 1
+        self.assertLessEqual(upgraded, prepare_database.SCHEMA_VERSION)  # type: ignore[attr-defined]
+        self.patch(prepare_database, "SCHEMA_COMPAT_VERSION", upgraded)  # type: ignore[attr-defined]
+        hs = await self.make_homeserver(SERVE, database=database)  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, "SELECT compat_version FROM schema_compat_version"),
+            RECLAIMED_COMPAT_VERSION,
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, f"SELECT value FROM nidstate_meta WHERE key = '{SAVED_COMPAT_KEY}'"),
+            str(upgraded),
+        )
+        forget_caches(hs, module)
+        self.assertEqual(await event_digest(hs, history.rooms), events_before)  # type: ignore[attr-defined]
+        await module.reclaimer.restore()
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, "SELECT compat_version FROM schema_compat_version"), upgraded
+        )
 
     @in_logcontext
     async def test_dry_run_deletes_nothing(self) -> None:

@@ -1,34 +1,79 @@
 """What the module relies on in Synapse's private code, checked at start-up.
 
 The version check (``config.check_synapse_version``) says which releases were
-tested; this says whether *this* Synapse has what the module wraps, replaces or
-calls, with the parameters the module passes or receives. A release that moved
-one of them stops Synapse at start-up with a ``ConfigError`` naming it, even
-with ``allow_untested_synapse: true`` (which skips only the version check).
+tested; this says whether *this* Synapse has what the module wraps, replaces,
+calls or reads, in the shape the module relies on. A release that moved one of
+them stops Synapse at start-up with a ``ConfigError`` naming it, even with
+``allow_untested_synapse: true`` (which skips only the version check).
 
-Every entry is looked up on the class Synapse builds its stores from, so the
-check runs before any instance is touched. ``hooks.py`` says why each is wrapped.
+* :data:`REQUIREMENTS`: functions, looked up on the class Synapse builds its
+  stores from (before any instance exists, from ``parse_config``), each checked
+  as the module uses it: *wrapped* (called through with the caller's own
+  arguments; the module reads some by name), *called* (by position, in an
+  order; every other parameter must have a default), *replaced* (Synapse's
+  callers call the module's method instead: same parameters, order, kinds and
+  defaults, and the module's keeps Synapse's tracing span).
+* :data:`ATTRIBUTES`: everything else the module reads or replaces: ``attrs``
+  fields (checked on the class) and attributes set on instances (checked on the
+  instances the homeserver built, when the module is, before it touches them).
+
+Each entry says why, and since which release it holds (to the newest tested,
+``config.TESTED_SYNAPSE``). ``hooks.py`` says why each method is wrapped.
 """
 
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attr
 import synapse
 from synapse.config._base import ConfigError
 
+if TYPE_CHECKING:
+    from synapse.module_api import ModuleApi
+
+#: The oldest release every entry below was checked on.
+OLDEST = "1.157.0"
+
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
 class Requirement:
-    """``owner.name`` exists and accepts the ``parameters`` the module relies on."""
+    """A function of Synapse's the module wraps, calls or replaces."""
 
     owner: str  # dotted path of the class (or module)
     name: str
+    #: ``use="wrapped"``: the arguments the module reads (by name); ``"called"``:
+    #: the ones it passes by position, in this order; ``"replaced"``: unused.
     parameters: tuple[str, ...]
     why: str
+    use: str = "wrapped"
+    #: ``use="called"``: the arguments the module passes by name.
+    keywords: tuple[str, ...] = ()
+    #: ``use="replaced"``: dotted path of the module's method that stands in.
+    replacement: str = ""
+    since: str = OLDEST
 
 
-#: Every Synapse method the module wraps, replaces or calls, by who needs it.
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Attribute:
+    """An attribute of Synapse's the module reads or replaces, not a method."""
+
+    owner: str  # dotted path of the class
+    name: str
+    why: str
+    #: ``"field"``: an attrs field of the class; ``"instance"``: set on the
+    #: instance the homeserver built (see :data:`INSTANCES`).
+    where: str
+    #: What the attribute's value must have in turn (dotted: ``cache.get``).
+    has: tuple[str, ...] = ()
+    since: str = OLDEST
+
+
+_STATE_STORE = "synapse.storage.databases.state.store.StateGroupDataStore"
+_CONTROLLER = "synapse.storage.controllers.state.StateStorageController"
+_LOOKUPS = "synapse_nidstate.runtime.lookups.StateLookups"
+
+#: Every Synapse function the module wraps, replaces or calls, by who needs it.
 REQUIREMENTS: tuple[Requirement, ...] = (
     # hooks.install_mirror (write side)
     Requirement(
@@ -53,35 +98,34 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(
         "synapse.storage.databases.main.state.StateGroupWorkerStore",
         "_update_state_for_partial_state_event_txn",
-        ("txn", "event", "context", "un_partial_state_event_stream_id"),
+        ("txn", "event", "context"),
         "wrapped: give it its snapshot in the same transaction",
     ),
     # hooks.install_lookups
     Requirement(
-        "synapse.storage.controllers.state.StateStorageController",
-        "get_state_ids_for_events",
-        ("event_ids", "state_filter", "await_full_state"),
+        _CONTROLLER, "get_state_ids_for_events", (),
         "replaced: state-at-event lookups (serve, shadow)",
+        use="replaced", replacement=f"{_LOOKUPS}.get_state_ids_for_events",
     ),
     Requirement(
-        "synapse.storage.controllers.state.StateStorageController",
-        "get_state_for_events",
-        ("event_ids", "state_filter"),
+        _CONTROLLER, "get_state_for_events", (),
         "replaced: state-at-event lookups returning events",
+        use="replaced", replacement=f"{_LOOKUPS}.get_state_for_events",
     ),
-    # hooks.install_group_reads
+    # hooks.install_group_reads: wrapped, and called for the groups not served
     Requirement(
         "synapse.storage.databases.state.bg_updates.StateGroupBackgroundUpdateStore",
         "_get_state_groups_from_groups_txn",
         ("txn", "groups", "state_filter"),
-        "wrapped: every read of a state group's state (serve, shadow)",
+        "wrapped and called: every read of a state group's state (serve, shadow); "
+        "the groups the mirror does not answer go to Synapse's",
+        use="called",
     ),
     Requirement(
-        "synapse.storage.databases.state.store.StateGroupDataStore",
-        "get_state_group_delta",
-        ("state_group",),
-        "wrapped: one edge's delta (serve, shadow); a miss of its cache (.cache, a "
-        "DeferredCache keyed by the group) is read by group_reads",
+        _STATE_STORE, "get_state_group_delta", ("state_group",),
+        "wrapped and called: one edge's delta (serve, shadow); a miss of its cache "
+        "is read by group_reads into that cache (ATTRIBUTES)",
+        use="called",
     ),
     # hooks.install_purges
     Requirement(
@@ -91,8 +135,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "wrapped: delete a purged room's rows in the purge transaction",
     ),
     Requirement(
-        "synapse.storage.databases.state.store.StateGroupDataStore",
-        "purge_unreferenced_state_groups",
+        _STATE_STORE, "purge_unreferenced_state_groups",
         ("room_id", "state_groups_to_sequence_numbers"),
         "wrapped: forget deleted state groups",
     ),
@@ -104,29 +147,21 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
     # mirror.py (planning) and storage/reads.py (Synapse's own cache rules)
     Requirement(
-        "synapse.storage.controllers.state.StateStorageController",
-        "get_state_group_delta",
-        ("state_group",),
-        "called: the delta Synapse stored for a state group",
+        _CONTROLLER, "get_state_group_delta", ("state_group",),
+        "called: the delta Synapse stored for a state group", use="called",
     ),
     Requirement(
-        "synapse.storage.databases.state.store.StateGroupDataStore",
-        "_get_state_for_groups",
-        ("groups",),
-        "called: a state group's full state, when it has no predecessor",
+        _STATE_STORE, "_get_state_for_groups", ("groups",),
+        "called: a state group's full state, when it has no predecessor", use="called",
     ),
     Requirement(
-        "synapse.storage.databases.state.store.StateGroupDataStore",
-        "_get_state_for_group_using_cache",
-        ("cache", "group", "state_filter"),
-        "called: Synapse's rule for reading a per-group DictionaryCache",
+        _STATE_STORE, "_get_state_for_group_using_cache", ("cache", "group", "state_filter"),
+        "called: Synapse's rule for reading a per-group DictionaryCache", use="called",
     ),
     Requirement(
-        "synapse.storage.databases.state.store.StateGroupDataStore",
-        "_insert_into_cache",
-        ("group_to_state_dict", "state_filter", "cache_seq_num_members",
-         "cache_seq_num_non_members"),
+        _STATE_STORE, "_insert_into_cache", ("group_to_state_dict", "state_filter"),
         "called: Synapse's rule for filling the per-group DictionaryCaches",
+        use="called", keywords=("cache_seq_num_members", "cache_seq_num_non_members"),
     ),
     # runtime/failsafe.py: read past the reclaim marker in schema_compat_version
     Requirement(
@@ -144,6 +179,114 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
 )
 
+#: Every other attribute of Synapse's the module reads or replaces.
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "synapse.module_api.ModuleApi", "_hs",
+        "the homeserver, whose stores' methods the module wraps (no public accessor)",
+        "instance",
+    ),
+    *(
+        Attribute(
+            "synapse.events.snapshot.EventContext", name,
+            "read by the mirror: the state group Synapse maps an event to "
+            "(mirror.state_group_at), and the delta Synapse computed for it",
+            "field",
+        )
+        for name in (
+            "_state_group", "state_group_before_event", "state_group_deltas",
+            "partial_state", "rejected",
+        )
+    ),
+    *(
+        Attribute(
+            "synapse.storage.databases.state.store._GetStateGroupDelta", name,
+            "what get_state_group_delta returns: read by the mirror's planner, "
+            "built by group_reads",
+            "field",
+        )
+        for name in ("prev_group", "delta_ids")
+    ),
+    *(
+        Attribute(
+            _STATE_STORE, name,
+            "Synapse's per-group DictionaryCache: emptied where Synapse's own answer "
+            "must be read fresh (GroupReads.native_only, StateLookups.clear_caches); "
+            "its sequence is what _insert_into_cache compares",
+            "instance", has=("invalidate_all", "sequence", "cache"),
+        )
+        for name in ("_state_group_cache", "_state_group_members_cache")
+    ),
+    Attribute(
+        _STATE_STORE, "get_state_group_delta",
+        "the @cached method's cache: a miss is read by group_reads and set in it "
+        "(cache.get, cache.set); a reclaimed group's answer replaces Synapse's "
+        "(prefill); emptied for cold timings (invalidate_all)",
+        "instance", has=("cache.get", "cache.set", "prefill", "invalidate_all"),
+    ),
+    Attribute(
+        "synapse.storage.databases.main.DataStore", "_get_state_group_for_event",
+        "Synapse's event -> state group cache, emptied for cold timings",
+        "instance", has=("invalidate_all",),
+    ),
+    Attribute(
+        _CONTROLLER, "_partial_state_events_tracker",
+        "waited on as Synapse waits, before a lookup that needs full state",
+        "instance", has=("await_full_state",),
+    ),
+    Attribute(
+        _CONTROLLER, "_is_mine_id",
+        "what StateFilter.must_await_full_state takes, as Synapse passes it",
+        "instance", has=("__call__",),
+    ),
+    Attribute(
+        "synapse.storage.database.DatabasePool", "_database_config",
+        "in-memory SQLite only: opens the connection the module's schema is applied on",
+        "instance",
+    ),
+    Attribute(
+        "synapse.storage.database.DatabasePool", "_db_pool",
+        "in-memory SQLite only: the connections the module's tables are created on",
+        "instance", has=("connections",),
+    ),
+    Attribute(
+        "synapse.storage.engines.sqlite.Sqlite3Engine", "_is_in_memory",
+        "SQLite only: whether every connection is a new database (schema, failsafe)",
+        "instance",
+    ),
+    Attribute(
+        "synapse.util.caches.lrucache.LruCache", "cache",
+        "the module's own LruCaches: a membership test on their dict before get "
+        "(storage.base._split_cached), a microsecond a miss saved",
+        "instance", has=("__contains__",),
+    ),
+)
+
+
+def _instances(api: "ModuleApi") -> dict[str, Any]:
+    """The instances ``instance`` attributes are checked on, by owner; an
+    owner this homeserver has no instance of (a PostgreSQL engine) is left out."""
+    from synapse.storage.engines import Sqlite3Engine
+    from synapse.util.caches.lrucache import LruCache
+
+    found: dict[str, Any] = {"synapse.module_api.ModuleApi": api}
+    hs = getattr(api, "_hs", None)
+    if hs is None:
+        return found
+    main = hs.get_datastores().main
+    found.update({
+        _STATE_STORE: hs.get_datastores().state,
+        "synapse.storage.databases.main.DataStore": main,
+        _CONTROLLER: hs.get_storage_controllers().state,
+        "synapse.storage.database.DatabasePool": main.db_pool,
+        "synapse.util.caches.lrucache.LruCache": LruCache(
+            max_size=1, clock=hs.get_clock(), server_name=hs.hostname
+        ),
+    })
+    if isinstance(main.db_pool.engine, Sqlite3Engine):
+        found["synapse.storage.engines.sqlite.Sqlite3Engine"] = main.db_pool.engine
+    return found
+
 
 def _resolve(dotted: str) -> object:
     module_name, _, attribute = dotted.rpartition(".")
@@ -151,31 +294,142 @@ def _resolve(dotted: str) -> object:
     return getattr(module, attribute)
 
 
-def missing(requirements: tuple[Requirement, ...] = REQUIREMENTS) -> list[str]:
-    """What this Synapse lacks, one line per requirement not met."""
+def _function(owner: object, name: str) -> Callable:
+    # A ``@cached`` method is a descriptor that refuses class access; its
+    # function is ``orig``. Static and class methods unwrap to theirs.
+    function = inspect.getattr_static(owner, name)
+    function = getattr(function, "orig", getattr(function, "__func__", function))
+    return inspect.unwrap(function)
+
+
+def _spans(owner: object, name: str) -> int:
+    """How many of Synapse's tracing decorators (``@trace``, ``@tag_args``: their
+    wrappers' code is in ``synapse/logging/opentracing.py``) wrap ``owner.name``;
+    0 for all where the ``opentracing`` package is not installed."""
+    function: Any = inspect.getattr_static(owner, name)
+    count = 0
+    while function is not None:
+        code = getattr(function, "__code__", None)
+        if code is not None and code.co_filename.endswith("logging/opentracing.py"):
+            count += 1
+        function = getattr(function, "__wrapped__", None)
+    return count
+
+
+def _signature_problems(req: Requirement, owner: object, function: Callable) -> list[str]:
+    parameters = list(inspect.signature(function).parameters.values())
+    if parameters and parameters[0].name in ("self", "cls"):
+        parameters = parameters[1:]
+    by_name = {p.name: p for p in parameters}
+    kinds = inspect.Parameter
+    if req.use == "replaced":
+        ours = list(inspect.signature(_function(*_split(req.replacement))).parameters.values())[1:]
+        theirs = [(p.name, p.kind, p.default) for p in parameters]
+        if theirs != [(p.name, p.kind, p.default) for p in ours]:
+            return [f"takes ({_describe(parameters)}), the module's replacement ({_describe(ours)})"]
+        if _spans(owner, req.name) != _spans(*_split(req.replacement)):
+            return ["is traced otherwise than the module's replacement (@trace, @tag_args)"]
+        return []
+    absent = [p for p in (*req.parameters, *req.keywords) if p not in by_name]
+    if absent:
+        return [f"has no parameter {', '.join(absent)}"]
+    if req.use == "wrapped":
+        return []  # called through with the caller's arguments, read by name
+    problems = []
+    positional = [p for p in parameters if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    if [p.name for p in positional[: len(req.parameters)]] != list(req.parameters):
+        problems.append(
+            f"takes ({_describe(parameters)}), not {', '.join(req.parameters)} first by position"
+        )
+    positional_only = [k for k in req.keywords if by_name[k].kind == kinds.POSITIONAL_ONLY]
+    if positional_only:
+        problems.append(f"takes {', '.join(positional_only)} by position only")
+    passed = {*req.parameters, *req.keywords}
+    required = [
+        p.name
+        for p in parameters
+        if p.name not in passed
+        and p.default is kinds.empty
+        and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    ]
+    if required:
+        problems.append(f"requires {', '.join(required)}, which the module does not pass")
+    return problems
+
+
+def _split(dotted: str) -> tuple[object, str]:
+    owner, _, name = dotted.rpartition(".")
+    return _resolve(owner), name
+
+
+def _describe(parameters: list[inspect.Parameter]) -> str:
+    return ", ".join(str(p) for p in parameters)
+
+
+def missing(
+    requirements: tuple[Requirement, ...] = REQUIREMENTS,
+    attributes: tuple[Attribute, ...] = ATTRIBUTES,
+    resolve: Callable[[str], object] = _resolve,
+) -> list[str]:
+    """What this Synapse lacks of what can be checked on its classes (functions,
+    attrs fields), one line per entry not met."""
     problems = []
     for req in requirements:
         where = f"{req.owner.rpartition('.')[2]}.{req.name}"
         try:
-            function: Callable = inspect.getattr_static(_resolve(req.owner), req.name)
+            owner = resolve(req.owner)
+            function = _function(owner, req.name)
         except (ImportError, AttributeError):
-            problems.append(f"{where} does not exist ({req.why})")
+            problems.append(f"{where} does not exist ({req.why}; since {req.since})")
             continue
-        # A ``@cached`` method is a descriptor that refuses class access; its
-        # function is ``orig``. Static and class methods unwrap to theirs.
-        function = getattr(function, "orig", getattr(function, "__func__", function))
-        parameters = inspect.signature(function).parameters
-        absent = [p for p in req.parameters if p not in parameters]
-        if absent:
-            problems.append(
-                f"{where} has no parameter {', '.join(absent)} ({req.why})"
-            )
+        problems.extend(
+            f"{where} {problem} ({req.why}; since {req.since})"
+            for problem in _signature_problems(req, owner, function)
+        )
+    for attribute in attributes:
+        if attribute.where != "field":
+            continue
+        where = f"{attribute.owner.rpartition('.')[2]}.{attribute.name}"
+        try:
+            fields = {f.name for f in attr.fields(resolve(attribute.owner))}  # type: ignore[arg-type]
+        except (ImportError, AttributeError, attr.exceptions.NotAnAttrsClassError):
+            fields = set()
+        if attribute.name not in fields:
+            problems.append(f"{where} is not a field ({attribute.why}; since {attribute.since})")
     return problems
 
 
-def check_synapse_internals() -> None:
-    """Raise ConfigError naming every requirement this Synapse does not meet."""
-    problems = missing()
+def missing_on_instances(
+    instances: dict[str, Any], attributes: tuple[Attribute, ...] = ATTRIBUTES
+) -> list[str]:
+    """What the instances the homeserver built lack (``instance`` attributes),
+    one line per attribute; owners without an instance here are not checked."""
+    problems = []
+    for attribute in attributes:
+        if attribute.where != "instance" or attribute.owner not in instances:
+            continue
+        where = f"{attribute.owner.rpartition('.')[2]}.{attribute.name}"
+        value = getattr(instances[attribute.owner], attribute.name, _ABSENT)
+        if value is _ABSENT:
+            problems.append(f"{where} does not exist ({attribute.why}; since {attribute.since})")
+            continue
+        for path in attribute.has:
+            part: Any = value
+            for step in path.split("."):
+                part = getattr(part, step, _ABSENT)
+                if part is _ABSENT:
+                    break
+            if part is _ABSENT:
+                problems.append(
+                    f"{where} has no {path} ({attribute.why}; since {attribute.since})"
+                )
+    return problems
+
+
+_ABSENT = object()
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:
         raise ConfigError(
             f"synapse-nidstate cannot run on Synapse {synapse.__version__}: "
@@ -183,6 +437,18 @@ def check_synapse_internals() -> None:
             + ". Upgrade synapse-nidstate, or remove it from homeserver.yaml "
             "(after `synapse-nidstate drop`)."
         )
+
+
+def check_synapse_internals() -> None:
+    """Raise ConfigError naming every function or field this Synapse does not
+    have as the module relies on it (from ``parse_config``, before start-up)."""
+    _refuse(missing())
+
+
+def check_synapse_instances(api: "ModuleApi") -> None:
+    """Raise ConfigError naming every attribute the homeserver's instances lack
+    (when the module is built, before it wraps or reads anything)."""
+    _refuse(missing_on_instances(_instances(api)))
 
 
 #: Every place of Synapse that names ``state_groups_state`` (found by a scan of the

@@ -21,6 +21,7 @@ database apart from the main one (where the group reads are not routed).
 """
 
 import functools
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +56,18 @@ def install() -> None:
     if getattr(original, "_nidstate_failsafe", False):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def _upgrade_existing_database(cur: Any, current_schema_state: Any, *args: Any, **kwargs: Any) -> None:
-        if current_schema_state.compat_version != RECLAIMED_COMPAT_VERSION:
-            return original(cur, current_schema_state, *args, **kwargs)
+    def _upgrade_existing_database(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        cur, state = bound.arguments["cur"], bound.arguments["current_schema_state"]
+        if state.compat_version != RECLAIMED_COMPAT_VERSION:
+            return original(*args, **kwargs)
         saved = saved_compat_version_txn(cur)
         logger.info("synapse-nidstate: %s", RESTORE_HINT)
-        original(cur, attr.evolve(current_schema_state, compat_version=saved), *args, **kwargs)
+        bound.arguments["current_schema_state"] = attr.evolve(state, compat_version=saved)
+        original(*bound.args, **bound.kwargs)
         # Synapse raised the version (an upgrade): keep the new one, mark again.
         set_marker_txn(cur)
 

@@ -53,16 +53,12 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from synapse.events import EventBase
-from synapse.events.snapshot import EventContext
-from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
-from synapse.types.state import StateFilter
 
 from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.mirror import BatchPlan, Mirror
-from synapse_nidstate.storage import NidStore
+from synapse_nidstate.storage import NidStore, arguments_by_name
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -78,25 +74,26 @@ def install_mirror(hs: "HomeServer", mirror: Mirror) -> bool:
 
     persist_batch = persist_store._persist_events_and_state_updates
     store_mappings_txn = persist_store._store_event_state_mappings_txn
+    batch_arguments = arguments_by_name(persist_batch)
+    mappings_arguments = arguments_by_name(store_mappings_txn)
 
     @functools.wraps(persist_batch)
-    async def _persist_events_and_state_updates(
-        room_id: str, events_and_contexts: list, **kwargs: Any
-    ) -> None:
+    async def _persist_events_and_state_updates(*args: Any, **kwargs: Any) -> None:
+        named = batch_arguments(args, kwargs)
+        room_id, events_and_contexts = named["room_id"], named["events_and_contexts"]
         plan = await mirror.prepare(room_id, events_and_contexts)
         owned = mirror.begin_batch(room_id, plan)
         try:
-            await persist_batch(room_id, events_and_contexts, **kwargs)
+            await persist_batch(*args, **kwargs)
         finally:
             if owned:
                 mirror.end_batch(room_id)
 
     @functools.wraps(store_mappings_txn)
-    def _store_event_state_mappings_txn(
-        txn: LoggingTransaction, events_and_contexts: Any
-    ) -> None:
-        store_mappings_txn(txn, events_and_contexts)
-        mirror.write_txn(txn, events_and_contexts)
+    def _store_event_state_mappings_txn(*args: Any, **kwargs: Any) -> None:
+        store_mappings_txn(*args, **kwargs)
+        named = mappings_arguments(args, kwargs)
+        mirror.write_txn(named["txn"], named["events_and_contexts"])
 
     persist_store._persist_events_and_state_updates = _persist_events_and_state_updates  # type: ignore[method-assign]
     persist_store._store_event_state_mappings_txn = _store_event_state_mappings_txn  # type: ignore[method-assign]
@@ -108,29 +105,32 @@ def install_full_state_updates(hs: "HomeServer", mirror: Mirror) -> None:
     main = hs.get_datastores().main
     update = main.update_state_for_partial_state_event
     update_txn = main._update_state_for_partial_state_event_txn
+    update_arguments = arguments_by_name(update)
+    update_txn_arguments = arguments_by_name(update_txn)
     # event_id -> plan, from the async half to its transaction.
     plans: dict[str, BatchPlan] = {}
 
     @functools.wraps(update)
-    async def update_state_for_partial_state_event(event: EventBase, context: EventContext) -> None:
+    async def update_state_for_partial_state_event(*args: Any, **kwargs: Any) -> None:
+        named = update_arguments(args, kwargs)
+        event, context = named["event"], named["context"]
         plans[event.event_id] = await mirror.prepare_full_state(event, context)
         try:
-            await update(event, context)
+            await update(*args, **kwargs)
         finally:
             plans.pop(event.event_id, None)
 
     @functools.wraps(update_txn)
-    def _update_state_for_partial_state_event_txn(
-        txn: LoggingTransaction,
-        event: EventBase,
-        context: EventContext,
-        un_partial_state_event_stream_id: int,
-    ) -> None:
-        update_txn(txn, event, context, un_partial_state_event_stream_id)
-        mirror.write_full_state_txn(txn, event, context, plans.get(event.event_id, BatchPlan([])))
+    def _update_state_for_partial_state_event_txn(*args: Any, **kwargs: Any) -> None:
+        update_txn(*args, **kwargs)
+        named = update_txn_arguments(args, kwargs)
+        event = named["event"]
+        mirror.write_full_state_txn(
+            named["txn"], event, named["context"], plans.get(event.event_id, BatchPlan([]))
+        )
 
     main.update_state_for_partial_state_event = update_state_for_partial_state_event  # type: ignore[method-assign]
-    main._update_state_for_partial_state_event_txn = _update_state_for_partial_state_event_txn  # type: ignore[method-assign,assignment]
+    main._update_state_for_partial_state_event_txn = _update_state_for_partial_state_event_txn  # type: ignore[method-assign]
 
 
 def install_lookups(hs: "HomeServer", lookups: StateLookups) -> None:
@@ -147,19 +147,25 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
     if state.db_pool is not hs.get_datastores().main.db_pool:
         return False
     native = state._get_state_groups_from_groups_txn
+    read_arguments = arguments_by_name(native)
 
     @functools.wraps(native)
-    def _get_state_groups_from_groups_txn(
-        txn: LoggingTransaction, groups: list[int], state_filter: StateFilter | None = None
-    ) -> Mapping[int, StateMap[str]]:
-        return group_reads.read_txn(txn, groups, state_filter, native)
+    def _get_state_groups_from_groups_txn(*args: Any, **kwargs: Any) -> Mapping[int, StateMap[str]]:
+        named = read_arguments(args, kwargs)
+        txn, groups = named.pop("txn"), named.pop("groups")
+        state_filter = named.pop("state_filter", None)
+        # What else Synapse passed goes on to its own read of the groups not served.
+        read = functools.partial(native, **named) if named else native
+        return group_reads.read_txn(txn, groups, state_filter, read)
 
     native_delta = state.get_state_group_delta
+    delta_arguments = arguments_by_name(native_delta)
 
     # ``wraps`` also copies the cache's ``invalidate``/``invalidate_all``: callers
     # (replication, our timings) find them where Synapse put them.
     @functools.wraps(native_delta)
-    async def get_state_group_delta(state_group: int) -> Any:
+    async def get_state_group_delta(*args: Any, **kwargs: Any) -> Any:
+        state_group = delta_arguments(args, kwargs)["state_group"]
         return await group_reads.get_state_group_delta(state_group, native_delta)  # type: ignore[arg-type]
 
     state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
@@ -189,18 +195,23 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     purge_room_txn = main._purge_room_txn
     purge_groups = state.purge_unreferenced_state_groups
 
+    purge_room_arguments = arguments_by_name(purge_room_txn)
+    purge_groups_arguments = arguments_by_name(purge_groups)
+
     @functools.wraps(purge_room_txn)
-    def _purge_room_txn(txn: LoggingTransaction, room_id: str) -> None:
-        purge_room_txn(txn, room_id)
-        store.purge_room_txn(txn, room_id)
+    def _purge_room_txn(*args: Any, **kwargs: Any) -> Any:
+        result = purge_room_txn(*args, **kwargs)
+        named = purge_room_arguments(args, kwargs)
+        store.purge_room_txn(named["txn"], named["room_id"])
+        return result
 
     @functools.wraps(purge_groups)
-    async def purge_unreferenced_state_groups(
-        room_id: str, state_groups_to_sequence_numbers: Any
-    ) -> bool:
-        deleted_any = await purge_groups(room_id, state_groups_to_sequence_numbers)
+    async def purge_unreferenced_state_groups(*args: Any, **kwargs: Any) -> Any:
+        deleted_any = await purge_groups(*args, **kwargs)
+        named = purge_groups_arguments(args, kwargs)
+        room_id = named["room_id"]
         if deleted_any:
-            candidates = list(state_groups_to_sequence_numbers)
+            candidates = list(named["state_groups_to_sequence_numbers"])
             existing = await state.db_pool.simple_select_many_batch(
                 "state_groups", "id", candidates, ("id",), desc="nidstate_existing_groups"
             )
@@ -217,9 +228,10 @@ def install_purges(hs: "HomeServer", store: NidStore) -> None:
     invalidate_room_events = main._invalidate_caches_for_room_events
 
     @functools.wraps(invalidate_room_events)
-    def _invalidate_caches_for_room_events(room_id: str) -> None:
-        invalidate_room_events(room_id)
+    def _invalidate_caches_for_room_events(*args: Any, **kwargs: Any) -> Any:
+        result = invalidate_room_events(*args, **kwargs)
         store.forget_event_snapshots()
+        return result
 
     main._invalidate_caches_for_room_events = _invalidate_caches_for_room_events  # type: ignore[method-assign]
     main._purge_room_txn = _purge_room_txn  # type: ignore[method-assign]

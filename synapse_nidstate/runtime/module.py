@@ -9,7 +9,7 @@ import synapse
 from synapse.module_api import ModuleApi
 
 from synapse_nidstate.runtime import failsafe, hooks, status
-from synapse_nidstate.runtime.compat import check_synapse_internals
+from synapse_nidstate.runtime.compat import check_synapse_instances, check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.runtime.faults import FaultLog
 from synapse_nidstate.runtime.group_reads import GroupReads
@@ -73,6 +73,7 @@ class NidStateModule:
     def __init__(self, config: NidStateConfig, api: ModuleApi) -> None:
         self.config = config
         self._api = api
+        check_synapse_instances(api)  # before anything of Synapse's is read or wrapped
         hs = api._hs
         self.stats = NidStateStats(hs.hostname)
         COLLECTOR.add(self.stats)

@@ -1,6 +1,7 @@
 """What every part of the storage layer shares: the interned-string tables,
 the values the write side is given, and one IN-list clause per engine."""
 
+import inspect
 import json
 import sqlite3
 from array import array
@@ -102,6 +103,31 @@ class Contained(Exception):
 
 
 T = TypeVar("T")
+
+
+def arguments_by_name(function: Callable) -> Callable[[tuple, dict], dict[str, Any]]:
+    """The arguments of a call of ``function``, by parameter name. The module's
+    wrappers of Synapse's methods take whatever Synapse passes (``*args,
+    **kwargs``), pass all of it through, and read only what they need, wherever
+    the caller put it (``runtime.compat`` checks that those names exist)."""
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters.values())
+    if not inspect.ismethod(function) and parameters and parameters[0].name == "self":
+        # A ``@cached`` method, bound: its wrapper names the unbound function
+        # (``__wrapped__``) and supplies ``self`` itself.
+        signature = signature.replace(parameters=parameters[1:])
+
+    var_keyword = next(
+        (p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
+    )
+
+    def named(args: tuple, kwargs: dict) -> dict[str, Any]:
+        arguments = signature.bind(*args, **kwargs).arguments
+        if var_keyword in arguments:  # ``**kwargs``: its names, each on its own
+            arguments.update(arguments.pop(var_keyword))
+        return arguments
+
+    return named
 
 #: SQLite's primary result codes for "try again later" (SQLITE_BUSY, SQLITE_LOCKED).
 _SQLITE_RETRY_CODES = (5, 6)

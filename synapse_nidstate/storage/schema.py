@@ -10,11 +10,13 @@ import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse.storage.database import LoggingDatabaseConnection, LoggingTransaction, make_conn
 from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine, Sqlite3Engine
 from synapse.storage.prepare_database import get_statements
+
+from synapse_nidstate.storage.common import arguments_by_name
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -182,10 +184,11 @@ def _apply_on_every_connection(hs: "HomeServer") -> int:
     db_pool = hs.get_datastores().main.db_pool
     engine = db_pool.engine
     prepare = engine.on_new_connection
+    named = arguments_by_name(prepare)
 
-    def on_new_connection(db_conn: LoggingDatabaseConnection) -> None:
-        prepare(db_conn)
-        _apply_on(db_conn)
+    def on_new_connection(*args: Any, **kwargs: Any) -> None:
+        prepare(*args, **kwargs)
+        _apply_on(named(args, kwargs)["db_conn"])
 
     engine.on_new_connection = on_new_connection  # type: ignore[method-assign]
     version = schema_files(engine)[-1][0]
