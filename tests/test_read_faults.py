@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from synapse_nidstate import algebra
+from synapse_nidstate.commands.verify import compare_with_native
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.runtime.faults import StateUnavailable
 from synapse_nidstate.storage import must_retry
@@ -126,6 +127,13 @@ class ReadFaultTests:
             self.assertEqual(await wrapped_group_digest(hs), groups_before, fault)  # type: ignore[attr-defined]
             self.assertGreater(group_reads.failed, failed_before, fault)  # type: ignore[attr-defined]
             self.assertEqual((lookups.unavailable, group_reads.unavailable), (0, 0), fault)  # type: ignore[attr-defined]
+            # verify names the event whose state the module cannot read.
+            forget_caches(hs, module)
+            result = await compare_with_native(
+                module.lookups, list(events_before), {"all": StateFilter.all()}
+            )
+            self.assertIn(event_id, result.unreadable, fault)  # type: ignore[attr-defined]
+            self.assertEqual((result.unavailable, result.mismatches), ({}, []), fault)  # type: ignore[attr-defined]
             # The room goes on: new events persist and are answered.
             later = await d.send(alice, room_id, EventTypes.Topic, {"topic": "after"}, "")
             state = await hs.get_storage_controllers().state.get_state_ids_for_event(
@@ -164,6 +172,12 @@ class ReadFaultTests:
             with self.assertRaises(StateUnavailable, msg=fault):  # type: ignore[attr-defined]
                 await hs.get_datastores().state._get_state_for_groups([group])
             self.assertGreater(module.stats.group_reads.unavailable, 0, fault)  # type: ignore[attr-defined]
+            forget_caches(hs, module)
+            result = await compare_with_native(
+                module.lookups, list(events_before), {"all": StateFilter.all()}
+            )
+            self.assertIn(event_id, result.unavailable, fault)  # type: ignore[attr-defined]
+            self.assertFalse(result.ok, fault)  # type: ignore[attr-defined]
             self.assertNotEqual(events_before, {}, fault)  # type: ignore[attr-defined]
             await self.stop_homeserver(hs)  # type: ignore[attr-defined]
 

@@ -10,6 +10,7 @@ import attr
 from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
+from synapse.types import StateMap
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.commands.homeserver import CommandInputError, nid_store
@@ -45,10 +46,15 @@ class VerifyResult:
     unmirrored: int = 0
     unmirrored_sample: list[str] = attr.Factory(list)
     mismatches: list[Mismatch] = attr.Factory(list)
+    #: event -> why the module's read of its state failed (Synapse's rows answer it)
+    unreadable: dict[str, str] = attr.Factory(dict)
+    #: event -> why its state cannot be read at all (a reclaimed group on its
+    #: chain whose snapshot the module cannot read)
+    unavailable: dict[str, str] = attr.Factory(dict)
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches
+        return not (self.mismatches or self.unreadable or self.unavailable)
 
 
 @attr.s(auto_attribs=True)
@@ -204,10 +210,11 @@ async def _compare_batch(
     """Compare one batch; returns the state entries of its widest answer."""
     widest = 0
     for name, state_filter in filters.items():
-        expected = await lookups.native_state_ids(batch, state_filter)
-        mirrored = await lookups.mirrored_state_ids(batch, state_filter)
+        expected, mirrored = await _answers(lookups, batch, state_filter, result)
         widest = max(widest, sum(len(state) for state in expected.values()))
         for event_id in batch:
+            if event_id in result.unreadable or event_id in result.unavailable:
+                continue
             if event_id not in mirrored:
                 if name == "all":
                     result.unmirrored += 1
@@ -231,6 +238,34 @@ async def _compare_batch(
     if progress is not None:
         progress(len(batch))
     return widest
+
+
+async def _answers(
+    lookups: StateLookups, batch: list[str], state_filter: StateFilter, result: VerifyResult
+) -> tuple[dict[str, StateMap[str]], dict[str, StateMap[str]]]:
+    """Synapse's answers and the mirror's for a batch; where a read fails, each
+    event on its own, the failures recorded in ``result`` (``unreadable``: the
+    mirror's read; ``unavailable``: Synapse's, a reclaimed group's state)."""
+    try:
+        return (
+            await lookups.native_state_ids(batch, state_filter),
+            dict(await lookups.mirrored_state_ids(batch, state_filter)),
+        )
+    except Exception:
+        pass
+    expected: dict[str, StateMap[str]] = {}
+    mirrored: dict[str, StateMap[str]] = {}
+    for event_id in batch:
+        try:
+            expected.update(await lookups.native_state_ids([event_id], state_filter))
+        except Exception as e:
+            result.unavailable.setdefault(event_id, f"{type(e).__name__}: {e}")
+            continue
+        try:
+            mirrored.update(await lookups.mirrored_state_ids([event_id], state_filter))
+        except Exception as e:
+            result.unreadable.setdefault(event_id, f"{type(e).__name__}: {e}")
+    return expected, mirrored
 
 
 async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
@@ -310,6 +345,10 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
         "not_mirrored_sample": result.unmirrored_sample,
         "orphan_state_groups": orphans.groups,
         "orphan_state_group_sample": orphans.group_sample,
+        "unreadable": len(result.unreadable),
+        "unreadable_sample": dict(list(result.unreadable.items())[:MAX_LISTED]),
+        "unavailable": len(result.unavailable),
+        "unavailable_sample": dict(list(result.unavailable.items())[:MAX_LISTED]),
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -329,7 +368,16 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
         for group in orphans.group_sample:
             print(f"ORPHAN state group {group}: mirrored, but Synapse no longer has it")
         print(f"orphans: {orphans.groups} state groups")
-    return 1 if result.mismatches or orphans.count else 0
+        for event_id, why in list(result.unreadable.items())[:MAX_LISTED]:
+            print(f"UNREADABLE {event_id}: the module's read failed ({why})")
+        for event_id, why in list(result.unavailable.items())[:MAX_LISTED]:
+            print(f"UNAVAILABLE {event_id}: its reclaimed state cannot be read ({why})")
+        if result.unreadable or result.unavailable:
+            print(
+                f"unreadable (answered by Synapse): {len(result.unreadable)}; "
+                f"unavailable (reclaimed, unreadable): {len(result.unavailable)}"
+            )
+    return 1 if not result.ok or orphans.count else 0
 
 
 async def _count_events_with_state(hs: HomeServer, room_id: str | None) -> int:
