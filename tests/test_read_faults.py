@@ -21,8 +21,8 @@ from twisted.trial import unittest
 from synapse_nidstate import algebra
 from synapse_nidstate.commands.verify import compare_with_native
 from synapse_nidstate.demo.history import Driver
-from synapse_nidstate.runtime.faults import StateUnavailable
-from synapse_nidstate.storage import must_retry
+from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
+from synapse_nidstate.storage import CorruptState, must_retry
 from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
 from tests.test_reclaim import SERVE, count, event_digest, forget_caches, wrapped_group_digest
 
@@ -362,3 +362,24 @@ class MustRetryTests(unittest.TestCase):
              "serialization failure": True, "deadlock": True, "statement timeout": True,
              "connection lost": True},
         )
+
+
+class FaultLogTests(unittest.TestCase):
+    def test_each_cause_is_logged_once(self) -> None:
+        # The same error in three reads (its message naming other rows each
+        # time) is logged once; failing a request where it was answered before
+        # is a cause of its own.
+        errors = []
+        for n in range(3):
+            try:
+                raise CorruptState(f"state blocks missing: {{{n}}}")
+            except CorruptState as e:
+                errors.append(e)
+        faults = FaultLog()
+        with self.assertLogs("synapse_nidstate.runtime.faults", "ERROR") as logged:
+            for error in errors:
+                faults.report("state group 1", error, fallback=True)
+            faults.report("state group 1", errors[0], fallback=False)
+        self.assertEqual(len(logged.records), 2)
+        self.assertIn("answered by Synapse's own rows", logged.records[0].getMessage())
+        self.assertIn("the request fails", logged.records[1].getMessage())

@@ -39,21 +39,24 @@ class StateUnavailable(SynapseError):
 
 class FaultLog:
     """Logs each cause of a failed read once (then counts it silently); a cause
-    is where the error was raised and its type, not its message (which names
-    rows, and would log every read of a broken room)."""
+    is where the error was raised, its type and what followed, not its message
+    (which names rows, and would log every read of a broken room)."""
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, str, int]] = set()
+        self._seen: set[tuple[str, str, int, bool]] = set()
 
     def report(self, what: str, error: BaseException, fallback: bool) -> None:
         """Log ``error`` (raised while reading ``what``), once per cause."""
         origin = error.__cause__ if error.__cause__ is not None else error
         frames = traceback.extract_tb(origin.__traceback__)
         last = frames[-1] if frames else None
+        # With what followed: the same error answered by Synapse, or failing the
+        # request where the group is reclaimed, is logged once each.
         cause = (
             type(origin).__name__,
             last.filename if last else "",
             last.lineno or 0 if last else 0,
+            fallback,
         )
         consequence = (
             "answered by Synapse's own rows instead"
