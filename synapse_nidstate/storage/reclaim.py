@@ -222,8 +222,14 @@ class ReclaimStore(GroupStateStore):
         snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
         everything = StateFilter.all()
         for group in sorted(snapshots):
-            theirs = self.synapse_states_txn(txn, [group], everything).get(group)
-            ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
+            try:
+                theirs = self.synapse_states_txn(txn, [group], everything).get(group)
+                ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
+            except CorruptState:
+                # Its snapshot (or a reclaimed predecessor's) cannot be read:
+                # nothing is proved, the rows stay (read before any write, so
+                # the transaction is intact).
+                theirs, ours = None, {}
             if theirs is None or theirs != ours:
                 outcome.refused.append(group)
                 continue
