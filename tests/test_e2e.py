@@ -586,8 +586,8 @@ def replay(server: SynapseProcess, tokens: dict[str, str], requests: list[Reques
     return answers
 
 
-class EndToEndTest(unittest.TestCase):
-    """A real Synapse process; answers in modes serve and shadow equal mode mirror's."""
+class ServerTestCase(unittest.TestCase):
+    """Tests that start ``python -m synapse.app.homeserver`` on a data directory."""
 
     timeout = 300
 
@@ -625,6 +625,10 @@ class EndToEndTest(unittest.TestCase):
                 f"{len(differing)} of {len(requests)} answers differ between modes "
                 f"{expected_mode} and {actual_mode}; the first ones:\n{shown}"
             )
+
+
+class EndToEndTest(ServerTestCase):
+    """A real Synapse process; answers in modes serve and shadow equal mode mirror's."""
 
     def test_modes_give_synapses_answers(self) -> None:
         # Mode serve: build the room, ask everything, record the answers.
