@@ -1,6 +1,7 @@
 """`synapse-nidstate`: the operator's command line."""
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -118,6 +119,25 @@ input, or no --yes when standard input is not a terminal.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The entry point: ``_main``, with Ctrl-C before the reactor runs (while
+    Synapse is imported and its databases opened; the reactor handles SIGINT
+    after) as one line and exit code 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        command = words[0] if words else "synapse-nidstate"
+        print(f"synapse-nidstate: {command} interrupted; run it again to go on", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Not a return: an interrupt that went through exec() of a string (as
+        # dataclasses does while Synapse is imported) leaves CPython believing
+        # it was unhandled, and the process would then end by SIGINT (-2), not
+        # 130. Nothing is open that needs closing before the reactor runs.
+        os._exit(130)
+
+
+def _main(argv: list[str] | None) -> int:
     from synapse_nidstate.demo.demo import DSN_EXAMPLE
 
     parser = argparse.ArgumentParser(
@@ -246,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = _run_demo
     else:
         runner = _run_tool
-    try:
-        return runner(args)
-    except KeyboardInterrupt:  # Ctrl-C before the reactor runs (it handles SIGINT after)
-        print(f"synapse-nidstate: {args.command} interrupted; run it again to go on", file=sys.stderr)
-        return 130
+    return runner(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -13,9 +13,11 @@ it outlives the run.
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import yaml
@@ -384,3 +386,36 @@ class ServerTests(HomeserverTestCase, CliTestCase):
             run_cli("drop", "-c", config), "refusing to drop without --yes"
         )
         self.assertEqual(run_cli("verify", "-c", config).returncode, 0)  # nothing dropped
+
+
+class EarlySignalTests(unittest.TestCase):
+    def test_ctrl_c_while_the_command_starts(self) -> None:
+        # SIGINT while the command imports Synapse and opens its databases
+        # (its first seconds; the reactor's handler takes over later): one
+        # line, exit code 130, never a traceback. The command here would end
+        # with exit code 2 (no such homeserver.yaml) some seconds in.
+        config = os.path.join(temporary_directory(self, "nidstate-cli-"), "homeserver.yaml")
+        signalled = 0
+        for delay in (0.2, 0.4, 0.7, 1.0):
+            process = subprocess.Popen(
+                [sys.executable, "-m", "synapse_nidstate.cli", "stats", "-c", config],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                # As from a terminal (a shell without job control starts
+                # background jobs with SIGINT ignored; children inherit it).
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+            time.sleep(delay)
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                signalled += 1
+            _, stderr = process.communicate(timeout=60)
+            if process.returncode == 2:
+                continue  # it had already read the missing file: too late for this test
+            self.assertEqual(process.returncode, 130, (delay, stderr))
+            self.assertNotIn("Traceback", stderr, delay)
+            self.assertEqual(
+                stderr.strip().splitlines(),
+                ["synapse-nidstate: stats interrupted; run it again to go on"],
+                delay,
+            )
+        self.assertGreaterEqual(signalled, 3)
