@@ -112,9 +112,9 @@ next start. Remove the module from homeserver.yaml and restart Synapse first
 (or stop Synapse); enabled again later, the module recreates its tables and
 migrate catches up.
 
-exit codes: 0 dropped, or nothing to drop; 1 declined at the question, or refused
-(groups are reclaimed); 2 bad
-input, or no --yes when standard input is not a terminal.
+exit codes: 0 dropped, or nothing to drop; 1 declined at the question, or
+refused (groups are reclaimed); 2 bad input, or no --yes when standard input
+is not a terminal.
 """
 
 

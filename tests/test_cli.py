@@ -361,10 +361,11 @@ class ServerTests(HomeserverTestCase, CliTestCase):
     @in_logcontext
     async def test_unknown_room_is_an_error(self) -> None:
         config, room_id = await self.server_with_a_room()
-        self.assertInputError(
-            run_cli("verify", "-c", config, "--room", "!nope:x"),
-            "--room !nope:x: this server (nidstate.test) has no such room",
-        )
+        for command in ("verify", "reclaim", "restore"):  # worded alike by every command
+            self.assertInputError(
+                run_cli(command, "-c", config, "--room", "!nope:x"),
+                "--room !nope:x: this server (nidstate.test) has no such room",
+            )
         known = run_cli("verify", "-c", config, "--room", room_id)
         self.assertEqual(known.returncode, 0, known.stdout + known.stderr)
         self.assertRegex(known.stdout, r"verified [1-9][0-9]* events")
@@ -386,6 +387,17 @@ class ServerTests(HomeserverTestCase, CliTestCase):
             run_cli("drop", "-c", config), "refusing to drop without --yes"
         )
         self.assertEqual(run_cli("verify", "-c", config).returncode, 0)  # nothing dropped
+
+
+class WordingTests(unittest.TestCase):
+    def test_counts_take_the_number_of_their_noun(self) -> None:
+        from synapse_nidstate.commands.ui import counted
+
+        self.assertEqual(counted(1, "batch", "batches"), "1 batch")
+        self.assertEqual(counted(2, "batch", "batches"), "2 batches")
+        self.assertEqual(counted(0, "state group"), "0 state groups")
+        self.assertEqual(counted(1, "state group"), "1 state group")
+        self.assertEqual(counted(12_345, "row"), "12,345 rows")
 
 
 class EarlySignalTests(unittest.TestCase):

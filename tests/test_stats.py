@@ -420,6 +420,7 @@ class StatsTests:
         for target, why in (
             ("/no/such/dir/x.png", "no such directory: /no/such/dir"),
             (os.path.dirname(path), "it is a directory"),
+            (path[: -len(".png")] + ".txt", "the chart is a PNG image: name the file FILE.png"),
         ):
             out, err = io.StringIO(), io.StringIO()
             with mock.patch.object(

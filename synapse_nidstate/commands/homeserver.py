@@ -213,6 +213,13 @@ def nid_store(hs: HomeServer) -> NidStore:
     return NidStore(hs, module_config_of(hs) or NidStateConfig())
 
 
+async def check_room_exists(hs: HomeServer, room_id: str | None) -> None:
+    """A ``--room`` this server does not have is bad input (every command words it
+    so): a typo must not pass as "0 events"."""
+    if room_id is not None and await hs.get_datastores().main.get_room(room_id) is None:
+        raise CommandInputError(f"--room {room_id}: this server ({hs.hostname}) has no such room")
+
+
 def check_room_id(value: str) -> str:
     """argparse type: a well-formed Matrix room ID."""
     if not RoomID.is_valid(value):

@@ -4,7 +4,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from synapse_nidstate.commands.homeserver import nid_store
-from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.commands.ui import WorkProgress, counted
 from synapse_nidstate.runtime.metrics import MirrorStats
 from synapse_nidstate.runtime.migration import Migrator
 
@@ -22,9 +22,10 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
     seconds = max(progress.elapsed(), 1e-9)
     done = migrator.stats.events_migrated
     print(
-        f"migrated {done} events in {migrator.stats.batches} batches, "
+        f"migrated {counted(done, 'event')} in {counted(migrator.stats.batches, 'batch', 'batches')}, "
         f"{seconds:.1f}s ({done / seconds:,.0f} events/s); "
-        f"{stats.snapshots_built} snapshots built, {stats.full_state_reads} full states read; "
+        f"{counted(stats.snapshots_built, 'snapshot')} built, "
+        f"{counted(stats.full_state_reads, 'full state')} read; "
         f"stream orderings done: [{result.low}, {result.high}]"
     )
     return 0

@@ -44,6 +44,8 @@ def plot_target_problem(path: str) -> str | None:
         return "no file name"
     if os.path.isdir(path):
         return "it is a directory"
+    if not path.lower().endswith(".png"):
+        return "the chart is a PNG image: name the file FILE.png"
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         if os.path.lexists(parent) and not os.path.isdir(parent):

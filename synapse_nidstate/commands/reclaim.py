@@ -4,9 +4,14 @@ the disk, and take them back."""
 import argparse
 from typing import TYPE_CHECKING
 
-from synapse_nidstate.commands.homeserver import CommandInputError, module_config_of, nid_store
+from synapse_nidstate.commands.homeserver import (
+    CommandInputError,
+    check_room_exists,
+    module_config_of,
+    nid_store,
+)
 from synapse_nidstate.commands.stats import SPACE_BACK
-from synapse_nidstate.commands.ui import WorkProgress
+from synapse_nidstate.commands.ui import WorkProgress, counted
 from synapse_nidstate.runtime.metrics import ReclaimStats
 from synapse_nidstate.runtime.reclaim import Reclaimer
 from synapse_nidstate.storage.reclaim import ReclaimError
@@ -17,14 +22,6 @@ if TYPE_CHECKING:
 
 def _reclaimer(hs: "HomeServer", batch_size: int) -> Reclaimer:
     return Reclaimer(hs, nid_store(hs), ReclaimStats(), batch_size)
-
-
-async def _check_room(hs: "HomeServer", room_id: str | None) -> None:
-    if room_id is None:
-        return
-    room = await hs.get_datastores().main.get_room(room_id)
-    if room is None:
-        raise CommandInputError(f"no room {room_id} on this server")
 
 
 async def reclaim(hs: "HomeServer", args: argparse.Namespace) -> int:
@@ -40,7 +37,7 @@ async def reclaim(hs: "HomeServer", args: argparse.Namespace) -> int:
         reclaimer.check_possible()
     except RuntimeError as e:
         raise CommandInputError(str(e)) from None
-    await _check_room(hs, args.room)
+    await check_room_exists(hs, args.room)
     total = await reclaimer.remaining(args.room)
     progress = WorkProgress(
         "proving" if args.dry_run else "reclaiming", total, enabled=not args.no_progress
@@ -48,25 +45,32 @@ async def reclaim(hs: "HomeServer", args: argparse.Namespace) -> int:
     totals = await reclaimer.run(args.room, progress, dry_run=args.dry_run)
     progress.finish()
     engine = engine_name(hs.get_datastores().main.database_engine)
+    refused = (
+        f"; {counted(totals.refused, 'group')} "
+        + ("would keep" if args.dry_run else "kept")
+        + " their rows (their proof failed: see the log, run verify)"
+        if totals.refused
+        else ""
+    )
     if args.dry_run:
         print(
-            f"dry run: {totals.groups} state groups would be reclaimed ({totals.rows} rows of "
-            f"state_groups_state), {totals.refused} would keep their rows; nothing was deleted"
+            f"dry run: {counted(totals.groups, 'state group')} would be reclaimed "
+            f"({counted(totals.rows, 'row')} of state_groups_state){refused}; nothing was deleted"
         )
     else:
         groups, rows = await reclaimer.database_totals()
         print(
-            f"reclaimed {totals.groups} state groups ({totals.rows} rows of state_groups_state) "
-            f"in {progress.elapsed():.1f}s; {totals.refused} kept their rows (their proof "
-            f"failed: see the log, run verify). In all {groups} groups are reclaimed, "
-            f"{rows} rows deleted. {SPACE_BACK[engine]}."
+            f"reclaimed {counted(totals.groups, 'state group')} "
+            f"({counted(totals.rows, 'row')} of state_groups_state) in "
+            f"{progress.elapsed():.1f}s{refused}. In all {counted(groups, 'group')} reclaimed, "
+            f"{counted(rows, 'row')} deleted. {SPACE_BACK[engine]}."
         )
     return 1 if totals.refused else 0
 
 
 async def restore(hs: "HomeServer", args: argparse.Namespace) -> int:
     reclaimer = _reclaimer(hs, args.batch_size)
-    await _check_room(hs, args.room)
+    await check_room_exists(hs, args.room)
     total = await reclaimer.reclaimed(args.room)
     progress = WorkProgress("restoring", total, enabled=not args.no_progress)
     try:
@@ -80,10 +84,11 @@ async def restore(hs: "HomeServer", args: argparse.Namespace) -> int:
     tail = (
         "no group is reclaimed any more: Synapse runs without the module again"
         if left == 0
-        else f"{left} groups are still reclaimed (other rooms)"
+        else f"{counted(left, 'group is', 'groups are')} still reclaimed (other rooms)"
     )
     print(
-        f"restored {totals.groups} state groups ({totals.rows} rows of state_groups_state) "
-        f"in {progress.elapsed():.1f}s; {tail}"
+        f"restored {counted(totals.groups, 'state group')} "
+        f"({counted(totals.rows, 'row')} of state_groups_state) in {progress.elapsed():.1f}s; "
+        f"{tail}"
     )
     return 0

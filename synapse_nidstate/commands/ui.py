@@ -104,6 +104,11 @@ class WorkProgress:
             self._line()
 
 
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 batch``, ``2 batches``: a count and its noun, in the right number."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
+
+
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str], title: str | None = None) -> str:
     """``rows`` under ``header`` as plain text: the first column left-aligned,
     the others (figures) right-aligned, a rule under the header."""

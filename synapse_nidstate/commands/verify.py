@@ -13,7 +13,7 @@ from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
 from synapse.types import StateMap
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.commands.homeserver import CommandInputError, nid_store
+from synapse_nidstate.commands.homeserver import check_room_exists, nid_store
 from synapse_nidstate.commands.ui import WorkProgress
 from synapse_nidstate.runtime import hooks
 from synapse_nidstate.runtime.group_reads import GroupReads
@@ -304,11 +304,7 @@ async def find_orphans(hs: HomeServer, page: int = 1000) -> Orphans:
 
 
 async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
-    if args.room is not None and await hs.get_datastores().main.get_room(args.room) is None:
-        # A typo must not pass as "0 events, 0 mismatches".
-        raise CommandInputError(
-            f"--room {args.room}: this server ({hs.hostname}) has no such room"
-        )
+    await check_room_exists(hs, args.room)
     controller = hs.get_storage_controllers().state
     store = nid_store(hs)
     lookups = StateLookups(
