@@ -316,6 +316,7 @@ def _room_id(value: str) -> str:
 def _run_tool(args: argparse.Namespace) -> int:
     """Run a command against the databases of an operator's homeserver.yaml."""
     import logging
+    import logging.handlers
 
     from synapse.config._base import ConfigError
 
@@ -333,10 +334,19 @@ def _run_tool(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # What Synapse logs while its databases open is held back: shown if they
+    # open, dropped if they do not, where the one-line error says it (Synapse
+    # logs "incorrect collation" before it raises it); --verbose shows all.
+    root = logging.getLogger()
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    held.setTarget(root.handlers[0])
+    handlers, root.handlers = root.handlers, [held]
+    opened = False
     try:
         hs = tool_homeserver(args.config_path)
         if args.command in ("migrate", "verify", "reclaim", "restore"):
             apply_schema(hs)
+        opened = True
     except ToolConfigError as e:
         print(f"synapse-nidstate: {e}", file=sys.stderr)
         return 2
@@ -345,10 +355,15 @@ def _run_tool(args: argparse.Namespace) -> int:
         return 2
     except Exception as e:  # a database that cannot be opened, etc.
         print(
-            f"synapse-nidstate: cannot open Synapse's databases: {_one_line(str(e))}",
+            f"synapse-nidstate: cannot open Synapse's databases: {_one_line(_message(e))}",
             file=sys.stderr,
         )
         return 2
+    finally:
+        root.handlers = handlers
+        if opened or args.verbose:
+            held.flush()
+        held.buffer.clear()
     from synapse_nidstate.commands import stats
 
     command = {
@@ -379,6 +394,18 @@ def config_error_text(error: "ConfigError", config_path: str) -> str:
     from synapse.config._base import format_config_error
 
     return f"{config_path}: {_one_line(''.join(format_config_error(error)))}"
+
+
+def _message(error: Exception) -> str:
+    """An exception's message; some of Synapse's carry it as a logging-style
+    format and its arguments (``IncorrectDatabaseSetup("... %r ...", collation)``),
+    whose ``str`` is the tuple."""
+    if len(error.args) > 1 and isinstance(error.args[0], str):
+        try:
+            return error.args[0] % error.args[1:]
+        except (TypeError, ValueError):
+            pass
+    return str(error)
 
 
 def _one_line(text: str) -> str:

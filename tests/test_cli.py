@@ -192,6 +192,19 @@ class DemoPostgresTests(CliTestCase):
                 "Synapse needs 'C'",
                 "LC_COLLATE='C'",
             )
+            # A command on a homeserver.yaml naming such a database: Synapse's
+            # own reason, as a sentence (it was printed as a Python tuple).
+            database = {
+                "name": "psycopg2",
+                "args": {"host": PG_HOST, "port": PG_PORT, "user": PG_USER, "database": name},
+            }
+            result = run_cli("stats", "-c", write_config(self.tmpdir(), database))
+            self.assertInputError(
+                result,
+                "cannot open Synapse's databases: Database has incorrect collation of "
+                f"'{locale}'. Should be 'C'",
+            )
+            self.assertNotIn("('", result.stderr)
 
         used = create_postgres_database()
         self.addCleanup(drop_postgres_database, used)
@@ -295,6 +308,7 @@ class DatabaseTests(CliTestCase):
         data_dir = self.tmpdir()
         path = os.path.join(data_dir, "no-such.db")
         config = write_config(data_dir, {"name": "sqlite3", "args": {"database": path}})
+        media = os.path.join(data_dir, "media")  # the config's media_store_path
         for command in (["verify"], ["stats"], ["drop", "--yes"], ["migrate"]):
             line = self.assertInputError(
                 run_cli(*command, "-c", config),
@@ -303,6 +317,10 @@ class DatabaseTests(CliTestCase):
             )
             self.assertNotIn("worker", line)
             self.assertFalse(os.path.exists(path), command)
+            # Nothing left behind: Synapse's config parsing made the media
+            # store's directory, the failed command removes it.
+            self.assertFalse(os.path.exists(media), command)
+        self.assertEqual(sorted(os.listdir(data_dir)), ["homeserver.yaml"])
 
     def test_empty_sqlite_file_is_not_a_synapse_database(self) -> None:
         import sqlite3

@@ -6,12 +6,14 @@ A command opens an operator's databases the way a Synapse worker does
 """
 
 import argparse
+import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import synapse
+from synapse.config._base import Config
 from synapse.config.homeserver import HomeServerConfig
 from synapse.logging.context import LoggingContext, PreserveLoggingContext
 from synapse.server import HomeServer
@@ -130,18 +132,49 @@ def tool_homeserver(config_path: str) -> HomeServer:
     instance_map.setdefault("main", {"host": "127.0.0.1", "port": 1})
     raw["instance_map"] = instance_map
     config_dir = os.path.dirname(os.path.abspath(config_path))
-    config = HomeServerConfig()
-    config.parse_config_dict(raw, config_dir_path=config_dir, data_dir_path=config_dir)
-    check_sqlite_databases(config, config_path)
-    # Read past the reclaim marker even where homeserver.yaml no longer loads the
-    # module: `restore` is how an operator takes it out.
-    failsafe.install()
-    hs = GenericWorkerServer(config.server.server_name, config=config, reactor=reactor)
-    try:
-        hs.setup()
-    except PrepareDatabaseException as e:
-        raise ToolConfigError(_schema_problem(str(e), config_path)) from e
+    with _directories_removed_on_failure():
+        config = HomeServerConfig()
+        config.parse_config_dict(raw, config_dir_path=config_dir, data_dir_path=config_dir)
+        check_sqlite_databases(config, config_path)
+        # Read past the reclaim marker even where homeserver.yaml no longer loads
+        # the module: `restore` is how an operator takes it out.
+        failsafe.install()
+        hs = GenericWorkerServer(config.server.server_name, config=config, reactor=reactor)
+        try:
+            hs.setup()
+        except PrepareDatabaseException as e:
+            raise ToolConfigError(_schema_problem(str(e), config_path)) from e
     return hs
+
+
+@contextlib.contextmanager
+def _directories_removed_on_failure() -> Iterator[None]:
+    """Synapse's config parsing creates the directories it names (its
+    ``Config.ensure_directory``: the media store, ...); a command that then
+    fails (a missing database, ...) removes again those it created, if empty,
+    so that bad input leaves nothing behind."""
+    created: list[str] = []
+    original = Config.__dict__["ensure_directory"]
+
+    def ensure_directory(cls: type[Config], dir_path: str) -> str:
+        missing, path = [], cls.abspath(dir_path)
+        while not os.path.exists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        result = original.__func__(cls, dir_path)
+        created.extend(missing)  # deepest first
+        return result
+
+    Config.ensure_directory = classmethod(ensure_directory)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if still empty
+        raise
+    finally:
+        Config.ensure_directory = original  # type: ignore[method-assign]
 
 
 def check_sqlite_databases(config: HomeServerConfig, config_path: str) -> None:
