@@ -96,9 +96,13 @@ def http_request(
 class SynapseProcess:
     """``python -m synapse.app.homeserver`` on a data directory, with one module mode."""
 
-    def __init__(self, data_dir: str, mode: str) -> None:
+    def __init__(
+        self, data_dir: str, mode: str, module_config: dict[str, Any] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.mode = mode
+        #: More of the module's configuration than its mode.
+        self.module_config = module_config or {}
         self.config_path = os.path.join(data_dir, "homeserver.yaml")
         self.log_path = os.path.join(data_dir, "homeserver.log")
         self.stdout_path = os.path.join(data_dir, f"stdout-{mode}.log")
@@ -180,7 +184,7 @@ class SynapseProcess:
                 "modules": [
                     {
                         "module": "synapse_nidstate.NidStateModule",
-                        "config": {"mode": self.mode},
+                        "config": {**self.module_config, "mode": self.mode},
                     }
                 ],
             }
@@ -596,8 +600,8 @@ class ServerTestCase(unittest.TestCase):
         if not os.environ.get("NIDSTATE_E2E_KEEP"):
             self.addCleanup(shutil.rmtree, self.data_dir, True)
 
-    def start(self, mode: str) -> SynapseProcess:
-        server = SynapseProcess(self.data_dir, mode)
+    def start(self, mode: str, module_config: dict[str, Any] | None = None) -> SynapseProcess:
+        server = SynapseProcess(self.data_dir, mode, module_config)
         self.addCleanup(server.stop)
         server.start()
         return server

@@ -29,8 +29,9 @@ from tests.test_e2e import (
 )
 
 
-def _flip_a_byte(database: str, event_id: str) -> tuple[int, bytes]:
-    """Change one event NID in the first block of ``event_id``'s snapshot;
+def flip_a_byte(database: str, event_id: str, which: int = 0) -> tuple[int, bytes]:
+    """Change one event NID in a block of ``event_id``'s snapshot (``which``:
+    its index in the block list; the first is the base most snapshots share);
     returns the block and its bytes before."""
     with sqlite3.connect(database) as conn:
         (block_nids,) = conn.execute(
@@ -40,7 +41,7 @@ def _flip_a_byte(database: str, event_id: str) -> tuple[int, bytes]:
             " WHERE esg.event_id = ?",
             (event_id,),
         ).fetchone()
-        block = algebra.unpack_nids(block_nids)[0]
+        block = algebra.unpack_nids(block_nids)[which]
         (entries,) = conn.execute(
             "SELECT entries FROM nidstate_blocks WHERE block_nid = ?", (block,)
         ).fetchone()
@@ -90,7 +91,7 @@ class ReadFaultEndToEndTest(ServerTestCase):
         database = os.path.join(self.data_dir, "homeserver.db")
 
         # Corrupted, nothing reclaimed: every answer is Synapse's, unchanged.
-        block, entries = _flip_a_byte(database, timeline[-1])
+        block, entries = flip_a_byte(database, timeline[-1])
         server = self.start("serve")
         self.assertSameAnswers(requests, before, replay(server, tokens, requests), "before", "corrupted")
         failed = server.lookup_counts()
@@ -108,7 +109,7 @@ class ReadFaultEndToEndTest(ServerTestCase):
             capture_output=True, text=True, timeout=SCRIPT_TIMEOUT,
         )
         self.assertEqual(reclaim.returncode, 0, reclaim.stdout + reclaim.stderr)
-        _flip_a_byte(database, timeline[-1])
+        flip_a_byte(database, timeline[-1])
         server = self.start("serve")
         after = replay(server, tokens, requests)
         status, answer = server.request("GET", requests[-1][2], tokens["alice"])
