@@ -1,6 +1,6 @@
 """docs/operating.md, tried as written, on a real Synapse.
 
-    python scripts/operating_guide.py [--postgres DSN] [--keep]
+    python scripts/operating_guide.py [--postgres DSN] [--keep] [--show]
 
 Starts ``python -m synapse.app.homeserver`` on a configuration Synapse
 generates (SQLite; ``--postgres`` names a server whose database this creates),
@@ -200,7 +200,7 @@ class History:
         return answers
 
 
-def run_guide(synapse: Synapse, history: History, env: dict[str, str]) -> None:
+def run_guide(synapse: Synapse, history: History, env: dict[str, str], show: bool) -> None:
     output = ""
     for number, (action, block, line) in enumerate(steps(GUIDE.read_text()), start=1):
         where = f"step {number} (docs/operating.md:{line}, {action})"
@@ -210,6 +210,8 @@ def run_guide(synapse: Synapse, history: History, env: dict[str, str]) -> None:
                                     cwd=synapse.directory, env=env, capture_output=True,
                                     text=True, timeout=600)
             output = result.stdout + result.stderr
+            if show:
+                print(output, flush=True)
             if result.returncode != 0:
                 raise GuideError(f"{where}: exit code {result.returncode}:\n{output}")
         elif action == "expect":
@@ -231,6 +233,7 @@ def main() -> int:
     parser.add_argument("--postgres", metavar="DSN",
                         help="libpq DSN of a PostgreSQL server (without dbname)")
     parser.add_argument("--keep", action="store_true", help="keep Synapse's directory")
+    parser.add_argument("--show", action="store_true", help="print what each command printed")
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="nidstate-guide-")
     if args.postgres:
@@ -260,7 +263,7 @@ def main() -> int:
             "SYNAPSE_URL": synapse.url,
             "ADMIN_TOKEN": admin,
         }
-        run_guide(synapse, history, env)
+        run_guide(synapse, history, env, args.show)
         after = history.answers()
         changed = [e for e, state in before.items() if after.get(e) != state]
         if changed:
