@@ -3,7 +3,9 @@ and run again; Synapse without the module, and ``synapse_port_db``, refuse the
 database while groups are reclaimed; after restore Synapse alone answers
 every event and every state group as before reclaim, with no more rows."""
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -74,6 +76,22 @@ class ReclaimCliTests(HomeserverTestCase, CliTestCase):
         config = write_config(self.tmpdir(), database)
         reclaimed = "SELECT COUNT(*) FROM nidstate_reclaimed_groups"
 
+        # The dry run says how much would come back, where, and how long it takes.
+        def table_bytes() -> int:
+            stats = run_cli("stats", "-c", config, "--json")
+            self.assertEqual(stats.returncode, 0, stats.stderr)
+            return json.loads(stats.stdout)["synapse"]["tables"]["state_groups_state"]["total_bytes"]
+
+        dry = run_cli("reclaim", "-c", config, "--dry-run", "--no-progress")
+        self.assertEqual(dry.returncode, 0, dry.stdout + dry.stderr)
+        self.assertIn("the rooms with the most rows to give back", dry.stdout)
+        self.assertIn(history.rooms[0], dry.stdout)
+        self.assertRegex(dry.stdout, r"the proof took [0-9.]+s \([0-9,]+ groups/s\)")
+        estimate = re.search(r"it would give back about ([0-9.]+) (B|KiB|MiB)", dry.stdout)
+        assert estimate is not None, dry.stdout
+        estimated = float(estimate.group(1)) * {"B": 1, "KiB": 1024, "MiB": 1024**2}[estimate.group(2)]
+        bytes_before = table_bytes()
+
         # Killed half-way, then run again to the end.
         proc = kill_when(
             ["reclaim", "-c", config, "--batch-size", "1", "--no-progress"],
@@ -94,6 +112,13 @@ class ReclaimCliTests(HomeserverTestCase, CliTestCase):
         )
         result = run_cli("reclaim", "-c", config, "--no-progress")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        # What came back once SQLite gives the pages up (VACUUM, Synapse stopped):
+        # the dry run's estimate within a factor of two.
+        with sqlite3.connect(path) as conn:
+            conn.execute("VACUUM")
+        given_back = bytes_before - table_bytes()
+        self.assertGreater(given_back, estimated / 2)
+        self.assertLess(given_back, estimated * 2)
         self.assertRegex(result.stdout, r"^reclaimed [0-9,]+ state groups? \([0-9,]+ rows? of")
         self.assertNotIn("kept their rows", result.stdout)  # said only when some did
         rows_reclaimed = sqlite_count(path, "SELECT COUNT(*) FROM state_groups_state")

@@ -316,6 +316,19 @@ async def _module_state_entries(db_pool: DatabasePool, exists: bool) -> int:
     return await db_pool.runInteraction("nidstate_stats_module_entries", entries_txn)
 
 
+async def table_figures(db_pool: DatabasePool, table: str, database: str) -> TableStats:
+    """One table's rows and bytes, measured as ``stats`` measures them."""
+    stats, _ = await _tables(db_pool, (table,), database, f"table_{table}")
+    return stats[0]
+
+
+async def room_names(
+    db_pool: DatabasePool, room_ids: list[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """Room ID -> (name, canonical alias), from Synapse's ``room_stats_state``."""
+    return await _room_names(db_pool, room_ids)
+
+
 async def _synapse_top_rooms(db_pool: DatabasePool, top: int) -> list[tuple[str, int, int]]:
     """(room ID, rows, data bytes) of the rooms with the most state_groups_state rows."""
 

@@ -45,6 +45,8 @@ class Totals:
     groups: int = 0
     rows: int = 0
     refused: int = 0
+    #: Rows deleted (or, in a dry run, that would be) per room.
+    rows_by_room: dict[str, int] = attr.Factory(dict)
 
 
 class Reclaimer:
@@ -147,6 +149,8 @@ class Reclaimer:
                 totals.groups += outcome.groups
                 totals.rows += outcome.rows
                 totals.refused += len(outcome.refused)
+                if outcome.rows:
+                    totals.rows_by_room[room] = totals.rows_by_room.get(room, 0) + outcome.rows
                 if progress is not None:
                     progress(outcome.groups + len(outcome.refused))
         return totals
