@@ -25,8 +25,8 @@ BATCH = 100
 #: Events in the first batch, before the state's size is known.
 FIRST_BATCH = 10
 #: State entries one batch's answers may hold per side: bounds the memory of a
-#: comparison in rooms of tens of thousands of members (100 full states of a
-#: 48,000-member room are 4.8 million entries a side, gigabytes in Python).
+#: comparison in rooms of tens of thousands of members, whose full states would
+#: otherwise make a batch millions of entries a side.
 ENTRY_BUDGET = 1_000_000
 #: Orphans listed by name (all are counted).
 MAX_LISTED = 20
@@ -323,8 +323,8 @@ async def verify(hs: HomeServer, args: argparse.Namespace) -> int:
         source = events_with_state(hs, args.room)  # type: ignore[assignment]
     progress = WorkProgress("verifying", total, enabled=not args.no_progress)
     # Both sides' state caches are emptied after each batch: a sample's states
-    # share little, and kept, they grew to gigabytes at HQ scale (1.9 GiB at
-    # 3,000 samples). Memory is then one batch's answers.
+    # share little, and kept, the caches grow with the sample (docs/benchmarks.md,
+    # HQ scale). Memory is then one batch's answers.
     result = await compare_with_native(
         lookups, source, filters, progress, functools.partial(lookups.clear_caches, hs)
     )

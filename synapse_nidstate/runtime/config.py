@@ -57,8 +57,7 @@ class ReclaimConfig:
 class NidStateConfig:
     mode: str = "shadow"
     #: State entries (summed over blocks) of the immutable-block cache. Sized in
-    #: entries, not blocks: a compacted block of a 50,000-member room holds
-    #: thousands, and a count of blocks let the cache grow to gigabytes.
+    #: entries, not blocks: a compacted block of a big room holds thousands.
     block_cache_size: int = 500_000
     #: Entries of each NID <-> string cache (events, types, state keys, rooms).
     string_cache_size: int = 500_000

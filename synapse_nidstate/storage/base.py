@@ -222,10 +222,10 @@ class NidStoreBase:
         cache: LruCache[K, V], keys: Collection[K]
     ) -> tuple[dict[K, V], list[K]]:
         found: dict[K, V] = {}
-        # A membership test on the cache's own dict first: LruCache.get costs
-        # about a microsecond even for a miss, and a cold read misses thousands
-        # (a full state at HQ scale: 97,000 strings), so misses take one pass
-        # without it and only the keys present go through it.
+        # A membership test on the cache's own dict first: LruCache.get does
+        # more work even for a miss, and a cold read of a big room's state misses
+        # on every one of its strings, so misses take one pass without it and
+        # only the keys present go through it.
         present = cache.cache
         missing = [key for key in keys if key not in present]  # type: ignore[operator]
         if len(missing) < len(keys):
