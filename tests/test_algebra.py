@@ -35,7 +35,9 @@ from synapse_nidstate.algebra import (
     resolve,
     snapshot_hash,
     unpack_block,
+    unpack_block_checked,
     unpack_nids,
+    unpack_nids_checked,
 )
 from synapse_nidstate.algebra.state import _is_boundary
 
@@ -591,6 +593,36 @@ class PackingTests(unittest.TestCase):
         # The dedupe key is of the content, 128 bits.
         self.assertEqual(block_hash(block), block_hash(unpack_block(packed)))
         self.assertEqual(len(block_hash(block)), 16)
+
+    @settings(max_examples=200, **_SETTINGS)
+    @given(
+        entries=st.dictionaries(
+            st.tuples(st.integers(1, INT64_MAX), st.integers(1, INT64_MAX)),
+            st.one_of(st.integers(0, 2**31 - 1), st.integers(0, INT64_MAX)),
+            min_size=1,
+            max_size=30,
+        ),
+        data=st.data(),
+    )
+    def test_checked_decoding_refuses_any_changed_byte(self, entries, data):
+        # What a read of the database decodes: the stored bytes against the
+        # stored content hash (int32 and int64 forms; negative values, which
+        # make_block refuses, are sign-extended all the same).
+        block = make_block((t, s, e) for (t, s), e in entries.items())
+        packed, digest = pack_block(block), block_hash(block)
+        self.assertEqual(unpack_block_checked(packed, digest), block)
+        self.assertEqual(unpack_block_checked(memoryview(packed), bytearray(digest)), block)
+        position = data.draw(st.integers(1, len(packed) - 1))
+        flipped = bytearray(packed)
+        flipped[position] ^= 1 << data.draw(st.integers(0, 7))
+        with self.assertRaises(AlgebraError):
+            unpack_block_checked(bytes(flipped), digest)
+        nids = [b for b in range(1, len(block) + 1)]
+        self.assertEqual(unpack_nids_checked(pack_nids(nids), snapshot_hash(nids)), tuple(nids))
+        with self.assertRaises(AlgebraError):
+            unpack_nids_checked(pack_nids(nids[::-1] + [0]), snapshot_hash(nids))
+        negative = ((1, 2, -5), (3, 4, -(2**31) + 1))
+        self.assertEqual(unpack_block_checked(pack_block(negative), block_hash(negative)), negative)
 
     @settings(max_examples=200, **_SETTINGS)
     @given(

@@ -78,17 +78,33 @@ def unpack_block_checked(data: bytes, digest: bytes) -> Block:
     """:func:`unpack_block`, refusing data whose content is not the one
     ``digest`` (the stored :func:`block_hash`) was made of: a corrupted row
     raises instead of decoding to other NIDs."""
-    values = _unpack_fixed(bytes(data))
+    data = bytes(data)
+    values = _unpack_fixed(data)
     if len(values) % 3:
         raise AlgebraError("packed block is not a whole number of entries")
-    # The hash is of int64s: widen in C (an int32 array converts element-wise).
-    wide = values if values.typecode == "q" else array("q", values)
-    if not _LITTLE:
-        wide.byteswap()
-    if content_hash(wide.tobytes()) != bytes(digest):
+    if content_hash(_little_int64s(data, values)) != bytes(digest):
         raise AlgebraError("block content does not match its hash")
     it = iter(values)
     return tuple(zip(it, it, it))
+
+
+def _little_int64s(data: bytes, values: array) -> bytes | bytearray:
+    """The block's NIDs as little-endian int64s (what its hash is of), from
+    its stored form (a tag byte, then little-endian int32s or int64s)."""
+    payload = data[1:]
+    if values.typecode == "q":
+        return payload
+    if not payload[3::4].isascii():  # a high byte >= 0x80: a negative int32, sign-extend
+        wide = array("q", values)
+        if not _LITTLE:
+            wide.byteswap()
+        return wide.tobytes()
+    # Non-negative (NIDs are): each int32's four bytes, then four zero bytes,
+    # by slice assignment (array("q", an int32 array) goes element by element).
+    wide_bytes = bytearray(len(payload) * 2)
+    for offset in range(4):
+        wide_bytes[offset::8] = payload[offset::4]
+    return wide_bytes
 
 
 def unpack_nids_checked(data: bytes, digest: bytes) -> tuple[int, ...]:
