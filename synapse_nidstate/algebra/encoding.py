@@ -175,7 +175,7 @@ def snapshot_hash(nids: Sequence[int]) -> bytes:
     return content_hash(_pack_int64s(nids))
 
 
-def content_hash(packed: bytes) -> bytes:
+def content_hash(packed: bytes | bytearray) -> bytes:
     """The dedupe key of int64-packed content, scoped to a room by storage:
     SHA-256 cut to 128 bits (a collision among 10^9 rows has odds near 10^-21)."""
     return hashlib.sha256(packed).digest()[:16]
