@@ -286,18 +286,23 @@ class ConfigErrorTests(CliTestCase):
         data_dir = self.tmpdir()
         database = sqlite_database(data_dir)
         for module_config, key, reason in [
-            ({"mode": "servee"}, "mode", "must be one of mirror, shadow, serve, not 'servee'"),
+            ({"mode": "servee"}, ".mode", "'servee' is not one of ['mirror', 'shadow', 'serve']"),
             (
                 {"block_cache_size": "abc"},
-                "block_cache_size",
-                "must be a positive integer, not 'abc'",
+                ".block_cache_size",
+                "'abc' is not of type 'integer'",
             ),
-            ({"colour": "blue"}, "colour", "unknown key(s) colour; known keys:"),
-            ({1: "x"}, "1", "unknown key(s) 1; known keys:"),
+            (
+                {"colour": "blue"},
+                "",
+                "Additional properties are not allowed ('colour' was unexpected)",
+            ),
+            ({"reclaim": {"batch_size": 0}}, ".reclaim.batch_size", "0 is less than the minimum of 1"),
+            ({1: "x"}, "", "Additional properties are not allowed (1 was unexpected)"),
         ]:
             config = write_config(data_dir, database, module_config)
             self.assertInputError(
-                run_cli("verify", "-c", config), f"at 'modules.<item 0>.config.{key}': ", reason
+                run_cli("verify", "-c", config), f"at 'modules.<item 0>.config{key}': ", reason
             )
 
 

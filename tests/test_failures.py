@@ -129,26 +129,34 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(parse_config(None), config)
 
     def test_bad_values_name_the_key(self) -> None:
-        for raw, key in [
-            ({"mode": "fast"}, "mode"),
-            ({"mode": 1}, "mode"),
-            ({"block_cache_size": 0}, "block_cache_size"),
-            ({"block_cache_size": "10"}, "block_cache_size"),
-            ({"string_cache_size": -5}, "string_cache_size"),
-            ({"snapshot_cache_size": 1.5}, "snapshot_cache_size"),
-            ({"snapshot_cache_size": True}, "snapshot_cache_size"),
-            ({"allow_untested_synapse": "yes"}, "allow_untested_synapse"),
-            ({"moed": "serve"}, "moed"),
+        # Checked by Synapse's validate_config: a bad value's path is its key,
+        # an unknown key is named in the message at the mapping's path.
+        for raw, path, reason in [
+            ({"mode": "fast"}, ["mode"], "'fast' is not one of"),
+            ({"mode": 1}, ["mode"], "1 is not one of"),
+            ({"block_cache_size": 0}, ["block_cache_size"], "minimum of 1"),
+            ({"block_cache_size": "10"}, ["block_cache_size"], "not of type 'integer'"),
+            ({"string_cache_size": -5}, ["string_cache_size"], "minimum of 1"),
+            ({"snapshot_cache_size": 1.5}, ["snapshot_cache_size"], "not of type 'integer'"),
+            ({"snapshot_cache_size": True}, ["snapshot_cache_size"], "not of type 'integer'"),
+            ({"allow_untested_synapse": "yes"}, ["allow_untested_synapse"], "'boolean'"),
+            ({"moed": "serve"}, [], "('moed' was unexpected)"),
             # A YAML key may be a number: still a ConfigError (anything else
             # reaches the operator without its reason).
-            ({1: "serve"}, "1"),
-            ({"background_migration": {2: True}}, "background_migration"),
+            ({1: "serve"}, [], "(1 was unexpected)"),
+            ({"background_migration": {2: True}}, ["background_migration"], "(2 was unexpected)"),
+            ({"reclaim": {"instance": ""}}, ["reclaim", "instance"], "should be non-empty"),
+            ({"reclaim": ["x"]}, ["reclaim"], "is not of type 'object', 'null'"),
+            ({"reclaim": {"eager": True}}, ["reclaim", "eager"], "reclaim needs mode: serve"),
         ]:
             with self.assertRaises(ConfigError) as caught:
                 parse_config(raw)
-            self.assertEqual(caught.exception.path[0], key, raw)
+            self.assertEqual(list(caught.exception.path or ()), path, raw)
+            self.assertIn(reason, caught.exception.msg, raw)
         with self.assertRaises(ConfigError):
             parse_config(["serve"])  # type: ignore[arg-type]
+        # An empty section is its defaults, as an absent one.
+        self.assertEqual(parse_config({"reclaim": None}), parse_config({}))
 
     def test_synapse_start_up_stops_with_the_key(self) -> None:
         # Synapse's own config parsing, as at start-up, reports the full path.
@@ -193,13 +201,18 @@ class ConfigTests(unittest.TestCase):
             base = yaml.safe_load(f)
         base["suppress_key_server_warning"] = True
         for module_config, key, reason in [
-            ({"mode": "servee"}, "mode", "must be one of mirror, shadow, serve, not 'servee'"),
+            ({"mode": "servee"}, ".mode", "'servee' is not one of ['mirror', 'shadow', 'serve']"),
             (
                 {"block_cache_size": "abc"},
-                "block_cache_size",
-                "must be a positive integer, not 'abc'",
+                ".block_cache_size",
+                "'abc' is not of type 'integer'",
             ),
-            ({"colour": "blue"}, "colour", "unknown key(s) colour; known keys:"),
+            (
+                {"colour": "blue"},
+                "",
+                "Additional properties are not allowed ('colour' was unexpected)",
+            ),
+            ({"reclaim": {"batch_size": 0}}, ".reclaim.batch_size", "0 is less than the minimum of 1"),
         ]:
             with open(config_path, "w") as f:
                 yaml.safe_dump(
@@ -214,7 +227,7 @@ class ConfigTests(unittest.TestCase):
             result = synapse("-c", config_path)
             self.assertEqual(result.returncode, 1, result.stderr)
             self.assertIn(
-                f"Error in configuration at 'modules.<item 0>.config.{key}'", result.stderr
+                f"Error in configuration at 'modules.<item 0>.config{key}'", result.stderr
             )
             self.assertIn("Failed to parse config for module", result.stderr)
             self.assertIn(reason, result.stderr)

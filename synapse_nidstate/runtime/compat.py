@@ -129,10 +129,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
     # hooks.install_purges
     Requirement(
-        "synapse.storage.databases.main.purge_events.PurgeEventsStore",
-        "_purge_room_txn",
-        ("txn", "room_id"),
-        "wrapped: delete a purged room's rows in the purge transaction",
+        "synapse.storage.databases.main.purge_events.PurgeEventsStore", "_purge_room_txn",
+        ("txn", "room_id"), "wrapped: delete a purged room's rows in the purge transaction",
     ),
     Requirement(
         _STATE_STORE, "purge_unreferenced_state_groups",
@@ -172,10 +170,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
     # storage/schema.py, in-memory SQLite only
     Requirement(
-        "synapse.storage.engines.sqlite.Sqlite3Engine",
-        "on_new_connection",
-        ("db_conn",),
+        "synapse.storage.engines.sqlite.Sqlite3Engine", "on_new_connection", ("db_conn",),
         "wrapped: create the module's tables on each in-memory connection",
+    ),
+    # config.parse_config
+    Requirement(
+        "synapse.config._util", "validate_config", ("json_schema", "config", "config_path"),
+        "called: the module's config checked as Synapse checks its own", use="called",
     ),
 )
 

@@ -2,10 +2,12 @@
 
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import attr
 from synapse.config._base import ConfigError
+from synapse.config._util import validate_config
+from synapse.types import JsonDict
 
 #: What the module does with state-at-event lookups.
 #: mirror: only writes the NID tables; every lookup is Synapse's own.
@@ -14,8 +16,6 @@ from synapse.config._base import ConfigError
 #: serve: answers from the NID tables, per event falling back to Synapse's own
 #:   lookup where the mirror has no answer.
 MODES = ("mirror", "shadow", "serve")
-
-T = TypeVar("T")
 
 #: The Synapse releases this module was tested against (inclusive, exclusive).
 TESTED_SYNAPSE = ((1, 157, 0), (1, 164, 0))
@@ -73,13 +73,30 @@ class NidStateConfig:
     reclaim: ReclaimConfig = ReclaimConfig()
 
 
-_KEYS = {field.name for field in attr.fields(NidStateConfig)}
-_CACHE_KEYS = (
-    "block_cache_size",
-    "string_cache_size",
-    "snapshot_cache_size",
-    "resolved_state_cache_size",
-)
+def _schema(cls: type) -> JsonDict:
+    """The JSON schema of an attrs config class: its fields are its keys, each
+    true/false, a positive integer, a non-empty string or a section (a mapping
+    in turn, or empty for its defaults)."""
+    kinds: dict[Any, JsonDict] = {
+        bool: {"type": "boolean"},
+        int: {"type": "integer", "minimum": 1},
+        str: {"type": "string", "minLength": 1},
+    }
+    properties = {
+        field.name: (
+            {**_schema(field.type), "type": ["object", "null"]}
+            if attr.has(field.type)
+            else dict(kinds[field.type])
+        )
+        for field in attr.fields(cls)
+    }
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+#: The `config:` mapping, checked as Synapse checks its own sections
+#: (``validate_config``: the error names the key path and jsonschema's reason).
+SCHEMA = _schema(NidStateConfig)
+SCHEMA["properties"]["mode"] = {"enum": list(MODES)}
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
@@ -88,82 +105,24 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
     Raises ConfigError naming the offending key (with Synapse's
     `modules.<n>.config` prefix added by Synapse's module loader).
     """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("synapse-nidstate's config must be a mapping")
-    unknown = _unknown_keys(raw, _KEYS)
-    if unknown:
+    validate_config(SCHEMA, {} if raw is None else raw, ())
+    values = dict(raw or {})
+    sections: dict[str, Any] = {
+        "background_migration": BackgroundMigrationConfig,
+        "reclaim": ReclaimConfig,
+    }
+    for key, section in sections.items():
+        if key in values:
+            values[key] = section(**(values[key] or {}))
+    config = NidStateConfig(**values)
+    reclaim = config.reclaim
+    if (reclaim.enabled or reclaim.eager) and config.mode != "serve":
         raise ConfigError(
-            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_KEYS))}",
-            path=(unknown[0],),
-        )
-    mode = raw.get("mode", "shadow")
-    if mode not in MODES:
-        raise ConfigError(
-            f"must be one of {', '.join(MODES)}, not {mode!r}", path=("mode",)
-        )
-    values: dict[str, Any] = {"mode": mode}
-    for key in _CACHE_KEYS:
-        if key in raw:
-            value = raw[key]
-            if type(value) is not int or value < 1:
-                raise ConfigError(
-                    f"must be a positive integer, not {value!r}", path=(key,)
-                )
-            values[key] = value
-    if "allow_untested_synapse" in raw:
-        value = raw["allow_untested_synapse"]
-        if not isinstance(value, bool):
-            raise ConfigError(f"must be true or false, not {value!r}", path=("allow_untested_synapse",))
-        values["allow_untested_synapse"] = value
-    for section, cls in (
-        ("background_migration", BackgroundMigrationConfig),
-        ("reclaim", ReclaimConfig),
-    ):
-        if section in raw:
-            values[section] = _parse_section(raw[section], section, cls)
-    reclaim: ReclaimConfig = values.get("reclaim", ReclaimConfig())
-    if (reclaim.enabled or reclaim.eager) and mode != "serve":
-        raise ConfigError(
-            f"reclaim needs mode: serve (mode is {mode!r}): Synapse must read the "
+            f"reclaim needs mode: serve (mode is {config.mode!r}): Synapse must read the "
             "reclaimed groups from the NID tables",
             path=("reclaim", "enabled" if reclaim.enabled else "eager"),
         )
-    return NidStateConfig(**values)
-
-
-def _unknown_keys(raw: Mapping[Any, Any], known: set[str]) -> list[str]:
-    """The keys of ``raw`` not in ``known``, as strings (YAML keys may be numbers:
-    anything but a ConfigError would reach the operator without its reason)."""
-    return sorted(str(key) for key in raw if key not in known)
-
-
-def _parse_section(raw: Any, prefix: str, cls: type[T]) -> T:
-    """A sub-mapping whose keys are ``cls``'s fields: true/false, positive
-    integers, or (``instance``) a process name."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, Mapping):
-        raise ConfigError("must be a mapping", path=(prefix,))
-    fields = {field.name: field for field in attr.fields(cls)}  # type: ignore[arg-type]
-    unknown = _unknown_keys(raw, set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}",
-            path=(prefix, unknown[0]),
-        )
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        kind = fields[key].type
-        if kind is bool and not isinstance(value, bool):
-            raise ConfigError(f"must be true or false, not {value!r}", path=(prefix, key))
-        if kind is int and (type(value) is not int or value < 1):
-            raise ConfigError(f"must be a positive integer, not {value!r}", path=(prefix, key))
-        if kind is str and (not isinstance(value, str) or not value):
-            raise ConfigError(f"must be a process name, not {value!r}", path=(prefix, key))
-        values[key] = value
-    return cls(**values)
+    return config
 
 
 def check_synapse_version(version: str, config: NidStateConfig) -> None:
