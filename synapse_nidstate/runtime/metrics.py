@@ -1,8 +1,14 @@
 """Every counter the module keeps, in one place.
 
-The counters are plain attributes of one :class:`NidStateStats` per module
-instance (so in-process tests read exact numbers), exported to Prometheus
-through Synapse's registry by :class:`StatsCollector`.
+Timings are prometheus_client histograms, as Synapse's own. The counters are
+plain attributes of one :class:`NidStateStats` per module instance, exported
+through Synapse's registry by :class:`StatsCollector`, because the module
+reads them back: the status endpoint and ``demo`` report them, and tests
+assert exact numbers per homeserver. prometheus_client has no public read of a
+counter's value, and its labelled children outlive the homeserver that
+incremented them (a process may run several: tests, Synapse's own suite); the
+collector exports the live instances only (a weak set), with the same names
+and ``_total`` suffix a ``Counter`` would have.
 """
 
 import weakref
