@@ -1,10 +1,12 @@
 """docs/operating.md, tried as written, on a real Synapse.
 
-    python scripts/operating_guide.py [--postgres DSN] [--keep] [--show]
+    python scripts/operating_guide.py [--postgres DSN [--workers]] [--keep] [--show]
 
 Starts ``python -m synapse.app.homeserver`` on a configuration Synapse
-generates (SQLite; ``--postgres`` names a server whose database this creates),
-without the module; registers a server admin and writes a history over the
+generates (SQLite; ``--postgres`` names a server whose database this creates;
+``--workers`` adds an event persister, ``synapse.app.generic_worker``, that
+persists every event, replicating over Redis on 127.0.0.1:6379), without the
+module; registers a server admin and writes a history over the
 client-server API (a room, members, state changes, messages). Then it reads
 docs/operating.md and does, in order, what its ``<!-- guide: ... -->``
 markers say:
@@ -16,7 +18,8 @@ markers say:
   ``run`` printed (``<n>`` a number, ``<...>`` anything);
 * ``config``: the next ``yaml`` block replaces those keys of
   ``homeserver.yaml``;
-* ``restart``: stops Synapse and starts it again (waits until it answers).
+* ``restart``: stops Synapse (every process) and starts it again (waits until
+  each answers).
 
 Between the steps, Synapse keeps getting messages, as a live server does. At
 the end, every answer of ``/context`` at the history's events is the one
@@ -47,12 +50,19 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "operating.md"
 SERVER_NAME = "guide.example"
 PASSWORD = "operating-guide-password"
+WORKER = "persister1"
 MARKER = re.compile(r"<!-- guide: (\w+) -->")
 FENCE = re.compile(r"```(\w+)\n(.*?)```", re.S)
 
 
 class GuideError(Exception):
     pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def steps(text: str) -> list[tuple[str, str, int]]:
@@ -80,14 +90,15 @@ def expected(line: str) -> re.Pattern[str]:
 class Synapse:
     """``python -m synapse.app.homeserver`` on a directory of its own."""
 
-    def __init__(self, directory: str, database: dict[str, Any]) -> None:
+    def __init__(self, directory: str, database: dict[str, Any], workers: bool = False) -> None:
         self.directory = directory
         self.config_path = os.path.join(directory, "homeserver.yaml")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
+        #: The processes, main first: (its command, its port to wait for, the process).
+        self.processes: list[list[Any]] = [
+            [["synapse.app.homeserver", "-c", self.config_path], self.port, None]
+        ]
         subprocess.run(
             [sys.executable, "-m", "synapse.app.homeserver", "--generate-config",
              "--server-name", SERVER_NAME, "--config-path", self.config_path,
@@ -105,6 +116,35 @@ class Synapse:
             "rc_login": {"address": generous, "account": generous, "failed_attempts": generous},
             "rc_joins": {"local": generous, "remote": generous},
         })
+        if workers:
+            self.add_event_persister()
+
+    def add_event_persister(self) -> None:
+        """A worker deployment: the main process and one event persister (every
+        event is persisted, so mirrored, by the worker), over Redis."""
+        ports = {"main": free_port(), WORKER: free_port()}
+        replication = [{"names": ["replication"]}]
+        with open(self.config_path) as f:
+            listeners = yaml.safe_load(f)["listeners"]
+        self.update({
+            "listeners": [*listeners, {"port": ports["main"], "bind_addresses": ["127.0.0.1"],
+                                       "type": "http", "tls": False, "resources": replication}],
+            "redis": {"enabled": True, "host": "127.0.0.1", "port": 6379},
+            "instance_map": {name: {"host": "127.0.0.1", "port": port}
+                             for name, port in ports.items()},
+            "stream_writers": {"events": [WORKER]},
+        })
+        worker_config = os.path.join(self.directory, f"{WORKER}.yaml")
+        with open(worker_config, "w") as f:
+            yaml.safe_dump({
+                "worker_app": "synapse.app.generic_worker", "worker_name": WORKER,
+                "worker_listeners": [{"type": "http", "port": ports[WORKER],
+                                      "bind_addresses": ["127.0.0.1"], "resources": replication}],
+            }, f)
+        self.processes.append(
+            [["synapse.app.generic_worker", "-c", self.config_path, "-c", worker_config],
+             ports[WORKER], None]
+        )
 
     def update(self, keys: dict[str, Any]) -> None:
         with open(self.config_path) as f:
@@ -114,28 +154,39 @@ class Synapse:
             yaml.safe_dump(config, f)
 
     def start(self) -> None:
-        log = open(os.path.join(self.directory, "synapse-stdout.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", self.config_path],
-            cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
+        """Every process, main first (it brings the schemas up), each until it answers."""
+        for process in self.processes:
+            name = process[0][0].rpartition(".")[2]
+            log = open(os.path.join(self.directory, f"{name}-stdout.log"), "ab")  # noqa: SIM115
+            process[2] = subprocess.Popen(
+                [sys.executable, "-m", *process[0]], cwd=self.directory,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+            self.wait(name, process[2], process[1])
+
+    def wait(self, name: str, proc: "subprocess.Popen[bytes]", port: int) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GuideError(f"Synapse exited with {self.proc.returncode} at start-up "
-                                 f"(see {self.directory}/homeserver.log)")
+            if proc.poll() is not None:
+                raise GuideError(f"{name} exited with {proc.returncode} at start-up "
+                                 f"(see {self.directory})")
             try:
-                with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=2):
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/_matrix/client/versions", timeout=2
+                ):
                     return
+            except urllib.error.HTTPError:
+                return  # a replication listener answers, with 404
             except OSError:
                 time.sleep(0.3)
-        raise GuideError("Synapse did not answer within 90 s")
+        raise GuideError(f"{name} did not answer within 90 s")
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+        for process in reversed(self.processes):
+            proc, process[2] = process[2], None
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
 
     def request(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -228,29 +279,54 @@ def run_guide(synapse: Synapse, history: History, env: dict[str, str], show: boo
         history.more(3)  # a live server: messages keep coming
 
 
+def postgres_admin(dsn: str, *statements: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{dsn} dbname=postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def persisted_by(dsn: str, name: str) -> set[str]:
+    """The processes that persisted the history's events (Synapse's ``events.instance_name``)."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{dsn} dbname={name}")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT DISTINCT instance_name FROM events")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--postgres", metavar="DSN",
                         help="libpq DSN of a PostgreSQL server (without dbname)")
+    parser.add_argument("--workers", action="store_true",
+                        help="the main process and an event persister, over Redis on "
+                             "127.0.0.1:6379 (needs --postgres)")
     parser.add_argument("--keep", action="store_true", help="keep Synapse's directory")
     parser.add_argument("--show", action="store_true", help="print what each command printed")
     args = parser.parse_args()
+    if args.workers and not args.postgres:
+        parser.error("--workers needs --postgres: Synapse's workers do not run on SQLite")
     directory = tempfile.mkdtemp(prefix="nidstate-guide-")
+    name = f"nidstate_guide_{os.getpid()}"
     if args.postgres:
-        import psycopg2
-
-        name = f"nidstate_guide_{os.getpid()}"
-        conn = psycopg2.connect(f"{args.postgres} dbname=postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
-            cur.execute(f"CREATE DATABASE {name} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-        conn.close()
+        postgres_admin(args.postgres, f"DROP DATABASE IF EXISTS {name}",
+                       f"CREATE DATABASE {name} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
         parsed = dict(part.split("=", 1) for part in args.postgres.split())
         database = {"name": "psycopg2", "args": {**parsed, "database": name}}
     else:
         database = {"name": "sqlite3", "args": {"database": os.path.join(directory, "homeserver.db")}}
-    synapse = Synapse(directory, database)
+    synapse = Synapse(directory, database, workers=args.workers)
     try:
         synapse.start()
         admin = synapse.user("admin", admin=True)
@@ -268,6 +344,10 @@ def main() -> int:
         changed = [e for e, state in before.items() if after.get(e) != state]
         if changed:
             raise GuideError(f"after the guide, /context differs at {len(changed)} events")
+        if args.workers:
+            persisters = persisted_by(args.postgres, database["args"]["database"])
+            if persisters != {WORKER}:
+                raise GuideError(f"events were persisted by {sorted(persisters)}, not {WORKER}")
         print(f"the guide ran as written: {len(before)} events answered as before, "
               f"{history.sent} messages sent along the way")
         return 0
@@ -277,9 +357,11 @@ def main() -> int:
     finally:
         synapse.stop()
         if args.keep:
-            print(f"kept: {directory}")
+            print(f"kept: {directory}" + (f" and the database {name}" if args.postgres else ""))
         else:
             shutil.rmtree(directory, ignore_errors=True)
+            if args.postgres:
+                postgres_admin(args.postgres, f"DROP DATABASE IF EXISTS {name}")
 
 
 if __name__ == "__main__":
