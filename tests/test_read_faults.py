@@ -4,6 +4,7 @@ write that fails inside Synapse's transaction rolls back to its savepoint
 unless Synapse must retry the transaction; a cold read sees one snapshot of
 the tables while a purge commits beside it."""
 
+import logging
 import sqlite3
 import threading
 from typing import Any
@@ -22,7 +23,7 @@ from synapse_nidstate import algebra
 from synapse_nidstate.commands.verify import compare_with_native
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
-from synapse_nidstate.storage import CorruptState, must_retry
+from synapse_nidstate.storage import Contained, CorruptState, in_savepoint, must_retry
 from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
 from tests.test_reclaim import SERVE, count, event_digest, forget_caches, wrapped_group_digest
 
@@ -300,11 +301,89 @@ class ConsistentReadTests:
         del served
 
 
-class SqliteReadFaultTests(ReadFaultTests, WriteFaultTests, HomeserverTestCase):
+class SavepointTests:
+    """The module's savepoint is taken at its first statement: a read its caches
+    answer costs Synapse's transaction nothing; a fault before any statement
+    has nothing to roll back."""
+
+    @in_logcontext
+    async def test_the_savepoint_is_taken_at_the_first_statement(self) -> None:
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        _, _, room_id = await small_room(hs)
+        _, group, _ = await last_event_snapshot(hs, room_id)
+        state_store = hs.get_datastores().state
+
+        def txn_fn(txn: Any) -> list[list[str]]:
+            runs = []
+            for fn in (
+                lambda t: 5,  # no statement
+                lambda t: 1 / 0,  # a fault before any statement
+                lambda t: t.execute("SELECT 1"),
+                lambda t: t.execute("SELECT * FROM nidstate_no_such_table"),
+            ):
+                with SqlStatements() as statements:
+                    try:
+                        in_savepoint(txn, "nidstate_test", fn)
+                    except Contained:
+                        pass
+                runs.append(statements.sql)
+            # Synapse's transaction goes on after each.
+            txn.execute("SELECT 2")
+            runs.append(read_txn(txn))  # a group read from the tables
+            return runs
+
+        def read_txn(txn: Any) -> list[str]:
+            with SqlStatements() as statements:
+                state_store._get_state_groups_from_groups_txn(txn, [group], StateFilter.all())
+            return statements.sql
+
+        forget_caches(hs, self.module(hs))  # type: ignore[attr-defined]
+        runs = await state_store.db_pool.runInteraction("nidstate_test_savepoint", txn_fn)
+        nothing, fault, select, failed, cold = runs
+        # The same read once the first committed (and filled the caches).
+        warm = await state_store.db_pool.runInteraction("nidstate_test_savepoint", read_txn)
+        self.assertEqual((nothing, fault), ([], []))  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            select, ["SAVEPOINT nidstate_test", "SELECT 1", "RELEASE SAVEPOINT nidstate_test"]
+        )
+        self.assertEqual(failed[0], "SAVEPOINT nidstate_test")  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            failed[-2:], ["ROLLBACK TO SAVEPOINT nidstate_test", "RELEASE SAVEPOINT nidstate_test"]
+        )
+        self.assertEqual(cold[0], "SAVEPOINT nidstate_group_read")  # type: ignore[attr-defined]
+        self.assertEqual(warm, [])  # type: ignore[attr-defined]
+
+
+class SqlStatements(logging.Handler):
+    """The statements Synapse's transactions run meanwhile (its SQL debug log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.sql: list[str] = []
+        self._logger = logging.getLogger("synapse.storage.SQL")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "[SQL] {%s} %s":  # not its values, time or failure
+            self.sql.append(" ".join(str(record.args[-1]).split()))  # type: ignore[index]
+
+    def __enter__(self) -> "SqlStatements":
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
+class SqliteReadFaultTests(ReadFaultTests, WriteFaultTests, SavepointTests, HomeserverTestCase):
     engine = "sqlite"
 
 
-class PostgresReadFaultTests(ReadFaultTests, WriteFaultTests, ConsistentReadTests, HomeserverTestCase):
+class PostgresReadFaultTests(
+    ReadFaultTests, WriteFaultTests, SavepointTests, ConsistentReadTests, HomeserverTestCase
+):
     engine = "postgres"
 
 

@@ -112,7 +112,7 @@ class GroupReads:
             ours = in_savepoint(
                 txn,
                 "nidstate_reclaimed_read",
-                lambda: self._store.synapse_states_txn(txn, groups, state_filter),
+                lambda t: self._store.synapse_states_txn(t, groups, state_filter),
             )
         except Contained as e:
             self._stats.unavailable += len(groups)
@@ -145,7 +145,7 @@ class GroupReads:
             ours = in_savepoint(
                 txn,
                 "nidstate_group_read",
-                lambda: self._store.state_for_groups_txn(txn, groups, state_filter),
+                lambda t: self._store.state_for_groups_txn(t, groups, state_filter),
             )
         except Contained as e:
             self._faults.report(_groups_named(groups), e, fallback=True)
@@ -259,7 +259,7 @@ class GroupReads:
         if not rows:
             try:
                 reclaimed = in_savepoint(
-                    txn, "nidstate_delta", lambda: self._reclaimed_delta_txn(txn, group, prev)
+                    txn, "nidstate_delta", lambda t: self._reclaimed_delta_txn(t, group, prev)
                 )
             except Contained as e:
                 # Reclaimed or not is unknown: only an unmarked database proves not.

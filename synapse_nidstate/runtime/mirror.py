@@ -284,7 +284,7 @@ class Mirror:
     def _write_in_savepoint(
         self, txn: LoggingTransaction, plan: BatchPlan, room_id: str, rows: list[EventRow]
     ) -> None:
-        def write() -> None:
+        def write(txn: LoggingTransaction) -> None:
             self._store.mirror_events_txn(txn, plan.scope, room_id, rows, plan.steps, self.stats)
 
         def failed() -> None:
@@ -314,12 +314,15 @@ class Mirror:
 
             eager = self.eager_reclaim
             self._in_savepoint(
-                txn, "nidstate_reclaim", lambda: eager(txn, room_id, groups), reclaim_failed
+                txn, "nidstate_reclaim", lambda t: eager(t, room_id, groups), reclaim_failed
             )
 
     @staticmethod
     def _in_savepoint(
-        txn: LoggingTransaction, name: str, fn: Callable[[], None], failed: Callable[[], None]
+        txn: LoggingTransaction,
+        name: str,
+        fn: Callable[[LoggingTransaction], None],
+        failed: Callable[[], None],
     ) -> bool:
         """``fn`` in a savepoint of Synapse's transaction (``storage.in_savepoint``):
         a failure of ours rolls back to it and calls ``failed`` (within the

@@ -7,17 +7,15 @@ files behind them are described in ``store``.
 from synapse_nidstate.storage.base import WriteScope
 from synapse_nidstate.storage.common import (
     CacheMiss,
-    Contained,
     CorruptState,
     EventRow,
     GroupStep,
     WriteCounters,
     arguments_by_name,
     in_list_clause,
-    in_savepoint,
-    must_retry,
 )
 from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
+from synapse_nidstate.storage.savepoint import Contained, in_savepoint, must_retry
 from synapse_nidstate.storage.store import NidStore
 
 __all__ = [

@@ -3,14 +3,13 @@ the values the write side is given, and one IN-list clause per engine."""
 
 import inspect
 import json
-import sqlite3
 from array import array
 from collections.abc import Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 import attr
-from synapse.storage.database import LoggingTransaction, make_in_list_sql_clause
-from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine
+from synapse.storage.database import make_in_list_sql_clause
+from synapse.storage.engines import BaseDatabaseEngine
 from synapse.types import StateMap
 
 # Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
@@ -97,11 +96,6 @@ class CorruptState(Exception):
     the caller falls back to Synapse's rows where they exist, or fails."""
 
 
-class Contained(Exception):
-    """A failure of the module's own inside Synapse's transaction, rolled back
-    to a savepoint (``in_savepoint``); ``__cause__`` is the original error."""
-
-
 T = TypeVar("T")
 
 
@@ -128,50 +122,6 @@ def arguments_by_name(function: Callable) -> Callable[[tuple, dict], dict[str, A
         return arguments
 
     return named
-
-#: SQLite's primary result codes for "try again later" (SQLITE_BUSY, SQLITE_LOCKED).
-_SQLITE_RETRY_CODES = (5, 6)
-
-
-def must_retry(engine: BaseDatabaseEngine, error: BaseException) -> bool:
-    """Whether ``error`` is one Synapse's ``runInteraction`` retries the whole
-    transaction for and that no savepoint can undo: on PostgreSQL an
-    ``OperationalError`` (serialization failure, deadlock, a lost connection, a
-    lock or statement timeout) or an ``InterfaceError`` (connection closed); on
-    SQLite "database is locked"/"busy" only. SQLite raises ``OperationalError``
-    for "no such table", "no such column" and syntax errors too: those are
-    faults of the module, rolled back to the savepoint, not retried."""
-    module = engine.module
-    if isinstance(engine, PostgresEngine):
-        return isinstance(error, (module.OperationalError, module.InterfaceError)) or (
-            isinstance(error, module.DatabaseError) and engine.is_deadlock(error)
-        )
-    if not isinstance(error, sqlite3.OperationalError):
-        return False
-    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in _SQLITE_RETRY_CODES
-    message = str(error)
-    return "locked" in message or "busy" in message
-
-
-def in_savepoint(txn: LoggingTransaction, name: str, fn: Callable[[], T]) -> T:
-    """``fn()`` in a savepoint of ``txn`` (Synapse's transaction): an error
-    Synapse must retry (:func:`must_retry`) is raised as it is; any other error
-    rolls back to the savepoint, so Synapse's own work in ``txn`` goes on, and
-    is raised as :class:`Contained`."""
-    txn.execute(f"SAVEPOINT {name}")
-    try:
-        result = fn()
-    except Exception as e:
-        if must_retry(txn.database_engine, e):
-            raise
-        txn.execute(f"ROLLBACK TO SAVEPOINT {name}")
-        txn.execute(f"RELEASE SAVEPOINT {name}")
-        raise Contained(str(e)) from e
-    txn.execute(f"RELEASE SAVEPOINT {name}")
-    return result
-
 
 class WriteCounters(Protocol):
     """What the write side counts (the runtime's ``MirrorStats`` is one)."""

@@ -8,7 +8,8 @@ written), ``resolved`` (whole states as strings, cached per base), ``reads``
 (Synapse's state groups from the snapshots), ``reclaim`` (deleting Synapse's
 rows that the snapshots replace, each proved first; writing them back),
 ``purge`` (following Synapse's purges). The schema and its per-engine SQL are
-in ``schema`` and ``sql/<engine>/``.
+in ``schema`` and ``sql/<engine>/``; ``savepoint`` contains the module's work
+inside Synapse's transactions.
 """
 
 from synapse_nidstate.storage.purge import PurgeStore
