@@ -45,6 +45,8 @@ class Totals:
     groups: int = 0
     rows: int = 0
     refused: int = 0
+    #: Of ``groups``, those proved (or written back) from their delta alone.
+    by_delta: int = 0
     #: Rows deleted (or, in a dry run, that would be) per room.
     rows_by_room: dict[str, int] = attr.Factory(dict)
 
@@ -149,6 +151,7 @@ class Reclaimer:
                 totals.groups += outcome.groups
                 totals.rows += outcome.rows
                 totals.refused += len(outcome.refused)
+                totals.by_delta += outcome.by_delta
                 if outcome.rows:
                     totals.rows_by_room[room] = totals.rows_by_room.get(room, 0) + outcome.rows
                 if progress is not None:
@@ -248,6 +251,7 @@ class Reclaimer:
                 self.stats.rows_restored += outcome.rows
                 totals.groups += outcome.groups
                 totals.rows += outcome.rows
+                totals.by_delta += outcome.by_delta
                 if progress is not None:
                     progress(outcome.groups)
         return totals

@@ -10,6 +10,16 @@ Synapse's answer when it was reclaimed (so, by induction, the answer is the
 one Synapse would give had nothing been deleted). Groups are reclaimed oldest
 first, so the walk is one hop. A difference keeps the rows, and is counted.
 
+Most groups are proved by their delta instead (:class:`DeltaProofs`): where the
+predecessor's state is its snapshot's (it is reclaimed, or was proved earlier
+in the batch) and the group's snapshot is the predecessor's plus blocks, the
+two states are equal exactly when the group's own rows and what those blocks
+set are equal. That reads the rows and the blocks of one change, not two whole
+states: what it costs does not grow with the room. Any other group (the first
+of a room, a compaction, a predecessor refused or without a snapshot, blocks
+that remove a key, rows and blocks that differ) is proved from the two whole
+states as above, so a difference is still found where it is.
+
 **The marker.** In the transaction that reclaims the first group, Synapse's
 ``schema_compat_version`` is set to :data:`RECLAIMED_COMPAT_VERSION`, which no
 Synapse accepts (it refuses a database "too new" for it), the original kept in
@@ -21,7 +31,9 @@ Synapse without the module could read.
 and its predecessor's (a delta along the edge Synapse stored, full rows where
 it has none: the edges are never touched, so its full copies every 100 hops
 are where Synapse put them); newest first, so the predecessor is still a
-reclaimed group and its state one snapshot read.
+reclaimed group and its state one snapshot read. Where the group's snapshot
+extends its predecessor's, the rows are what its added blocks set (the change
+the mirror built from Synapse's own delta), read without whole states.
 """
 
 from collections.abc import Collection
@@ -31,6 +43,8 @@ from synapse.storage.database import LoggingDatabaseConnection, LoggingTransacti
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
+from synapse_nidstate import algebra
+from synapse_nidstate.storage.base import TxnLearnt
 from synapse_nidstate.storage.common import CorruptState, in_list_clause
 from synapse_nidstate.storage.groups import GroupStateStore
 
@@ -108,6 +122,38 @@ class ReclaimOutcome:
     refused: list[int] = attr.Factory(list)
     #: Groups whose rows were already back (a purge de-deltaed them; restore only).
     already_present: int = 0
+    #: Of ``groups``, those proved (reclaim) or written (restore) from their
+    #: delta alone (``DeltaProofs``); the others from two whole states.
+    by_delta: int = 0
+
+
+@attr.s(slots=True, auto_attribs=True)
+class DeltaProofs:
+    """A batch's proofs by delta (``ReclaimStore._delta_proofs_txn``).
+
+    Synapse's state of a group with a predecessor is its predecessor's state
+    with the group's own rows set; the snapshot's is its predecessor's
+    snapshot's with what the blocks it adds set. When the predecessor's state
+    is its snapshot's (proved), the two are equal if the rows and what the
+    blocks set are equal: a check as big as the change, not as the room. Any
+    other group is proved from the two whole states, as before."""
+
+    prevs: dict[int, int]
+    #: group -> what its snapshot's added blocks set, as strings
+    changes: dict[int, dict[tuple[str, str], str | None]]
+    #: group -> its own rows in state_groups_state
+    rows: dict[int, dict[tuple[str, str], str]]
+    #: group -> snapshot NID, of every group whose state is its snapshot's
+    proved: dict[int, int]
+
+    def proves(self, group: int) -> bool:
+        prev = self.prevs.get(group)
+        return (
+            prev is not None
+            and prev in self.proved
+            and group in self.changes
+            and self.changes[group] == self.rows[group]
+        )
 
 
 class ReclaimStore(GroupStateStore):
@@ -220,19 +266,24 @@ class ReclaimStore(GroupStateStore):
             return outcome
         already = self.reclaimed_anchors_txn(txn, groups)
         snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
+        deltas = self._delta_proofs_txn(txn, snapshots)
         everything = StateFilter.all()
         for group in sorted(snapshots):
-            try:
-                theirs = self.synapse_states_txn(txn, [group], everything).get(group)
-                ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
-            except CorruptState:
-                # Its snapshot (or a reclaimed predecessor's) cannot be read:
-                # nothing is proved, the rows stay (read before any write, so
-                # the transaction is intact).
-                theirs, ours = None, {}
-            if theirs is None or theirs != ours:
-                outcome.refused.append(group)
-                continue
+            if deltas.proves(group):
+                outcome.by_delta += 1
+            else:
+                try:
+                    theirs = self.synapse_states_txn(txn, [group], everything).get(group)
+                    ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
+                except CorruptState:
+                    # Its snapshot (or a reclaimed predecessor's) cannot be read:
+                    # nothing is proved, the rows stay (read before any write, so
+                    # the transaction is intact).
+                    theirs, ours = None, {}
+                if theirs is None or theirs != ours:
+                    outcome.refused.append(group)
+                    continue
+            deltas.proved[group] = snapshots[group]
             txn.execute("DELETE FROM state_groups_state WHERE state_group = ?", (group,))
             deleted = txn.rowcount
             txn.execute(
@@ -246,6 +297,59 @@ class ReclaimStore(GroupStateStore):
             self._mark_reclaimed_txn(txn)
         return outcome
 
+    def _delta_proofs_txn(
+        self, txn: LoggingTransaction, snapshots: dict[int, int]
+    ) -> "DeltaProofs":
+        """What proves each of ``snapshots``' groups (group -> snapshot NID) by
+        its delta: its predecessor along ``state_group_edges``, its own rows, and
+        what its snapshot's blocks after its predecessor's snapshot's set (where
+        its block list extends that one and no block removes a key). A
+        predecessor's state is its snapshot's once proved: reclaimed earlier
+        (read here), or in this batch (``DeltaProofs.proved``, oldest first)."""
+        groups = list(snapshots)
+        prevs = self.prev_groups_txn(txn, groups)
+        try:
+            reclaimed = self.reclaimed_anchors_txn(
+                txn, {p for p in prevs.values() if p not in snapshots}
+            )
+        except CorruptState:
+            reclaimed = {}  # each group is then proved from Synapse's whole answer
+        prev_snapshots = {
+            group: snapshots.get(prev, reclaimed.get(prev)) for group, prev in prevs.items()
+        }
+        try:
+            changes = self._changes_after_txn(txn, snapshots, prev_snapshots)
+        except CorruptState:
+            changes = {}  # each group is then proved from Synapse's whole answer
+        return DeltaProofs(prevs, changes, self.group_rows_txn(txn, groups), dict(reclaimed))
+
+    def _changes_after_txn(
+        self,
+        txn: LoggingTransaction,
+        snapshots: dict[int, int],
+        prev_snapshots: dict[int, int | None],
+    ) -> dict[int, dict[tuple[str, str], str | None]]:
+        """For each group whose snapshot's block list starts with its
+        predecessor's snapshot's: what the blocks after it set, as strings;
+        none where they remove a key (Synapse's rows cannot)."""
+        learnt = TxnLearnt()
+        lists = self._snapshots_txn(
+            txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
+        )
+        added: dict[int, tuple[int, ...]] = {}
+        for group, prev_snapshot in prev_snapshots.items():
+            if prev_snapshot is not None:
+                mine, base = lists[snapshots[group]], lists[prev_snapshot]
+                if mine[: len(base)] == base:
+                    added[group] = mine[len(base):]
+        blocks = self._blocks_txn(txn, learnt, {b for nids in added.values() for b in nids})
+        nid_changes = {
+            group: algebra.changes(blocks[b] for b in nids) for group, nids in added.items()
+        }
+        return self._to_strings(
+            txn, {g: c for g, c in nid_changes.items() if all(c.values())}, fill=False
+        )
+
     def _mark_reclaimed_txn(self, txn: LoggingTransaction) -> None:
         """Synapse's compat version to the marker, the original kept (idempotent)."""
         set_marker_txn(txn)
@@ -257,8 +361,22 @@ class ReclaimStore(GroupStateStore):
         left reclaimed, give Synapse its compat version back."""
         outcome = ReclaimOutcome()
         everything = StateFilter.all()
+        prevs = self.prev_groups_txn(txn, groups)
+        # Newest first: a predecessor is still reclaimed (its state its snapshot's)
+        # when its successor is written back, so the successor's rows are what
+        # its snapshot's blocks after the predecessor's set, where they extend it.
+        anchors = self.reclaimed_anchors_txn(txn, {*groups, *prevs.values()}, strict=False)
+        present = self.group_rows_txn(txn, groups)
+        try:
+            changes = self._changes_after_txn(
+                txn,
+                {g: anchors[g] for g in prevs if g in anchors},
+                {g: anchors.get(p) for g, p in prevs.items() if g in anchors},
+            )
+        except CorruptState:
+            changes = {}
         for group in sorted(groups, reverse=True):
-            if group not in self.reclaimed_anchors_txn(txn, [group], strict=False):
+            if group not in anchors:
                 # A mark without a snapshot: Synapse deleted the group (the purge
                 # forgets both in one transaction, so this is a mark left over).
                 txn.execute("SELECT 1 FROM state_groups WHERE id = ?", (group,))
@@ -272,10 +390,15 @@ class ReclaimStore(GroupStateStore):
                 )
                 outcome.groups += 1
                 continue
-            if any(self.group_rows_txn(txn, [group])[group]):
+            if present[group]:
                 outcome.already_present += 1
             else:
-                rows = self._rows_to_write_txn(txn, group, everything)
+                added = changes.get(group)
+                if added is not None:
+                    rows: StateMap[str] = added  # type: ignore[assignment]  # no None: no tombstone
+                    outcome.by_delta += 1
+                else:
+                    rows = self._rows_to_write_txn(txn, group, everything)
                 self._insert_rows_txn(txn, group, rows)
                 outcome.rows += len(rows)
             txn.execute("DELETE FROM nidstate_reclaimed_groups WHERE state_group = ?", (group,))
