@@ -367,6 +367,12 @@ class ReclaimStore(GroupStateStore):
         # its snapshot's blocks after the predecessor's set, where they extend it.
         anchors = self.reclaimed_anchors_txn(txn, {*groups, *prevs.values()}, strict=False)
         present = self.group_rows_txn(txn, groups)
+        clause, args = in_list_clause(self.engine, "state_group", groups)
+        txn.execute(
+            f"SELECT state_group, rows_deleted FROM nidstate_reclaimed_groups WHERE {clause}",
+            args,
+        )
+        deleted = dict(txn.fetchall())
         try:
             changes = self._changes_after_txn(
                 txn,
@@ -394,7 +400,9 @@ class ReclaimStore(GroupStateStore):
                 outcome.already_present += 1
             else:
                 added = changes.get(group)
-                if added is not None:
+                # What the blocks set is the group's rows, as a rule (the mirror
+                # builds them from Synapse's delta); never more rows than it had.
+                if added is not None and len(added) <= deleted.get(group, 0):
                     rows: StateMap[str] = added  # type: ignore[assignment]  # no None: no tombstone
                     outcome.by_delta += 1
                 else:
