@@ -2,6 +2,7 @@
 
     python scripts/hq_scale.py --postgres "host=127.0.0.1 user=postgres" \\
         [--members 50000 --events 1000000 --rooms 20] [--data-dir DIR] [--write-only]
+    python scripts/hq_scale.py --reuse --reclaim [--sample 300] --data-dir DIR
 
 **How the history is made.** Not through Synapse's handlers (event creation,
 auth checks, signing and push rules make that hours here), but through the two
@@ -37,12 +38,16 @@ Then, with the module (mode serve): ``migrate`` killed with SIGKILL half-way
 and rerun (events/s, peak RSS of each process), ``stats``, the lookups of the
 runner (cold and warm, native against NID, answers compared first) on the big
 room's ``--lookup-events`` most recent events, and ``verify --sample 10000``.
+With ``--reuse --reclaim`` instead: the rest of the migration, then reclaim
+and restore as ``migration_at_scale.reclaim_phase`` does them (the biggest
+room first and its rate, SIGKILL half-way through each, the footprint after
+``VACUUM FULL``, Synapse's answers on ``--sample`` events and groups compared
+by Synapse alone before and after, and with the module while reclaimed).
 """
 
 import argparse
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +55,14 @@ import time
 from typing import Any
 
 import yaml
-from migration_at_scale import cli, count, load_homeserver, migrated
+from migration_at_scale import (
+    cli,
+    count,
+    load_homeserver,
+    migrated,
+    reclaim_phase,
+    run_measured,
+)
 
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.commands.ui import WorkProgress
@@ -292,33 +304,6 @@ async def write_history(hs: Any, members: int, events: int, rooms: int, seed: in
     }
 
 
-def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, int, bool]:
-    """Run a CLI command; (output, seconds, peak RSS KiB, killed).
-
-    The peak RSS is the kernel's own figure for that child, from ``os.wait4``;
-    the output goes to a file, so a chatty child never blocks on a full pipe."""
-    started = time.monotonic()
-    with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "synapse_nidstate.cli", *args],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-        killed = False
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(1)
-            if not killed and kill_when is not None and kill_when():
-                # os.kill, not Popen.send_signal: that polls first and may reap
-                # a child that just finished, leaving wait4 nothing to report.
-                os.kill(process.pid, signal.SIGKILL)
-                killed = True
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        return out.read().strip(), time.monotonic() - started, usage.ru_maxrss, killed
-
-
 def lookups_main(config_path: str, events: int) -> int:
     """``--lookups``: the runner's lookups on the big room's ``events`` most
     recent events, native against NID, cold then warm; answers compared first."""
@@ -396,6 +381,18 @@ def module_phase(data_dir: str, database: dict, written: int, lookup_events: int
     return 0 if verified and lookups.returncode == 0 else 1
 
 
+def reclaim_at_scale(data_dir: str, database: dict, sample: int) -> int:
+    """``--reuse --reclaim``: migrate what is left, then migration_at_scale's
+    reclaim phase (the biggest room first, kills, restore, digests of
+    ``sample`` events and groups by Synapse alone and with the module)."""
+    config_path = os.path.join(data_dir, "homeserver.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(writer_config(data_dir, database, {"mode": "serve"}), f)
+    out, seconds, rss, _ = run_measured(["migrate", "-c", config_path, "--no-progress"])
+    print(f"migrate: {seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB: {out[-300:]}", flush=True)
+    return reclaim_phase(data_dir, database, config_path, sample)
+
+
 def time_transactions() -> dict[str, list[float]]:
     """From now on, the wall time of every Synapse transaction by its name
     (``DatabasePool.new_transaction`` wrapped; for ``--transactions``)."""
@@ -450,6 +447,15 @@ def main() -> int:
         "--reuse", action="store_true",
         help="keep the database a run wrote (or was interrupted writing) and go on with the module",
     )
+    parser.add_argument(
+        "--reclaim", action="store_true",
+        help="with --reuse: migrate what is left, then reclaim and restore (each killed "
+        "half-way), instead of the lookups and verify",
+    )
+    parser.add_argument(
+        "--sample", type=int, default=300,
+        help="with --reclaim: events and groups Synapse's answers are compared on (default 300)",
+    )
     parser.add_argument("--lookups", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument(
         "--lookup-events", type=int, default=500,
@@ -467,6 +473,8 @@ def main() -> int:
     if args.reuse:
         database = postgres_database(f"{args.postgres} dbname={args.database_name}")
         describe(database)
+        if args.reclaim:
+            return reclaim_at_scale(data_dir, database, args.sample)
         return module_phase(
             data_dir,
             database,

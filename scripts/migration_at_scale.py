@@ -22,6 +22,7 @@ printed before, after reclaim (and after VACUUM) and after restore.
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,11 +112,13 @@ def load_homeserver(config_path: str, log_name: str) -> tuple[dict, str]:
     return config_dict, data_dir
 
 
-def digest_main(config_path: str, out: str) -> int:
+def digest_main(config_path: str, out: str, sample: int | None = None) -> int:
     """``--digest``: Synapse's answer at every event with state and for every
-    state group, as a SHA-256 each, through whatever homeserver.yaml loads."""
+    state group (with ``sample``: that many of each, the same ones every time),
+    as a SHA-256 each, through whatever homeserver.yaml loads."""
     import hashlib
     import json
+    import random
 
     from synapse.types.state import StateFilter
 
@@ -134,19 +137,23 @@ def digest_main(config_path: str, out: str) -> int:
             groups = await hs.get_datastores().state.db_pool.simple_select_onecol(
                 "state_groups", None, "id", desc="nidstate_digest_groups"
             )
+            if sample is not None:
+                events = random.Random(7).sample(sorted(events), min(sample, len(events)))
+                groups = random.Random(7).sample(sorted(groups), min(sample, len(groups)))
             controller = hs.get_storage_controllers().state
             state_store = hs.get_datastores().state
             answer: dict = {"events": {}, "groups": {}}
             progress = WorkProgress("digest", len(events) + len(groups))
             events.sort()
-            for i in range(0, len(events), 100):
-                batch = events[i : i + 100]
+            step = 100 if sample is None else 10  # big rooms' states: bounded memory
+            for i in range(0, len(events), step):
+                batch = events[i : i + step]
                 for event_id, state in (await controller.get_state_ids_for_events(batch)).items():
                     answer["events"][event_id] = digest_of(dict(state))
                 progress(len(batch))
             groups.sort()
-            for i in range(0, len(groups), 100):
-                batch = groups[i : i + 100]
+            for i in range(0, len(groups), step):
+                batch = groups[i : i + step]
                 states = await state_store._get_state_for_groups(batch, StateFilter.all())
                 for group in batch:
                     answer["groups"][str(group)] = digest_of(dict(states[group]))
@@ -162,6 +169,33 @@ def digest_main(config_path: str, out: str) -> int:
     with open(out, "w") as f:
         json.dump(answer, f)
     return 0
+
+
+def run_measured(args: list[str], kill_when: Any = None) -> tuple[str, float, int, bool]:
+    """Run a CLI command; (output, seconds, peak RSS KiB, killed).
+
+    The peak RSS is the kernel's own figure for that child, from ``os.wait4``;
+    the output goes to a file, so a chatty child never blocks on a full pipe."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synapse_nidstate.cli", *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        killed = False
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.2)
+            if not killed and kill_when is not None and kill_when():
+                # os.kill, not Popen.send_signal: that polls first and may reap
+                # a child that just finished, leaving wait4 nothing to report.
+                os.kill(process.pid, signal.SIGKILL)
+                killed = True
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        return out.read().strip(), time.monotonic() - started, usage.ru_maxrss, killed
 
 
 def stats_json(config_path: str) -> dict:
@@ -191,24 +225,35 @@ def kill_half_way(args: list[str], database: dict, sql: str, target: int, what: 
     print(f"{what} finished before the kill; rerun with more groups")
 
 
-def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
+def reclaim_phase(
+    data_dir: str, database: dict, config_path: str, sample: int | None = None
+) -> int:
+    """Digests by Synapse alone; reclaim of the room with the most groups
+    (killed with SIGKILL half-way, rerun: its rate), then of the rest; digests
+    with the module; restore (killed half-way, rerun); digests by Synapse alone.
+    ``sample``: the digests cover that many events and groups (at Matrix HQ's
+    scale a state is tens of thousands of entries)."""
     import json
 
     bare_path = os.path.join(data_dir, "homeserver-without-module.yaml")
+    with open(config_path) as f:
+        bare = {k: v for k, v in yaml.safe_load(f).items() if k != "modules"}
     with open(bare_path, "w") as f:
-        yaml.safe_dump(homeserver_config(data_dir, database, None), f)
+        yaml.safe_dump(bare, f)
 
     def digest(config: str, name: str) -> dict:
         out = os.path.join(data_dir, f"digest-{name}.json")
         started = time.monotonic()
         subprocess.run(
-            [sys.executable, __file__, "--digest", config, "--out", out], check=True
+            [sys.executable, __file__, "--digest", config, "--out", out,
+             *(["--sample", str(sample)] if sample else [])],
+            check=True,
         )
         with open(out) as f:
             answer = json.load(f)
         print(
             f"digest {name}: {len(answer['events'])} events, {len(answer['groups'])} "
-            f"state groups in {time.monotonic() - started:.0f}s"
+            f"state groups in {time.monotonic() - started:.0f}s", flush=True
         )
         return answer
 
@@ -220,20 +265,38 @@ def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
             "Synapse state tables bytes": synapse["total_bytes"],
             "module tables bytes": module["total_bytes"],
         }
-        print(f"{name}: {line}")
+        print(f"{name}: {line}", flush=True)
         return line
+
+    def measured(what: str, args: list[str], kill_when: Any = None) -> float:
+        """The command's own time for its work (it prints it), else the process's."""
+        out, seconds, rss, killed = run_measured(args, kill_when)
+        state = "killed with SIGKILL" if killed else "finished"
+        print(f"{what}: {state} after {seconds:.1f}s (the process), peak RSS "
+              f"{rss / 1024:.0f} MiB: {out[-400:]}", flush=True)
+        own = re.search(r"\) in ([0-9.]+)s", out)
+        return float(own.group(1)) if own else seconds
 
     before = digest(bare_path, "before-synapse-alone")
     figures_before = figures("before reclaim")
-    groups = count(database, "SELECT COUNT(*) FROM nidstate_state_groups")
+    big_room, big_groups = biggest_room(database)
     reclaimed = "SELECT COUNT(*) FROM nidstate_reclaimed_groups"
-    kill_half_way(
-        ["reclaim", "-c", config_path, "--no-progress", "--batch-size", "20"],
-        database, reclaimed, groups // 2, "reclaim",
+    measured(
+        f"reclaim --room {big_room} ({big_groups:,} groups)",
+        ["reclaim", "-c", config_path, "--no-progress", "--room", big_room],
+        lambda: count(database, reclaimed) >= big_groups // 2,
     )
-    started = time.monotonic()
-    rerun = cli("reclaim", "-c", config_path, "--no-progress")
-    print(f"reclaim rerun ({time.monotonic() - started:.0f}s):", rerun.stdout.strip() or rerun.stderr.strip())
+    left = big_groups - count(database, reclaimed)
+    seconds = measured(
+        "reclaim --room (rerun)",
+        ["reclaim", "-c", config_path, "--no-progress", "--room", big_room],
+    )
+    print(f"the biggest room's rerun: {left:,} groups in {seconds:.1f}s, "
+          f"{left / seconds if seconds else 0:,.0f} groups/s (the command's own time)", flush=True)
+    done = count(database, reclaimed)
+    seconds = measured("reclaim, every other room", ["reclaim", "-c", config_path, "--no-progress"])
+    print(f"the other rooms: {count(database, reclaimed) - done:,} groups in {seconds:.1f}s",
+          flush=True)
     figures_reclaimed = figures("after reclaim")
     vacuum(database)
     figures_vacuumed = figures("after reclaim and VACUUM")
@@ -247,14 +310,15 @@ def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
     refused = "too new for the server to understand" in without.stdout + without.stderr
     print(f"Synapse without the module refuses to start: {refused} (exit {without.returncode})")
     total = count(database, reclaimed)
-    kill_half_way(
-        ["restore", "-c", config_path, "--no-progress", "--batch-size", "20"],
-        database, f"SELECT {total} - COUNT(*) FROM nidstate_reclaimed_groups", total // 2,
-        "restore",
+    measured(
+        "restore", ["restore", "-c", config_path, "--no-progress"],
+        lambda: count(database, reclaimed) <= total // 2,
     )
-    started = time.monotonic()
-    rerun = cli("restore", "-c", config_path, "--no-progress")
-    print(f"restore rerun ({time.monotonic() - started:.0f}s):", rerun.stdout.strip() or rerun.stderr.strip())
+    restore_left = count(database, reclaimed)
+    seconds = measured("restore (rerun)", ["restore", "-c", config_path, "--no-progress"])
+    print(f"restore rerun: {restore_left:,} groups in {seconds:.1f}s "
+          f"({restore_left / seconds if seconds else 0:,.0f} groups/s, the command's own time)",
+          flush=True)
     figures_restored = figures("after restore")
     after = digest(bare_path, "after-restore-synapse-alone")
     same_after = after == before
@@ -271,6 +335,22 @@ def reclaim_phase(data_dir: str, database: dict, config_path: str) -> int:
     )
     ok = same and same_after and refused and deleted >= 0.95
     return 0 if ok else 1
+
+
+def biggest_room(database: dict) -> tuple[str, int]:
+    """The room with the most state groups the module has a snapshot for, and how many."""
+    conn = connect(database)
+    try:
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT sg.room_id, COUNT(*) FROM nidstate_state_groups AS g"
+            " JOIN state_groups AS sg ON sg.id = g.state_group"
+            " GROUP BY sg.room_id ORDER BY 2 DESC LIMIT 1"
+        )
+        room, groups = cur.fetchone()
+        return room, int(groups)
+    finally:
+        conn.close()
 
 
 def migrate_phase(
@@ -330,17 +410,21 @@ def main() -> int:
         help="with --postgres: instead of writing a history, port this SQLite database "
         "(one a run without --postgres wrote, restored) with synapse_port_db",
     )
+    parser.add_argument(
+        "--sample", type=int,
+        help="the digests cover this many events and groups, not all (big rooms)",
+    )
     parser.add_argument("--digest", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.digest:
-        return digest_main(args.digest, args.out)
+        return digest_main(args.digest, args.out, args.sample)
 
     if args.data_dir:
         config_path = os.path.join(args.data_dir, "homeserver.yaml")
         with open(config_path) as f:
             database = yaml.safe_load(f)["database"]
-        return reclaim_phase(args.data_dir, database, config_path)
+        return reclaim_phase(args.data_dir, database, config_path, args.sample)
 
     data_dir = tempfile.mkdtemp(prefix="nidstate-scale-")
     database = postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
