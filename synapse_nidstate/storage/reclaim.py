@@ -373,6 +373,9 @@ class ReclaimStore(GroupStateStore):
             args,
         )
         deleted = dict(txn.fetchall())
+        clause, args = in_list_clause(self.engine, "id", groups)
+        txn.execute(f"SELECT id, room_id FROM state_groups WHERE {clause}", args)
+        rooms = dict(txn.fetchall())
         try:
             changes = self._changes_after_txn(
                 txn,
@@ -385,15 +388,11 @@ class ReclaimStore(GroupStateStore):
             if group not in anchors:
                 # A mark without a snapshot: Synapse deleted the group (the purge
                 # forgets both in one transaction, so this is a mark left over).
-                txn.execute("SELECT 1 FROM state_groups WHERE id = ?", (group,))
-                if txn.fetchone() is not None:
+                if group in rooms:
                     raise ReclaimError(
                         f"state group {group} is reclaimed but the NID tables have no "
                         "snapshot for it"
                     )
-                txn.execute(
-                    "DELETE FROM nidstate_reclaimed_groups WHERE state_group = ?", (group,)
-                )
                 outcome.groups += 1
                 continue
             if present[group]:
@@ -407,10 +406,18 @@ class ReclaimStore(GroupStateStore):
                     outcome.by_delta += 1
                 else:
                     rows = self._rows_to_write_txn(txn, group, everything)
-                self._insert_rows_txn(txn, group, rows)
+                self.db_pool.simple_insert_many_txn(
+                    txn,
+                    table="state_groups_state",
+                    keys=("state_group", "room_id", "type", "state_key", "event_id"),
+                    values=[(group, rooms[group], t, k, e) for (t, k), e in rows.items()],
+                )
                 outcome.rows += len(rows)
-            txn.execute("DELETE FROM nidstate_reclaimed_groups WHERE state_group = ?", (group,))
             outcome.groups += 1
+        # The marks last: a group's fallback above reads its own and its
+        # predecessor's (older, not yet written back), never a newer group's.
+        clause, args = in_list_clause(self.engine, "state_group", groups)
+        txn.execute(f"DELETE FROM nidstate_reclaimed_groups WHERE {clause}", args)
         self._unmark_if_none_left_txn(txn)
         return outcome
 
@@ -432,18 +439,6 @@ class ReclaimStore(GroupStateStore):
                 "no delta can express it"
             )
         return {k: v for k, v in new.items() if old.get(k) != v}
-
-    def _insert_rows_txn(
-        self, txn: LoggingTransaction, group: int, rows: StateMap[str]
-    ) -> None:
-        txn.execute("SELECT room_id FROM state_groups WHERE id = ?", (group,))
-        (room_id,) = txn.fetchone()  # type: ignore[misc]
-        self.db_pool.simple_insert_many_txn(
-            txn,
-            table="state_groups_state",
-            keys=("state_group", "room_id", "type", "state_key", "event_id"),
-            values=[(group, room_id, t, s, e) for (t, s), e in rows.items()],
-        )
 
     def _unmark_if_none_left_txn(self, txn: LoggingTransaction) -> None:
         if self.any_reclaimed_txn(txn):
