@@ -268,10 +268,24 @@ class ReclaimStore(GroupStateStore):
         snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
         deltas = self._delta_proofs_txn(txn, snapshots)
         everything = StateFilter.all()
+        # Marks of groups whose rows are deleted, written before any whole proof
+        # (Synapse's walk must find them where the rows are gone) and at the end.
+        marks: list[tuple[int, int, int]] = []
+
+        def write_marks() -> None:
+            self.db_pool.simple_insert_many_txn(
+                txn,
+                table="nidstate_reclaimed_groups",
+                keys=("state_group", "room_nid", "rows_deleted"),
+                values=marks,
+            )
+            marks.clear()
+
         for group in sorted(snapshots):
             if deltas.proves(group):
                 outcome.by_delta += 1
             else:
+                write_marks()
                 try:
                     theirs = self.synapse_states_txn(txn, [group], everything).get(group)
                     ours = self.states_of_txn(txn, {group: snapshots[group]}, {}, everything)[group]
@@ -286,13 +300,10 @@ class ReclaimStore(GroupStateStore):
             deltas.proved[group] = snapshots[group]
             txn.execute("DELETE FROM state_groups_state WHERE state_group = ?", (group,))
             deleted = txn.rowcount
-            txn.execute(
-                "INSERT INTO nidstate_reclaimed_groups (state_group, room_nid, rows_deleted)"
-                " VALUES (?, ?, ?)",
-                (group, room_nid, deleted),
-            )
+            marks.append((group, room_nid, deleted))
             outcome.groups += 1
             outcome.rows += deleted
+        write_marks()
         if outcome.groups:  # in the transaction that deletes: both commit, or neither
             self._mark_reclaimed_txn(txn)
         return outcome
