@@ -99,7 +99,8 @@ def forget_caches(hs: HomeServer, module: Any) -> None:
 
 async def corrupt(hs: HomeServer, corruption: str) -> int:
     """Break what proves a group by its delta (a group with a predecessor whose
-    snapshot its own extends by one block, and rows of its own); the group."""
+    snapshot its own extends by one block, and rows of its own; for
+    "compaction row", one whose snapshot was cut anew); the group."""
 
     def corrupt_txn(txn: Any) -> int:
         txn.execute(
@@ -121,9 +122,10 @@ async def corrupt(hs: HomeServer, corruption: str) -> int:
                     "SELECT block_nids FROM nidstate_snapshots WHERE snapshot_nid = ?", (nid,)
                 )
                 lists[nid] = algebra.unpack_nids(txn.fetchone()[0])
+        extends = corruption != "compaction row"
         group, prev, snapshot, prev_snapshot = next(
             c for c in candidates[len(candidates) // 2:]
-            if lists[c[2]][:-1] == lists[c[3]]
+            if (lists[c[2]][:-1] == lists[c[3]]) == extends
         )
         if corruption == "block":
             # Its own block names another event, with a hash that matches.
@@ -140,13 +142,16 @@ async def corrupt(hs: HomeServer, corruption: str) -> int:
                     block_nid,
                 ),
             )
-        elif corruption == "delta row":
+        elif corruption in ("delta row", "compaction row"):
             # One of its rows names another event.
             txn.execute(
-                "UPDATE state_groups_state SET event_id = (SELECT MIN(event_id) FROM events)"
+                "UPDATE state_groups_state SET event_id = (SELECT MIN(e.event_id) FROM events"
+                " AS e WHERE e.event_id <> state_groups_state.event_id)"
                 " WHERE state_group = ? AND type = 'm.room.member'",
                 (group,),
             )
+            if not txn.rowcount:
+                raise AssertionError(f"state group {group} has no member row to change")
         else:
             # Its edge skips its predecessor.
             txn.execute(
@@ -318,6 +323,48 @@ class ReclaimTests:
                 {g: dict(state) for g, state in answer.items()}, truth, corruption
             )
             await self.stop_homeserver(hs)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_compactions_are_proved_in_nids(self) -> None:
+        """With snapshots cut anew every few blocks (the 64-block limit lowered
+        to 3), a group whose snapshot is a compaction is proved against its
+        predecessor's snapshot and its rows, in NIDs; a row of one changed is
+        refused, and every group reclaimed answers what Synapse's rows did."""
+        from synapse_nidstate.algebra import state as algebra_state
+
+        limit = algebra_state.MAX_BLOCKS
+        algebra_state.MAX_BLOCKS = 3
+        try:
+            hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
+            module = self.module(hs)  # type: ignore[attr-defined]
+            await build_history(hs, messages_per_room=2)
+        finally:
+            algebra_state.MAX_BLOCKS = limit
+        self.assertGreaterEqual(module.stats.mirror.compactions, 5)  # type: ignore[attr-defined]
+        # Every group but the first of each room: by delta, or in NIDs.
+        totals = await module.reclaimer.run()
+        rooms = await count(hs, "SELECT COUNT(DISTINCT room_id) FROM state_groups")
+        self.assertEqual((totals.refused, totals.by_delta), (0, totals.groups - rooms))  # type: ignore[attr-defined]
+        await module.reclaimer.restore()
+        # A row of a compaction changed: refused (and the groups after it that
+        # keep its key), never deleted.
+        victim = await corrupt(hs, "compaction row")
+        module.store.clear_caches()
+        truth = await native_group_digest(hs)
+        totals = await module.reclaimer.run()
+        self.assertGreater(totals.refused, 0)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await count(hs, f"SELECT COUNT(*) FROM nidstate_reclaimed_groups WHERE state_group = {victim}"),
+            0,
+        )
+        forget_caches(hs, module)
+        answer = await module.store.db_pool.runInteraction(
+            "nidstate_test_synapse_states",
+            module.store.synapse_states_txn,
+            list(truth),
+            StateFilter.all(),
+        )
+        self.assertEqual({g: dict(state) for g, state in answer.items()}, truth)  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_restore_clears_a_mark_synapse_left_behind_and_names_a_lost_snapshot(

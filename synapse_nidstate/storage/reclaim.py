@@ -43,10 +43,8 @@ from synapse.storage.database import LoggingDatabaseConnection, LoggingTransacti
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
-from synapse_nidstate import algebra
-from synapse_nidstate.storage.base import TxnLearnt
 from synapse_nidstate.storage.common import CorruptState, in_list_clause
-from synapse_nidstate.storage.groups import GroupStateStore
+from synapse_nidstate.storage.proofs import ProofStore
 
 #: What ``schema_compat_version`` holds while any group is reclaimed: above any
 #: ``SCHEMA_VERSION`` a Synapse release will have, within a 32-bit INTEGER.
@@ -127,36 +125,7 @@ class ReclaimOutcome:
     by_delta: int = 0
 
 
-@attr.s(slots=True, auto_attribs=True)
-class DeltaProofs:
-    """A batch's proofs by delta (``ReclaimStore._delta_proofs_txn``).
-
-    Synapse's state of a group with a predecessor is its predecessor's state
-    with the group's own rows set; the snapshot's is its predecessor's
-    snapshot's with what the blocks it adds set. When the predecessor's state
-    is its snapshot's (proved), the two are equal if the rows and what the
-    blocks set are equal: a check as big as the change, not as the room. Any
-    other group is proved from the two whole states, as before."""
-
-    prevs: dict[int, int]
-    #: group -> what its snapshot's added blocks set, as strings
-    changes: dict[int, dict[tuple[str, str], str | None]]
-    #: group -> its own rows in state_groups_state
-    rows: dict[int, dict[tuple[str, str], str]]
-    #: group -> snapshot NID, of every group whose state is its snapshot's
-    proved: dict[int, int]
-
-    def proves(self, group: int) -> bool:
-        prev = self.prevs.get(group)
-        return (
-            prev is not None
-            and prev in self.proved
-            and group in self.changes
-            and self.changes[group] == self.rows[group]
-        )
-
-
-class ReclaimStore(GroupStateStore):
+class ReclaimStore(ProofStore):
     # -- which groups ------------------------------------------------------
 
     def reclaim_marked_txn(self, txn: LoggingTransaction) -> bool:
@@ -266,7 +235,7 @@ class ReclaimStore(GroupStateStore):
             return outcome
         already = self.reclaimed_anchors_txn(txn, groups)
         snapshots = self.known_groups_txn(txn, [g for g in groups if g not in already])
-        deltas = self._delta_proofs_txn(txn, snapshots)
+        deltas = self.delta_proofs_txn(txn, snapshots, self.reclaimed_anchors_txn)
         everything = StateFilter.all()
         # Marks of groups whose rows are deleted, written before any whole proof
         # (Synapse's walk must find them where the rows are gone) and at the end.
@@ -307,59 +276,6 @@ class ReclaimStore(GroupStateStore):
         if outcome.groups:  # in the transaction that deletes: both commit, or neither
             self._mark_reclaimed_txn(txn)
         return outcome
-
-    def _delta_proofs_txn(
-        self, txn: LoggingTransaction, snapshots: dict[int, int]
-    ) -> "DeltaProofs":
-        """What proves each of ``snapshots``' groups (group -> snapshot NID) by
-        its delta: its predecessor along ``state_group_edges``, its own rows, and
-        what its snapshot's blocks after its predecessor's snapshot's set (where
-        its block list extends that one and no block removes a key). A
-        predecessor's state is its snapshot's once proved: reclaimed earlier
-        (read here), or in this batch (``DeltaProofs.proved``, oldest first)."""
-        groups = list(snapshots)
-        prevs = self.prev_groups_txn(txn, groups)
-        try:
-            reclaimed = self.reclaimed_anchors_txn(
-                txn, {p for p in prevs.values() if p not in snapshots}
-            )
-        except CorruptState:
-            reclaimed = {}  # each group is then proved from Synapse's whole answer
-        prev_snapshots = {
-            group: snapshots.get(prev, reclaimed.get(prev)) for group, prev in prevs.items()
-        }
-        try:
-            changes = self._changes_after_txn(txn, snapshots, prev_snapshots)
-        except CorruptState:
-            changes = {}  # each group is then proved from Synapse's whole answer
-        return DeltaProofs(prevs, changes, self.group_rows_txn(txn, groups), dict(reclaimed))
-
-    def _changes_after_txn(
-        self,
-        txn: LoggingTransaction,
-        snapshots: dict[int, int],
-        prev_snapshots: dict[int, int | None],
-    ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """For each group whose snapshot's block list starts with its
-        predecessor's snapshot's: what the blocks after it set, as strings;
-        none where they remove a key (Synapse's rows cannot)."""
-        learnt = TxnLearnt()
-        lists = self._snapshots_txn(
-            txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
-        )
-        added: dict[int, tuple[int, ...]] = {}
-        for group, prev_snapshot in prev_snapshots.items():
-            if prev_snapshot is not None:
-                mine, base = lists[snapshots[group]], lists[prev_snapshot]
-                if mine[: len(base)] == base:
-                    added[group] = mine[len(base):]
-        blocks = self._blocks_txn(txn, learnt, {b for nids in added.values() for b in nids})
-        nid_changes = {
-            group: algebra.changes(blocks[b] for b in nids) for group, nids in added.items()
-        }
-        return self._to_strings(
-            txn, {g: c for g, c in nid_changes.items() if all(c.values())}, fill=False
-        )
 
     def _mark_reclaimed_txn(self, txn: LoggingTransaction) -> None:
         """Synapse's compat version to the marker, the original kept (idempotent)."""

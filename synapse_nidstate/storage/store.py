@@ -6,7 +6,8 @@ file, each building on the one before: ``base`` (pool and caches),
 written), ``resolved`` (whole states as strings, cached per base), ``reads``
 (the state at events, filtered), ``groups``
 (Synapse's state groups from the snapshots), ``reclaim`` (deleting Synapse's
-rows that the snapshots replace, each proved first; writing them back),
+rows that the snapshots replace, each proved first, by its delta in ``proofs``
+where it can; writing them back),
 ``purge`` (following Synapse's purges). The schema and its per-engine SQL are
 in ``schema`` and ``sql/<engine>/``; ``savepoint`` contains the module's work
 inside Synapse's transactions.

@@ -1,0 +1,183 @@
+"""Reclaim's proofs by delta: a group's state proved equal to its snapshot's
+from its predecessor's proved state and its own change, at a cost that does
+not grow with the room (``reclaim`` says when it applies and what it proves).
+"""
+
+import attr
+from synapse.storage.database import LoggingTransaction
+
+from synapse_nidstate import algebra
+from synapse_nidstate.storage.base import TxnLearnt
+from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CorruptState
+from synapse_nidstate.storage.groups import Anchors, GroupStateStore
+
+
+@attr.s(slots=True, auto_attribs=True)
+class DeltaProofs:
+    """A batch's proofs by delta (``ProofStore.delta_proofs_txn``).
+
+    Synapse's state of a group with a predecessor is its predecessor's state
+    with the group's own rows set; the snapshot's is its predecessor's
+    snapshot's with what the blocks it adds set. When the predecessor's state
+    is its snapshot's (proved), the two are equal if the rows and what the
+    blocks set are equal: a check as big as the change, not as the room. A
+    group whose snapshot is cut anew (a compaction) is compared with its
+    predecessor's snapshot and its rows whole, in NIDs (no string read; an
+    interned string and its NID are one-to-one). Any other group (the first of
+    a room, a full copy, a predecessor not proved) is proved from the two whole
+    states as strings, as before."""
+
+    prevs: dict[int, int]
+    #: group -> what its snapshot's added blocks set, as strings
+    changes: dict[int, dict[tuple[str, str], str | None]]
+    #: group -> its own rows in state_groups_state
+    rows: dict[int, dict[tuple[str, str], str]]
+    #: group -> snapshot NID, of every group whose state is its snapshot's
+    proved: dict[int, int]
+    #: groups whose snapshot's state is their predecessor's snapshot's with
+    #: their rows set, compared in NIDs (those not extending it)
+    equal_in_nids: set[int] = attr.Factory(set)
+
+    def proves(self, group: int) -> bool:
+        prev = self.prevs.get(group)
+        return (
+            prev is not None
+            and prev in self.proved
+            and (
+                (group in self.changes and self.changes[group] == self.rows[group])
+                or group in self.equal_in_nids
+            )
+        )
+
+
+class ProofStore(GroupStateStore):
+    def delta_proofs_txn(
+        self, txn: LoggingTransaction, snapshots: dict[int, int], reclaimed: Anchors
+    ) -> "DeltaProofs":
+        """What proves each of ``snapshots``' groups (group -> snapshot NID) by
+        its delta: its predecessor along ``state_group_edges``, its own rows, and
+        what its snapshot's blocks after its predecessor's snapshot's set (where
+        its block list extends that one and no block removes a key). A
+        predecessor's state is its snapshot's once proved: reclaimed earlier
+        (``reclaimed``: of some groups, those reclaimed, with their snapshots),
+        or in this batch (``DeltaProofs.proved``, oldest first)."""
+        groups = list(snapshots)
+        prevs = self.prev_groups_txn(txn, groups)
+        try:
+            reclaimed_prevs = reclaimed(txn, {p for p in prevs.values() if p not in snapshots})
+        except CorruptState:
+            reclaimed_prevs = {}  # each group is then proved from Synapse's whole answer
+        prev_snapshots = {
+            group: snapshots.get(prev, reclaimed_prevs.get(prev)) for group, prev in prevs.items()
+        }
+        rows = self.group_rows_txn(txn, groups)
+        learnt = TxnLearnt()
+        try:
+            changes = self._changes_after_txn(txn, snapshots, prev_snapshots, learnt)
+            equal = self._equal_in_nids_txn(txn, learnt, snapshots, prev_snapshots, rows)
+        except CorruptState:
+            changes, equal = {}, set()  # each group is then proved from Synapse's whole answer
+        return DeltaProofs(prevs, changes, rows, dict(reclaimed_prevs), equal)
+
+    def _changes_after_txn(
+        self,
+        txn: LoggingTransaction,
+        snapshots: dict[int, int],
+        prev_snapshots: dict[int, int | None],
+        learnt: TxnLearnt | None = None,
+    ) -> dict[int, dict[tuple[str, str], str | None]]:
+        """For each group whose snapshot's block list starts with its
+        predecessor's snapshot's: what the blocks after it set, as strings;
+        none where they remove a key (Synapse's rows cannot)."""
+        learnt = learnt or TxnLearnt()
+        lists = self._snapshots_txn(
+            txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
+        )
+        added: dict[int, tuple[int, ...]] = {}
+        for group, prev_snapshot in prev_snapshots.items():
+            if prev_snapshot is not None:
+                mine, base = lists[snapshots[group]], lists[prev_snapshot]
+                if mine[: len(base)] == base:
+                    added[group] = mine[len(base):]
+        blocks = self._blocks_txn(txn, learnt, {b for nids in added.values() for b in nids})
+        nid_changes = {
+            group: algebra.changes(blocks[b] for b in nids) for group, nids in added.items()
+        }
+        return self._to_strings(
+            txn, {g: c for g, c in nid_changes.items() if all(c.values())}, fill=False
+        )
+
+    def _equal_in_nids_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        snapshots: dict[int, int],
+        prev_snapshots: dict[int, int | None],
+        rows: dict[int, dict[tuple[str, str], str]],
+    ) -> set[int]:
+        """Of the groups whose snapshot does not extend their predecessor's:
+        those whose snapshot's state is the predecessor's snapshot's with the
+        group's own rows set, resolved and compared in NIDs."""
+        lists = self._snapshots_txn(
+            txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
+        )
+        cut = {
+            group: lists[prev]
+            for group, prev in prev_snapshots.items()
+            if prev is not None and lists[snapshots[group]][: len(lists[prev])] != lists[prev]
+        }
+        if not cut:
+            return set()
+        nid_rows = self._nids_of_rows_txn(txn, {group: rows[group] for group in cut})
+        blocks = self._blocks_txn(
+            txn,
+            learnt,
+            {b for group, base in cut.items() for b in (*lists[snapshots[group]], *base)},
+        )
+        equal = set()
+        for group, base in cut.items():
+            if group not in nid_rows:
+                continue  # a string of its rows has no NID: no snapshot holds it
+            theirs = algebra.resolve(blocks[b] for b in base)
+            theirs.update(nid_rows[group])
+            if algebra.resolve(blocks[b] for b in lists[snapshots[group]]) == theirs:
+                equal.add(group)
+        return equal
+
+    def _nids_of_rows_txn(
+        self, txn: LoggingTransaction, rows: dict[int, dict[tuple[str, str], str]]
+    ) -> dict[int, dict[tuple[int, int], int]]:
+        """Each group's rows in NIDs, read only (nothing interned); a group with
+        a string that has no NID is left out."""
+        found: list[dict[str, int]] = []
+        for cache, (table, nid_column, column), strings in (
+            (
+                self._string_nids[TYPES],
+                ("nidstate_event_types", "type_nid", "event_type"),
+                {t for r in rows.values() for t, _ in r},
+            ),
+            (
+                self._string_nids[STATE_KEYS],
+                ("nidstate_state_keys", "state_key_nid", "state_key"),
+                {k for r in rows.values() for _, k in r},
+            ),
+            (
+                self._event_nids,
+                ("nidstate_events", "event_nid", "event_id"),
+                {e for r in rows.values() for e in r.values()},
+            ),
+        ):
+            known, missing = self._split_cached(cache, strings)
+            if missing:
+                known.update(
+                    self._select_in_txn(
+                        txn, f"SELECT {column}, {nid_column} FROM {table} WHERE", column, missing
+                    )
+                )
+            found.append(known)
+        types, keys, events = found
+        return {
+            group: {(types[t], keys[k]): events[e] for (t, k), e in state.items()}
+            for group, state in rows.items()
+            if all(t in types and k in keys and e in events for (t, k), e in state.items())
+        }
