@@ -107,13 +107,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> NidStateConfig:
     """
     validate_config(SCHEMA, {} if raw is None else raw, ())
     values = dict(raw or {})
-    sections: dict[str, Any] = {
-        "background_migration": BackgroundMigrationConfig,
-        "reclaim": ReclaimConfig,
-    }
-    for key, section in sections.items():
-        if key in values:
-            values[key] = section(**(values[key] or {}))
+    for field in attr.fields(NidStateConfig):
+        section: Any = field.type
+        if attr.has(section) and field.name in values:
+            values[field.name] = section(**(values[field.name] or {}))
     config = NidStateConfig(**values)
     reclaim = config.reclaim
     if (reclaim.enabled or reclaim.eager) and config.mode != "serve":

@@ -4,7 +4,7 @@ A NID is created by the first writer that needs it and never changes; reads
 never create one.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from synapse.storage.database import LoggingTransaction
 from synapse.types import StateMap
@@ -13,8 +13,29 @@ from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
 from synapse_nidstate.storage.common import STATE_KEYS, TYPES, StringTable
 
+#: ``nidstate_events`` seen as a string table (its rows also name their room).
+EVENTS = StringTable("nidstate_events", "event_nid", "event_id")
+
 
 class InterningStore(NidStoreBase):
+    def _nids_read_txn(
+        self, txn: LoggingTransaction, table: StringTable, strings: Collection[str]
+    ) -> dict[str, int]:
+        """The NIDs ``strings`` have (cached or read); nothing is interned, a
+        string without a NID is left out."""
+        cache = self._event_nids if table is EVENTS else self._string_nids[table]
+        known, missing = self._split_cached(cache, strings)
+        if missing:
+            known.update(
+                self._select_in_txn(
+                    txn,
+                    f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
+                    table.string_column,
+                    missing,
+                )
+            )
+        return known
+
     def _intern_strings_txn(
         self,
         txn: LoggingTransaction,

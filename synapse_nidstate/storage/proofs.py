@@ -10,6 +10,7 @@ from synapse_nidstate import algebra
 from synapse_nidstate.storage.base import TxnLearnt
 from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CorruptState
 from synapse_nidstate.storage.groups import Anchors, GroupStateStore
+from synapse_nidstate.storage.interning import EVENTS
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -149,33 +150,9 @@ class ProofStore(GroupStateStore):
     ) -> dict[int, dict[tuple[int, int], int]]:
         """Each group's rows in NIDs, read only (nothing interned); a group with
         a string that has no NID is left out."""
-        found: list[dict[str, int]] = []
-        for cache, (table, nid_column, column), strings in (
-            (
-                self._string_nids[TYPES],
-                ("nidstate_event_types", "type_nid", "event_type"),
-                {t for r in rows.values() for t, _ in r},
-            ),
-            (
-                self._string_nids[STATE_KEYS],
-                ("nidstate_state_keys", "state_key_nid", "state_key"),
-                {k for r in rows.values() for _, k in r},
-            ),
-            (
-                self._event_nids,
-                ("nidstate_events", "event_nid", "event_id"),
-                {e for r in rows.values() for e in r.values()},
-            ),
-        ):
-            known, missing = self._split_cached(cache, strings)
-            if missing:
-                known.update(
-                    self._select_in_txn(
-                        txn, f"SELECT {column}, {nid_column} FROM {table} WHERE", column, missing
-                    )
-                )
-            found.append(known)
-        types, keys, events = found
+        types = self._nids_read_txn(txn, TYPES, {t for r in rows.values() for t, _ in r})
+        keys = self._nids_read_txn(txn, STATE_KEYS, {k for r in rows.values() for _, k in r})
+        events = self._nids_read_txn(txn, EVENTS, {e for r in rows.values() for e in r.values()})
         return {
             group: {(types[t], keys[k]): events[e] for (t, k), e in state.items()}
             for group, state in rows.items()

@@ -332,7 +332,7 @@ class ReclaimStore(ProofStore):
                     rows: StateMap[str] = added  # type: ignore[assignment]  # no None: no tombstone
                     outcome.by_delta += 1
                 else:
-                    rows = self._rows_to_write_txn(txn, group, everything)
+                    rows = self._rows_to_write_txn(txn, group, prevs.get(group), everything)
                 self.db_pool.simple_insert_many_txn(
                     txn,
                     table="state_groups_state",
@@ -349,9 +349,8 @@ class ReclaimStore(ProofStore):
         return outcome
 
     def _rows_to_write_txn(
-        self, txn: LoggingTransaction, group: int, everything: StateFilter
+        self, txn: LoggingTransaction, group: int, prev: int | None, everything: StateFilter
     ) -> StateMap[str]:
-        prev = self.prev_groups_txn(txn, [group]).get(group)
         wanted = [group] if prev is None else [group, prev]
         states = self.synapse_states_txn(txn, wanted, everything)
         if group not in states or (prev is not None and prev not in states):
