@@ -3,6 +3,7 @@
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import TYPE_CHECKING
@@ -412,5 +413,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def run() -> None:
+    """The process's entry point (``synapse-nidstate``, ``python -m``): ``main``,
+    then its exit code whatever comes. A Ctrl-C after the command has ended
+    (its result printed, the interpreter shutting down) would otherwise end
+    the process by SIGINT instead of with the code it printed its result for."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
