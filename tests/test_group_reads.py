@@ -5,6 +5,8 @@ Every group of the test histories is read with every filter the issue names and
 through Synapse's own (the class's method, unwrapped), in one transaction.
 """
 
+from typing import Any
+
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.demo.history import HistoryShape, realistic_history
@@ -127,6 +129,77 @@ class GroupReadTests:
         state._state_group_members_cache.invalidate_all()
         await state._get_state_for_groups(await all_groups(hs), StateFilter.all())
         self.assertGreater(stats.served, served)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_the_modules_caches_stand_in_for_synapses(self) -> None:
+        """In serve, ``_get_state_for_groups`` answers a group that has a
+        snapshot from the module's caches once read (no transaction) and never
+        keeps it in Synapse's per-group caches, not even a group Synapse stored
+        in full (which ``store_state_group`` puts there itself); a group without
+        a snapshot is kept there, as Synapse keeps it."""
+        from synapse.storage.databases.state.bg_updates import StateGroupBackgroundUpdateStore
+
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        state = hs.get_datastores().state
+        event_ids, _ = await room_event_ids(hs, history.rooms[0])
+        base = (await hs.get_datastores().main._get_state_group_for_events([event_ids[-1]]))[
+            event_ids[-1]
+        ]
+        unmirrored = await state.store_state_group(
+            "$nidstate-test-1", history.rooms[0], base, {("m.room.topic", ""): event_ids[0]}, None
+        )
+        groups = await all_groups(hs)
+        # Groups no event maps to (as ``unmirrored``) have no snapshot.
+        without_snapshot = set(groups) - set(await module.store.known_groups(groups))
+        self.assertIn(unmirrored, without_snapshot)  # type: ignore[attr-defined]
+        self.assertLess(len(without_snapshot), len(groups) / 10)  # type: ignore[attr-defined]
+        synapses = (state._state_group_cache, state._state_group_members_cache)
+
+        def kept_by_synapse() -> set[int]:
+            entries = [(g, c.get(g)) for g in groups for c in synapses]
+            return {g for g, e in entries if e.full or e.value or e.known_absent}
+
+        self.assertEqual(kept_by_synapse(), set())  # type: ignore[attr-defined]
+
+        def native(txn: Any, chunk: list[int], f: StateFilter) -> Any:
+            return StateGroupBackgroundUpdateStore._get_state_groups_from_groups_txn(
+                state, txn, chunk, f
+            )
+
+        interactions = 0
+        run_interaction = state.db_pool.runInteraction
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal interactions
+            interactions += 1
+            return await run_interaction(*args, **kwargs)
+
+        state.db_pool.runInteraction = counted  # type: ignore[method-assign]
+        # (Synapse's own PostgreSQL read fails on a filter that selects nothing.)
+        filters = {n: f for n, f in filters_for(hs, history.users).items() if not selects_nothing(f)}
+        for name, state_filter in filters.items():
+            answer = await state._get_state_for_groups(groups, state_filter)
+            expected = await run_interaction(
+                "nidstate_test_native",
+                module.group_reads.synapse_answer_txn,
+                groups,
+                state_filter,
+                native,
+            )
+            for group in groups:
+                self.assertEqual(  # type: ignore[attr-defined]
+                    answer[group], dict(expected[group]), f"group {group}, filter {name}"
+                )
+        self.assertGreater(interactions, 0)  # type: ignore[attr-defined]
+        self.assertEqual(kept_by_synapse(), without_snapshot)  # type: ignore[attr-defined]
+        # Read again: every answer from a cache, no transaction.
+        interactions = 0
+        for name, state_filter in filters.items():
+            again = await state._get_state_for_groups(groups, state_filter)
+            self.assertEqual(set(again), set(groups), name)  # type: ignore[attr-defined]
+        self.assertEqual(interactions, 0)  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_split_state_database_is_left_to_synapse(self) -> None:

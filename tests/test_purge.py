@@ -111,7 +111,9 @@ class PurgeTests:
         groups_before = await state.db_pool.simple_select_onecol(
             "state_groups", {"room_id": room_id}, "id"
         )
-        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = 0
+        # -1, not 0: Synapse picks groups marked strictly before now minus the
+        # delay, and a fast purge marks them in the same millisecond.
+        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = -1
         await purge._delete_state_groups_loop()
         groups_after = await state.db_pool.simple_select_onecol(
             "state_groups", {"room_id": room_id}, "id"
@@ -282,7 +284,9 @@ class PurgeIndexTests:
         token = await (await main.get_topological_token_for_event(cut)).to_string(main)
         purge = hs.get_storage_controllers().purge_events
         await purge.purge_history(room_id, token, True)
-        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = 0
+        # -1, not 0: Synapse picks groups marked strictly before now minus the
+        # delay, and a fast purge marks them in the same millisecond.
+        hs.get_datastores().state_deletion.DELAY_BEFORE_DELETION_MS = -1
         await purge._delete_state_groups_loop()
         await purge.purge_room(history.rooms[1])
         seen = {sql.split()[0] + " " + sql.split("FROM ")[1].split()[0] for sql, _ in statements}

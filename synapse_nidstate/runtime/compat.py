@@ -143,22 +143,28 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         ("room_id",),
         "wrapped: forget cached event -> snapshot on every process after a purge",
     ),
-    # mirror.py (planning) and storage/reads.py (Synapse's own cache rules)
+    # mirror.py (planning), group_caches.py (Synapse's caches, for what its rows answer)
     Requirement(
         _CONTROLLER, "get_state_group_delta", ("state_group",),
         "called: the delta Synapse stored for a state group", use="called",
     ),
     Requirement(
-        _STATE_STORE, "_get_state_for_groups", ("groups",),
-        "called: a state group's full state, when it has no predecessor", use="called",
+        _STATE_STORE, "_get_state_for_groups", (),
+        "replaced: every read of state groups' state, with Synapse's per-group caches "
+        "(group_caches: the module's stand in for them in serve); also called by the "
+        "mirror's planner for a group with no predecessor",
+        use="replaced", replacement="synapse_nidstate.runtime.group_caches.GroupCaches"
+        "._get_state_for_groups",
     ),
     Requirement(
-        _STATE_STORE, "_get_state_for_group_using_cache", ("cache", "group", "state_filter"),
-        "called: Synapse's rule for reading a per-group DictionaryCache", use="called",
+        _STATE_STORE, "_get_state_for_groups_using_cache", ("groups", "cache", "state_filter"),
+        "called: Synapse's caches for the groups the module's caches do not hold "
+        "(group_caches)", use="called",
     ),
     Requirement(
         _STATE_STORE, "_insert_into_cache", ("group_to_state_dict", "state_filter"),
-        "called: Synapse's rule for filling the per-group DictionaryCaches",
+        "called: Synapse's rule for filling the per-group DictionaryCaches (with what "
+        "Synapse's rows answered, group_caches)",
         use="called", keywords=("cache_seq_num_members", "cache_seq_num_non_members"),
     ),
     # runtime/failsafe.py: read past the reclaim marker in schema_compat_version
@@ -213,8 +219,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             _STATE_STORE, name,
             "Synapse's per-group DictionaryCache: emptied where Synapse's own answer "
             "must be read fresh (GroupReads.native_only, StateLookups.clear_caches); "
-            "its sequence is what _insert_into_cache compares",
-            "instance", has=("invalidate_all", "sequence", "cache"),
+            "its sequence is what _insert_into_cache compares; a group the mirror "
+            "wrote is dropped from it in serve (GroupReads.forget_synapse_copies)",
+            "instance", has=("invalidate", "invalidate_all", "sequence", "cache"),
         )
         for name in ("_state_group_cache", "_state_group_members_cache")
     ),

@@ -21,7 +21,7 @@ in main, and a transaction of a separate state database cannot read them.
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from synapse.logging.context import make_deferred_yieldable, run_in_background
@@ -66,6 +66,31 @@ class GroupReads:
         #: The state store whose readers are wrapped.
         self._installed: Any = None
         self._native_depth = 0
+
+    @property
+    def store(self) -> NidStore:
+        return self._store
+
+    def serves_from_caches(self) -> bool:
+        """Whether the module's caches answer group reads (``group_caches``):
+        mode ``serve``, outside :meth:`native_only`."""
+        return self._mode == "serve" and not self._native_depth
+
+    def served_from_caches(self, groups: int, seconds: float) -> None:
+        """Count groups answered from the module's caches, and the time taken."""
+        if groups:
+            self._stats.served += groups
+            self._mirror_seconds.observe(seconds)
+
+    def forget_synapse_copies(self, groups: Collection[int]) -> None:
+        """After the mirror committed ``groups``' snapshots: in serve, the
+        module's caches answer for them (``group_caches``), so Synapse's own
+        copies go (``store_state_group`` puts a group it stores in full there)."""
+        if self._installed is None or self._mode != "serve":
+            return
+        for group in groups:
+            self._installed._state_group_cache.invalidate(group)
+            self._installed._state_group_members_cache.invalidate(group)
 
     def installed(self, state_store: Any) -> None:
         """Called by ``hooks.install_group_reads`` once it has wrapped the readers."""
@@ -131,9 +156,11 @@ class GroupReads:
         groups: list[int],
         state_filter: StateFilter | None,
         native: NativeGroupRead,
+        direct: set[int] | None = None,
     ) -> Mapping[int, StateMap[str]]:
         """What ``_get_state_groups_from_groups_txn(txn, groups, state_filter)``
-        answers: every group a key, its state filtered."""
+        answers: every group a key, its state filtered. ``direct`` (serve) gets
+        the groups served from their own snapshot (see ``group_caches``)."""
         if state_filter is None:
             state_filter = StateFilter.all()
         if self._native_depth or self._mode == "native":
@@ -145,9 +172,13 @@ class GroupReads:
             ours = in_savepoint(
                 txn,
                 "nidstate_group_read",
-                lambda t: self._store.state_for_groups_txn(t, groups, state_filter),
+                lambda t: self._store.state_for_groups_txn(
+                    t, groups, state_filter, direct if self._mode == "serve" else None
+                ),
             )
         except Contained as e:
+            if direct is not None:
+                direct.clear()
             self._faults.report(_groups_named(groups), e, fallback=True)
             fallback = self.synapse_answer_txn(txn, groups, state_filter, native)
             self._stats.failed += len(groups)

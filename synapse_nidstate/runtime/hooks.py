@@ -34,6 +34,9 @@ predecessor, purge's de-delta, the deduplication background update), and
 ``StateGroupDataStore.get_state_group_delta`` (one edge's delta): Synapse's
 cache in front, a miss read in one transaction that also answers a reclaimed
 group from the snapshots (serve), or compared (shadow), see ``group_reads``.
+And ``StateGroupDataStore._get_state_for_groups`` is replaced, so that in
+serve the module's caches stand in for Synapse's per-group caches
+(``group_caches``); elsewhere it is Synapse's own.
 
 Start-up (every process that loads the module, and the CLI):
 ``prepare_database._upgrade_existing_database``, where Synapse refuses a
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.types import StateMap
 
+from synapse_nidstate.runtime.group_caches import GroupCaches
 from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.mirror import BatchPlan, Mirror
@@ -168,7 +172,9 @@ def install_group_reads(hs: "HomeServer", group_reads: GroupReads) -> bool:
         state_group = delta_arguments(args, kwargs)["state_group"]
         return await group_reads.get_state_group_delta(state_group, native_delta)  # type: ignore[arg-type]
 
+    caches = GroupCaches(group_reads, state, state._get_state_for_groups, native)
     state._get_state_groups_from_groups_txn = _get_state_groups_from_groups_txn  # type: ignore[method-assign]
+    state._get_state_for_groups = caches._get_state_for_groups  # type: ignore[method-assign]
     state.get_state_group_delta = get_state_group_delta  # type: ignore[method-assign,assignment]
     group_reads.installed(state)
     return True

@@ -175,6 +175,9 @@ class Mirror:
         #: Set by the module under ``reclaim: eager``: reclaims groups in the
         #: transaction that mirrored them.
         self.eager_reclaim: Callable[[LoggingTransaction, str, list[int]], None] | None = None
+        #: Set by the module where it serves state-group reads: told, once a
+        #: write commits, which state groups got their snapshots.
+        self.written: Callable[[list[int]], None] | None = None
         # room_id -> plan of the batch being persisted. Synapse persists one
         # batch per room at a time (its per-room persistence queue).
         self._plans: dict[str, BatchPlan] = {}
@@ -298,6 +301,8 @@ class Mirror:
 
         if not self._in_savepoint(txn, "nidstate_mirror", write, failed):
             return
+        if self.written is not None and plan.steps:
+            txn.call_after(self.written, [step.group for step in plan.steps])
         if self.eager_reclaim is not None:
             groups = sorted(
                 {r.state_group for r in rows if r.state_group is not None}

@@ -104,6 +104,8 @@ class NidStateModule:
             hooks.install_lookups(hs, self.lookups)
             self.serves_group_reads = hooks.install_group_reads(hs, self.group_reads)
             self.lookups.group_reads = self.group_reads
+            if self.serves_group_reads:
+                self.mirror.written = self.group_reads.forget_synapse_copies
         self.reclaimed_at_start = failsafe.check_start_up(
             hs, config.mode, self.serves_group_reads
         )

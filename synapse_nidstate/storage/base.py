@@ -21,7 +21,6 @@ from synapse.storage.database import (
     make_in_list_sql_clause,
 )
 from synapse.storage.engines import PostgresEngine
-from synapse.util.caches.dictionary_cache import DictionaryCache
 from synapse.util.caches.lrucache import LruCache
 from synapse.util.iterutils import batch_iter
 
@@ -33,6 +32,7 @@ from synapse_nidstate.storage.common import (
     StringTable,
     in_list_clause,
 )
+from synapse_nidstate.storage.split_cache import SplitStateCache
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -153,22 +153,11 @@ class NidStoreBase:
         self._block_ranges: LruCache[int, tuple[int, int]] = cache(
             "block_ranges", config.snapshot_cache_size
         )
-        # snapshot -> parts of its state as strings, as Synapse caches a state
-        # group's: members, and everything else (sized in state entries).
-        self._members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
-            name="nidstate_snapshot_members",
-            clock=clock,
-            server_name=name,
-            max_entries=config.resolved_state_cache_size,
-        )
-        self._non_members: DictionaryCache[int, tuple[str, str], str] = DictionaryCache(
-            name="nidstate_snapshot_non_members",
-            clock=clock,
-            server_name=name,
-            max_entries=config.resolved_state_cache_size,
-        )
-        self.named_caches["nidstate_snapshot_members"] = self._members.cache
-        self.named_caches["nidstate_snapshot_non_members"] = self._non_members.cache
+        #: snapshot -> parts of its state as strings, as Synapse caches a state
+        #: group's: members, and everything else (sized in state entries).
+        self._split = SplitStateCache(clock, name, config.resolved_state_cache_size)
+        self.named_caches["nidstate_snapshot_members"] = self._split.members.cache
+        self.named_caches["nidstate_snapshot_non_members"] = self._split.non_members.cache
         # snapshot -> its whole state as strings (immutable), or its changes
         # against an ancestor's (``reads.ResolvedChanges``), sized in entries.
         self._resolved: LruCache[int, ResolvedState | ResolvedChanges] = cache(

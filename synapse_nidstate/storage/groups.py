@@ -23,6 +23,7 @@ from synapse.storage.database import LoggingTransaction
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
+from synapse_nidstate.storage.common import CacheMiss
 from synapse_nidstate.storage.reads import StateReadStore
 
 #: Synapse writes full rows at least every 100 hops (``MAX_STATE_DELTA_HOPS``);
@@ -116,13 +117,37 @@ class GroupStateStore(StateReadStore):
             walking = still
         return chains
 
+    def cached_state_for_groups(
+        self, groups: Collection[int], state_filter: StateFilter
+    ) -> dict[int, MutableStateMap[str]]:
+        """:meth:`state_for_groups_txn` from the caches alone, for the groups
+        whose snapshot and its state (as ``state_filter`` wants it) are cached;
+        the others are left out (they are read in a transaction)."""
+        snapshots, _ = self._split_cached(self._group_snapshots, groups)
+        if not snapshots:
+            return {}
+        try:
+            by_snapshot = self.snapshot_states_txn(None, set(snapshots.values()), state_filter)
+        except CacheMiss:
+            return {}
+        return {group: dict(by_snapshot[nid]) for group, nid in snapshots.items()}
+
     def state_for_groups_txn(
-        self, txn: LoggingTransaction, groups: Collection[int], state_filter: StateFilter
+        self,
+        txn: LoggingTransaction,
+        groups: Collection[int],
+        state_filter: StateFilter,
+        direct: set[int] | None = None,
     ) -> dict[int, MutableStateMap[str]]:
         """The state of each group the mirror can answer, filtered as
         ``StateGroupDataStore._get_state_groups_from_groups_txn`` answers: from
-        its snapshot, or through its chain to the nearest group with one."""
+        its snapshot, or through its chain to the nearest group with one.
+
+        ``direct`` gets the groups answered from their own snapshot: the
+        module's caches keep their state (:meth:`cached_state_for_groups`)."""
         known = self.known_groups_txn(txn, groups)
+        if direct is not None:
+            direct.update(known)
         rest = [g for g in groups if g not in known]
         if not rest:
             return self.states_of_txn(txn, known, {}, state_filter)

@@ -11,10 +11,8 @@ from typing import cast
 
 import attr
 from synapse.storage.database import LoggingTransaction
-from synapse.storage.databases.state.store import StateGroupDataStore
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
-from synapse.util.caches.dictionary_cache import DictionaryCache
 
 from synapse_nidstate import algebra
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
@@ -27,27 +25,6 @@ from synapse_nidstate.storage.common import (
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
 from synapse_nidstate.storage.snapshots import checked_block_list
-
-
-@attr.s(slots=True, frozen=True, auto_attribs=True)
-class _DictionaryCaches:
-    """The two attributes Synapse's ``StateGroupDataStore._insert_into_cache``
-    fills, here the module's per-snapshot caches."""
-
-    _state_group_members_cache: DictionaryCache
-    _state_group_cache: DictionaryCache
-
-
-def _state_from_cache(
-    cache: DictionaryCache, snapshot_nid: int, state_filter: StateFilter
-) -> tuple[MutableStateMap[str], bool]:
-    """Synapse's ``_get_state_for_group_using_cache`` (it uses nothing of its store)."""
-    return StateGroupDataStore._get_state_for_group_using_cache(
-        None,  # type: ignore[arg-type]
-        cache,
-        snapshot_nid,
-        state_filter,
-    )
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -193,9 +170,13 @@ class StateReadStore(ResolvedStateStore):
         return {event_id: dict(by_snapshot[nid]) for event_id, nid in snapshots.items()}
 
     def snapshot_states_txn(
-        self, txn: LoggingTransaction, snapshot_nids: Collection[int], state_filter: StateFilter
+        self,
+        txn: LoggingTransaction | None,
+        snapshot_nids: Collection[int],
+        state_filter: StateFilter,
     ) -> dict[int, MutableStateMap[str]]:
-        """The state of each snapshot, filtered (callers copy before changing it)."""
+        """The state of each snapshot, filtered (callers copy before changing it);
+        ``txn=None``: from the caches alone (a miss raises ``CacheMiss``)."""
         if not snapshot_nids:
             return {}
         filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
@@ -215,20 +196,16 @@ class StateReadStore(ResolvedStateStore):
         whole = filter_nids is None
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
-        member_filter, non_member_filter = state_filter.get_member_split()
         for snapshot_nid in snapshot_nids:
             resolved = self._cached_resolved(snapshot_nid)
             if resolved is not None:
                 by_snapshot[snapshot_nid] = resolved(state_filter)
                 continue
-            # What narrower lookups left, per snapshot, in the two caches
-            # Synapse keeps per state group (members, and everything else).
-            non_members, got_non_members = _state_from_cache(
-                self._non_members, snapshot_nid, non_member_filter
-            )
-            members, got_members = _state_from_cache(self._members, snapshot_nid, member_filter)
-            if got_non_members and got_members:
-                by_snapshot[snapshot_nid] = {**non_members, **members}
+            # What narrower lookups left, per snapshot, as Synapse keeps them
+            # per state group (members, and everything else).
+            parts = self._split.get(snapshot_nid, state_filter)
+            if parts is not None:
+                by_snapshot[snapshot_nid] = parts
             else:
                 todo.append(snapshot_nid)
         if not todo:
@@ -237,7 +214,7 @@ class StateReadStore(ResolvedStateStore):
         if whole:
             by_snapshot.update(self._resolve_whole(txn, learnt, block_lists, state_filter))
             return by_snapshot
-        sequences = (self._members.sequence, self._non_members.sequence)
+        sequences = self._split.sequences()
         assert filter_nids is not None
         nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
         # Only the blocks whose key range holds a wanted key: in a big room
@@ -256,14 +233,8 @@ class StateReadStore(ResolvedStateStore):
         }
         strings = cast("dict[int, MutableStateMap[str]]", self._to_strings(txn, nid_states))
         by_snapshot.update(strings)
-        # Synapse's own rule for what a filtered read tells each cache.
         insert = functools.partial(
-            StateGroupDataStore._insert_into_cache,
-            _DictionaryCaches(self._members, self._non_members),  # type: ignore[arg-type]
-            cast("dict[int, StateMap[str]]", strings),
-            state_filter,
-            cache_seq_num_members=sequences[0],
-            cache_seq_num_non_members=sequences[1],
+            self._split.fill, cast("dict[int, StateMap[str]]", strings), state_filter, sequences
         )
         if txn is None:
             insert()
