@@ -169,3 +169,26 @@ class HomeserverTestCase(unittest.TestCase):
         module = module_for(hs)
         assert module is not None, "synapse-nidstate is not loaded"
         return module
+
+
+class SqlStatements(logging.Handler):
+    """The statements Synapse's transactions run meanwhile (its SQL debug log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.sql: list[str] = []
+        self._logger = logging.getLogger("synapse.storage.SQL")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "[SQL] {%s} %s":  # not its values, time or failure
+            self.sql.append(" ".join(str(record.args[-1]).split()))  # type: ignore[index]
+
+    def __enter__(self) -> "SqlStatements":
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)

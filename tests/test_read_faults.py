@@ -4,7 +4,6 @@ write that fails inside Synapse's transaction rolls back to its savepoint
 unless Synapse must retry the transaction; a cold read sees one snapshot of
 the tables while a purge commits beside it."""
 
-import logging
 import sqlite3
 import threading
 from typing import Any
@@ -24,7 +23,14 @@ from synapse_nidstate.commands.verify import compare_with_native
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
 from synapse_nidstate.storage import Contained, CorruptState, in_savepoint, must_retry
-from tests.harness import PG_HOST, PG_PORT, PG_USER, HomeserverTestCase, in_logcontext
+from tests.harness import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    HomeserverTestCase,
+    SqlStatements,
+    in_logcontext,
+)
 from tests.test_reclaim import SERVE, count, event_digest, forget_caches, wrapped_group_digest
 
 #: (what, SQL run on the snapshot of the room's last event): each leaves the
@@ -126,6 +132,13 @@ class ReadFaultTests:
             forget_caches(hs, module)
             failed_before = group_reads.failed
             self.assertEqual(await wrapped_group_digest(hs), groups_before, fault)  # type: ignore[attr-defined]
+            self.assertGreater(group_reads.failed, failed_before, fault)  # type: ignore[attr-defined]
+            # The same through the read with caches (the module's own
+            # transaction, answered by Synapse in a new one).
+            forget_caches(hs, module)
+            failed_before = group_reads.failed
+            cached_read = await hs.get_datastores().state._get_state_for_groups(groups_before)
+            self.assertEqual(cached_read, groups_before, fault)  # type: ignore[attr-defined]
             self.assertGreater(group_reads.failed, failed_before, fault)  # type: ignore[attr-defined]
             self.assertEqual((lookups.unavailable, group_reads.unavailable), (0, 0), fault)  # type: ignore[attr-defined]
             # verify names the event whose state the module cannot read.
@@ -352,29 +365,6 @@ class SavepointTests:
         )
         self.assertEqual(cold[0], "SAVEPOINT nidstate_group_read")  # type: ignore[attr-defined]
         self.assertEqual(warm, [])  # type: ignore[attr-defined]
-
-
-class SqlStatements(logging.Handler):
-    """The statements Synapse's transactions run meanwhile (its SQL debug log)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.sql: list[str] = []
-        self._logger = logging.getLogger("synapse.storage.SQL")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "[SQL] {%s} %s":  # not its values, time or failure
-            self.sql.append(" ".join(str(record.args[-1]).split()))  # type: ignore[index]
-
-    def __enter__(self) -> "SqlStatements":
-        self._level = self._logger.level
-        self._logger.setLevel(logging.DEBUG)
-        self._logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
 
 
 class SqliteReadFaultTests(ReadFaultTests, WriteFaultTests, SavepointTests, HomeserverTestCase):

@@ -15,7 +15,8 @@ So in mode ``serve`` the module replaces the method (``hooks``): a group whose
 snapshot and state are in the module's caches is answered from them on the
 reactor thread, without a transaction, as Synapse answers from its caches; a
 miss is read in one transaction per 100 groups, as Synapse does, through the
-same read as Synapse's (``group_reads.read_txn``); and only what Synapse's own
+same read as Synapse's (``group_reads.read_txn``; a failure is answered by
+Synapse in a new transaction, as the state-at-event lookups do); and only what Synapse's own
 rows answered (a group the mirror has no snapshot for) goes into Synapse's
 caches, by Synapse's own rule. The module's caches are invalidated as Synapse's
 are: never for an existing group (a group's state never changes), and whole on
@@ -32,6 +33,7 @@ from synapse.types import MutableStateMap
 from synapse.types.state import StateFilter
 from synapse.util.cancellation import cancellable
 from synapse.util.iterutils import batch_iter
+from twisted.internet.defer import CancelledError
 
 from synapse_nidstate.runtime.group_reads import GroupReads, NativeGroupRead
 
@@ -101,15 +103,26 @@ class GroupCaches:
         # As Synapse: the filter a little wider, for the caches' hit ratio.
         db_filter = state_filter.return_expanded()
         for chunk in batch_iter(sorted(incomplete), GROUPS_PER_TRANSACTION):
+            groups_read = list(chunk)
             direct: set[int] = set()
-            read = await state.db_pool.runInteraction(
-                "_get_state_groups_from_groups",
-                self._reads.read_txn,
-                list(chunk),
-                db_filter,
-                self._native_read_txn,
-                direct,
-            )
+            try:
+                # The module's own transaction: no savepoint (read_txn).
+                read = await state.db_pool.runInteraction(
+                    "_get_state_groups_from_groups",
+                    self._reads.read_txn,
+                    groups_read,
+                    db_filter,
+                    self._native_read_txn,
+                    direct,
+                    False,
+                )
+            except CancelledError:
+                raise
+            except Exception as e:
+                direct.clear()
+                read = await self._reads.after_failure(
+                    e, groups_read, db_filter, self._native_read_txn
+                )
             synapses = {g: s for g, s in read.items() if g not in direct}
             if synapses:
                 state._insert_into_cache(

@@ -27,7 +27,7 @@ from typing import Any
 from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.databases.state.store import _GetStateGroupDelta
-from synapse.types import StateMap
+from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.runtime.faults import FaultLog, StateUnavailable
@@ -157,24 +157,35 @@ class GroupReads:
         state_filter: StateFilter | None,
         native: NativeGroupRead,
         direct: set[int] | None = None,
+        contained: bool = True,
     ) -> Mapping[int, StateMap[str]]:
         """What ``_get_state_groups_from_groups_txn(txn, groups, state_filter)``
         answers: every group a key, its state filtered. ``direct`` (serve) gets
-        the groups served from their own snapshot (see ``group_caches``)."""
+        the groups served from their own snapshot (see ``group_caches``).
+
+        The mirror's read runs in a savepoint of ``txn`` (Synapse's), so that a
+        failure is answered by Synapse in the same transaction; with
+        ``contained=False`` (``txn`` is the module's own) it runs without
+        one and a failure is raised, for the caller to answer in a new
+        transaction (:meth:`after_failure`): two statements fewer."""
         if state_filter is None:
             state_filter = StateFilter.all()
         if self._native_depth or self._mode == "native":
             return self.synapse_answer_txn(txn, groups, state_filter, native)
         started = time.perf_counter()
         invalidations = self._store.invalidations
+
+        def mirror_read(t: LoggingTransaction) -> dict[int, MutableStateMap[str]]:
+            return self._store.state_for_groups_txn(
+                t, groups, state_filter, direct if self._mode == "serve" else None
+            )
+
         try:
             # In a savepoint: a failed statement must not abort Synapse's transaction.
-            ours = in_savepoint(
-                txn,
-                "nidstate_group_read",
-                lambda t: self._store.state_for_groups_txn(
-                    t, groups, state_filter, direct if self._mode == "serve" else None
-                ),
+            ours = (
+                in_savepoint(txn, "nidstate_group_read", mirror_read)
+                if contained
+                else mirror_read(txn)
             )
         except Contained as e:
             if direct is not None:
@@ -204,6 +215,26 @@ class GroupReads:
                 self._stats.mismatched += 1
                 self._log_mismatch(group, state_filter, theirs.get(group, {}), state)
         return theirs
+
+    async def after_failure(
+        self,
+        error: Exception,
+        groups: list[int],
+        state_filter: StateFilter,
+        native: NativeGroupRead,
+    ) -> Mapping[int, StateMap[str]]:
+        """The mirror's read of ``groups`` in a transaction of its own failed
+        (``read_txn(contained=False)``): Synapse's answer, in a new one."""
+        self._faults.report(_groups_named(groups), error, fallback=True)
+        answer = await self._store.db_pool.runInteraction(
+            "_get_state_groups_from_groups",
+            self.synapse_answer_txn,
+            groups,
+            state_filter,
+            native,
+        )
+        self._stats.failed += len(groups)
+        return answer
 
     async def get_state_group_delta(
         self, state_group: int, native: NativeDeltaRead

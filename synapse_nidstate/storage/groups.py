@@ -24,7 +24,7 @@ from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
 from synapse_nidstate.storage.common import CacheMiss
-from synapse_nidstate.storage.reads import StateReadStore
+from synapse_nidstate.storage.reads import SnapshotRead, StateReadStore
 
 #: Synapse writes full rows at least every 100 hops (``MAX_STATE_DELTA_HOPS``);
 #: a longer walk meets a full group first, unless groups were edited by hand.
@@ -145,12 +145,15 @@ class GroupStateStore(StateReadStore):
 
         ``direct`` gets the groups answered from their own snapshot: the
         module's caches keep their state (:meth:`cached_state_for_groups`)."""
-        known = self.known_groups_txn(txn, groups)
+        # One statement: each group's snapshot, its block list, and the
+        # NIDs of the filter's strings.
+        read = self.snapshot_read(state_filter)
+        known = self.group_snapshots_read(txn, groups, read.learnt, read.filter_nids)
         if direct is not None:
             direct.update(known)
         rest = [g for g in groups if g not in known]
         if not rest:
-            return self.states_of_txn(txn, known, {}, state_filter)
+            return self.states_of_txn(txn, known, {}, state_filter, read)
         # While a group is reclaimed, a chain may pass through it however deep:
         # walk it all, and answer a chain that ends in full rows from those rows
         # (Synapse's own answer, read once). Otherwise Synapse's read is right
@@ -163,7 +166,7 @@ class GroupStateStore(StateReadStore):
             ended=reclaimed,
             max_hops=MAX_WALK_HOPS if reclaimed else SHORT_WALK_HOPS,
         )
-        return self.states_of_txn(txn, known, chains, state_filter)
+        return self.states_of_txn(txn, known, chains, state_filter, read)
 
     def any_reclaimed_txn(self, txn: LoggingTransaction) -> bool:
         """Whether any state group's rows are reclaimed (``storage.reclaim``)."""
@@ -176,6 +179,7 @@ class GroupStateStore(StateReadStore):
         snapshots: dict[int, int],
         chains: dict[int, Chain],
         state_filter: StateFilter,
+        read: SnapshotRead | None = None,
     ) -> dict[int, MutableStateMap[str]]:
         """Each group's state: of ``snapshots`` (group -> snapshot NID) from the
         snapshot, of ``chains`` from the anchor's snapshot and the rows on the way."""
@@ -184,6 +188,7 @@ class GroupStateStore(StateReadStore):
             set(snapshots.values())
             | {c.anchor_snapshot for c in chains.values() if c.anchor_snapshot is not None},
             state_filter,
+            read,
         )
         answer: dict[int, MutableStateMap[str]] = {
             group: dict(by_snapshot[nid]) for group, nid in snapshots.items()

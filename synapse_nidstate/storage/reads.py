@@ -7,7 +7,7 @@ never leave the reactor thread, like Synapse's own cached state reads.
 
 import functools
 from collections.abc import Collection
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import attr
 from synapse.storage.database import LoggingTransaction
@@ -15,7 +15,7 @@ from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
 from synapse_nidstate import algebra
-from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.base import K, NidStoreBase, TxnLearnt
 from synapse_nidstate.storage.common import (
     STATE_KEYS,
     TYPES,
@@ -25,6 +25,9 @@ from synapse_nidstate.storage.common import (
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
 from synapse_nidstate.storage.snapshots import checked_block_list
+
+if TYPE_CHECKING:
+    from synapse.util.caches.lrucache import LruCache
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -70,6 +73,15 @@ def _is_whole(state_filter: StateFilter) -> bool:
     )
 
 
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class SnapshotRead:
+    """What one read of snapshots learnt (block lists, blocks) and the NIDs of
+    its filter's strings, filled by its first statement and used by the next."""
+
+    learnt: TxnLearnt
+    filter_nids: _FilterNids | None
+
+
 class StateReadStore(ResolvedStateStore):
     def _event_snapshots_read(
         self,
@@ -83,19 +95,61 @@ class StateReadStore(ResolvedStateStore):
         The snapshots' block lists come in the same query (into ``learnt``),
         and so do the NIDs of ``filter_nids``' strings not cached yet.
         """
-        found, missing = self._split_cached(self._event_snapshots, event_ids)
+        # The state at an event is its state group's: Synapse's own row says
+        # which group (the state before the event when rejected).
+        return self._snapshots_read(
+            txn,
+            event_ids,
+            learnt,
+            filter_nids,
+            self._event_snapshots,
+            "esg.event_id",
+            " FROM event_to_state_groups AS esg"
+            " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group",
+        )
+
+    def group_snapshots_read(
+        self,
+        txn: LoggingTransaction | None,
+        groups: Collection[int],
+        learnt: TxnLearnt,
+        filter_nids: "_FilterNids | None",
+    ) -> dict[int, int]:
+        """:meth:`_event_snapshots_read` for state groups: the snapshot of each
+        group the mirror has, its block list and the filter's NIDs in one query."""
+        return self._snapshots_read(
+            txn,
+            groups,
+            learnt,
+            filter_nids,
+            self._group_snapshots,
+            "g.state_group",
+            " FROM nidstate_state_groups AS g",
+        )
+
+    def _snapshots_read(
+        self,
+        txn: LoggingTransaction | None,
+        keys: Collection[K],
+        learnt: TxnLearnt,
+        filter_nids: "_FilterNids | None",
+        cache: "LruCache[K, int]",
+        key_column: str,
+        source: str,
+    ) -> dict[K, int]:
+        """Snapshot of each of ``keys`` (events or groups) that has one, read
+        ``source`` (whose rows ``key_column`` names, with ``g`` the groups' map)."""
+        found, missing = self._split_cached(cache, keys)
         if missing:
             if txn is None:
                 raise CacheMiss()
-            # The state at an event is its state group's: Synapse's own row
-            # says which group (the state before the event when rejected).
-            clause, args = in_list_clause(self.engine, "esg.event_id", missing)
+            clause, args = in_list_clause(self.engine, key_column, missing)
             # LEFT JOIN: a mapping to a snapshot that is not there is an error
-            # (CorruptState), not an event without a snapshot.
+            # (CorruptState), not a key without a snapshot. The key is the
+            # second column (an event ID or a group), a string the third.
             sql = (
-                "SELECT 0, esg.event_id, g.snapshot_nid, s.block_nids, s.content_hash"
-                " FROM event_to_state_groups AS esg"
-                " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+                f"SELECT 0, {key_column}, NULL, g.snapshot_nid, s.block_nids, s.content_hash"
+                f"{source}"
                 " LEFT JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid"
                 f" WHERE {clause}"
             )
@@ -109,24 +163,25 @@ class StateReadStore(ResolvedStateStore):
                             self.engine, table.string_column, missing_strings
                         )
                         sql += (
-                            f" UNION ALL SELECT {kind}, {table.string_column}, {table.nid_column},"
-                            f" NULL, NULL FROM {table.table} WHERE {string_clause}"
+                            f" UNION ALL SELECT {kind}, NULL, {table.string_column},"
+                            f" {table.nid_column}, NULL, NULL FROM {table.table}"
+                            f" WHERE {string_clause}"
                         )
                         args += string_args
             txn.execute(sql, args)
             pairs = []
             strings: list[list[tuple[str, int]]] = [[], [], []]
-            for kind, string, nid, block_nids, digest in txn:
+            for kind, key, string, nid, block_nids, digest in txn:
                 if kind == 0:
-                    pairs.append((string, nid))
-                    if nid not in learnt.snapshots:  # events of a batch share snapshots
+                    pairs.append((key, nid))
+                    if nid not in learnt.snapshots:  # keys of a batch share snapshots
                         if block_nids is None:
-                            raise CorruptState(f"snapshot {nid} of event {string} missing")
+                            raise CorruptState(f"snapshot {nid} of {key} missing")
                         learnt.snapshots[nid] = checked_block_list(nid, block_nids, digest)
                 else:
                     strings[kind].append((string, nid))
             found.update(pairs)
-            txn.call_after(self._fill, self._event_snapshots, pairs)
+            txn.call_after(self._fill, cache, pairs)
             if filter_nids is not None:
                 filter_nids.learnt(txn, self, strings[1], strings[2])
         return found
@@ -174,14 +229,25 @@ class StateReadStore(ResolvedStateStore):
         txn: LoggingTransaction | None,
         snapshot_nids: Collection[int],
         state_filter: StateFilter,
+        read: "SnapshotRead | None" = None,
     ) -> dict[int, MutableStateMap[str]]:
         """The state of each snapshot, filtered (callers copy before changing it);
-        ``txn=None``: from the caches alone (a miss raises ``CacheMiss``)."""
+        ``txn=None``: from the caches alone (a miss raises ``CacheMiss``).
+        ``read``: what the read learnt so far (:meth:`snapshot_read`)."""
         if not snapshot_nids:
             return {}
-        filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
+        if read is None:
+            read = self.snapshot_read(state_filter)
         return self._states_of_snapshots_read(
-            txn, set(snapshot_nids), state_filter, filter_nids, TxnLearnt()
+            txn, set(snapshot_nids), state_filter, read.filter_nids, read.learnt
+        )
+
+    def snapshot_read(self, state_filter: StateFilter) -> "SnapshotRead":
+        """The start of a read of snapshots with ``state_filter``: what its
+        first statement fills (:meth:`group_snapshots_read`)."""
+        return SnapshotRead(
+            TxnLearnt(),
+            None if _is_whole(state_filter) else _FilterNids.of(self, state_filter),
         )
 
     def _states_of_snapshots_read(
