@@ -156,23 +156,19 @@ async def time_group_reads(
     other_members: list[str],
     cold: bool,
 ) -> list[Timing]:
-    """Synapse's reads of one state group, native against the module's, each in
-    a transaction of its own: ``_get_state_groups_from_groups_txn`` (what a miss
-    of Synapse's per-group caches costs: native has no cache below them, the
-    module its block and string caches) with each filter, and
-    ``get_state_group_delta`` (Synapse's cache emptied before each)."""
+    """Synapse's reads of one state group, native against the module's:
+    ``_get_state_for_groups`` with each filter (what Synapse's callers call:
+    native, Synapse's per-group caches and its read of ``state_groups_state``;
+    the module's, its own caches standing in for Synapse's and its read of
+    the snapshots), and ``get_state_group_delta`` (Synapse's cache emptied
+    before each)."""
     group_reads = lookups.group_reads
     assert group_reads is not None, "the module does not serve state-group reads here"
     state = hs.get_datastores().state
     cache = "cold" if cold else "warm"
 
     async def read(group: int, state_filter: StateFilter) -> object:
-        return await state.db_pool.runInteraction(
-            "nidstate_timing_group_read",
-            state._get_state_groups_from_groups_txn,
-            [group],
-            state_filter,
-        )
+        return await state._get_state_for_groups([group], state_filter)
 
     async def delta(group: int, state_filter: StateFilter) -> object:
         state.get_state_group_delta.invalidate_all()
