@@ -214,7 +214,11 @@ class StateReadStore(ResolvedStateStore):
         resolves the whole state once, keeps it as strings in the
         resolved-state cache and filters it with ``StateFilter.filter_state``.
         """
-        filter_nids = None if _is_whole(state_filter) else _FilterNids.of(self, state_filter)
+        # The filter's NIDs ride on the first statement; from the caches alone
+        # they are only looked up if a narrow answer is not cached as strings.
+        filter_nids = (
+            None if txn is None or _is_whole(state_filter) else _FilterNids.of(self, state_filter)
+        )
         learnt = TxnLearnt()
         snapshots = self._event_snapshots_read(txn, event_ids, learnt, filter_nids)
         if not snapshots:
@@ -237,7 +241,7 @@ class StateReadStore(ResolvedStateStore):
         if not snapshot_nids:
             return {}
         if read is None:
-            read = self.snapshot_read(state_filter)
+            read = SnapshotRead(TxnLearnt(), None) if txn is None else self.snapshot_read(state_filter)
         return self._states_of_snapshots_read(
             txn, set(snapshot_nids), state_filter, read.filter_nids, read.learnt
         )
@@ -259,7 +263,7 @@ class StateReadStore(ResolvedStateStore):
         learnt: TxnLearnt,
     ) -> dict[int, MutableStateMap[str]]:
         """Each snapshot's state as strings, filtered (see ``state_for_events_txn``)."""
-        whole = filter_nids is None
+        whole = _is_whole(state_filter)
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
         for snapshot_nid in snapshot_nids:
@@ -281,7 +285,8 @@ class StateReadStore(ResolvedStateStore):
             by_snapshot.update(self._resolve_whole(txn, learnt, block_lists, state_filter))
             return by_snapshot
         sequences = self._split.sequences()
-        assert filter_nids is not None
+        if filter_nids is None:
+            filter_nids = _FilterNids.of(self, state_filter)
         nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
         # Only the blocks whose key range holds a wanted key: in a big room
         # one or two of a compaction's blocks, and the deltas after them.
