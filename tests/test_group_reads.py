@@ -96,6 +96,50 @@ class GroupReadTests:
         await compare_every_delta(self, hs)
 
     @in_logcontext
+    async def test_a_chain_is_walked_as_far_as_the_short_walk_goes(self) -> None:
+        """Six groups without a snapshot, each on the one before, on a mirrored
+        group: while nothing is reclaimed the walk goes SHORT_WALK_HOPS hops, so
+        the first four are served through their chain and the two beyond are
+        Synapse's (all answered as Synapse answers)."""
+        from synapse_nidstate.storage.groups import SHORT_WALK_HOPS
+
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        room_id = history.rooms[0]
+        state = hs.get_datastores().state
+        event_ids, _ = await room_event_ids(hs, room_id)
+        group = (await hs.get_datastores().main._get_state_group_for_events([event_ids[-1]]))[
+            event_ids[-1]
+        ]
+        chain = []
+        for i in range(SHORT_WALK_HOPS + 2):
+            group = await state.store_state_group(
+                f"$nidstate-chain-{i}", room_id, group,
+                {("m.room.topic", ""): event_ids[i % len(event_ids)]}, None,
+            )
+            chain.append(group)
+        stats = module.stats.group_reads
+        outcomes = []
+        for group in chain:
+            served, fallback = stats.served, stats.fallback
+
+            def both(txn: Any, group: int = group) -> Any:
+                ours = state._get_state_groups_from_groups_txn(txn, [group], StateFilter.all())
+                theirs = module.group_reads.synapse_answer_txn(
+                    txn, [group], StateFilter.all(),
+                    lambda t, g, f: type(state)._get_state_groups_from_groups_txn(state, t, g, f),
+                )
+                return ours, theirs
+
+            ours, theirs = await state.db_pool.runInteraction("nidstate_test_chain", both)
+            self.assertEqual(dict(ours[group]), dict(theirs[group]))  # type: ignore[attr-defined]
+            outcomes.append((stats.served - served, stats.fallback - fallback))
+        self.assertEqual(  # type: ignore[attr-defined]
+            outcomes, [(1, 0)] * SHORT_WALK_HOPS + [(0, 1)] * 2
+        )
+
+    @in_logcontext
     async def test_groups_from_before_the_module_fall_back_until_migrated(self) -> None:
         database = self.database_config()  # type: ignore[attr-defined]
         hs = await self.make_homeserver(None, database=database)  # type: ignore[attr-defined]

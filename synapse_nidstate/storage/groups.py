@@ -7,9 +7,9 @@ plus the delta's rows in ``state_groups_state``) or, every 100 hops and where
 a delta cannot express it, as full rows. A group without a snapshot (its
 events are being persisted, it is partial-state, its plan failed) usually
 builds on one with a snapshot, whose rows may be reclaimed; so its state is
-read as Synapse would, one hop at a time, except that the walk stops at the
-first group with a snapshot (``anchors``) and takes that group's state from
-it. While no group is reclaimed, a chain longer than :data:`SHORT_WALK_HOPS`
+read as Synapse would, along its edges, except that the walk (one recursive
+query, whatever its length) stops at the first group with a snapshot
+(``anchors``) and takes that group's state from it. While no group is reclaimed, a chain longer than :data:`SHORT_WALK_HOPS`
 or one that ends in full rows without meeting an anchor is left to Synapse's
 own read; while one is, the walk goes to the chain's end (at most
 :data:`MAX_WALK_HOPS`) and a chain that ends in full rows is answered from
@@ -23,7 +23,7 @@ from synapse.storage.database import LoggingTransaction
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
-from synapse_nidstate.storage.common import CacheMiss
+from synapse_nidstate.storage.common import CacheMiss, in_list_clause
 from synapse_nidstate.storage.reads import SnapshotRead, StateReadStore
 
 #: Synapse writes full rows at least every 100 hops (``MAX_STATE_DELTA_HOPS``);
@@ -86,36 +86,53 @@ class GroupStateStore(StateReadStore):
         anchors: Anchors,
         ended: bool = False,
         max_hops: int = MAX_WALK_HOPS,
+        anchor_table: str = "nidstate_state_groups",
     ) -> dict[int, Chain]:
         """The chain of each of ``groups`` (none of them an anchor) down to its
-        nearest anchor; a chain that ends in full rows first is left out, or
-        with ``ended`` kept without an anchor; one longer than
-        ``max_hops`` is left out. One hop for all groups at a time: three
-        statements per hop."""
-        # walked group -> (group reached, rows so far)
-        walking: dict[int, tuple[int, list[StateMap[str]]]] = {g: (g, []) for g in groups}
-        chains: dict[int, Chain] = {}
-        for _ in range(max_hops):
-            if not walking:
-                break
-            reached = {at for at, _ in walking.values()}
-            rows = self.group_rows_txn(txn, reached)
-            prevs = self.prev_groups_txn(txn, reached)
-            anchored = anchors(txn, set(prevs.values()))
-            still: dict[int, tuple[int, list[StateMap[str]]]] = {}
-            for group, (at, deltas) in walking.items():
-                deltas.append(rows[at])
-                prev = prevs.get(at)
-                if prev is None:  # full rows: no anchor on this chain
-                    if ended:
-                        chains[group] = Chain(None, None, deltas)
-                    continue
-                if prev in anchored:
-                    chains[group] = Chain(prev, anchored[prev], deltas)
-                else:
-                    still[group] = (prev, deltas)
-            walking = still
-        return chains
+        nearest anchor (a group in ``anchor_table``; ``anchors`` gives the
+        anchors' snapshots); a chain that ends in full rows first is left out,
+        or with ``ended`` kept without an anchor; one longer than ``max_hops``
+        is left out.
+
+        Three statements whatever the chains' length: the walk along
+        ``state_group_edges`` as one recursive query that stops at an anchor
+        (as Synapse's own read on PostgreSQL walks them in one), the anchors'
+        snapshots, and the rows of every group on the way."""
+        if not groups:
+            return {}
+        clause, args = in_list_clause(self.engine, "state_group", list(groups))
+        txn.execute(
+            "WITH RECURSIVE walk(origin, at, hops) AS ("
+            f" SELECT state_group, prev_state_group, 1 FROM state_group_edges WHERE {clause}"
+            " UNION ALL"
+            " SELECT w.origin, e.prev_state_group, w.hops + 1"
+            " FROM walk AS w JOIN state_group_edges AS e ON e.state_group = w.at"
+            f" WHERE w.hops < ? AND NOT EXISTS (SELECT 1 FROM {anchor_table} AS a"
+            "  WHERE a.state_group = w.at)"
+            ") SELECT origin, at, hops FROM walk",
+            (*args, max_hops),
+        )
+        # walked group -> the groups on its way after it, in order
+        ways: dict[int, list[int]] = {g: [] for g in groups}
+        for origin, at, _ in sorted(txn.fetchall(), key=lambda row: row[2]):
+            ways[origin].append(at)
+        anchored = anchors(txn, {way[-1] for way in ways.values() if way})
+        chains: dict[int, tuple[int | None, list[int]]] = {}
+        for group, way in ways.items():
+            if way and way[-1] in anchored:
+                chains[group] = (way[-1], [group, *way[:-1]])
+            elif len(way) < max_hops and ended:
+                # No edge from the last group: its rows are full.
+                chains[group] = (None, [group, *way])
+        rows = self.group_rows_txn(txn, {g for _, on_way in chains.values() for g in on_way})
+        return {
+            group: Chain(
+                anchor,
+                None if anchor is None else anchored[anchor],
+                [rows[g] for g in on_way],
+            )
+            for group, (anchor, on_way) in chains.items()
+        }
 
     def cached_state_for_groups(
         self, groups: Collection[int], state_filter: StateFilter

@@ -213,7 +213,11 @@ class ReclaimStore(ProofStore):
         is reclaimed."""
         reclaimed = self.reclaimed_anchors_txn(txn, groups)
         chains = self.chains_txn(
-            txn, [g for g in groups if g not in reclaimed], self.reclaimed_anchors_txn, ended=True
+            txn,
+            [g for g in groups if g not in reclaimed],
+            self.reclaimed_anchors_txn,
+            ended=True,
+            anchor_table="nidstate_reclaimed_groups",
         )
         return self.states_of_txn(txn, reclaimed, chains, state_filter)
 
