@@ -32,13 +32,11 @@ from synapse_nidstate.storage.common import (
     StringTable,
     in_list_clause,
 )
-from synapse_nidstate.storage.split_cache import SplitStateCache
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
     from synapse_nidstate.runtime.config import NidStateConfig
-    from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -98,7 +96,9 @@ class WriteScope:
 
 
 class NidStoreBase:
-    """The database pool and every in-process cache; the parts of the store build on it."""
+    """The database pool, the string caches every part uses, and how the caches
+    (declared by the parts that fill them) are named, filled after commit and
+    emptied; the parts of the store build on it."""
 
     def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
         self.db_pool: DatabasePool = hs.get_datastores().main.db_pool
@@ -113,16 +113,9 @@ class NidStoreBase:
         #: Every in-process cache of the module, by its metrics name.
         self.named_caches: dict[str, LruCache] = {}
 
-        def cache(cache_name: str, size: int, **kwargs: Any) -> LruCache:
-            full_name = f"nidstate_{cache_name}"
-            self.named_caches[full_name] = LruCache(
-                max_size=size,
-                clock=clock,
-                server_name=name,
-                cache_name=full_name,
-                **kwargs,
-            )
-            return self.named_caches[full_name]
+        self._clock = clock
+        self._server_name = name
+        cache = self._cache
 
         strings = config.string_cache_size
         self._string_nids: dict[StringTable, LruCache[str, int]] = {
@@ -135,39 +128,21 @@ class NidStoreBase:
         }
         self._event_nids: LruCache[str, int] = cache("event_nids", strings)
         self._event_ids: LruCache[int, str] = cache("event_ids", strings)
-        self._group_snapshots: LruCache[int, int] = cache(
-            "group_snapshots", config.snapshot_cache_size
-        )
-        self._event_snapshots: LruCache[str, int] = cache(
-            "event_snapshots", config.snapshot_cache_size
-        )
-        self._snapshot_blocks: LruCache[int, tuple[int, ...]] = cache(
-            "snapshot_blocks", config.snapshot_cache_size
-        )
-        self._blocks: LruCache[int, Block] = cache(
-            "blocks", config.block_cache_size, size_callback=len
-        )
-        #: Each block's stored key range, learnt with the block or without it (a
-        #: narrow read that skipped it): what lets a narrow lookup answer from the
-        #: caches without the blocks it does not need.
-        self._block_ranges: LruCache[int, tuple[int, int]] = cache(
-            "block_ranges", config.snapshot_cache_size
-        )
-        #: snapshot -> parts of its state as strings, as Synapse caches a state
-        #: group's: members, and everything else (sized in state entries).
-        self._split = SplitStateCache(clock, name, config.resolved_state_cache_size)
-        self.named_caches["nidstate_snapshot_members"] = self._split.members.cache
-        self.named_caches["nidstate_snapshot_non_members"] = self._split.non_members.cache
-        # snapshot -> its whole state as strings (immutable), or its changes
-        # against an ancestor's (``reads.ResolvedChanges``), sized in entries.
-        self._resolved: LruCache[int, ResolvedState | ResolvedChanges] = cache(
-            "resolved_state", config.resolved_state_cache_size, size_callback=len
-        )
-        #: The block list of each snapshot in ``_resolved`` (kept in step by the
-        #: cache's callbacks): how a snapshot finds a resolved ancestor.
-        self._resolved_index: dict[tuple[int, ...], int] = {}
+        # The other caches are declared by the part of the store that fills them.
 
     # ------------------------------------------------------------------ caches
+
+    def _cache(self, cache_name: str, size: int, **kwargs: Any) -> LruCache:
+        """A new cache of the module, named for Synapse's cache metrics."""
+        full_name = f"nidstate_{cache_name}"
+        self.named_caches[full_name] = LruCache(
+            max_size=size,
+            clock=self._clock,
+            server_name=self._server_name,
+            cache_name=full_name,
+            **kwargs,
+        )
+        return self.named_caches[full_name]
 
     def caches(self) -> list[LruCache]:
         """Every in-process cache of the module (for metrics, benchmarks and tests)."""
@@ -177,7 +152,6 @@ class NidStoreBase:
         self.invalidations += 1
         for cache in self.caches():
             cache.clear()
-        self._resolved_index.clear()
 
     def forget_if_invalidated_since(self, invalidations: int) -> None:
         """After a read that started when :attr:`invalidations` was
@@ -197,14 +171,6 @@ class NidStoreBase:
         for event_id, nid in learnt.events.items():
             self._event_nids.set(event_id, nid)
             self._event_ids.set(nid, event_id)
-        for group, snapshot_nid in learnt.groups.items():
-            self._group_snapshots.set(group, snapshot_nid)
-        for snapshot_nid, block_nids in learnt.snapshots.items():
-            self._snapshot_blocks.set(snapshot_nid, block_nids)
-        for block_nid, block in learnt.blocks.items():
-            self._blocks.set(block_nid, block)
-        for event_id, snapshot_nid in learnt.event_snapshots.items():
-            self._event_snapshots.set(event_id, snapshot_nid)
 
     @staticmethod
     def _split_cached(

@@ -10,7 +10,7 @@ from synapse_nidstate import algebra
 from synapse_nidstate.storage.base import TxnLearnt
 from synapse_nidstate.storage.common import STATE_KEYS, TYPES, CorruptState
 from synapse_nidstate.storage.groups import Anchors, GroupStateStore
-from synapse_nidstate.storage.interning import EVENTS
+from synapse_nidstate.storage.interning import EVENTS, InterningStore
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -51,7 +51,7 @@ class DeltaProofs:
         )
 
 
-class ProofStore(GroupStateStore):
+class ProofStore(GroupStateStore, InterningStore):
     def delta_proofs_txn(
         self, txn: LoggingTransaction, snapshots: dict[int, int], reclaimed: Anchors
     ) -> "DeltaProofs":

@@ -16,6 +16,7 @@ from synapse.types.state import StateFilter
 
 from synapse_nidstate import algebra
 from synapse_nidstate.storage.base import K, NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.blocks import checked_block_list
 from synapse_nidstate.storage.common import (
     STATE_KEYS,
     TYPES,
@@ -24,10 +25,13 @@ from synapse_nidstate.storage.common import (
     in_list_clause,
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
-from synapse_nidstate.storage.snapshots import checked_block_list
+from synapse_nidstate.storage.split_cache import SplitStateCache
 
 if TYPE_CHECKING:
+    from synapse.server import HomeServer
     from synapse.util.caches.lrucache import LruCache
+
+    from synapse_nidstate.runtime.config import NidStateConfig
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -83,6 +87,24 @@ class SnapshotRead:
 
 
 class StateReadStore(ResolvedStateStore):
+    def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
+        super().__init__(hs, config)
+        self._event_snapshots: LruCache[str, int] = self._cache(
+            "event_snapshots", config.snapshot_cache_size
+        )
+        #: snapshot -> parts of its state as strings, as Synapse caches a state
+        #: group's: members, and everything else (sized in state entries).
+        self._split = SplitStateCache(
+            hs.get_clock(), hs.hostname, config.resolved_state_cache_size
+        )
+        self.named_caches["nidstate_snapshot_members"] = self._split.members.cache
+        self.named_caches["nidstate_snapshot_non_members"] = self._split.non_members.cache
+
+    def _publish(self, learnt: TxnLearnt) -> None:
+        super()._publish(learnt)
+        for event_id, snapshot_nid in learnt.event_snapshots.items():
+            self._event_snapshots.set(event_id, snapshot_nid)
+
     def _event_snapshots_read(
         self,
         txn: LoggingTransaction | None,

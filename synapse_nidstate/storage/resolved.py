@@ -9,16 +9,23 @@ become strings (:meth:`ResolvedStateStore._to_strings`), for ``reads``.
 
 import functools
 from collections.abc import Callable, Collection, Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import attr
 from synapse.storage.database import LoggingTransaction
 from synapse.types import MutableStateMap
 from synapse.types.state import StateFilter
+from synapse.util.caches.lrucache import LruCache
 
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import TxnLearnt
+from synapse_nidstate.storage.blocks import BlockStore
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_nidstate.runtime.config import NidStateConfig
 from synapse_nidstate.storage.common import (
     STATE_KEYS,
     TYPES,
@@ -26,7 +33,6 @@ from synapse_nidstate.storage.common import (
     CorruptState,
     in_list_clause,
 )
-from synapse_nidstate.storage.snapshots import SnapshotStore
 
 
 class ResolvedState:
@@ -159,7 +165,22 @@ class _Plan:
     rebase: bool = False
 
 
-class ResolvedStateStore(SnapshotStore):
+class ResolvedStateStore(BlockStore):
+    def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
+        super().__init__(hs, config)
+        # snapshot -> its whole state as strings (immutable), or its changes
+        # against an ancestor's, sized in entries.
+        self._resolved: LruCache[int, ResolvedState | ResolvedChanges] = self._cache(
+            "resolved_state", config.resolved_state_cache_size, size_callback=len
+        )
+        #: The block list of each snapshot in ``_resolved`` (kept in step by the
+        #: cache's callbacks): how a snapshot finds a resolved ancestor.
+        self._resolved_index: dict[tuple[int, ...], int] = {}
+
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._resolved_index.clear()
+
     def _cached_resolved(
         self, snapshot_nid: int
     ) -> Callable[[StateFilter], MutableStateMap[str]] | None:

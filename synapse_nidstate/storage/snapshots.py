@@ -1,7 +1,7 @@
 """Where a snapshot is built and written: blocks, snapshots and the state
 group -> snapshot map, planned in Python and written in a few statements."""
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from synapse.storage.database import LoggingTransaction
@@ -9,33 +9,16 @@ from synapse.storage.database import LoggingTransaction
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block, NidStateMap
 from synapse_nidstate.storage.base import TxnLearnt, WriteScope
+from synapse_nidstate.storage.blocks import BlockStore
 from synapse_nidstate.storage.common import (
     ROOMS,
-    CacheMiss,
-    CorruptState,
     EventRow,
     GroupStep,
     WriteCounters,
-    in_list_clause,
 )
 from synapse_nidstate.storage.interning import InterningStore
 
 T = TypeVar("T")
-
-
-def _checked(
-    decode: Callable[[bytes, bytes], T], what: str, nid: int, data: bytes, digest: bytes
-) -> T:
-    """A stored value decoded and checked against its content hash."""
-    try:
-        return decode(data, digest)
-    except algebra.AlgebraError as e:
-        raise CorruptState(f"{what} {nid}: {e}") from e
-
-
-def checked_block_list(snapshot_nid: int, data: bytes, digest: bytes) -> tuple[int, ...]:
-    """A snapshot's stored block list, checked against its content hash."""
-    return _checked(algebra.unpack_nids_checked, "snapshot", snapshot_nid, data, digest)
 
 
 def _key_range_columns(block: Block) -> tuple[int, int]:
@@ -45,130 +28,7 @@ def _key_range_columns(block: Block) -> tuple[int, int]:
     return key_range if key_range is not None else (0, algebra.MAX_KEY_NUMBER)
 
 
-class SnapshotStore(InterningStore):
-    def known_groups_txn(
-        self,
-        txn: LoggingTransaction,
-        groups: Collection[int],
-        learnt: TxnLearnt | None = None,
-    ) -> dict[int, int]:
-        """State group -> snapshot NID, for the groups the mirror has.
-
-        In a write transaction pass its ``learnt``: rows it wrote itself must
-        not be cached before it commits.
-        """
-        found, missing = self._split_cached(self._group_snapshots, groups)
-        if learnt is not None:
-            found.update((g, learnt.groups[g]) for g in missing if g in learnt.groups)
-            missing = [g for g in missing if g not in learnt.groups]
-        if missing:
-            rows = self._select_in_txn(
-                txn,
-                "SELECT state_group, snapshot_nid FROM nidstate_state_groups WHERE",
-                "state_group",
-                missing,
-            )
-            found.update(rows)
-            if learnt is None:
-                txn.call_after(self._fill, self._group_snapshots, rows)
-            else:
-                learnt.groups.update(rows)
-        return found
-
-    async def known_groups(self, groups: Collection[int]) -> dict[int, int]:
-        found, missing = self._split_cached(self._group_snapshots, groups)
-        if not missing:
-            return found
-        found.update(
-            await self.db_pool.runInteraction(
-                "nidstate_known_groups", self.known_groups_txn, missing
-            )
-        )
-        return found
-
-    def _blocks_txn(
-        self,
-        txn: LoggingTransaction | None,
-        learnt: TxnLearnt,
-        block_nids: Collection[int],
-        key_ranges: Sequence[tuple[int, int]] | None = None,
-    ) -> dict[int, Block]:
-        """The blocks ``block_nids``, cached or read. With ``key_ranges``
-        (``NidFilter.key_ranges``), a block not cached whose key range meets
-        none of them is left out: it holds no key the caller wants. Its range
-        comes from the cache, or from its row, which is read either way (a
-        missing row is an error) and whose range is then cached."""
-        found, missing = self._split_cached(self._blocks, block_nids)
-        missing = [b for b in missing if b not in learnt.blocks]
-        found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
-        if missing and key_ranges is not None:
-            if not key_ranges:
-                return found  # the filter wants no key at all
-            missing = [b for b in missing if not self._skips(b, key_ranges)]
-        if missing:
-            if txn is None:
-                raise CacheMiss()
-            clause, args = in_list_clause(self.engine, "block_nid", missing)
-            if key_ranges is None:
-                entries = "entries"
-            else:
-                meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
-                entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
-                args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
-            txn.execute(
-                f"SELECT block_nid, first_key, last_key, {entries}, content_hash"
-                f" FROM nidstate_blocks WHERE {clause}",
-                args,
-            )
-            rows = txn.fetchall()
-            if len(rows) != len(missing):
-                raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
-            loaded = {
-                nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
-                for nid, _, _, data, digest in rows
-                if data is not None
-            }
-            learnt.blocks.update(loaded)
-            found.update(loaded)
-            txn.call_after(
-                self._fill,
-                self._block_ranges,
-                [(nid, (first, last)) for nid, first, last, _, _ in rows if first is not None],
-            )
-        return found
-
-    def _skips(self, block_nid: int, key_ranges: Sequence[tuple[int, int]]) -> bool:
-        """Whether block ``block_nid`` is known to hold no key in ``key_ranges``."""
-        key_range = self._block_ranges.get(block_nid)
-        return key_range is not None and not algebra.ranges_meet(key_range, key_ranges)
-
-    def _snapshots_txn(
-        self,
-        txn: LoggingTransaction | None,
-        learnt: TxnLearnt,
-        snapshot_nids: Collection[int],
-    ) -> dict[int, tuple[int, ...]]:
-        found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
-        missing = [s for s in missing if s not in learnt.snapshots]
-        found.update(
-            (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
-        )
-        if missing:
-            if txn is None:
-                raise CacheMiss()
-            rows = self._select_in_txn(
-                txn,
-                "SELECT snapshot_nid, block_nids, content_hash FROM nidstate_snapshots WHERE",
-                "snapshot_nid",
-                missing,
-            )
-            loaded = {nid: checked_block_list(nid, blocks, digest) for nid, blocks, digest in rows}
-            if len(loaded) != len(missing):
-                raise CorruptState(f"snapshots missing: {set(missing) - set(loaded)}")
-            learnt.snapshots.update(loaded)
-            found.update(loaded)
-        return found
-
+class SnapshotStore(BlockStore, InterningStore):
     def _store_blocks_txn(
         self,
         txn: LoggingTransaction,

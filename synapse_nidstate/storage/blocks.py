@@ -1,0 +1,193 @@
+"""Where a read finds blocks: each state group's snapshot, each snapshot's
+block list and the blocks themselves, from the caches that hold them or from
+their rows, checked against their content hashes (a row that does not match
+is :class:`CorruptState`, never an answer).
+
+The caches are filled only with committed rows (``txn.call_after``, or a
+write transaction's ``TxnLearnt`` published after it commits): block lists and
+blocks never change once written, a group's snapshot only goes with a purge.
+"""
+
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from synapse.storage.database import LoggingTransaction
+from synapse.util.caches.lrucache import LruCache
+
+from synapse_nidstate import algebra
+from synapse_nidstate.algebra import Block
+from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_nidstate.runtime.config import NidStateConfig
+
+T = TypeVar("T")
+
+
+def _checked(
+    decode: Callable[[bytes, bytes], T], what: str, nid: int, data: bytes, digest: bytes
+) -> T:
+    """A stored value decoded and checked against its content hash."""
+    try:
+        return decode(data, digest)
+    except algebra.AlgebraError as e:
+        raise CorruptState(f"{what} {nid}: {e}") from e
+
+
+def checked_block_list(snapshot_nid: int, data: bytes, digest: bytes) -> tuple[int, ...]:
+    """A snapshot's stored block list, checked against its content hash."""
+    return _checked(algebra.unpack_nids_checked, "snapshot", snapshot_nid, data, digest)
+
+
+class BlockStore(NidStoreBase):
+    def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
+        super().__init__(hs, config)
+        snapshots = config.snapshot_cache_size
+        self._group_snapshots: LruCache[int, int] = self._cache("group_snapshots", snapshots)
+        self._snapshot_blocks: LruCache[int, tuple[int, ...]] = self._cache(
+            "snapshot_blocks", snapshots
+        )
+        self._blocks: LruCache[int, Block] = self._cache(
+            "blocks", config.block_cache_size, size_callback=len
+        )
+        #: Each block's stored key range, learnt with the block or without it (a
+        #: narrow read that skipped it): what lets a narrow lookup answer from the
+        #: caches without the blocks it does not need.
+        self._block_ranges: LruCache[int, tuple[int, int]] = self._cache(
+            "block_ranges", snapshots
+        )
+
+    def _publish(self, learnt: TxnLearnt) -> None:
+        super()._publish(learnt)
+        for group, snapshot_nid in learnt.groups.items():
+            self._group_snapshots.set(group, snapshot_nid)
+        for snapshot_nid, block_nids in learnt.snapshots.items():
+            self._snapshot_blocks.set(snapshot_nid, block_nids)
+        for block_nid, block in learnt.blocks.items():
+            self._blocks.set(block_nid, block)
+
+    def known_groups_txn(
+        self,
+        txn: LoggingTransaction,
+        groups: Collection[int],
+        learnt: TxnLearnt | None = None,
+    ) -> dict[int, int]:
+        """State group -> snapshot NID, for the groups the mirror has.
+
+        In a write transaction pass its ``learnt``: rows it wrote itself must
+        not be cached before it commits.
+        """
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if learnt is not None:
+            found.update((g, learnt.groups[g]) for g in missing if g in learnt.groups)
+            missing = [g for g in missing if g not in learnt.groups]
+        if missing:
+            rows = self._select_in_txn(
+                txn,
+                "SELECT state_group, snapshot_nid FROM nidstate_state_groups WHERE",
+                "state_group",
+                missing,
+            )
+            found.update(rows)
+            if learnt is None:
+                txn.call_after(self._fill, self._group_snapshots, rows)
+            else:
+                learnt.groups.update(rows)
+        return found
+
+    async def known_groups(self, groups: Collection[int]) -> dict[int, int]:
+        found, missing = self._split_cached(self._group_snapshots, groups)
+        if not missing:
+            return found
+        found.update(
+            await self.db_pool.runInteraction(
+                "nidstate_known_groups", self.known_groups_txn, missing
+            )
+        )
+        return found
+
+    def _blocks_txn(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        block_nids: Collection[int],
+        key_ranges: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[int, Block]:
+        """The blocks ``block_nids``, cached or read. With ``key_ranges``
+        (``NidFilter.key_ranges``), a block not cached whose key range meets
+        none of them is left out: it holds no key the caller wants. Its range
+        comes from the cache, or from its row, which is read either way (a
+        missing row is an error) and whose range is then cached."""
+        found, missing = self._split_cached(self._blocks, block_nids)
+        missing = [b for b in missing if b not in learnt.blocks]
+        found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
+        if missing and key_ranges is not None:
+            if not key_ranges:
+                return found  # the filter wants no key at all
+            missing = [b for b in missing if not self._skips(b, key_ranges)]
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            clause, args = in_list_clause(self.engine, "block_nid", missing)
+            if key_ranges is None:
+                entries = "entries"
+            else:
+                meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
+                entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
+                args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
+            txn.execute(
+                f"SELECT block_nid, first_key, last_key, {entries}, content_hash"
+                f" FROM nidstate_blocks WHERE {clause}",
+                args,
+            )
+            rows = txn.fetchall()
+            if len(rows) != len(missing):
+                raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+            loaded = {
+                nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
+                for nid, _, _, data, digest in rows
+                if data is not None
+            }
+            learnt.blocks.update(loaded)
+            found.update(loaded)
+            txn.call_after(
+                self._fill,
+                self._block_ranges,
+                [(nid, (first, last)) for nid, first, last, _, _ in rows if first is not None],
+            )
+        return found
+
+    def _skips(self, block_nid: int, key_ranges: Sequence[tuple[int, int]]) -> bool:
+        """Whether block ``block_nid`` is known to hold no key in ``key_ranges``."""
+        key_range = self._block_ranges.get(block_nid)
+        return key_range is not None and not algebra.ranges_meet(key_range, key_ranges)
+
+    def _snapshots_txn(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        snapshot_nids: Collection[int],
+    ) -> dict[int, tuple[int, ...]]:
+        found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        missing = [s for s in missing if s not in learnt.snapshots]
+        found.update(
+            (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
+        )
+        if missing:
+            if txn is None:
+                raise CacheMiss()
+            rows = self._select_in_txn(
+                txn,
+                "SELECT snapshot_nid, block_nids, content_hash FROM nidstate_snapshots WHERE",
+                "snapshot_nid",
+                missing,
+            )
+            loaded = {nid: checked_block_list(nid, blocks, digest) for nid, blocks, digest in rows}
+            if len(loaded) != len(missing):
+                raise CorruptState(f"snapshots missing: {set(missing) - set(loaded)}")
+            learnt.snapshots.update(loaded)
+            found.update(loaded)
+        return found
