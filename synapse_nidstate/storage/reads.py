@@ -25,7 +25,7 @@ from synapse_nidstate.storage.common import (
     in_list_clause,
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
-from synapse_nidstate.storage.split_cache import SplitStateCache
+from synapse_nidstate.storage.split_cache import SplitFilter, SplitStateCache
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -288,6 +288,7 @@ class StateReadStore(ResolvedStateStore):
         whole = _is_whole(state_filter)
         by_snapshot: dict[int, MutableStateMap[str]] = {}
         todo = []
+        split: SplitFilter | None = None
         for snapshot_nid in snapshot_nids:
             resolved = self._cached_resolved(snapshot_nid)
             if resolved is not None:
@@ -295,7 +296,9 @@ class StateReadStore(ResolvedStateStore):
                 continue
             # What narrower lookups left, per snapshot, as Synapse keeps them
             # per state group (members, and everything else).
-            parts = self._split.get(snapshot_nid, state_filter)
+            if split is None:
+                split = self._split.prepare(state_filter)
+            parts = self._split.get(snapshot_nid, split)
             if parts is not None:
                 by_snapshot[snapshot_nid] = parts
             else:

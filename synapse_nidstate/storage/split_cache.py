@@ -14,6 +14,7 @@ tells each cache it fetched. Whole states are kept apart, once per base
 
 from typing import TYPE_CHECKING
 
+import attr
 from synapse.api.constants import EventTypes
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
@@ -46,13 +47,19 @@ class SplitStateCache:
         invalidated meanwhile (``DictionaryCache.update``)."""
         return self.members.sequence, self.non_members.sequence
 
-    def get(self, snapshot_nid: int, state_filter: StateFilter) -> MutableStateMap[str] | None:
-        """The snapshot's state filtered, if both caches hold all the filter wants."""
+    @staticmethod
+    def prepare(state_filter: StateFilter) -> "SplitFilter":
+        """What :meth:`get` needs of a filter, worked out once per read (not
+        per snapshot: a batch of events reads many)."""
         member_filter, non_member_filter = state_filter.get_member_split()
-        non_members = _part(self.non_members, snapshot_nid, non_member_filter)
+        return SplitFilter(_PartFilter.of(member_filter), _PartFilter.of(non_member_filter))
+
+    def get(self, snapshot_nid: int, wanted: "SplitFilter") -> MutableStateMap[str] | None:
+        """The snapshot's state filtered, if both caches hold all the filter wants."""
+        non_members = wanted.non_members.read(self.non_members, snapshot_nid)
         if non_members is None:
             return None
-        members = _part(self.members, snapshot_nid, member_filter)
+        members = wanted.members.read(self.members, snapshot_nid)
         if members is None:
             return None
         non_members.update(members)
@@ -87,19 +94,37 @@ class SplitStateCache:
             )
 
 
-def _part(
-    cache: StringParts, snapshot_nid: int, state_filter: StateFilter
-) -> MutableStateMap[str] | None:
-    """What ``state_filter`` wants of one cache's part, if the cache holds all of it."""
-    # Only the keys asked for, where they are concrete: the cache then keeps
-    # (and evicts) them one by one.
-    wildcards = state_filter.has_wildcards()
-    entry = cache.get(snapshot_nid, dict_keys=None if wildcards else state_filter.concrete_types())
-    if entry.full or state_filter.is_full():
-        return state_filter.filter_state(entry.value) if entry.full else None
-    if wildcards:
-        return None  # which keys of a wildcard type exist is not known
-    for key in state_filter.concrete_types():
-        if key not in entry.value and key not in entry.known_absent:
-            return None
-    return state_filter.filter_state(entry.value)
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _PartFilter:
+    """The part of a filter one cache answers, with what reading it needs."""
+
+    state_filter: StateFilter
+    full: bool
+    #: The concrete keys asked for, where the filter has no wildcard: the
+    #: cache then keeps (and evicts) them one by one.
+    keys: list[tuple[str, str]] | None
+
+    @classmethod
+    def of(cls, state_filter: StateFilter) -> "_PartFilter":
+        keys = None if state_filter.has_wildcards() else list(state_filter.concrete_types())
+        return cls(state_filter, state_filter.is_full(), keys)
+
+    def read(self, cache: StringParts, snapshot_nid: int) -> MutableStateMap[str] | None:
+        """What the filter wants of the cache's part, if the cache holds all of it."""
+        entry = cache.get(snapshot_nid, dict_keys=self.keys)
+        if entry.full:
+            return self.state_filter.filter_state(entry.value)
+        if self.full or self.keys is None:
+            return None  # which keys of a wildcard type exist is not known
+        for key in self.keys:
+            if key not in entry.value and key not in entry.known_absent:
+                return None
+        return self.state_filter.filter_state(entry.value)
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class SplitFilter:
+    """A filter split as the caches are (``StateFilter.get_member_split``)."""
+
+    members: _PartFilter
+    non_members: _PartFilter
