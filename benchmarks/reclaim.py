@@ -121,7 +121,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "room_id": room_id, "members": await members(hs, room_id), "groups": groups,
                 "reclaimed": totals.groups, "refused": totals.refused,
                 # (getattr: the code before proofs by delta counts none)
-                "by_delta": getattr(totals, "by_delta", 0), "rows": totals.rows,
+                "by_delta": getattr(totals, "by_delta", 0),
+                "in_nids": getattr(totals, "in_nids", 0), "rows": totals.rows,
                 "seconds": seconds,
             })
             print(f"reclaim {room_id}: {room_line(result['rooms'][-1])}", flush=True)
@@ -147,7 +148,8 @@ def room_line(room: dict[str, Any]) -> str:
     rate = room["reclaimed"] / room["seconds"] if room["seconds"] else 0.0
     return (
         f"{room['members']:,} members, {room['reclaimed']:,} of {room['groups']:,} groups "
-        f"({room['by_delta']:,} by delta, {room['refused']} refused), {room['rows']:,} rows, "
+        f"({room['by_delta']:,} by delta, {room.get('in_nids', 0):,} whole in NIDs, "
+        f"{room['refused']} refused), {room['rows']:,} rows, "
         f"{room['seconds']:.2f} s, {rate:,.0f} groups/s"
     )
 

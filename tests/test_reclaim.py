@@ -103,6 +103,24 @@ async def corrupt(hs: HomeServer, corruption: str) -> int:
     "compaction row", one whose snapshot was cut anew); the group."""
 
     def corrupt_txn(txn: Any) -> int:
+        if corruption == "full row":
+            # A group Synapse stores in full (no edge: here the empty state
+            # before a room's create event) gains a row.
+            txn.execute(
+                "SELECT MAX(g.state_group) FROM nidstate_state_groups AS g"
+                " WHERE NOT EXISTS (SELECT 1 FROM state_group_edges AS e"
+                "   WHERE e.state_group = g.state_group)"
+            )
+            (group,) = txn.fetchone()
+            txn.execute(
+                "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id)"
+                " SELECT ?, room_id, 'm.room.topic', '', (SELECT MIN(event_id) FROM events)"
+                " FROM state_groups WHERE id = ?",
+                (group, group),
+            )
+            if not txn.rowcount:
+                raise AssertionError(f"state group {group} got no row")
+            return group
         txn.execute(
             "SELECT e.state_group, e.prev_state_group, g.snapshot_nid, pg.snapshot_nid"
             " FROM state_group_edges AS e"
@@ -280,11 +298,12 @@ class ReclaimTests:
     @in_logcontext
     async def test_a_corrupted_block_delta_row_or_edge_is_refused(self) -> None:
         """Each group proved by its delta when it can: a block of its own
-        changed (with a matching hash), one of its rows changed, or its edge
-        moved to another group makes Synapse's answer and the snapshot's differ,
+        changed (with a matching hash), one of its rows changed, its edge
+        moved to another group, or a row of a group stored in full (proved in
+        NIDs) changed makes Synapse's answer and the snapshot's differ,
         and its rows stay; every group reclaimed still answers what Synapse's
         rows answered before reclaim (whatever they had become)."""
-        for corruption in ("block", "delta row", "edge"):
+        for corruption in ("block", "delta row", "edge", "full row"):
             hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
             module = self.module(hs)  # type: ignore[attr-defined]
             await build_history(hs, messages_per_room=2)
@@ -344,7 +363,11 @@ class ReclaimTests:
         # Every group but the first of each room: by delta, or in NIDs.
         totals = await module.reclaimer.run()
         rooms = await count(hs, "SELECT COUNT(DISTINCT room_id) FROM state_groups")
-        self.assertEqual((totals.refused, totals.by_delta), (0, totals.groups - rooms))  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            (totals.refused, totals.by_delta + totals.in_nids), (0, totals.groups)
+        )
+        # The first group of each room has no predecessor: its rows, in NIDs.
+        self.assertGreaterEqual(totals.in_nids, rooms)  # type: ignore[attr-defined]
         await module.reclaimer.restore()
         # A row of a compaction changed: refused (and the groups after it that
         # keep its key), never deleted.

@@ -47,6 +47,8 @@ class Totals:
     refused: int = 0
     #: Of ``groups``, those proved (or written back) from their delta alone.
     by_delta: int = 0
+    #: Of ``groups``, those without a predecessor proved from their rows in NIDs.
+    in_nids: int = 0
     #: Rows deleted (or, in a dry run, that would be) per room.
     rows_by_room: dict[str, int] = attr.Factory(dict)
 
@@ -152,6 +154,7 @@ class Reclaimer:
                 totals.rows += outcome.rows
                 totals.refused += len(outcome.refused)
                 totals.by_delta += outcome.by_delta
+                totals.in_nids += outcome.in_nids
                 if outcome.rows:
                     totals.rows_by_room[room] = totals.rows_by_room.get(room, 0) + outcome.rows
                 if progress is not None:

@@ -19,21 +19,27 @@ EVENTS = StringTable("nidstate_events", "event_nid", "event_id")
 
 class InterningStore(NidStoreBase):
     def _nids_read_txn(
-        self, txn: LoggingTransaction, table: StringTable, strings: Collection[str]
+        self,
+        txn: LoggingTransaction,
+        table: StringTable,
+        strings: Collection[str],
+        fill: bool = False,
     ) -> dict[str, int]:
         """The NIDs ``strings`` have (cached or read); nothing is interned, a
-        string without a NID is left out."""
+        string without a NID is left out. ``fill``: those read are cached once
+        the transaction commits (a string and its NID never change)."""
         cache = self._event_nids if table is EVENTS else self._string_nids[table]
         known, missing = self._split_cached(cache, strings)
         if missing:
-            known.update(
-                self._select_in_txn(
-                    txn,
-                    f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
-                    table.string_column,
-                    missing,
-                )
+            rows = self._select_in_txn(
+                txn,
+                f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE",
+                table.string_column,
+                missing,
             )
+            known.update(rows)
+            if fill:
+                txn.call_after(self._fill, cache, rows)
         return known
 
     def _intern_strings_txn(

@@ -18,7 +18,9 @@ set are equal. That reads the rows and the blocks of one change, not two whole
 states: what it costs does not grow with the room. Any other group (the first
 of a room, a compaction, a predecessor refused or without a snapshot, blocks
 that remove a key, rows and blocks that differ) is proved from the two whole
-states as above, so a difference is still found where it is.
+states as above, so a difference is still found where it is. A group without
+a predecessor (the first of a room, Synapse's full copy every 100 hops) is
+Synapse's rows alone, compared with its snapshot in NIDs.
 
 **The marker.** In the transaction that reclaims the first group, Synapse's
 ``schema_compat_version`` is set to :data:`RECLAIMED_COMPAT_VERSION`, which no
@@ -123,6 +125,9 @@ class ReclaimOutcome:
     #: Of ``groups``, those proved (reclaim) or written (restore) from their
     #: delta alone (``DeltaProofs``); the others from two whole states.
     by_delta: int = 0
+    #: Of ``groups`` (reclaim), those without a predecessor proved from their
+    #: rows and their snapshot in NIDs (``DeltaProofs.whole_in_nids``).
+    in_nids: int = 0
 
 
 class ReclaimStore(ProofStore):
@@ -255,7 +260,9 @@ class ReclaimStore(ProofStore):
             marks.clear()
 
         for group in sorted(snapshots):
-            if deltas.proves(group):
+            if group in deltas.whole_in_nids:
+                outcome.in_nids += 1
+            elif deltas.proves(group):
                 outcome.by_delta += 1
             else:
                 write_marks()
