@@ -147,7 +147,14 @@ class GroupStateStore(StateReadStore):
             by_snapshot = self.snapshot_states_txn(None, set(snapshots.values()), state_filter)
         except CacheMiss:
             return {}
-        return {group: dict(by_snapshot[nid]) for group, nid in snapshots.items()}
+        # Each answer is a new dict, which the caller may change; groups that
+        # share a snapshot get copies.
+        answer: dict[int, MutableStateMap[str]] = {}
+        given: set[int] = set()
+        for group, nid in snapshots.items():
+            answer[group] = dict(by_snapshot[nid]) if nid in given else by_snapshot[nid]
+            given.add(nid)
+        return answer
 
     def state_for_groups_txn(
         self,
