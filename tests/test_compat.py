@@ -17,7 +17,6 @@ from synapse_nidstate.runtime import compat
 from synapse_nidstate.runtime.compat import (
     ATTRIBUTES,
     REQUIREMENTS,
-    STATE_GROUPS_STATE_USERS,
     Requirement,
     _function,
     _resolve,
@@ -25,6 +24,7 @@ from synapse_nidstate.runtime.compat import (
     missing_on_instances,
 )
 from synapse_nidstate.runtime.module import NidStateModule
+from synapse_nidstate.runtime.readers import STATE_GROUPS_STATE_USERS
 from tests.harness import HomeserverTestCase, in_logcontext
 
 
@@ -172,7 +172,7 @@ class CompatTests(unittest.TestCase):
 
     def test_every_use_of_state_groups_state_is_listed(self) -> None:
         """Run on every supported release: a place of Synapse that starts (or stops)
-        naming the table fails here until compat.STATE_GROUPS_STATE_USERS says
+        naming the table fails here until readers.STATE_GROUPS_STATE_USERS says
         what the module does about it."""
         self.assertEqual(sorted(_places_naming("state_groups_state")),
                          sorted(STATE_GROUPS_STATE_USERS))
