@@ -44,3 +44,33 @@ SELECTION: tuple[tuple[str, str], ...] = (
     ("tests.replication.storage.test_events", "events replicated to a worker's stores"),
     ("tests.replication.test_sharded_event_persister", "several event persisters"),
 )
+
+
+#: Tests of Synapse's that observe what the module changes in mode serve,
+#: each with when it applies ("serve": every serve run; "eager": with
+#: ``--eager``) and why. The runner reports them apart, and fails if one
+#: passes where it applies (the entry is stale).
+#:
+#: * Synapse's per-group state caches stay empty for the groups the module
+#:   answers: its own caches stand in for them (``runtime/group_caches.py``).
+#: * A test that counts a request's database transactions exactly sees one
+#:   fewer with eager reclaim since that change.
+KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
+    "tests.storage.test_state.StateStoreTestCase.test_get_state_for_event": (
+        "serve",
+        "its first part asks get_state_for_event with each filter and passes with "
+        "the module; then it reads Synapse's per-group caches directly "
+        "(_get_state_for_group_using_cache on _state_group_cache) and expects the "
+        "group's state there (line 265 of 1.163.2)",
+    ),
+    "tests.rest.client.test_rooms.RoomsCreateTestCase.test_post_room_no_keys": (
+        "eager",
+        "counts createRoom's database transactions (35); with every group reclaimed as "
+        "it is persisted and the module's caches standing in for Synapse's (2086f97), "
+        "one fewer: 34 (answers equal; which read it saves is not pinned down yet)",
+    ),
+    "tests.rest.client.test_rooms.RoomsCreateTestCase.test_post_room_initial_state": (
+        "eager",
+        "counts createRoom's database transactions (37); as above, one fewer: 36",
+    ),
+}
