@@ -176,9 +176,7 @@ class GroupReads:
         invalidations = self._store.invalidations
 
         def mirror_read(t: LoggingTransaction) -> dict[int, MutableStateMap[str]]:
-            return self._store.state_for_groups_txn(
-                t, groups, state_filter, direct if self._mode == "serve" else None
-            )
+            return self._store.state_for_groups_txn(t, groups, state_filter, direct)
 
         try:
             # In a savepoint: a failed statement must not abort Synapse's transaction.

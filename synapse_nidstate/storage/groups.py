@@ -9,9 +9,10 @@ events are being persisted, it is partial-state, its plan failed) usually
 builds on one with a snapshot, whose rows may be reclaimed; so its state is
 read as Synapse would, along its edges, except that the walk (one recursive
 query, whatever its length) stops at the first group with a snapshot
-(``anchors``) and takes that group's state from it. While no group is reclaimed, a chain longer than :data:`SHORT_WALK_HOPS`
-or one that ends in full rows without meeting an anchor is left to Synapse's
-own read; while one is, the walk goes to the chain's end (at most
+(``anchors``) and takes that group's state from it. While no group is
+reclaimed, a chain longer than :data:`SHORT_WALK_HOPS` or one that ends in
+full rows without meeting an anchor is left to Synapse's own read; while one
+is, the walk goes to the chain's end (at most
 :data:`MAX_WALK_HOPS`) and a chain that ends in full rows is answered from
 those rows, as Synapse would.
 """
@@ -147,14 +148,7 @@ class GroupStateStore(StateReadStore):
             by_snapshot = self.snapshot_states_txn(None, set(snapshots.values()), state_filter)
         except CacheMiss:
             return {}
-        # Each answer is a new dict, which the caller may change; groups that
-        # share a snapshot get copies.
-        answer: dict[int, MutableStateMap[str]] = {}
-        given: set[int] = set()
-        for group, nid in snapshots.items():
-            answer[group] = dict(by_snapshot[nid]) if nid in given else by_snapshot[nid]
-            given.add(nid)
-        return answer
+        return _per_group(snapshots, by_snapshot)
 
     def state_for_groups_txn(
         self,
@@ -214,9 +208,7 @@ class GroupStateStore(StateReadStore):
             state_filter,
             read,
         )
-        answer: dict[int, MutableStateMap[str]] = {
-            group: dict(by_snapshot[nid]) for group, nid in snapshots.items()
-        }
+        answer = _per_group(snapshots, by_snapshot)
         for group, chain in chains.items():
             state: MutableStateMap[str] = (
                 {} if chain.anchor_snapshot is None else dict(by_snapshot[chain.anchor_snapshot])
@@ -225,3 +217,17 @@ class GroupStateStore(StateReadStore):
                 state.update(state_filter.filter_state(delta))
             answer[group] = state
         return answer
+
+
+def _per_group(
+    snapshots: dict[int, int], by_snapshot: dict[int, MutableStateMap[str]]
+) -> dict[int, MutableStateMap[str]]:
+    """Each group's state from its snapshot's. The snapshots' states are new
+    dicts no cache holds; each goes to one group as it is, and a second group
+    of the same snapshot gets a copy (the caller may change what it gets)."""
+    answer: dict[int, MutableStateMap[str]] = {}
+    given: set[int] = set()
+    for group, nid in snapshots.items():
+        answer[group] = dict(by_snapshot[nid]) if nid in given else by_snapshot[nid]
+        given.add(nid)
+    return answer

@@ -24,9 +24,9 @@ class DeltaProofs:
     blocks set are equal: a check as big as the change, not as the room. A
     group whose snapshot is cut anew (a compaction) is compared with its
     predecessor's snapshot and its rows whole, in NIDs (no string read; an
-    interned string and its NID are one-to-one). Any other group (the first of
-    a predecessor not proved) is proved from the two whole states as strings,
-    as before. A group with no predecessor (the first of a room, a full copy)
+    interned string and its NID are one-to-one). Any other group (a
+    predecessor not proved, blocks that remove a key, rows and blocks that
+    differ) is proved from the two whole states as strings, as before. A group with no predecessor (the first of a room, a full copy)
     is Synapse's rows alone: they are compared with its snapshot in NIDs,
     their strings' NIDs kept in the caches once the batch commits, so the next
     full copy of the room (100 groups later, most of its strings the same)

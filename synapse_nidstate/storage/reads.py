@@ -95,7 +95,7 @@ class StateReadStore(ResolvedStateStore):
         #: snapshot -> parts of its state as strings, as Synapse caches a state
         #: group's: members, and everything else (sized in state entries).
         self._split = SplitStateCache(
-            hs.get_clock(), hs.hostname, config.resolved_state_cache_size
+            self._clock, self._server_name, config.resolved_state_cache_size
         )
         self.named_caches["nidstate_snapshot_members"] = self._split.members.cache
         self.named_caches["nidstate_snapshot_non_members"] = self._split.non_members.cache
