@@ -160,10 +160,12 @@ class MigrateTests:
 class VerifyBatchTests(unittest.TestCase):
     def test_batches_fit_the_entry_budget(self) -> None:
         budget, most = verify.ENTRY_BUDGET, verify.BATCH
-        self.assertEqual(next_batch_size(10, 10 * 200), most)  # small rooms: full batches
-        self.assertEqual(next_batch_size(10, 10 * 48_000), budget // 48_000)
+        self.assertEqual(next_batch_size(64, 200), most)  # small rooms: full batches
+        self.assertEqual(next_batch_size(10, 200), 20)  # growing: twice the last
+        # One big state in a batch sizes the next by it, whatever the others held.
+        self.assertEqual(next_batch_size(100, 48_000), budget // 48_000)
         self.assertEqual(next_batch_size(1, budget * 5), 1)  # never none
-        self.assertEqual(next_batch_size(0, 0), most)
+        self.assertEqual(next_batch_size(0, 0), 1)
 
 
 class SqliteMigrateTests(MigrateTests, HomeserverTestCase):

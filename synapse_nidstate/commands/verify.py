@@ -22,12 +22,16 @@ from synapse_nidstate.runtime.metrics import LookupStats
 
 #: Events compared per lookup at most (what /messages asks at most is 100 too).
 BATCH = 100
-#: Events in the first batch, before the state's size is known.
-FIRST_BATCH = 10
+#: Events in the first batch, before the state's size is known; a batch is at
+#: most twice the one before, so that a run meets a big room's states a few
+#: events at a time.
+FIRST_BATCH = 2
 #: State entries one batch's answers may hold per side: bounds the memory of a
 #: comparison in rooms of tens of thousands of members, whose full states would
-#: otherwise make a batch millions of entries a side.
-ENTRY_BUDGET = 1_000_000
+#: otherwise make a batch millions of entries a side. At Matrix HQ's scale
+#: (48,561 entries) that is 5 events a batch: a Python state entry costs about
+#: 300 bytes, so both sides' answers stay near 150 MB (docs/benchmarks.md).
+ENTRY_BUDGET = 250_000
 #: Orphans listed by name (all are counted).
 MAX_LISTED = 20
 
@@ -158,11 +162,11 @@ async def sample_events_with_state(
     )
 
 
-def next_batch_size(events: int, entries: int) -> int:
-    """Events in the next batch: as many as fit ``ENTRY_BUDGET`` at the entries per
-    event the last batch's widest answer held, between 1 and ``BATCH``."""
-    per_event = max(1, entries // max(1, events))
-    return max(1, min(BATCH, ENTRY_BUDGET // per_event))
+def next_batch_size(events: int, widest: int) -> int:
+    """Events in the next batch: as many as fit ``ENTRY_BUDGET`` if each held as
+    many entries as the last batch's widest answer (``widest``), at most twice
+    the last batch (``events``) and ``BATCH``, at least 1."""
+    return max(1, min(BATCH, 2 * events, ENTRY_BUDGET // max(1, widest)))
 
 
 async def _each(event_ids: Iterable[str] | AsyncIterator[str]) -> AsyncIterator[str]:
@@ -211,7 +215,7 @@ async def _compare_batch(
     widest = 0
     for name, state_filter in filters.items():
         expected, mirrored = await _answers(lookups, batch, state_filter, result)
-        widest = max(widest, sum(len(state) for state in expected.values()))
+        widest = max(widest, max((len(state) for state in expected.values()), default=0))
         for event_id in batch:
             if event_id in result.unreadable or event_id in result.unavailable:
                 continue
