@@ -381,7 +381,7 @@ def module_phase(data_dir: str, database: dict, written: int, lookup_events: int
     return 0 if verified and lookups.returncode == 0 else 1
 
 
-def reclaim_at_scale(data_dir: str, database: dict, sample: int) -> int:
+def reclaim_at_scale(data_dir: str, database: dict, sample: int, verify_sample: int) -> int:
     """``--reuse --reclaim``: migrate what is left, then migration_at_scale's
     reclaim phase (the biggest room first, kills, restore, digests of
     ``sample`` events and groups by Synapse alone and with the module)."""
@@ -390,7 +390,7 @@ def reclaim_at_scale(data_dir: str, database: dict, sample: int) -> int:
         yaml.safe_dump(writer_config(data_dir, database, {"mode": "serve"}), f)
     out, seconds, rss, _ = run_measured(["migrate", "-c", config_path, "--no-progress"])
     print(f"migrate: {seconds:.0f}s, peak RSS {rss / 1024:.0f} MiB: {out[-300:]}", flush=True)
-    return reclaim_phase(data_dir, database, config_path, sample)
+    return reclaim_phase(data_dir, database, config_path, sample, verify_sample)
 
 
 def time_transactions() -> dict[str, list[float]]:
@@ -456,6 +456,11 @@ def main() -> int:
         "--sample", type=int, default=300,
         help="with --reclaim: events and groups Synapse's answers are compared on (default 300)",
     )
+    parser.add_argument(
+        "--verify-sample", type=int, default=10000,
+        help="with --reclaim: events `verify --sample` compares while the groups are "
+        "reclaimed (default 10000; 0: none)",
+    )
     parser.add_argument("--lookups", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument(
         "--lookup-events", type=int, default=500,
@@ -474,7 +479,7 @@ def main() -> int:
         database = postgres_database(f"{args.postgres} dbname={args.database_name}")
         describe(database)
         if args.reclaim:
-            return reclaim_at_scale(data_dir, database, args.sample)
+            return reclaim_at_scale(data_dir, database, args.sample, args.verify_sample)
         return module_phase(
             data_dir,
             database,

@@ -226,13 +226,18 @@ def kill_half_way(args: list[str], database: dict, sql: str, target: int, what: 
 
 
 def reclaim_phase(
-    data_dir: str, database: dict, config_path: str, sample: int | None = None
+    data_dir: str,
+    database: dict,
+    config_path: str,
+    sample: int | None = None,
+    verify_sample: int | None = None,
 ) -> int:
     """Digests by Synapse alone; reclaim of the room with the most groups
     (killed with SIGKILL half-way, rerun: its rate), then of the rest; digests
-    with the module; restore (killed half-way, rerun); digests by Synapse alone.
-    ``sample``: the digests cover that many events and groups (at Matrix HQ's
-    scale a state is tens of thousands of entries)."""
+    with the module; ``verify --sample verify_sample`` while the groups are
+    reclaimed (its time and peak RSS); restore (killed half-way, rerun);
+    digests by Synapse alone. ``sample``: the digests cover that many events
+    and groups (at Matrix HQ's scale a state is tens of thousands of entries)."""
     import json
 
     bare_path = os.path.join(data_dir, "homeserver-without-module.yaml")
@@ -303,6 +308,15 @@ def reclaim_phase(
     with_module = digest(config_path, "after-reclaim-with-module")
     same = with_module == before
     print(f"every event and group answered as before reclaim (with the module): {same}")
+    verified = True
+    if verify_sample:
+        out, seconds, rss, _ = run_measured(
+            ["verify", "-c", config_path, "--no-progress", "--sample", str(verify_sample)]
+        )
+        verified = "\nmismatches: 0\n" in f"\n{out}\n" and "UNAVAILABLE" not in out
+        print(f"verify --sample {verify_sample} with the groups reclaimed: {seconds:.0f}s, "
+              f"peak RSS {rss / 1024:.0f} MiB, 0 mismatches: {verified}:\n{out[-600:]}",
+              flush=True)
     without = subprocess.run(
         [sys.executable, "-m", "synapse.app.homeserver", "-c", bare_path],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
@@ -333,7 +347,7 @@ def reclaim_phase(
         f"rows after restore <= before: "
         f"{figures_restored['state_groups_state rows'] <= figures_before['state_groups_state rows']}"
     )
-    ok = same and same_after and refused and deleted >= 0.95
+    ok = same and same_after and refused and verified and deleted >= 0.95
     return 0 if ok else 1
 
 
@@ -414,6 +428,10 @@ def main() -> int:
         "--sample", type=int,
         help="the digests cover this many events and groups, not all (big rooms)",
     )
+    parser.add_argument(
+        "--verify-sample", type=int,
+        help="with --reclaim: verify this many sampled events while the groups are reclaimed",
+    )
     parser.add_argument("--digest", metavar="HOMESERVER_YAML", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -424,7 +442,9 @@ def main() -> int:
         config_path = os.path.join(args.data_dir, "homeserver.yaml")
         with open(config_path) as f:
             database = yaml.safe_load(f)["database"]
-        return reclaim_phase(args.data_dir, database, config_path, args.sample)
+        return reclaim_phase(
+            args.data_dir, database, config_path, args.sample, args.verify_sample
+        )
 
     data_dir = tempfile.mkdtemp(prefix="nidstate-scale-")
     database = postgres_database(args.postgres) if args.postgres else sqlite_database(data_dir)
