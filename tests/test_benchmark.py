@@ -127,3 +127,45 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertEqual(dataset["rooms"], on_sqlite["rooms"])
         self.assertGreater(dataset["events"], on_sqlite["events"])
         self.assertGreater(dataset["state_groups"], on_sqlite["state_groups"])
+
+
+class LiveSmokeTests(unittest.TestCase):
+    """``benchmarks.live`` at tiny scale: a real Synapse process under traffic, the
+    job killed with SIGKILL and restarted, then verify (PostgreSQL only: the
+    benchmark copies databases with ``CREATE DATABASE ... TEMPLATE``)."""
+
+    timeout = 900
+
+    def test_live(self) -> None:
+        work = temporary_directory(self, "nidstate-live-")
+        problem = postgres_available()
+        if problem is not None:
+            if os.environ.get("CI"):
+                self.fail(f"PostgreSQL is required in CI: {problem}")
+            raise unittest.SkipTest(problem)
+        name = f"nidstate_live_test_{os.getpid()}"
+        self.addCleanup(drop_postgres_database, name)
+        self.addCleanup(drop_postgres_database, f"{name}_live")
+        out = os.path.join(work, "live.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.live", "--scale", "tiny", "--seconds", "8",
+             "--warm-up", "1", "--catch-up", "30", "--configs", "serve,kill",
+             "--database-name", name, "--postgres", f"host={PG_HOST} port={PG_PORT} user={PG_USER}",
+             "--data", os.path.join(work, "data"), "--json", out],
+            cwd=REPO, capture_output=True, text=True, timeout=800,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
+        with open(out) as f:
+            serve, kill = json.load(f)["results"]
+        self.assertEqual(serve["traffic"]["failed"], 0)
+        for kind in ("message", "state", "reads"):
+            self.assertGreater(serve["traffic"][kind]["n"], 0, kind)
+        self.assertEqual(serve["reclaimed_at_end"], 0)  # no reclaim configured
+        self.assertGreater(serve["rss_mib"]["peak"], 0)
+        # The job reclaimed the history, the process was killed and came back, and
+        # every event's state still equals Synapse's.
+        self.assertIsNotNone(kill["killed"])
+        self.assertGreaterEqual(kill["reclaimed_at_end"], kill["history_groups"] // 2)
+        self.assertEqual(kill["verify"]["exit_code"], 0, kill["verify"]["output"])
+        self.assertIn("mismatches: 0", kill["verify"]["output"])
+        self.assertIn("| kill |", result.stdout)
