@@ -15,12 +15,30 @@ sides with their default sizes), Synapse's own reads against the mirror's:
 Rooms come up in proportion to their events (a random event picks the room),
 so the big room, the busiest, is asked most. Each request's answers are
 digested on both sides and compared: a difference is a mismatch.
+
+As a command, the mix in a process of its own, for the memory an operator
+sees (``benchmarks.run`` runs it twice, with and without the module):
+
+    python -m benchmarks.mix --homeserver-config YAML --requests N --json FILE
+
+starts a homeserver from the file, replays the trace once from cold through
+Synapse's own entry point (``get_state_ids_for_events``, which the module
+serves when the file configures it) and writes the process's resident memory
+after start-up, after the replay and at its peak (``/proc/self/status``:
+VmRSS, VmHWM), with a digest of every answer.
 """
 
+import argparse
+import gc
 import hashlib
+import json
+import logging
+import os
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import attr
 from synapse.api.constants import EventTypes
@@ -136,3 +154,69 @@ async def replay(
         answers = [await lookup(list(ids), state_filter) for ids, state_filter in request.calls]
         digests.append(_digest(answers))
     return Replay(time.perf_counter() - started, digests)
+
+
+def resident_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak, in bytes."""
+    memory = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                memory["now" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024
+    return memory
+
+
+async def measure_process(config_path: str, requests: int) -> dict[str, Any]:
+    import yaml
+
+    from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    data_dir = os.path.dirname(os.path.abspath(config_path))
+    hs = await start_homeserver(config, data_dir)
+    try:
+        trace = draw_trace(await timelines(hs), requests, seed=12)
+        gc.collect()
+        started = resident_memory()
+        controller = hs.get_storage_controllers().state
+
+        async def lookup(ids: list[str], state_filter: StateFilter) -> dict[str, MutableStateMap[str]]:
+            return dict(await controller.get_state_ids_for_events(ids, state_filter))  # type: ignore[arg-type]
+
+        replayed = await replay(trace, lookup, lambda: None)
+        gc.collect()
+        after = resident_memory()
+    finally:
+        await stop_homeserver(hs)
+    return {
+        "module": bool(config.get("modules")),
+        "requests": len(trace),
+        "seconds": replayed.seconds,
+        "rss_started": started["now"],
+        "rss_after": after["now"],
+        "rss_peak": after["peak"],
+        "digest": hashlib.blake2b(b"".join(replayed.digests), digest_size=16).hexdigest(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synapse_nidstate.commands.homeserver import run_in_reactor
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mix", description=__doc__.split("\n")[0])
+    parser.add_argument("--homeserver-config", required=True, metavar="YAML")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--json", metavar="FILE", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    measured = run_in_reactor(
+        lambda: measure_process(args.homeserver_config, args.requests), "nidstate-benchmark-mix"
+    )
+    with open(args.json, "w") as f:
+        json.dump(measured, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,9 @@ One run, one process, the same data both ways:
 6. a realistic mix of lookups across all rooms replayed both ways from cold
    (``benchmarks/mix.py``), as throughput;
 7. the storage of both (the server's own size functions) and the memory of the
-   caches that hold state in each.
+   caches that hold state in each;
+8. the mix again in a process of its own, Synapse alone and with the module
+   (``python -m benchmarks.mix``): the process's resident memory after it.
 
 It prints markdown tables; ``--json FILE`` writes every figure with its unit.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -34,6 +37,7 @@ from typing import Any
 
 import attr
 import synapse
+import yaml
 from synapse.server import HomeServer
 from synapse.storage.database import DatabasePool, LoggingTransaction
 from synapse.types.state import StateFilter
@@ -395,6 +399,10 @@ class Results:
     #: Synapse's per-group caches after the module served the same reads.
     serving: dict[str, tuple[int, int]] = attr.Factory(dict)
     mix: dict[str, Any] = attr.Factory(dict)
+    #: homeserver.yaml of the dataset without the module and with it (``mix_process``).
+    configs: dict[str, str] = attr.Factory(dict)
+    #: The mix in a process of its own (``benchmarks.mix``), per side.
+    process: dict[str, dict[str, Any]] = attr.Factory(dict)
 
 
 async def analyze(args: argparse.Namespace, hs: HomeServer) -> None:
@@ -592,7 +600,30 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         results.storage = await storage_report(hs, top=3)
     finally:
         await stop_homeserver(hs)
+    for side, with_module in (("native", False), ("nid", True)):
+        path = os.path.join(dataset.data_dir, f"homeserver-{side}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config(with_module), f)
+        results.configs[side] = path
     return results
+
+
+def mix_process(results: Results, requests: int) -> dict[str, dict[str, Any]]:
+    """The mix (``benchmarks.mix``) from cold in a process of its own, Synapse
+    alone then with the module: the resident memory an operator sees."""
+    measured = {}
+    for side, path in results.configs.items():
+        out = path[: -len(".yaml")] + "-mix.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.mix", "--homeserver-config", path,
+             "--requests", str(requests), "--json", out],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"benchmarks.mix ({side}) failed:\n{done.stdout}{done.stderr[-3000:]}")
+        with open(out) as f:
+            measured[side] = json.load(f)
+    return measured
 
 
 async def describe_dataset(hs: HomeServer, dataset: Dataset, scale: Scale) -> dict[str, Any]:
@@ -722,6 +753,11 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
         entries = sum(e for e, _ in results.serving.values())
         row("Synapse's per-group caches empty for groups the module answers",
             f"{entries:,} entries after the module served", entries == 0)
+    if results.process:
+        alone, served = results.process["native"], results.process["nid"]
+        row("process RSS after the mix lower with the module",
+            f"{served['rss_after'] / 2**20:,.0f} MiB against {alone['rss_after'] / 2**20:,.0f} MiB",
+            served["rss_after"] < alone["rss_after"])
     storage = results.storage
     before = STORAGE_BEFORE.get((engine, scale))
     if storage is not None and storage.total_bytes_ratio is not None and before is not None:
@@ -898,6 +934,26 @@ def report(results: Results, command: str) -> str:
                 ("cache", "entries", "bytes"),
             ),
         ]
+    if results.process:
+        mib = 1024 * 1024
+        out += [
+            "",
+            "## Process memory: the mix from cold in a process of its own (`benchmarks.mix`; "
+            "resident memory from /proc)",
+            "",
+            markdown(
+                [("Synapse alone" if side == "native" else "with the module",
+                  f"{p['rss_started'] / mib:,.1f}", f"{p['rss_after'] / mib:,.1f}",
+                  f"{(p['rss_after'] - p['rss_started']) / mib:,.1f}", f"{p['rss_peak'] / mib:,.1f}",
+                  f"{p['seconds']:.1f}")
+                 for side, p in results.process.items()],
+                ("process", "RSS after start-up MiB", "after the mix MiB", "growth MiB",
+                 "peak MiB", "mix s"),
+            ),
+            "",
+            f"{results.process['nid']['requests']:,} requests each; every answer equal: "
+            f"{results.process['nid']['digest'] == results.process['native']['digest']}.",
+        ]
     out += ["", "## Targets (issue 23)", "", markdown(targets(results), ("target", "measured", ""))]
     return "\n".join(out)
 
@@ -980,6 +1036,17 @@ def as_json(results: Results, command: str) -> dict[str, Any]:
             side: {name: {"entries": fig(e, "entries"), "bytes": fig(b, "bytes")} for name, (e, b) in caches.items()}
             for side, caches in results.memory.items()
         },
+        "process_memory": {
+            side: {
+                "rss_started": fig(p["rss_started"], "bytes"),
+                "rss_after": fig(p["rss_after"], "bytes"),
+                "rss_peak": fig(p["rss_peak"], "bytes"),
+                "seconds": fig(p["seconds"], "s"),
+                "requests": fig(p["requests"], "requests"),
+                "digest": p["digest"],
+            }
+            for side, p in results.process.items()
+        },
         "targets": [{"target": t, "measured": m, "status": ok} for t, m, ok in targets(results)],
     }
 
@@ -1036,11 +1103,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(args, f"Synapse's log: {log_path}")
     results = run_in_reactor(lambda: run_benchmark(args), "nidstate-benchmark")
+    log(args, "the mix in a process of its own, without the module and with it")
+    results.process = mix_process(results, SCALES[args.scale].mix_requests)
     print(report(results, command))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(as_json(results, command), f, indent=2)
-    return 0 if results.equality["mismatches"] == 0 and results.equality["not_mirrored"] == 0 else 1
+    same = len({p["digest"] for p in results.process.values()}) <= 1
+    return (
+        0 if results.equality["mismatches"] == 0 and results.equality["not_mirrored"] == 0 and same
+        else 1
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         for heading in ("## Storage", "## State-at-event lookups", "## Database work",
                         "## Persistence", "## A realistic mix", "## Migration",
-                        "## Cache memory", "## Targets"):
+                        "## Cache memory", "## Process memory", "## Targets"):
             self.assertIn(heading, result.stdout)
         with open(out) as f:
             figures = json.load(f)
@@ -79,6 +79,16 @@ class BenchmarkSmokeTests(unittest.TestCase):
         serving = figures["synapse_group_caches_while_serving"]
         self.assertEqual(set(serving), {"state_group_cache", "state_group_members_cache"})
         self.assertEqual([c["entries"]["value"] for c in serving.values()], [0, 0])
+        # The mix in a process of its own, Synapse alone and with the module:
+        # the same answers, and the resident memory of each.
+        process = figures["process_memory"]
+        self.assertEqual(set(process), {"native", "nid"})
+        self.assertEqual(process["native"]["digest"], process["nid"]["digest"])
+        for side in process.values():
+            self.assertGreater(side["rss_after"]["value"], 0)
+            self.assertEqual(side["requests"]["value"], 30)
+        self.assertIn("process RSS after the mix lower with the module",
+                      {t["target"] for t in figures["targets"]})
         return figures
 
     def test_sqlite(self) -> None:
