@@ -27,8 +27,12 @@ import os
 import pstats
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import yaml
+from synapse.storage.database import LoggingTransaction
 from synapse.types.state import StateFilter
 
 from benchmarks.run import REPO, SCALES, prepare_postgres
@@ -50,13 +54,42 @@ from synapse_nidstate.runtime.module import module_for
 from synapse_nidstate.storage.schema import drop_tables_txn
 
 
-def _report(profiler: cProfile.Profile, top: int, title: str) -> str:
+def _report(
+    profiler: cProfile.Profile, top: int, title: str, statements: dict[str, list[float]]
+) -> str:
     out = io.StringIO()
     out.write(title + "\n")
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
+    total = sum(sum(times) for times in statements.values())
+    out.write(f"statements: {sum(map(len, statements.values())):,}, {total:.3f}s in all "
+              "(wall time on the database threads, the driver's included), by statement:\n")
+    for sql, times in sorted(statements.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        out.write(f"  {sum(times):7.3f}s {len(times):6,} x  {sql}\n")
     return out.getvalue()
+
+
+@contextmanager
+def timed_statements() -> Iterator[dict[str, list[float]]]:
+    """While open, the wall time of every statement Synapse's transactions run,
+    by its SQL (whitespace collapsed, the first 110 characters)."""
+    timed: dict[str, list[float]] = {}
+    original = LoggingTransaction._do_execute
+
+    def timing(self: LoggingTransaction, func: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(self, func, sql, *args, **kwargs)
+        finally:
+            key = " ".join(sql.split())[:110]
+            timed.setdefault(key, []).append(time.perf_counter() - started)
+
+    LoggingTransaction._do_execute = timing  # type: ignore[method-assign,assignment]
+    try:
+        yield timed
+    finally:
+        LoggingTransaction._do_execute = original  # type: ignore[method-assign]
 
 
 def main() -> int:
@@ -138,7 +171,8 @@ def main() -> int:
                 started = time.perf_counter()
                 profiler.enable()
                 try:
-                    await module.migrator.run()
+                    with timed_statements() as statements:
+                        await module.migrator.run()
                 finally:
                     profiler.disable()
                     db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
@@ -149,6 +183,7 @@ def main() -> int:
                     args.top,
                     f"migration: {migration.events_migrated:,} events in {migration.batches} "
                     f"batches, {seconds:.1f}s under the profiler",
+                    statements,
                 )
             lookups = module.lookups
             if args.homeserver_config:
@@ -169,6 +204,7 @@ def main() -> int:
             }[args.lookup]
             call = lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
             groups = [events] if args.lookup == "batch" else [[e] for e in events]
+            by_statement: dict[str, list[float]] = {}
             for group in groups:
                 if args.warm:
                     await call(group, state_filter)
@@ -177,11 +213,14 @@ def main() -> int:
                 db_pool.new_transaction = profiled_transaction  # type: ignore[method-assign,assignment]
                 profiler.enable()
                 try:
-                    await call(group, state_filter)
+                    with timed_statements() as timed:
+                        await call(group, state_filter)
                 finally:
                     profiler.disable()
                     db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
-            return _report(profiler, args.top, f"{args.lookup} lookups, {args.path}")
+                for sql, times in timed.items():
+                    by_statement.setdefault(sql, []).extend(times)
+            return _report(profiler, args.top, f"{args.lookup} lookups, {args.path}", by_statement)
         finally:
             await stop_homeserver(hs)
 

@@ -189,7 +189,7 @@ class Migrator:
         await self._main.runInteraction(
             "nidstate_migrate_full_state",
             self._store.mirror_rooms_txn,
-            WriteScope(),
+            WriteScope(publish=False),
             by_room,
             self._stats,
             cache_events=False,
@@ -289,7 +289,7 @@ class Migrator:
         await self._main.runInteraction(
             "nidstate_migrate_batch",
             self._write_batch_txn,
-            WriteScope(),
+            WriteScope(publish=False),
             by_room,
             range_key,
             scanned_to,

@@ -11,7 +11,7 @@ from synapse.types import StateMap
 
 from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
-from synapse_nidstate.storage.common import STATE_KEYS, TYPES, StringTable
+from synapse_nidstate.storage.common import STATE_KEYS, TYPES, StringTable, insert_new_txn
 
 #: ``nidstate_events`` seen as a string table (its rows also name their room).
 EVENTS = StringTable("nidstate_events", "event_nid", "event_id")
@@ -66,9 +66,8 @@ class InterningStore(NidStoreBase):
         # Sorted: concurrent writers take the unique-index locks in one order.
         absent = sorted(s for s in missing if s not in found)
         if absent:
-            txn.execute_batch(
-                f"INSERT INTO {table.table} ({table.string_column}) VALUES (?)"
-                f" ON CONFLICT ({table.string_column}) DO NOTHING",
+            insert_new_txn(
+                txn, table.table, (table.string_column,), table.string_column,
                 [(s,) for s in absent],
             )
             found.update(self._select_in_txn(txn, select, table.string_column, absent))
@@ -93,9 +92,8 @@ class InterningStore(NidStoreBase):
         found = dict(self._select_in_txn(txn, select, "event_id", missing))
         absent = sorted(e for e in missing if e not in found)
         if absent:
-            txn.execute_batch(
-                "INSERT INTO nidstate_events (event_id, room_nid)"
-                " VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
+            insert_new_txn(
+                txn, "nidstate_events", ("event_id", "room_nid"), "event_id",
                 [(e, events[e]) for e in absent],
             )
             found.update(self._select_in_txn(txn, select, "event_id", absent))

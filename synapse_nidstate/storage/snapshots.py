@@ -15,6 +15,7 @@ from synapse_nidstate.storage.common import (
     EventRow,
     GroupStep,
     WriteCounters,
+    insert_new_txn,
 )
 from synapse_nidstate.storage.interning import InterningStore
 
@@ -106,10 +107,11 @@ class SnapshotStore(BlockStore, InterningStore):
         content hash: insert those not there (in a fixed order, so concurrent
         writers lock alike), then read every one's NID; returns them in the
         order of ``rows``. Two statements (per 500 rows) whatever the rooms."""
-        placeholders = ", ".join("?" for _ in range(2 + len(columns)))
-        txn.execute_batch(
-            f"INSERT INTO {table} (room_nid, content_hash, {', '.join(columns)})"
-            f" VALUES ({placeholders}) ON CONFLICT (room_nid, content_hash) DO NOTHING",
+        insert_new_txn(
+            txn,
+            table,
+            ("room_nid", "content_hash", *columns),
+            "room_nid, content_hash",
             [
                 (room_nid, bytearray(digest), *values)
                 for room_nid, digest, values in sorted(rows, key=lambda r: (r[0], r[1]))
@@ -217,9 +219,8 @@ class SnapshotStore(BlockStore, InterningStore):
             learnt,
             [(room_of[g], tuple(real.get(n, n) for n in lists[g])) for g in groups],
         )
-        txn.execute_batch(
-            "INSERT INTO nidstate_state_groups (state_group, snapshot_nid) VALUES (?, ?)"
-            " ON CONFLICT (state_group) DO NOTHING",
+        insert_new_txn(
+            txn, "nidstate_state_groups", ("state_group", "snapshot_nid"), "state_group",
             list(zip(groups, snapshot_nids)),
         )
         for group, snapshot_nid in zip(groups, snapshot_nids):
