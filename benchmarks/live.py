@@ -1,6 +1,6 @@
 """Reclaim beside live traffic: a real Synapse process, clients sending, the job on and off.
 
-    python -m benchmarks.live [--scale M] [--seconds 60] [--rate 20] [--state-rate 2]
+    python -m benchmarks.live [--scale M] [--seconds 90] [--rate 8] [--state-rate 2]
                               [--configs serve,job,...] [--json FILE]
 
 On the PostgreSQL dataset ``python -m benchmarks.run`` keeps for the scale
@@ -481,6 +481,14 @@ def run_config(
         watcher.join()
         result["timeline"] = timeline
         result["killed"] = killed or None
+        if module and module.get("reclaim", {}).get("enabled"):
+            # The writes while the job was still on the history (its busiest time).
+            done_at = next((at for at, _, reclaimed in timeline
+                            if reclaimed >= history_groups - 2), args.seconds)
+            result["history_reclaimed_at"] = done_at
+            result["traffic_while_reclaiming_history"] = summarise(
+                [r for r in traffic.records if r.at < done_at], args.warm_up
+            )
     finally:
         server.stop()
     if name == "kill":
@@ -535,6 +543,13 @@ def report(results: list[dict[str, Any]], command: str) -> str:
             f"| {r['reclaimed_at_end']:,} of {r['history_groups']:,} | {r['left_at_end']:,} | {catch} |"
         )
     for r in results:
+        if "history_reclaimed_at" in r:
+            w = r["traffic_while_reclaiming_history"]["writes"]
+            lines.append(
+                f"{r['config']}: the history's groups reclaimed {r['history_reclaimed_at']:.0f} s "
+                f"into the traffic; writes until then: p50 {w['p50_ms']:.1f} ms, p99 "
+                f"{w['p99_ms']:.1f} ms ({w['n']} writes)"
+            )
         if r.get("killed"):
             k = r["killed"]
             lines.append(f"{r['config']}: killed with SIGKILL at {k['at']:.1f} s, answering again "
@@ -552,11 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", metavar="DSN", default="host=127.0.0.1 port=5432 user=postgres")
     parser.add_argument("--database-name", metavar="NAME")
     parser.add_argument("--data", metavar="DIR")
-    parser.add_argument("--seconds", type=float, default=60.0, help="traffic per configuration")
+    parser.add_argument("--seconds", type=float, default=90.0, help="traffic per configuration")
     parser.add_argument("--warm-up", type=float, default=5.0, help="seconds of traffic left out")
-    parser.add_argument("--rate", type=float, default=20.0, help="messages a second, in all")
+    parser.add_argument("--rate", type=float, default=8.0, help="messages a second, in all")
     parser.add_argument("--state-rate", type=float, default=2.0, help="state changes a second")
-    parser.add_argument("--read-rate", type=float, default=4.0,
+    parser.add_argument("--read-rate", type=float, default=2.0,
                         help="reads a second in the big room (/context, /messages)")
     parser.add_argument("--catch-up", type=float, default=120.0,
                         help="seconds the job may take after the traffic")
