@@ -113,6 +113,17 @@ def create_database(dsn: str, name: str) -> str:
     return f"{dsn} dbname={name}"
 
 
+class _Untagged(dict):
+    """A room's state as ``store_state_group`` is given it, with a short repr:
+    with ``opentracing`` installed (the dev extra installs it), Synapse's
+    ``@tag_args`` makes ``str()`` of every argument, and for a state of tens of
+    thousands of entries at every state event that took half the writer's time
+    (py-spy), writing slower as the big room grew."""
+
+    def __repr__(self) -> str:
+        return f"<state: {len(self):,} entries>"
+
+
 class RoomWriter:
     """One room's linear history: its state, its latest event, its depth."""
 
@@ -123,7 +134,7 @@ class RoomWriter:
         self.room_id = room_id
         self.creator = creator
         self.version = KNOWN_ROOM_VERSIONS["10"]
-        self.state: dict[tuple[str, str], str] = {}
+        self.state: dict[tuple[str, str], str] = _Untagged()
         self.group: int | None = None
         self.latest: str | None = None
         self.depth = 0
