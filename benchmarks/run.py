@@ -44,6 +44,7 @@ from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache, _get_size_of
 
 from benchmarks import mix
+from synapse_nidstate.cli import MIGRATE_BATCH_SIZE
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.commands.stats import report_as_json
 from synapse_nidstate.commands.storage_figures import StorageReport, storage_report
@@ -69,14 +70,13 @@ from synapse_nidstate.demo.timing import (
     time_lookups,
     visibility_filter,
 )
-from synapse_nidstate.runtime.config import BackgroundMigrationConfig
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.module import NidStateModule, module_for
 from synapse_nidstate.storage.schema import drop_tables_txn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The migration's batch size (the module's default, as operators run it).
-BATCH_EVENTS = BackgroundMigrationConfig().batch_size
+#: The migration's batch size: the `migrate` command's, as operators run it.
+BATCH_EVENTS = MIGRATE_BATCH_SIZE
 #: Events sent, untimed, after each start before the persistence timing.
 PERSIST_WARM_UP = 10
 DATASET_VERSION = 1
@@ -461,6 +461,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         module = module_for(hs)
         assert module is not None
         remaining = await module.migrator.remaining()
+        module.migrator.batch_size = BATCH_EVENTS  # as the command migrates
         progress = WorkProgress("migrating", remaining, args.progress)
         started = time.perf_counter()
         with count_database_work() as work:
