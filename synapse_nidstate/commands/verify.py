@@ -211,7 +211,7 @@ async def _compare_batch(
     result: VerifyResult,
     progress: Callable[[int], None] | None,
 ) -> int:
-    """Compare one batch; returns the state entries of its widest answer."""
+    """Compare one batch; returns the entries of the widest state it answered."""
     widest = 0
     for name, state_filter in filters.items():
         expected, mirrored = await _answers(lookups, batch, state_filter, result)

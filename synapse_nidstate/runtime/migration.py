@@ -172,7 +172,7 @@ class Migrator:
     ) -> None:
         # Every room of the batch at once: a statement count that does not
         # grow with the rooms (a round trip each on PostgreSQL).
-        self._store.mirror_rooms_txn(txn, scope, by_room, self._stats, cache_events=False)
+        self._store.mirror_rooms_txn(txn, scope, by_room, self._stats)
         for key, value in ((range_key, scanned_to), (first_key, first_value)):
             if key is None or value is None:
                 continue
@@ -192,7 +192,6 @@ class Migrator:
             WriteScope(publish=False),
             by_room,
             self._stats,
-            cache_events=False,
         )
 
     async def run_batch(self, until: int | None = None) -> bool:

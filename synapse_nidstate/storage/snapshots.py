@@ -235,7 +235,6 @@ class SnapshotStore(BlockStore, InterningStore):
         rows: list[EventRow],
         steps: list[GroupStep],
         stats: WriteCounters,
-        cache_events: bool = True,
     ) -> None:
         """Build the snapshots of ``rows``' state groups, in ``txn``.
 
@@ -243,11 +242,12 @@ class SnapshotStore(BlockStore, InterningStore):
         the group Synapse maps it to in ``event_to_state_groups``, which the
         lookups join. An event whose group the mirror has no snapshot for (and
         no step to build one) is counted as unprepared; its lookups fall back
-        to Synapse until the migration builds the group. With ``cache_events``
-        (the live mirror; not the migration) the events' snapshots go into the
-        event -> snapshot cache once ``txn`` commits: new events are looked up soon.
+        to Synapse until the migration builds the group. The events' snapshots
+        go into the event -> snapshot cache once ``txn`` commits, where the
+        scope publishes (the live mirror's: new events are looked up soon; not
+        the migration's).
         """
-        self.mirror_rooms_txn(txn, scope, {room_id: (rows, steps)}, stats, cache_events)
+        self.mirror_rooms_txn(txn, scope, {room_id: (rows, steps)}, stats)
 
     def mirror_rooms_txn(
         self,
@@ -255,7 +255,6 @@ class SnapshotStore(BlockStore, InterningStore):
         scope: WriteScope,
         rooms: Mapping[str, tuple[list[EventRow], list[GroupStep]]],
         stats: WriteCounters,
-        cache_events: bool = True,
     ) -> None:
         """:meth:`mirror_events_txn` for several rooms at once (the migration's
         batch): the same rows, in a number of statements that does not grow
@@ -281,5 +280,4 @@ class SnapshotStore(BlockStore, InterningStore):
                     stats.unprepared += 1
                 if snapshot_nid is not None:
                     stats.events_mirrored += 1
-                    if cache_events:
-                        learnt.event_snapshots[row.event_id] = snapshot_nid
+                    learnt.event_snapshots[row.event_id] = snapshot_nid
