@@ -64,6 +64,7 @@ from typing import Any
 import attr
 import yaml
 
+from benchmarks.mix import resident_memory
 from benchmarks.run import REPO, SCALES, ensure_dataset, prepare_postgres
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.demo.inprocess import homeserver_config, postgres_database
@@ -198,7 +199,6 @@ class Cast:
     """Who sends what: from the database as the run starts."""
 
     big_room: str
-    owner: str
     #: (user, room) of each message sender
     senders: list[tuple[str, str]]
     #: (user, room, joined now) of each user who leaves and joins a room in turn
@@ -245,7 +245,7 @@ def cast(dsn: str, writer_state: dict[str, Any]) -> Cast:
             history = [row[0] for row in cur.fetchall()]
     finally:
         conn.close()
-    return Cast(big, owner, senders, churn, history)
+    return Cast(big, senders, churn, history)
 
 
 def copy_database(admin_dsn: str, template: str, name: str) -> str:
@@ -502,15 +502,9 @@ def run_config(
 
 
 def process_memory(server: Server) -> dict[str, float]:
-    """The Synapse process's resident memory now and at its peak (MiB, the kernel's)."""
+    """The Synapse process's resident memory now and at its peak, MiB."""
     assert server.proc is not None
-    memory = {}
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                memory["now" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 1024
-    return memory
+    return {key: value / 2**20 for key, value in resident_memory(server.proc.pid).items()}
 
 
 def free_port() -> int:

@@ -156,10 +156,11 @@ async def replay(
     return Replay(time.perf_counter() - started, digests)
 
 
-def resident_memory() -> dict[str, int]:
-    """This process's resident memory now and at its peak, in bytes."""
+def resident_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in bytes;
+    this process's by default."""
     memory = {}
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):

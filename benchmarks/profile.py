@@ -27,15 +27,11 @@ import os
 import pstats
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import yaml
-from synapse.storage.database import LoggingTransaction
 from synapse.types.state import StateFilter
 
-from benchmarks.run import REPO, SCALES, prepare_postgres
+from benchmarks.run import REPO, SCALES, count_database_work, prepare_postgres
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.commands.verify import (
     latest_room_events_with_state,
@@ -62,34 +58,15 @@ def _report(
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
-    total = sum(sum(times) for times in statements.values())
-    out.write(f"statements: {sum(map(len, statements.values())):,}, {total:.3f}s in all "
+    by_sql: dict[str, list[float]] = {}
+    for sql, times in statements.items():
+        by_sql.setdefault(" ".join(sql.split())[:110], []).extend(times)
+    total = sum(sum(times) for times in by_sql.values())
+    out.write(f"statements: {sum(map(len, by_sql.values())):,}, {total:.3f}s in all "
               "(wall time on the database threads, the driver's included), by statement:\n")
-    for sql, times in sorted(statements.items(), key=lambda kv: -sum(kv[1]))[:top]:
+    for sql, times in sorted(by_sql.items(), key=lambda kv: -sum(kv[1]))[:top]:
         out.write(f"  {sum(times):7.3f}s {len(times):6,} x  {sql}\n")
     return out.getvalue()
-
-
-@contextmanager
-def timed_statements() -> Iterator[dict[str, list[float]]]:
-    """While open, the wall time of every statement Synapse's transactions run,
-    by its SQL (whitespace collapsed, the first 110 characters)."""
-    timed: dict[str, list[float]] = {}
-    original = LoggingTransaction._do_execute
-
-    def timing(self: LoggingTransaction, func: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return original(self, func, sql, *args, **kwargs)
-        finally:
-            key = " ".join(sql.split())[:110]
-            timed.setdefault(key, []).append(time.perf_counter() - started)
-
-    LoggingTransaction._do_execute = timing  # type: ignore[method-assign,assignment]
-    try:
-        yield timed
-    finally:
-        LoggingTransaction._do_execute = original  # type: ignore[method-assign]
 
 
 def main() -> int:
@@ -171,7 +148,7 @@ def main() -> int:
                 started = time.perf_counter()
                 profiler.enable()
                 try:
-                    with timed_statements() as statements:
+                    with count_database_work() as work:
                         await module.migrator.run()
                 finally:
                     profiler.disable()
@@ -183,7 +160,7 @@ def main() -> int:
                     args.top,
                     f"migration: {migration.events_migrated:,} events in {migration.batches} "
                     f"batches, {seconds:.1f}s under the profiler",
-                    statements,
+                    work.by_statement,
                 )
             lookups = module.lookups
             if args.homeserver_config:
@@ -213,12 +190,12 @@ def main() -> int:
                 db_pool.new_transaction = profiled_transaction  # type: ignore[method-assign,assignment]
                 profiler.enable()
                 try:
-                    with timed_statements() as timed:
+                    with count_database_work() as work:
                         await call(group, state_filter)
                 finally:
                     profiler.disable()
                     db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
-                for sql, times in timed.items():
+                for sql, times in work.by_statement.items():
                     by_statement.setdefault(sql, []).extend(times)
             return _report(profiler, args.top, f"{args.lookup} lookups, {args.path}", by_statement)
         finally:

@@ -129,11 +129,14 @@ def fig(value: float | int | None, unit: str) -> dict[str, Any]:
 class DatabaseWork:
     statements: int = 0
     transactions: int = 0
+    #: The wall time of each statement, by its SQL, the driver's time included.
+    by_statement: dict[str, list[float]] = attr.Factory(dict)
 
 
 @contextmanager
 def count_database_work() -> Iterator[DatabaseWork]:
-    """Count SQL statements and transactions Synapse's database layer runs meanwhile.
+    """Count (and time) the SQL statements and transactions Synapse's database
+    layer runs meanwhile.
 
     Every statement goes through ``LoggingTransaction._do_execute`` and every
     transaction through ``DatabasePool.new_transaction``; both are wrapped for
@@ -143,9 +146,15 @@ def count_database_work() -> Iterator[DatabaseWork]:
     do_execute = LoggingTransaction._do_execute
     new_transaction = DatabasePool.new_transaction
 
-    def counting_execute(self: LoggingTransaction, *args: Any, **kwargs: Any) -> Any:
+    def counting_execute(
+        self: LoggingTransaction, func: Any, sql: str, *args: Any, **kwargs: Any
+    ) -> Any:
         work.statements += 1
-        return do_execute(self, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return do_execute(self, func, sql, *args, **kwargs)
+        finally:
+            work.by_statement.setdefault(sql, []).append(time.perf_counter() - started)
 
     def counting_transaction(self: DatabasePool, *args: Any, **kwargs: Any) -> Any:
         work.transactions += 1
