@@ -257,4 +257,8 @@ class Reclaimer:
                 totals.by_delta += outcome.by_delta
                 if progress is not None:
                     progress(outcome.groups)
+        if totals.rows:
+            await self._db_pool.runInteraction(
+                "nidstate_restore_analyze", self._store.analyze_restored_txn
+            )
         return totals

@@ -42,6 +42,7 @@ from collections.abc import Collection
 
 import attr
 from synapse.storage.database import LoggingDatabaseConnection, LoggingTransaction
+from synapse.storage.engines import PostgresEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
@@ -293,6 +294,19 @@ class ReclaimStore(ProofStore):
         set_marker_txn(txn)
 
     # -- restore -------------------------------------------------------------
+
+    def analyze_restored_txn(self, txn: LoggingTransaction) -> None:
+        """Fresh planner statistics for the tables a restore wrote back.
+
+        A restore can write millions of rows into tables whose statistics were
+        taken when they were nearly empty (after reclaim and ``VACUUM FULL``);
+        until autovacuum comes round (never, where it is off) PostgreSQL plans
+        Synapse's reads and the next reclaim on them. SQLite keeps no
+        statistics unless ``ANALYZE`` ran once, and Synapse never runs it there.
+        """
+        if isinstance(self.engine, PostgresEngine):
+            txn.execute("ANALYZE state_groups_state")
+            txn.execute("ANALYZE state_group_edges")
 
     def restore_groups_txn(self, txn: LoggingTransaction, groups: list[int]) -> ReclaimOutcome:
         """Write back the rows of reclaimed ``groups``, newest first; when none is
