@@ -1,7 +1,7 @@
 """Reclaim beside live traffic: a real Synapse process, clients sending, the job on and off.
 
     python -m benchmarks.live [--scale M] [--seconds 90] [--rate 8] [--state-rate 2]
-                              [--configs serve,job,...] [--json FILE]
+                              [--configs serve,job,...] [--breakdown] [--json FILE]
 
 On the PostgreSQL dataset ``python -m benchmarks.run`` keeps for the scale
 (written first if there is none), each configuration gets a fresh copy of the
@@ -41,6 +41,12 @@ peak (``/proc``: VmRSS, VmHWM):
   its mismatches and exit code. Its latencies hold the restart: they are
   reported, not compared.
 
+With ``--breakdown``, Synapse logs every request's resource line and every
+transaction's time, and the report adds, per configuration, where the time
+went: per request kind, the wall and CPU time, the time waiting for a database
+connection and in transactions; per transaction description, how many ran and
+how long they took.
+
 Exit code 0 when every send of the compared configurations succeeded and
 ``verify`` found no mismatch.
 """
@@ -51,6 +57,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -58,11 +65,14 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import attr
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.mix import resident_memory
 from benchmarks.run import REPO, SCALES, ensure_dataset, prepare_postgres
@@ -92,6 +102,24 @@ handlers:
 root: {level: WARNING, handlers: [file]}
 disable_existing_loggers: false
 """
+#: With --breakdown: every request's resource line and every transaction's time.
+BREAKDOWN_LOGGERS = """\
+loggers:
+  synapse.access: {level: INFO}
+  synapse.storage.txn: {level: DEBUG}
+"""
+#: Synapse's request log line (synapse/http/site.py) and transaction log line
+#: (synapse/storage/database.py), as --breakdown reads them.
+ACCESS_LINE = re.compile(
+    r"^(?P<at>\S+ \S+) - synapse\.access.* Processed request: (?P<total>[\d.]+)sec/[\d.]+sec "
+    r"ru=\((?P<utime>[\d.]+)sec, (?P<stime>[\d.]+)sec\) "
+    r"db=\((?P<sched>[\d.]+)sec/(?P<txn>[\d.]+)sec/(?P<txns>\d+)\) .*"
+    r'"(?P<method>[A-Z]+) (?P<uri>\S+) [^"]*" .*\[(?P<evts>\d+) dbevts\]'
+)
+TXN_LINE = re.compile(r"^(?P<at>\S+ \S+) - synapse\.storage\.txn .*\[TXN END\] \{(?P<name>.+)-[0-9a-f]+\} "
+                      r"(?P<seconds>[\d.]+) sec")
+REQUEST_KINDS = (("/send/", "message"), ("/join", "join"), ("/leave", "leave"),
+                 ("/context/", "context"), ("/messages", "messages"))
 
 
 @attr.s(auto_attribs=True)
@@ -397,6 +425,115 @@ def summarise(records: list[Record], warm_up: float) -> dict[str, Any]:
     return out
 
 
+def breakdown(log_path: str, since: float, until: float) -> dict[str, Any]:
+    """Where the time of the requests and transactions logged in ``[since, until)`` went.
+
+    Per request kind, the means of Synapse's own accounting for the request's
+    log context (its request log line): wall time, CPU (user + system), time
+    waiting for a database connection, time in transactions and how many. The
+    persistence of an event runs in Synapse's persist queue, a background
+    process of its own, so its transactions are counted under ``transactions``
+    (per description: how many, the total, the mean and p99), not under the
+    request that waited for it.
+    """
+    def wall(stamp: str) -> float:
+        return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    requests: dict[str, list[tuple[float, ...]]] = {}
+    transactions: dict[str, list[float]] = {}
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if "Processed request" in line:
+                m = ACCESS_LINE.match(line)
+                kind = m and next((k for part, k in REQUEST_KINDS if part in m["uri"]), None)
+                if m and kind and since <= wall(m["at"]) < until:
+                    requests.setdefault(kind, []).append((
+                        float(m["total"]), float(m["utime"]) + float(m["stime"]),
+                        float(m["sched"]), float(m["txn"]), float(m["txns"]), float(m["evts"]),
+                    ))
+            elif "[TXN END]" in line:
+                m = TXN_LINE.match(line)
+                if m and since <= wall(m["at"]) < until:
+                    transactions.setdefault(m["name"], []).append(float(m["seconds"]))
+    fields = ("wall_ms", "cpu_ms", "db_wait_ms", "db_txn_ms", "txns", "event_fetches")
+    return {
+        "requests": {
+            kind: {"n": len(rows), **{
+                field: statistics.fmean(row[i] for row in rows) * (1000 if field.endswith("_ms") else 1)
+                for i, field in enumerate(fields)
+            }}
+            for kind, rows in sorted(requests.items())
+        },
+        "transactions": {
+            name: {"n": len(times), "total_s": sum(times), "mean_ms": statistics.fmean(times) * 1000,
+                   "p99_ms": percentile([t * 1000 for t in times], 99)}
+            for name, times in sorted(transactions.items(), key=lambda kv: -sum(kv[1]))
+        },
+    }
+
+
+#: What --breakdown reads from the metrics listener, before and after the
+#: traffic (the differences are reported): the process's CPU, and the
+#: module's own timers (``runtime/metrics.py``).
+SCRAPED = ("process_cpu_seconds_total", "synapse_nidstate_")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of ``SCRAPED`` families, summed over their labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_synapse/metrics", timeout=60) as answer:
+        text = answer.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(SCRAPED) and not sample.name.endswith(("_bucket", "_created")):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def breakdown_report(results: list[dict[str, Any]], top: int = 12) -> list[str]:
+    """The breakdowns of the configurations side by side."""
+    runs = [r for r in results if r.get("breakdown")]
+    if not runs:
+        return []
+    names = [r["config"] for r in runs]
+    lines = ["", "Per request (means of Synapse's request log: wall, CPU, waiting for a "
+             "connection, in transactions, transactions):",
+             "| request | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    kinds = sorted({k for r in runs for k in r["breakdown"]["requests"]})
+    for kind in kinds:
+        cells = []
+        for r in runs:
+            b = r["breakdown"]["requests"].get(kind)
+            cells.append(f"{b['wall_ms']:.1f} / cpu {b['cpu_ms']:.1f} / wait {b['db_wait_ms']:.1f} "
+                         f"/ db {b['db_txn_ms']:.1f} / {b['txns']:.1f} txns (n {b['n']})"
+                         if b else "")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", f"Transactions, the {top} longest in total of any configuration "
+              "(count, total s, mean ms, p99 ms):",
+              "| transaction | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    ranked: dict[str, float] = {}
+    for r in runs:
+        for name, t in r["breakdown"]["transactions"].items():
+            ranked[name] = max(ranked.get(name, 0.0), t["total_s"])
+    for name in sorted(ranked, key=lambda n: -ranked[n])[:top]:
+        cells = []
+        for r in runs:
+            t = r["breakdown"]["transactions"].get(name)
+            cells.append(f"{t['n']} / {t['total_s']:.2f} / {t['mean_ms']:.2f} / {t['p99_ms']:.1f}"
+                         if t else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The process's CPU and the module's timers during the traffic "
+              "(seconds in all, count; from the metrics listener):",
+              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    metrics = [r["breakdown"].get("metrics", {}) for r in runs]
+    for name in sorted({n for m in metrics for n in m if not n.endswith("_count")}):
+        family = name[: -len("_sum")] if name.endswith("_sum") else name
+        cells = [(f"{m[name]:.2f}" + (f" ({m[family + '_count']:.0f})" if family + "_count" in m else ""))
+                 if name in m else "" for m in metrics]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def run_config(
     name: str, module: dict[str, Any] | None, args: argparse.Namespace, template: str,
     writer_state: dict[str, Any],
@@ -408,10 +545,14 @@ def run_config(
     config = homeserver_config(run_dir, postgres_database(dsn), module or {"mode": "serve"})
     log_path = os.path.join(run_dir, "homeserver.log")
     with open(os.path.join(run_dir, "log.yaml"), "w") as f:
-        f.write(LOG_CONFIG.replace("LOGFILE", log_path))
+        f.write(LOG_CONFIG.replace("LOGFILE", log_path) + (BREAKDOWN_LOGGERS if args.breakdown else ""))
+    metrics_port = free_port() if args.breakdown else None
     config.update({
         "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"], "type": "http",
-                       "tls": False, "resources": [{"names": ["client"], "compress": False}]}],
+                       "tls": False, "resources": [{"names": ["client"], "compress": False}]}]
+        + ([{"port": metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"}]
+           if metrics_port else []),
+        "enable_metrics": bool(metrics_port),
         "log_config": os.path.join(run_dir, "log.yaml"),
         "pid_file": os.path.join(run_dir, "homeserver.pid"),
         "rc_registration": {"per_second": 1000, "burst_count": 1000},
@@ -460,7 +601,16 @@ def run_config(
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        wall_start = time.time()
+        before = scrape(metrics_port) if metrics_port else {}
         traffic.run()
+        if metrics_port:
+            result["breakdown"] = breakdown(log_path, wall_start + args.warm_up, time.time())
+            if not killed:  # a restarted process counts from zero again
+                after = scrape(metrics_port)
+                result["breakdown"]["metrics"] = {
+                    name: after[name] - before.get(name, 0.0) for name in sorted(after)
+                }
         groups, reclaimed = group_counts(dsn)
         result["traffic"] = summarise(traffic.records, args.warm_up)
         result["rss_mib"] = process_memory(server)
@@ -552,7 +702,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
             v = r["verify"]
             lines.append(f"{r['config']}: verify exit code {v['exit_code']} in {v['seconds']:.0f} s:"
                          f"\n    " + v["output"].replace("\n", "\n    "))
-    return "\n".join(lines)
+    return "\n".join(lines + breakdown_report(results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the job may take after the traffic")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"which of {', '.join(CONFIGS)}, in order")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="log every request's and transaction's time and report where it went")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     args.engine, args.rebuild, args.port_from, args.progress = "postgres", False, None, False

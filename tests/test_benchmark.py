@@ -159,7 +159,7 @@ class LiveSmokeTests(unittest.TestCase):
         out = os.path.join(work, "live.json")
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.live", "--scale", "tiny", "--seconds", "8",
-             "--warm-up", "1", "--catch-up", "30", "--configs", "serve,kill",
+             "--warm-up", "1", "--catch-up", "30", "--configs", "serve,kill", "--breakdown",
              "--database-name", name, "--postgres", f"host={PG_HOST} port={PG_PORT} user={PG_USER}",
              "--data", os.path.join(work, "data"), "--json", out],
             cwd=REPO, capture_output=True, text=True, timeout=800,
@@ -172,6 +172,17 @@ class LiveSmokeTests(unittest.TestCase):
             self.assertGreater(serve["traffic"][kind]["n"], 0, kind)
         self.assertEqual(serve["reclaimed_at_end"], 0)  # no reclaim configured
         self.assertGreater(serve["rss_mib"]["peak"], 0)
+        # --breakdown read Synapse's request and transaction log lines and the
+        # metrics listener: the messages' CPU, the persistence transactions,
+        # the process's CPU and the module's write timer.
+        breakdown = serve["breakdown"]
+        self.assertGreater(breakdown["requests"]["message"]["n"], 0)
+        self.assertGreater(breakdown["requests"]["message"]["cpu_ms"], 0)
+        self.assertGreater(breakdown["transactions"]["persist_events"]["n"], 0)
+        self.assertGreater(breakdown["metrics"]["process_cpu_seconds_total"], 0)
+        self.assertGreater(breakdown["metrics"]["synapse_nidstate_mirror_write_seconds_count"], 0)
+        self.assertNotIn("metrics", kill["breakdown"])  # the process restarted
+        self.assertIn("Per request", result.stdout)
         # The job reclaimed the history, the process was killed and came back, and
         # every event's state still equals Synapse's.
         self.assertIsNotNone(kill["killed"])
