@@ -14,7 +14,13 @@ copy, its entries in NIDs, and times, in one process and one connection
 * ``one row per entry``: the three strings joined to each entry's NIDs
   (``unnest ... JOIN``), so the client builds one row per entry;
 * ``events by room``: the event IDs of the room's interned events by
-  ``room_nid`` (a range of the index) instead of by NID.
+  ``room_nid`` (a range of the index) instead of by NID;
+* ``packed by room``: a layout the module does not have, measured to decide
+  whether to build it: each room's state events in chunks of ``--chunk``
+  rows, a row holding the chunk's event NIDs and, packed in one text value,
+  each event's state key and event ID (built here in a temporary table from
+  Synapse's ``state_events``). The whole state's strings are then a few rows
+  read by one range of an index and split in Python, the types by NID.
 
     python -m benchmarks.strings --dsn "host=127.0.0.1 user=postgres dbname=nidstate_bench_m"
 """
@@ -41,6 +47,34 @@ def _by_kind(rows: list[tuple[int, int, str]]) -> list[dict[int, str]]:
     for kind, nid, string in rows:
         found[kind][nid] = string
     return found
+
+
+#: Separators of the packed layout (not in event IDs or the state keys here;
+#: a real layout would length-prefix).
+UNIT, RECORD = "\x1f", "\x1e"
+
+
+def build_packed(cur: Any, room_nid: int, chunk: int) -> tuple[int, int]:
+    """The temporary table of ``packed by room`` for the room: (rows, bytes)."""
+    cur.execute(
+        "CREATE TEMPORARY TABLE packed_strings AS"
+        " SELECT room_nid, n / %s AS chunk, array_agg(event_nid ORDER BY event_nid) AS event_nids,"
+        "  string_agg(state_key || %s || event_id, %s ORDER BY event_nid) AS packed"
+        " FROM (SELECT e.room_nid, e.event_nid, e.event_id, s.state_key,"
+        "   row_number() OVER (ORDER BY e.event_nid) - 1 AS n"
+        "  FROM nidstate_events AS e JOIN state_events AS s USING (event_id)"
+        "  WHERE e.room_nid = %s) AS numbered"
+        " GROUP BY room_nid, n / %s",
+        (chunk, UNIT, RECORD, room_nid, chunk),
+    )
+    cur.execute("CREATE INDEX ON packed_strings (room_nid, chunk)")
+    cur.execute("ANALYZE packed_strings")
+    cur.execute(
+        "SELECT COUNT(*), COALESCE(SUM(pg_column_size(event_nids) + pg_column_size(packed)), 0)"
+        " FROM packed_strings"
+    )
+    rows, size = cur.fetchone()
+    return int(rows), int(size)
 
 
 def ways(cur: Any, group: int, room_nid: int, triples: Triples) -> dict[str, Callable[[], State]]:
@@ -91,11 +125,30 @@ def ways(cur: Any, group: int, room_nid: int, triples: Triples) -> dict[str, Cal
         t, k, e = _by_kind(cur.fetchall())
         return {(t[a], k[b]): e[c] for a, b, c in triples}
 
+    def packed_by_room() -> State:
+        cur.execute(
+            "SELECT NULL::bigint[], event_type, type_nid FROM nidstate_event_types"
+            " WHERE type_nid = ANY(%s::bigint[])"
+            " UNION ALL SELECT event_nids, packed, NULL FROM packed_strings WHERE room_nid = %s",
+            (types, room_nid),
+        )
+        type_of: dict[int, str] = {}
+        key_of: dict[int, str] = {}
+        id_of: dict[int, str] = {}
+        for nids, text, type_nid in cur.fetchall():
+            if nids is None:
+                type_of[type_nid] = text
+                continue
+            for nid, record in zip(nids, text.split(RECORD)):
+                key_of[nid], id_of[nid] = record.split(UNIT)
+        return {(type_of[a], key_of[c]): id_of[c] for a, _, c in triples}
+
     return {
         "native": native,
         "by NID": by_nid,
         "one row per entry": one_row_per_entry,
         "events by room": events_by_room,
+        "packed by room": packed_by_room,
     }
 
 
@@ -103,6 +156,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.strings")
     parser.add_argument("--dsn", required=True, help="libpq DSN of a migrated PostgreSQL database")
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--chunk", type=int, default=256, help="events a row in `packed by room`")
     args = parser.parse_args()
     try:
         connection = psycopg2.connect(args.dsn)
@@ -135,6 +189,7 @@ def main() -> int:
     room_nid = rows[0][3]
     cur.execute("SELECT COUNT(*) FROM nidstate_events WHERE room_nid = %s", (room_nid,))
     (room_events,) = cur.fetchone()
+    packed_rows, packed_bytes = build_packed(cur, room_nid, args.chunk)
     candidates = ways(cur, group, room_nid, triples)
     answers = {name: way() for name, way in candidates.items()}
     if any(answer != answers["native"] for answer in answers.values()):
@@ -143,6 +198,10 @@ def main() -> int:
     print(
         f"state group {group}: {entries:,} entries; its room has {room_events:,} interned "
         f"events; p50 of {args.rounds} rounds, the ways interleaved"
+    )
+    print(
+        f"packed by room: {packed_rows:,} rows of up to {args.chunk} state events, "
+        f"{packed_bytes:,} bytes of values"
     )
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(args.rounds):
