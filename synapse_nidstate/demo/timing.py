@@ -183,6 +183,13 @@ async def time_group_reads(
         guard = group_reads.native_only(fresh=False)
         if cold:
             clear_state_caches(hs, lookups)
+        elif not native:
+            # Serving, Synapse's per-group caches hold no group the module
+            # answers (group_caches). The native side's reads just filled them
+            # with this group; left there, they would answer the module's side
+            # from Synapse's caches instead of its own.
+            state._state_group_cache.invalidate_all()
+            state._state_group_members_cache.invalidate_all()
         with guard if native else contextlib.nullcontext():
             if not cold:
                 await call(group, state_filter)
