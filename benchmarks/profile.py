@@ -21,12 +21,15 @@ with their senders as the members asked for; for the HQ-scale run's data:
 """
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
 import pstats
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import yaml
 from synapse.types.state import StateFilter
@@ -69,13 +72,22 @@ def _report(
     return out.getvalue()
 
 
+#: The state-group lookups: ``_get_state_for_groups`` with the filter of the
+#: state-at-event lookup kind of the same name.
+GROUP_LOOKUPS = ("group-full", "group-member", "group-lazy")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--scale", choices=sorted(SCALES), default="M")
     parser.add_argument("--postgres", default="host=127.0.0.1 port=5432 user=postgres")
     parser.add_argument("--database-name")
-    parser.add_argument("--lookup", choices=("full", "member", "lazy", "batch"), default="full")
+    parser.add_argument(
+        "--lookup", choices=("full", "member", "lazy", "batch", *GROUP_LOOKUPS), default="full",
+        help="state at events, or (group-*) the state of the events' state groups "
+        "through _get_state_for_groups, as the runner times them",
+    )
     parser.add_argument("--path", choices=("native", "nid"), default="nid")
     parser.add_argument("--warm", action="store_true")
     parser.add_argument("--events", type=int, default=50)
@@ -173,14 +185,33 @@ def main() -> int:
                 events = (await room_events_with_state(hs, room_id))[-args.events :]
                 member, others = writer.users[1], writer.users[2:]
             filters = lookup_filters(member, others)
+            kind = args.lookup.removeprefix("group-")
             state_filter = {
                 "full": StateFilter.all(),
                 "member": filters["one member key"],
                 "lazy": filters["lazy-load members"],
                 "batch": visibility_filter(member),
-            }[args.lookup]
-            call = lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
-            groups = [events] if args.lookup == "batch" else [[e] for e in events]
+            }[kind]
+            call: Callable[[list[Any], StateFilter], Awaitable[object]] = (
+                lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
+            )
+            groups: list[list[Any]] = [events] if args.lookup == "batch" else [[e] for e in events]
+            if args.lookup in GROUP_LOOKUPS:
+                # Synapse's read of a group, through the module's replacement
+                # (native: within native_only, where it is Synapse's own).
+                by_event = await hs.get_datastores().main._get_state_group_for_events(events)  # type: ignore[call-arg, arg-type, misc]
+                groups = [[by_event[e]] for e in events]
+                state = hs.get_datastores().state
+                group_reads = lookups.group_reads
+                assert group_reads is not None, "the module does not serve state-group reads here"
+
+                async def read_groups(wanted: list[Any], state_filter: StateFilter) -> object:
+                    guard = group_reads.native_only(fresh=False)
+                    with guard if args.path == "native" else contextlib.nullcontext():
+                        return await state._get_state_for_groups(wanted, state_filter)
+
+                call = read_groups
+
             by_statement: dict[str, list[float]] = {}
             for group in groups:
                 if args.warm:
