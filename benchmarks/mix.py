@@ -37,6 +37,7 @@ import os
 import random
 import sys
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -168,7 +169,42 @@ def resident_memory(pid: int | str = "self") -> dict[str, int]:
     return memory
 
 
-async def measure_process(config_path: str, requests: int) -> dict[str, Any]:
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: With --trace-memory: how many allocation sites (by file) to report.
+TRACED_FILES = 12
+
+
+def traced_growth(before: Any, after: Any) -> list[dict[str, Any]]:
+    """What the replay's surviving allocations were, by the file that made them
+    (``tracemalloc`` snapshots before and after), largest first."""
+    return [
+        {"file": os.path.relpath(stat.traceback[0].filename, REPO)
+         if stat.traceback[0].filename.startswith(REPO) else
+         stat.traceback[0].filename.split("site-packages/")[-1],
+         "bytes": stat.size_diff, "blocks": stat.count_diff}
+        for stat in after.compare_to(before, "filename")[:TRACED_FILES]
+    ]
+
+
+def cache_entries(hs: HomeServer) -> dict[str, int]:
+    """Entries of Synapse's state caches and of the module's, by name."""
+    from synapse_nidstate.runtime.module import module_for
+
+    state, main = hs.get_datastores().state, hs.get_datastores().main
+    entries = {
+        "state_group_cache": len(state._state_group_cache.cache),
+        "state_group_members_cache": len(state._state_group_members_cache.cache),
+        "_get_state_group_for_event": len(main._get_state_group_for_event.cache.cache),
+    }
+    module = module_for(hs)
+    if module is not None:
+        entries.update((name, len(cache)) for name, cache in module.store.named_caches.items())
+    return entries
+
+
+async def measure_process(
+    config_path: str, requests: int, trace_memory: bool = False
+) -> dict[str, Any]:
     import yaml
 
     from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
@@ -180,6 +216,9 @@ async def measure_process(config_path: str, requests: int) -> dict[str, Any]:
     try:
         trace = draw_trace(await timelines(hs), requests, seed=12)
         gc.collect()
+        if trace_memory:
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
         started = resident_memory()
         controller = hs.get_storage_controllers().state
 
@@ -189,9 +228,16 @@ async def measure_process(config_path: str, requests: int) -> dict[str, Any]:
         replayed = await replay(trace, lookup, lambda: None)
         gc.collect()
         after = resident_memory()
+        traced = {}
+        if trace_memory:
+            snapshot = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            traced = {"traced_growth": traced_growth(before, snapshot),
+                      "cache_entries": cache_entries(hs)}
     finally:
         await stop_homeserver(hs)
     return {
+        **traced,
         "module": bool(config.get("modules")),
         "requests": len(trace),
         "seconds": replayed.seconds,
@@ -209,13 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--homeserver-config", required=True, metavar="YAML")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--json", metavar="FILE", required=True)
+    parser.add_argument(
+        "--trace-memory", action="store_true",
+        help="also record, with tracemalloc, which files allocated what the replay left "
+        "behind, and every state cache's entries (slower; its RSS is not comparable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     measured = run_in_reactor(
-        lambda: measure_process(args.homeserver_config, args.requests), "nidstate-benchmark-mix"
+        lambda: measure_process(args.homeserver_config, args.requests, args.trace_memory),
+        "nidstate-benchmark-mix",
     )
     with open(args.json, "w") as f:
         json.dump(measured, f, indent=2)
+    for site in measured.get("traced_growth", []):
+        print(f"{site['bytes'] / 2**20:8.2f} MiB {site['blocks']:9,} blocks  {site['file']}")
+    for name, entries in measured.get("cache_entries", {}).items():
+        print(f"{entries:9,} entries  {name}")
     return 0
 
 

@@ -95,6 +95,27 @@ class BenchmarkSmokeTests(unittest.TestCase):
         figures = self.run_benchmark("sqlite")
         self.assertEqual(figures["engine"], "sqlite")
         self.profile_homeserver(os.path.join(self.work, "sqlite"))
+        self.trace_mix_memory(os.path.join(self.work, "sqlite"))
+
+    def trace_mix_memory(self, data_dir: str) -> None:
+        """``benchmarks.mix --trace-memory`` with the module: where what the replay
+        left behind was allocated, and every state cache's entries."""
+        out = os.path.join(self.work, "mix-traced.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.mix", "--homeserver-config",
+             os.path.join(data_dir, "homeserver-nid.yaml"), "--requests", "30", "--json", out,
+             "--trace-memory"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
+        with open(out) as f:
+            traced = json.load(f)
+        self.assertTrue(any(site["file"].startswith("synapse_nidstate/")
+                            for site in traced["traced_growth"]), traced["traced_growth"])
+        entries = traced["cache_entries"]
+        self.assertGreater(entries["nidstate_blocks"], 0)
+        self.assertEqual(entries["state_group_members_cache"], 0)  # the module answered
+        self.assertIn("entries  nidstate_blocks", result.stdout)
 
     def profile_homeserver(self, data_dir: str) -> None:
         """``benchmarks.profile --homeserver-config`` (how the HQ-scale data is

@@ -6,8 +6,17 @@ is :class:`CorruptState`, never an answer).
 The caches are filled only with committed rows (``txn.call_after``, or a
 write transaction's ``TxnLearnt`` published after it commits): block lists and
 blocks never change once written, a group's snapshot only goes with a purge.
+
+Block lists and blocks are cached flat, as arrays of 64-bit NIDs, and given
+out as the tuples the algebra takes: a block list of 30 NIDs is then one
+object of 320 bytes instead of a tuple and 30 integer objects (1,120 bytes),
+a one-entry block 104 bytes instead of 196. Reads answered from the
+resolved-state and split caches never touch them; a read that resolves blocks
+pays the conversion, a few microseconds beside its statements.
 """
 
+import itertools
+from array import array
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -42,16 +51,21 @@ def checked_block_list(snapshot_nid: int, data: bytes, digest: bytes) -> tuple[i
     return _checked(algebra.unpack_nids_checked, "snapshot", snapshot_nid, data, digest)
 
 
+def _block_of(flat: array) -> Block:
+    """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
+    it = iter(flat)
+    return tuple(zip(it, it, it))
+
+
 class BlockStore(NidStoreBase):
     def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
         super().__init__(hs, config)
         snapshots = config.snapshot_cache_size
         self._group_snapshots: LruCache[int, int] = self._cache("group_snapshots", snapshots)
-        self._snapshot_blocks: LruCache[int, tuple[int, ...]] = self._cache(
-            "snapshot_blocks", snapshots
-        )
-        self._blocks: LruCache[int, Block] = self._cache(
-            "blocks", config.block_cache_size, size_callback=len
+        self._snapshot_blocks: LruCache[int, array] = self._cache("snapshot_blocks", snapshots)
+        # Sized by entries (three NIDs each), as the blocks cache always was.
+        self._blocks: LruCache[int, array] = self._cache(
+            "blocks", config.block_cache_size, size_callback=lambda flat: len(flat) // 3
         )
         #: Each block's stored key range, learnt with the block or without it (a
         #: narrow read that skipped it): what lets a narrow lookup answer from the
@@ -65,9 +79,11 @@ class BlockStore(NidStoreBase):
         for group, snapshot_nid in learnt.groups.items():
             self._group_snapshots.set(group, snapshot_nid)
         for snapshot_nid, block_nids in learnt.snapshots.items():
-            self._snapshot_blocks.set(snapshot_nid, block_nids)
+            self._snapshot_blocks.set(snapshot_nid, array("q", block_nids))
         for block_nid, block in learnt.blocks.items():
-            self._blocks.set(block_nid, block)
+            self._blocks.set(block_nid, array("q", itertools.chain.from_iterable(block)))
+            # A cached block is found before its range is asked (_blocks_txn).
+            self._block_ranges.invalidate(block_nid)
 
     def known_groups_txn(
         self,
@@ -121,7 +137,8 @@ class BlockStore(NidStoreBase):
         none of them is left out: it holds no key the caller wants. Its range
         comes from the cache, or from its row, which is read either way (a
         missing row is an error) and whose range is then cached."""
-        found, missing = self._split_cached(self._blocks, block_nids)
+        flat, missing = self._split_cached(self._blocks, block_nids)
+        found = {nid: _block_of(entries) for nid, entries in flat.items()}
         missing = [b for b in missing if b not in learnt.blocks]
         found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
         if missing and key_ranges is not None:
@@ -153,10 +170,17 @@ class BlockStore(NidStoreBase):
             }
             learnt.blocks.update(loaded)
             found.update(loaded)
+            # The ranges of the blocks left unread: a cached block is found
+            # before its range is asked (one whose block is evicted is read
+            # again, its entries only if its range meets a wanted key).
             txn.call_after(
                 self._fill,
                 self._block_ranges,
-                [(nid, (first, last)) for nid, first, last, _, _ in rows if first is not None],
+                [
+                    (nid, (first, last))
+                    for nid, first, last, data, _ in rows
+                    if first is not None and data is None
+                ],
             )
         return found
 
@@ -171,7 +195,8 @@ class BlockStore(NidStoreBase):
         learnt: TxnLearnt,
         snapshot_nids: Collection[int],
     ) -> dict[int, tuple[int, ...]]:
-        found, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        flat, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        found = {nid: tuple(block_nids) for nid, block_nids in flat.items()}
         missing = [s for s in missing if s not in learnt.snapshots]
         found.update(
             (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
