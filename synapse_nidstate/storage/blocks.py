@@ -67,9 +67,9 @@ class BlockStore(NidStoreBase):
         self._blocks: LruCache[int, array] = self._cache(
             "blocks", config.block_cache_size, size_callback=lambda flat: len(flat) // 3
         )
-        #: Each block's stored key range, learnt with the block or without it (a
-        #: narrow read that skipped it): what lets a narrow lookup answer from the
-        #: caches without the blocks it does not need.
+        #: The stored key range of each block a narrow read skipped (not of a
+        #: cached block): what lets a narrow lookup answer from the caches
+        #: without the blocks it does not need.
         self._block_ranges: LruCache[int, tuple[int, int]] = self._cache(
             "block_ranges", snapshots
         )
@@ -136,7 +136,8 @@ class BlockStore(NidStoreBase):
         (``NidFilter.key_ranges``), a block not cached whose key range meets
         none of them is left out: it holds no key the caller wants. Its range
         comes from the cache, or from its row, which is read either way (a
-        missing row is an error) and whose range is then cached."""
+        missing row is an error); the range is cached when the block's entries
+        were not read (a cached block needs none)."""
         flat, missing = self._split_cached(self._blocks, block_nids)
         found = {nid: _block_of(entries) for nid, entries in flat.items()}
         missing = [b for b in missing if b not in learnt.blocks]
