@@ -22,6 +22,7 @@ It prints markdown tables; ``--json FILE`` writes every figure with its unit.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -307,6 +308,16 @@ class Dataset:
             )
 
 
+    def forget(self) -> None:
+        """Drop the marker while a run sends into the dataset: the writer's
+        state it keeps is behind the database until :meth:`save`, and a run
+        stopped meanwhile must leave the next one to write the dataset again,
+        not to restore a writer that disagrees with its database (whose next
+        send then fails, a member no longer in its room)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.marker)
+
+
 def _marker_matches(path: str, meta: dict[str, Any]) -> dict[str, Any] | None:
     try:
         with open(path) as f:
@@ -509,6 +520,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         finally:
             await stop_homeserver(hs)
 
+    dataset.forget()
     for round_ in range(scale.persist_rounds):
         # Alternate which goes first, so neither gains from the other's warm-up,
         # and replay the same random choices in both (rooms, kinds of event).
