@@ -47,6 +47,9 @@ from synapse.server import HomeServer
 from synapse.storage.database import LoggingTransaction
 from synapse.types import MutableStateMap
 from synapse.types.state import StateFilter
+from synapse.util.caches.lrucache import LruCache
+
+from benchmarks import REPO
 
 PAGE = 10
 CONTEXT = 5
@@ -169,7 +172,6 @@ def resident_memory(pid: int | str = "self") -> dict[str, int]:
     return memory
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: With --trace-memory: how many allocation sites (by file) to report.
 TRACED_FILES = 12
 
@@ -186,16 +188,22 @@ def traced_growth(before: Any, after: Any) -> list[dict[str, Any]]:
     ]
 
 
+def synapse_state_caches(hs: HomeServer) -> dict[str, LruCache]:
+    """Synapse's state caches (the ``LruCache`` under each), by name: its two
+    per-group caches and its event -> state group cache."""
+    state, main = hs.get_datastores().state, hs.get_datastores().main
+    return {
+        "state_group_cache": state._state_group_cache.cache,
+        "state_group_members_cache": state._state_group_members_cache.cache,
+        "_get_state_group_for_event": main._get_state_group_for_event.cache.cache,
+    }
+
+
 def cache_entries(hs: HomeServer) -> dict[str, int]:
     """Entries of Synapse's state caches and of the module's, by name."""
     from synapse_nidstate.runtime.module import module_for
 
-    state, main = hs.get_datastores().state, hs.get_datastores().main
-    entries = {
-        "state_group_cache": len(state._state_group_cache.cache),
-        "state_group_members_cache": len(state._state_group_members_cache.cache),
-        "_get_state_group_for_event": len(main._get_state_group_for_event.cache.cache),
-    }
+    entries = {name: len(cache) for name, cache in synapse_state_caches(hs).items()}
     module = module_for(hs)
     if module is not None:
         entries.update((name, len(cache)) for name, cache in module.store.named_caches.items())

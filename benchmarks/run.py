@@ -44,7 +44,7 @@ from synapse.storage.database import DatabasePool, LoggingTransaction
 from synapse.types.state import StateFilter
 from synapse.util.caches.lrucache import LruCache, _get_size_of
 
-from benchmarks import mix
+from benchmarks import REPO, mix
 from synapse_nidstate.cli import MIGRATE_BATCH_SIZE
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.commands.stats import report_as_json
@@ -75,7 +75,6 @@ from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.module import NidStateModule, module_for
 from synapse_nidstate.storage.schema import drop_tables_txn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The migration's batch size: the `migrate` command's, as operators run it.
 BATCH_EVENTS = MIGRATE_BATCH_SIZE
 #: Events sent, untimed, after each start before the persistence timing.
@@ -239,13 +238,7 @@ def lru_memory(cache: LruCache) -> tuple[int, int]:
 
 
 def cache_memory(hs: HomeServer, module: NidStateModule) -> dict[str, dict[str, tuple[int, int]]]:
-    state = hs.get_datastores().state
-    main = hs.get_datastores().main
-    native = {
-        "state_group_cache": lru_memory(state._state_group_cache.cache),
-        "state_group_members_cache": lru_memory(state._state_group_members_cache.cache),
-        "_get_state_group_for_event": lru_memory(main._get_state_group_for_event.cache.cache),
-    }
+    native = {name: lru_memory(cache) for name, cache in mix.synapse_state_caches(hs).items()}
     ours = {name: lru_memory(cache) for name, cache in module.store.named_caches.items()}
     return {"native": native, "nid": ours}
 
@@ -306,7 +299,6 @@ class Dataset:
                 },
                 f,
             )
-
 
     def forget(self) -> None:
         """Drop the marker while a run sends into the dataset: the writer's

@@ -185,11 +185,10 @@ async def time_group_reads(
             clear_state_caches(hs, lookups)
         elif not native:
             # Serving, Synapse's per-group caches hold no group the module
-            # answers (group_caches). The native side's reads just filled them
-            # with this group; left there, they would answer the module's side
-            # from Synapse's caches instead of its own.
-            state._state_group_cache.invalidate_all()
-            state._state_group_members_cache.invalidate_all()
+            # answers: the native side's reads just put this one there, so it
+            # goes as the mirror's copies go once written (group_reads), or it
+            # would answer the module's side from Synapse's caches.
+            group_reads.forget_synapse_copies([group])
         with guard if native else contextlib.nullcontext():
             if not cold:
                 await call(group, state_filter)
