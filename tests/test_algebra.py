@@ -32,6 +32,7 @@ from synapse_nidstate.algebra import (
     make_block,
     pack_block,
     pack_nids,
+    rebase,
     resolve,
     snapshot_hash,
     unpack_block,
@@ -568,6 +569,34 @@ class DeltaTests(unittest.TestCase):
         stack.append(delta(resolve(stack), base))
         self.assertEqual(resolve(stack), base)
         self.assertEqual(resolve([*stack, change]), new)
+
+
+class RebaseTests(unittest.TestCase):
+    @settings(max_examples=200, **_SETTINGS)
+    @given(base=states, new=states)
+    def test_rebased_state_is_the_full_state(self, base, new):
+        base_blocks = compact(base)
+        nids = list(range(1, len(base_blocks) + 1))
+        plan = rebase(nids, resolve(base_blocks), new)
+        by_nid = dict(zip(nids, base_blocks))
+        self.assertEqual(resolve([*(by_nid[n] for n in plan.base), *plan.blocks]), new)
+        if plan.base:  # kept as a delta: the base's blocks, then the change alone
+            self.assertEqual(plan.base, tuple(nids))
+            self.assertEqual(plan.blocks, (delta(base, new),) if delta(base, new) else ())
+            self.assertFalse(plan.compacted)
+
+    def test_small_difference_is_a_delta_large_one_compacted(self):
+        base = {(1, k): k for k in range(1, 1001)}
+        near = {**base, (1, 1001): 5000, (1, 3): 0}
+        near.pop((1, 3))
+        plan = rebase([7, 8], base, near)
+        self.assertEqual(plan, SnapshotPlan((7, 8), (make_block([(1, 3, 0), (1, 1001, 5000)]),),
+                                            False))
+        far = {(1, k): k + 1 for k in range(1, 1001)}
+        self.assertEqual(rebase([7, 8], base, far), full(far))
+        # At the 64-block limit the state is compacted, as extend does.
+        limit = list(range(1, MAX_BLOCKS + 1))
+        self.assertEqual(rebase(limit, base, near), full(near))
 
 
 class PackingTests(unittest.TestCase):

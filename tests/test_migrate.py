@@ -10,10 +10,12 @@ from typing import Any
 
 import yaml
 from synapse.server import HomeServer
+from synapse.storage.databases.state import store as synapse_state_store
 from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 from twisted.trial import unittest
 
+from synapse_nidstate.algebra import unpack_nids
 from synapse_nidstate.commands import verify
 from synapse_nidstate.commands.verify import (
     compare_with_native,
@@ -129,6 +131,56 @@ class MigrateTests:
         )
         self.assertEqual((result.events, result.mismatches, result.unmirrored), (len(events), [], 0))
         self.assertEqual(sizes, [verify.FIRST_BATCH] + [1] * (len(events) - verify.FIRST_BATCH))
+
+    @in_logcontext
+    async def test_full_copies_built_on_the_group_before(self) -> None:
+        # Synapse stores a group in full once its delta chain is
+        # MAX_STATE_DELTA_HOPS long (100; 4 here, so that a short history has
+        # many). The migration reads each full copy, and stores it as the
+        # snapshot of the group before it (a prev event's) plus the difference.
+        self.patch(synapse_state_store, "MAX_STATE_DELTA_HOPS", 4)
+        database = self.database_config()
+        hs = await self.make_homeserver(None, database=database)
+        history = await build_history(hs)
+        d = Driver(hs)
+        alice = history.users[0]
+        for i in range(12):
+            await d.send(alice, history.rooms[0], "m.room.topic", {"topic": f"topic {i}"}, "")
+        await self.stop_homeserver(hs)
+
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        module = self.module(hs)
+        module.migrator.batch_size = 5  # bases in earlier batches and in the same one
+        await module.migrator.run()
+        self.assertEqual(await module.migrator.remaining(), 0)
+        stats = module.stats.mirror
+        self.assertGreaterEqual(stats.full_states_rebased, 4)
+        # Every room's first group has no group before it.
+        self.assertEqual(stats.full_state_reads - stats.full_states_rebased, len(history.rooms))
+        for room_id in history.rooms:
+            await compare_room(self, hs, room_id, filters_for(hs, history.users))
+
+        # A full copy's snapshot is the snapshot of a group before it plus
+        # one block: its block list extends that one's.
+        def lists_txn(txn: Any) -> list[tuple[int, bytes, bool]]:
+            txn.execute(
+                "SELECT g.state_group, s.block_nids, e.state_group IS NULL"
+                " FROM nidstate_state_groups AS g"
+                " JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid"
+                " LEFT JOIN state_group_edges AS e ON e.state_group = g.state_group"
+            )
+            return txn.fetchall()
+
+        rows = await hs.get_datastores().main.db_pool.runInteraction("test_lists", lists_txn)
+        lists = {group: unpack_nids(bytes(data)) for group, data, _ in rows}
+        extended = 0
+        for group, _, full_copy in rows:
+            if full_copy and any(
+                len(other) < len(lists[group]) and lists[group][: len(other)] == other
+                for other in lists.values()
+            ):
+                extended += 1
+        self.assertGreaterEqual(extended, 4)
 
     @in_logcontext
     async def test_background_migration(self) -> None:

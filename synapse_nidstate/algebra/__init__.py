@@ -30,6 +30,7 @@ from synapse_nidstate.algebra.state import (
     lookup,
     make_block,
     ranges_meet,
+    rebase,
     resolve,
 )
 from synapse_nidstate.algebra.types import (
@@ -72,6 +73,7 @@ __all__ = [
     "pack_block",
     "pack_nids",
     "ranges_meet",
+    "rebase",
     "resolve",
     "snapshot_hash",
     "unpack_block",

@@ -194,6 +194,28 @@ def full(state: Mapping[StateKeyNids, int]) -> SnapshotPlan:
     return SnapshotPlan((), tuple(compact(state)), True)
 
 
+#: :func:`rebase` keeps a full state as a delta on a similar snapshot while the
+#: delta has at most one entry in this many of the state's.
+REBASE_PART = 8
+
+
+def rebase(
+    base_blocks: Sequence[int], base_state: NidStateMap, state: Mapping[StateKeyNids, int]
+) -> SnapshotPlan:
+    """Plan a snapshot from a full state and a similar snapshot's (``base``).
+
+    A full state that differs little from a snapshot already stored (Synapse
+    stores a group in full every 100 hops of a delta chain, although it is its
+    predecessor's state with one event's change) is that snapshot's blocks plus
+    one delta block, as :func:`extend` would give from the change, instead of a
+    compaction of its own; beyond :data:`REBASE_PART`, it is compacted (:func:`full`).
+    """
+    change = delta(base_state, state)
+    if len(change) * REBASE_PART > max(len(state), REBASE_PART):
+        return full(state)
+    return extend(base_blocks, change, lambda: base_state)
+
+
 @attr.s(slots=True, frozen=True, auto_attribs=True)
 class NidFilter:
     """A Synapse ``StateFilter`` translated to NIDs.

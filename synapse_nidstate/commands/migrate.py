@@ -25,7 +25,8 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
         f"migrated {counted(done, 'event')} in {counted(migrator.stats.batches, 'batch', 'batches')}, "
         f"{seconds:.1f}s ({done / seconds:,.0f} events/s); "
         f"{counted(stats.snapshots_built, 'snapshot')} built, "
-        f"{counted(stats.full_state_reads, 'full state')} read; "
+        f"{counted(stats.full_state_reads, 'full state')} read "
+        f"({stats.full_states_rebased:,} stored on a similar snapshot); "
         f"stream orderings done: [{result.low}, {result.high}]"
     )
     return 0

@@ -62,6 +62,9 @@ class MirrorStats:
     compactions: int = 0
     #: state groups whose full state had to be read (no usable predecessor)
     full_state_reads: int = 0
+    #: of those, the ones stored as a small difference on a similar snapshot
+    #: (``algebra.rebase``) rather than compacted
+    full_states_rebased: int = 0
     #: events whose state group had neither a snapshot nor a plan
     unprepared: int = 0
     #: batches whose planning failed (their events fall back)

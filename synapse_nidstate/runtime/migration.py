@@ -38,7 +38,7 @@ from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate.runtime.metrics import MigrationStats, MirrorStats
 from synapse_nidstate.runtime.mirror import SnapshotPlanner
-from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope
+from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -181,18 +181,58 @@ class Migrator:
                 "INSERT INTO nidstate_meta (key, value) VALUES (?, ?)", (key, str(value))
             )
 
-    async def _write_full_states(self, steps: list[tuple[str, GroupStep]]) -> None:
-        """Groups built from full states, in a transaction of their own."""
-        by_room: dict[str, tuple[list[EventRow], list[GroupStep]]] = {}
-        for room_id, step in steps:
-            by_room.setdefault(room_id, ([], []))[1].append(step)
+    async def _write_steps(self, steps: dict[str, list[GroupStep]]) -> None:
+        """Steps of a batch (with full states), in a transaction of their own."""
         await self._main.runInteraction(
             "nidstate_migrate_full_state",
             self._store.mirror_rooms_txn,
             WriteScope(publish=False),
-            by_room,
+            {room_id: ([], room_steps) for room_id, room_steps in steps.items()},
             self._stats,
         )
+
+    async def _bases(self, steps: list[GroupStep]) -> dict[int, int]:
+        """For each step that needs a full state, a group whose snapshot is
+        likely close to it: the group of a prev event of one of its events,
+        built before it (before this batch, or by an earlier step of it).
+
+        Synapse stores a group in full every 100 hops of a delta chain (and
+        after some state resolutions) although its state differs from the
+        state before its first event by that event alone; built on such a
+        group, the snapshot shares its blocks instead of a compaction of its own.
+        """
+        full = [s.group for s in steps if s.needs_full_state]
+        if not full:
+            return {}
+        candidates = await self._main.runInteraction(
+            "nidstate_migrate_bases", self._prev_event_groups_txn, full
+        )
+        order = {s.group: i for i, s in enumerate(steps)}
+        known = set(
+            await self._store.known_groups({p for prevs in candidates.values() for p in prevs})
+        )
+        bases = {}
+        for group, prevs in candidates.items():
+            usable = [p for p in prevs if p in known or order.get(p, len(order)) < order[group]]
+            if usable:
+                bases[group] = max(usable)
+        return bases
+
+    @staticmethod
+    def _prev_event_groups_txn(txn: LoggingTransaction, groups: list[int]) -> dict[int, set[int]]:
+        """The groups of the prev events of each of ``groups``' events, but itself."""
+        clause, args = in_list_clause(txn.database_engine, "esg.state_group", groups)
+        txn.execute(
+            "SELECT esg.state_group, prev.state_group FROM event_to_state_groups AS esg"
+            " JOIN event_edges AS edge ON edge.event_id = esg.event_id"
+            " JOIN event_to_state_groups AS prev ON prev.event_id = edge.prev_event_id"
+            f" WHERE {clause} AND prev.state_group <> esg.state_group",
+            args,
+        )
+        found: dict[int, set[int]] = {}
+        for group, prev in txn:
+            found.setdefault(group, set()).add(prev)
+        return found
 
     async def run_batch(self, until: int | None = None) -> bool:
         """Migrate one batch; False once there is nothing left to scan.
@@ -267,24 +307,21 @@ class Migrator:
         for step in reversed(steps):
             if step.prev_group is not None and step.prev_group not in room_of:
                 room_of[step.prev_group] = room_of[step.group]
-        full: list[tuple[str, GroupStep]] = []
+        bases = await self._bases(steps)
+        chunk: dict[str, list[GroupStep]] = {}
         full_entries = 0
         for step in steps:
-            room_id = room_of[step.group]
-            if not step.needs_full_state:
-                by_room[room_id][1].append(step)
-                continue
-            step = await self._planner.with_full_state(step)
-            assert step.full_state is not None
-            if full and full_entries + len(step.full_state) > MAX_FULL_STATE_ENTRIES:
-                await self._write_full_states(full)
-                full, full_entries = [], 0
-            full.append((room_id, step))
-            full_entries += len(step.full_state)
-        # The rest join the batch, each before its room's other steps (a
-        # full state has no parent; its children follow).
-        for room_id, step in reversed(full):
-            by_room[room_id][1].insert(0, step)
+            if step.needs_full_state:
+                step = await self._planner.with_full_state(step, bases.get(step.group))
+                assert step.full_state is not None
+                if full_entries and full_entries + len(step.full_state) > MAX_FULL_STATE_ENTRIES:
+                    # The steps so far stand alone (parents come first).
+                    await self._write_steps(chunk)
+                    chunk, full_entries = {}, 0
+                full_entries += len(step.full_state)
+            chunk.setdefault(room_of[step.group], []).append(step)
+        for room_id, room_steps in chunk.items():
+            by_room.setdefault(room_id, ([], []))[1].extend(room_steps)
         await self._main.runInteraction(
             "nidstate_migrate_batch",
             self._write_batch_txn,

@@ -155,13 +155,14 @@ class SnapshotPlanner:
 
         return await self._state_store.db_pool.runInteraction("nidstate_plan_deltas", deltas_txn)
 
-    async def with_full_state(self, step: GroupStep) -> GroupStep:
-        """The step with the group's full state read from Synapse's state store."""
+    async def with_full_state(self, step: GroupStep, base_group: int | None = None) -> GroupStep:
+        """The step with the group's full state read from Synapse's state store
+        (and ``base_group``, a group whose snapshot is likely close to it)."""
         if not step.needs_full_state:
             return step
         state = (await self._state_store._get_state_for_groups([step.group]))[step.group]
         self._stats.full_state_reads += 1
-        return GroupStep(step.group, None, None, state)
+        return GroupStep(step.group, None, None, state, base_group)
 
 
 class Mirror:

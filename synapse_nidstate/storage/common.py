@@ -89,12 +89,19 @@ class GroupStep:
     The state of ``group`` is the state of ``prev_group`` with ``delta``
     applied, or it is ``full_state``. A step with neither is a plan that still
     needs its full state read (see ``SnapshotPlanner.with_full_state``).
+
+    ``base_group``, with a full state: a group whose snapshot is likely close
+    to it (the migration's guess, from the event graph, for a group Synapse
+    stored in full): the snapshot is that one's blocks plus the difference
+    where it is small (``algebra.rebase``). Only a hint: the state written is
+    ``full_state``, whatever the base holds.
     """
 
     group: int
     prev_group: int | None
     delta: StateMap[str] | None
     full_state: StateMap[str] | None
+    base_group: int | None = None
 
     @property
     def needs_full_state(self) -> bool:
@@ -157,5 +164,7 @@ class WriteCounters(Protocol):
     snapshots_built: int
     #: of those, the ones that hit the 64-block limit and were compacted
     compactions: int
+    #: full states stored as a small difference on a similar snapshot
+    full_states_rebased: int
     #: events whose state group had neither a snapshot nor a plan
     unprepared: int

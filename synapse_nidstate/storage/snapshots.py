@@ -1,6 +1,7 @@
 """Where a snapshot is built and written: blocks, snapshots and the state
 group -> snapshot map, planned in Python and written in a few statements."""
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -139,7 +140,8 @@ class SnapshotStore(BlockStore, InterningStore):
             return
         known = self.known_groups_txn(
             txn,
-            {s.group for _, s in steps} | {s.prev_group for _, s in steps if s.prev_group},
+            {s.group for _, s in steps}
+            | {p for _, s in steps for p in (s.prev_group, s.base_group) if p},
             learnt,
         )
         todo = [(room_nid, s) for room_nid, s in steps if s.group not in known]
@@ -155,9 +157,11 @@ class SnapshotStore(BlockStore, InterningStore):
                 for room_nid, s in todo
             ],
         )
-        # The parents' block lists not cached, in one read.
+        # The parents' (and bases') block lists not cached, in one read.
         self._snapshots_txn(
-            txn, learnt, {known[s.prev_group] for _, s in todo if s.prev_group in known}
+            txn,
+            learnt,
+            {known[p] for _, s in todo for p in (s.prev_group, s.base_group) if p in known},
         )
         # Plan every snapshot first, in Python: blocks new in this batch get a
         # temporary (negative) NID, so that a child step can extend a parent
@@ -182,24 +186,40 @@ class SnapshotStore(BlockStore, InterningStore):
             loaded.update((n, block_of_temporary[n]) for n in nids if n < 0)
             return loaded
 
+        def blocks_of(group: int | None) -> tuple[int, ...] | None:
+            """The block list of a group built earlier in this call or before."""
+            if group is None:
+                return None
+            if group in lists:
+                return lists[group]
+            if group not in known:
+                return None
+            return self._snapshots_txn(txn, learnt, [known[group]])[known[group]]
+
+        def state_of(blocks: tuple[int, ...]) -> NidStateMap:
+            loaded = load(blocks)
+            return algebra.resolve(loaded[b] for b in blocks)
+
         for room_nid, step in todo:
             if step.full_state is not None:
-                plan = algebra.full(convert(step.full_state))
+                state = convert(step.full_state)
+                base_blocks = blocks_of(step.base_group)
+                if base_blocks is None:
+                    plan = algebra.full(state)
+                else:
+                    plan = algebra.rebase(base_blocks, state_of(base_blocks), state)
+                    if not plan.compacted:
+                        stats.full_states_rebased += 1
             else:
                 assert step.prev_group is not None and step.delta is not None
-                parent_blocks = lists.get(step.prev_group)
-                if parent_blocks is None:
-                    parent = known[step.prev_group]
-                    parent_blocks = self._snapshots_txn(txn, learnt, [parent])[parent]
-
-                def parent_state(blocks: tuple[int, ...] = parent_blocks) -> NidStateMap:
-                    loaded = load(blocks)
-                    return algebra.resolve(loaded[b] for b in blocks)
-
+                parent_blocks = blocks_of(step.prev_group)
+                assert parent_blocks is not None, "a delta step before its parent"
                 change = algebra.make_block(
                     (t, s, e) for (t, s), e in convert(step.delta).items()
                 )
-                plan = algebra.extend(parent_blocks, change, parent_state)
+                plan = algebra.extend(
+                    parent_blocks, change, functools.partial(state_of, parent_blocks)
+                )
             if plan.compacted and step.full_state is None:
                 stats.compactions += 1  # a delta on a parent at the 64-block limit
             lists[step.group] = tuple(plan.base) + tuple(
