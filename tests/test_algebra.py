@@ -30,6 +30,7 @@ from synapse_nidstate.algebra import (
     key_number,
     lookup,
     make_block,
+    merge_point,
     pack_block,
     pack_nids,
     rebase,
@@ -131,6 +132,7 @@ class Store:
         self.snapshots = []  # snapshot index -> tuple of block NIDs
         self.models = []  # snapshot index -> expected state dict
         self.compactions = 0
+        self.merges = 0
         self.appends = 0
         self.noops = 0
         self.max_read = 0
@@ -199,11 +201,11 @@ class Store:
 
         calls = []
 
-        def load_parent_state():
+        def load_parent():
             calls.append(parent)
-            return self.state(parent)
+            return self.read(parent)
 
-        plan = extend(parent_nids, change, load_parent_state)
+        plan = extend(parent_nids, change, load_parent)
         if not change:
             self.case.assertEqual(plan, SnapshotPlan(tuple(parent_nids), (), False))
             self.noops += 1
@@ -212,13 +214,18 @@ class Store:
             self.case.assertEqual(plan.base, tuple(parent_nids))
             self.case.assertEqual(plan.blocks, (change,))
             self.appends += 1
+        elif not plan.compacted:
+            # The last blocks merged with the change: a prefix of the parent kept.
+            self.case.assertEqual(plan.base, tuple(parent_nids[: len(plan.base)]))
+            self.case.assertLessEqual(len(plan.base), MAX_BLOCKS // 2)
+            self.case.assertEqual(len(plan.blocks), 1)
+            self.merges += 1
         else:
-            self.case.assertTrue(plan.compacted)
             self.case.assertEqual(plan.base, ())
             self.case.assertLessEqual(len(plan.blocks), MAX_BLOCKS // 2)
             self.compactions += 1
-        # The full state is only loaded to compact.
-        self.case.assertEqual(calls, [parent] if plan.compacted else [])
+        # The parent's blocks are only loaded at the limit.
+        self.case.assertEqual(calls, [parent] if len(parent_nids) >= MAX_BLOCKS and change else [])
         return self._store(plan, new_state, parent)
 
     def apply_delta(self, parent, sets, removes):
@@ -351,7 +358,7 @@ class ModelBasedTests(unittest.TestCase):
         merged = store.merge(left, right, True, [3, 17], {(7, 7): 7})
         # Keep going on the merged lineage past another compaction.
         store.random_chain(rng, merged, 80)
-        self.assertGreaterEqual(store.compactions, 3)
+        self.assertGreaterEqual(store.compactions + store.merges, 3)
         self.assertLessEqual(store.max_read, MAX_BLOCKS)
 
 
@@ -372,12 +379,54 @@ class ExtendTests(unittest.TestCase):
     def test_compacts_at_limit(self):
         blocks = [make_block([(1, i, i)]) for i in range(1, MAX_BLOCKS + 1)]
         change = make_block([(1, 1, 0), (2, 2, 9), (1, 5, 77)])
-        plan = extend(list(range(1, MAX_BLOCKS + 1)), change, lambda: resolve(blocks))
+        plan = extend(list(range(1, MAX_BLOCKS + 1)), change, lambda: blocks)
         self.assertTrue(plan.compacted)
         self.assertEqual(plan.base, ())
         expected = resolve([*blocks, change])
         self.assertEqual(resolve(plan.blocks), expected)
         self.assertEqual(list(plan.blocks), compact(expected))
+
+
+    def test_merge_point(self):
+        # After a compaction (big blocks) and deltas: the deltas merge.
+        self.assertEqual(merge_point([3000] * 16 + [1] * 48, 1), 16)
+        # Merged blocks grow until they outweigh the block before them.
+        self.assertEqual(merge_point([3000] * 16 + [2900] + [1] * 47, 1), 16)
+        self.assertEqual(merge_point([3000] * 15 + [20] + [1] * 48, 1), 15)
+        self.assertEqual(merge_point([3000] * 15 + [20, 2990] + [1] * 47, 1), 17)
+        # Small blocks only (a small room): compacted instead.
+        self.assertIsNone(merge_point([1] * 64, 1))
+        # Never fewer than MAX_BLOCKS // 2 appends to the next merge.
+        self.assertIsNone(merge_point([1] * 40 + [1000] * 24, 1))
+
+    def test_merges_the_last_blocks_after_a_big_compaction(self):
+        # A big state compacted, then one small change after another: at the
+        # 64-block limit the changes since the compaction are merged into one
+        # block behind the compacted ones, and every snapshot reads as its model.
+        rng = random.Random(5)
+        store = Store(self)
+        snap = store.build_full({(4, s): s for s in range(1, 3001)})
+        lengths = []
+        for _ in range(400):
+            snap = store.random_chain(rng, snap, 1)
+            lengths.append(len(store.snapshots[snap]))
+        # 400 changes of up to 4 keys hit the limit 7 times or so: merged
+        # each time but when the merged changes outweighed a compacted block.
+        self.assertGreaterEqual(store.merges, 5)
+        self.assertLess(store.compactions, store.merges)
+        self.assertLessEqual(max(lengths), MAX_BLOCKS)
+        for snapshot in range(len(store.snapshots)):
+            store.check(snapshot)
+
+    def test_tombstones_survive_a_merge(self):
+        base = [make_block([(1, k, k) for k in range(1, 200)])] * 1
+        blocks = [*base, *(make_block([(2, k, k)]) for k in range(1, MAX_BLOCKS))]
+        change = make_block([(1, 5, 0)])  # removes a key of the first block
+        plan = extend(list(range(1, MAX_BLOCKS + 1)), change, lambda: blocks)
+        self.assertEqual(plan.base, (1,))
+        self.assertFalse(plan.compacted)
+        self.assertEqual(resolve([blocks[0], *plan.blocks]), resolve([*blocks, change]))
+        self.assertNotIn((1, 5), resolve([blocks[0], *plan.blocks]))
 
 
 class NidFilterTests(unittest.TestCase):
@@ -577,7 +626,7 @@ class RebaseTests(unittest.TestCase):
     def test_rebased_state_is_the_full_state(self, base, new):
         base_blocks = compact(base)
         nids = list(range(1, len(base_blocks) + 1))
-        plan = rebase(nids, resolve(base_blocks), new)
+        plan = rebase(nids, base_blocks, new)
         by_nid = dict(zip(nids, base_blocks))
         self.assertEqual(resolve([*(by_nid[n] for n in plan.base), *plan.blocks]), new)
         if plan.base:  # kept as a delta: the base's blocks, then the change alone
@@ -589,14 +638,18 @@ class RebaseTests(unittest.TestCase):
         base = {(1, k): k for k in range(1, 1001)}
         near = {**base, (1, 1001): 5000, (1, 3): 0}
         near.pop((1, 3))
-        plan = rebase([7, 8], base, near)
-        self.assertEqual(plan, SnapshotPlan((7, 8), (make_block([(1, 3, 0), (1, 1001, 5000)]),),
+        base_blocks = compact(base)
+        nids = tuple(range(1, len(base_blocks) + 1))
+        plan = rebase(nids, base_blocks, near)
+        self.assertEqual(plan, SnapshotPlan(nids, (make_block([(1, 3, 0), (1, 1001, 5000)]),),
                                             False))
         far = {(1, k): k + 1 for k in range(1, 1001)}
-        self.assertEqual(rebase([7, 8], base, far), full(far))
-        # At the 64-block limit the state is compacted, as extend does.
-        limit = list(range(1, MAX_BLOCKS + 1))
-        self.assertEqual(rebase(limit, base, near), full(near))
+        self.assertEqual(rebase(nids, base_blocks, far), full(far))
+        # At the 64-block limit, as extend does (small blocks: compacted).
+        limit = [make_block([(1, k, base[(1, k)])]) for k in range(1, MAX_BLOCKS + 1)]
+        small = {k: e for k, e in base.items() if k[1] <= MAX_BLOCKS}
+        changed = {**small, (1, 2): 9}
+        self.assertEqual(rebase(range(1, MAX_BLOCKS + 1), limit, changed), full(changed))
 
 
 class PackingTests(unittest.TestCase):

@@ -160,7 +160,8 @@ class SnapshotPlan:
     ``base`` is the NIDs of the blocks kept from the parent snapshot (a prefix of
     the new snapshot); ``blocks`` are the new blocks appended after them.
     ``compacted``: the whole state was cut into full-state blocks (a full state
-    with no parent, or a parent at the 64-block limit).
+    with no parent, or a parent at the 64-block limit whose blocks could not be
+    merged, see :func:`merge_point`).
     """
 
     base: tuple[int, ...]
@@ -168,22 +169,56 @@ class SnapshotPlan:
     compacted: bool
 
 
+def merge_point(sizes: Sequence[int], change: int) -> int | None:
+    """Where a snapshot at the block limit merges its last blocks, or None.
+
+    ``sizes``: the entries of each of its blocks; ``change``: of the block
+    appended. The blocks from index ``j`` on, with the change, become one
+    block, for the smallest ``j`` (at most ``MAX_BLOCKS // 2``, so that the
+    next merge is that many appends away) whose blocks hold no more entries
+    than the block before ``j``. A snapshot after a compaction is its blocks
+    (a sixteenth of the state each, about) and one small block per change,
+    so that merge is as cheap as the changes since the compaction, and a
+    compaction comes only when they add up to a compacted block's size,
+    instead of at every 64th change (each a whole state resolved, cut, hashed
+    and mostly written again). In a small room, whose blocks are all small,
+    there is no such ``j``: the state is compacted, as it is cheap there.
+    """
+    total = sum(sizes) + change
+    for j in range(1, min(len(sizes), MAX_BLOCKS // 2) + 1):
+        total -= sizes[j - 1]
+        if total <= sizes[j - 1]:
+            return j
+    return None
+
+
 def extend(
     parent_blocks: Sequence[int],
     change: Block,
-    parent_state: Callable[[], NidStateMap],
+    load_parent: Callable[[], Sequence[Block]],
 ) -> SnapshotPlan:
     """Plan the snapshot of ``parent`` with ``change`` applied.
 
     While the parent has fewer than :data:`MAX_BLOCKS` blocks the new snapshot
-    is the parent's blocks plus one delta block. At the limit the full state is
-    compacted (``parent_state`` is only called then).
+    is the parent's blocks plus one delta block. At the limit its last blocks
+    and the change are merged into one (:func:`merge_point`; a tombstone is
+    kept there, as the blocks before may hold its key), or where they cannot
+    be, the full state is compacted. ``load_parent`` (the parent's blocks, in
+    order) is only called at the limit.
     """
     if not change:
         return SnapshotPlan(tuple(parent_blocks), (), False)
     if len(parent_blocks) < MAX_BLOCKS:
         return SnapshotPlan(tuple(parent_blocks), (change,), False)
-    state = dict(parent_state())  # never modify the caller's (maybe cached) map
+    blocks = load_parent()
+    j = merge_point([len(b) for b in blocks], len(change))
+    if j is not None:
+        merged = changes([*blocks[j:], change])
+        return SnapshotPlan(
+            tuple(parent_blocks[:j]), (tuple((t, s, e) for (t, s), e in sorted(merged.items())),),
+            False,
+        )
+    state = resolve(blocks)
     for type_nid, state_key_nid, event_nid in change:
         state[(type_nid, state_key_nid)] = event_nid
     return SnapshotPlan((), tuple(compact(state)), True)
@@ -200,9 +235,10 @@ REBASE_PART = 8
 
 
 def rebase(
-    base_blocks: Sequence[int], base_state: NidStateMap, state: Mapping[StateKeyNids, int]
+    base_blocks: Sequence[int], base: Sequence[Block], state: Mapping[StateKeyNids, int]
 ) -> SnapshotPlan:
-    """Plan a snapshot from a full state and a similar snapshot's (``base``).
+    """Plan a snapshot from a full state and a similar snapshot's (``base``:
+    its block NIDs and its blocks).
 
     A full state that differs little from a snapshot already stored (Synapse
     stores a group in full every 100 hops of a delta chain, although it is its
@@ -210,10 +246,10 @@ def rebase(
     one delta block, as :func:`extend` would give from the change, instead of a
     compaction of its own; beyond :data:`REBASE_PART`, it is compacted (:func:`full`).
     """
-    change = delta(base_state, state)
+    change = delta(resolve(base), state)
     if len(change) * REBASE_PART > max(len(state), REBASE_PART):
         return full(state)
-    return extend(base_blocks, change, lambda: base_state)
+    return extend(base_blocks, change, lambda: base)
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)

@@ -60,6 +60,9 @@ class MirrorStats:
     snapshots_built: int = 0
     #: of those, the ones that hit the 64-block limit and were compacted
     compactions: int = 0
+    #: of those, the ones that hit the limit and merged their last blocks
+    #: with their change instead (``algebra.merge_point``)
+    tail_merges: int = 0
     #: state groups whose full state had to be read (no usable predecessor)
     full_state_reads: int = 0
     #: of those, the ones stored as a small difference on a similar snapshot

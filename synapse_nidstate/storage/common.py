@@ -164,6 +164,9 @@ class WriteCounters(Protocol):
     snapshots_built: int
     #: of those, the ones that hit the 64-block limit and were compacted
     compactions: int
+    #: of those, the ones whose last blocks were merged with their change at
+    #: the 64-block limit (``algebra.merge_point``) instead
+    tail_merges: int
     #: full states stored as a small difference on a similar snapshot
     full_states_rebased: int
     #: events whose state group had neither a snapshot nor a plan

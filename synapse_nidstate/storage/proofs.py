@@ -22,11 +22,13 @@ class DeltaProofs:
     snapshot's with what the blocks it adds set. When the predecessor's state
     is its snapshot's (proved), the two are equal if the rows and what the
     blocks set are equal: a check as big as the change, not as the room. A
-    group whose snapshot is cut anew (a compaction) is compared with its
-    predecessor's snapshot and its rows whole, in NIDs (no string read; an
-    interned string and its NID are one-to-one). Any other group (a
-    predecessor not proved, blocks that remove a key, rows and blocks that
-    differ) is proved from the two whole states as strings, as before. A group with no predecessor (the first of a room, a full copy)
+    group whose snapshot merged its predecessor's last blocks with its change
+    is compared in NIDs on the blocks after the two lists' shared prefix; one
+    cut anew (a compaction) with its predecessor's snapshot and its rows
+    whole, in NIDs (no string read; an interned string and its NID are
+    one-to-one). Any other group (a predecessor not proved, blocks that remove
+    a key, rows and blocks that differ) is proved from the two whole states
+    as strings, as before. A group with no predecessor (the first of a room, a full copy)
     is Synapse's rows alone: they are compared with its snapshot in NIDs,
     their strings' NIDs kept in the caches once the batch commits, so the next
     full copy of the room (100 groups later, most of its strings the same)
@@ -156,7 +158,14 @@ class ProofStore(GroupStateStore, InterningStore):
     ) -> set[int]:
         """Of the groups whose snapshot does not extend their predecessor's:
         those whose snapshot's state is the predecessor's snapshot's with the
-        group's own rows set, resolved and compared in NIDs."""
+        group's own rows set, compared in NIDs.
+
+        Where the two block lists share a prefix (the snapshot merged its
+        predecessor's last blocks with its change, ``algebra.merge_point``),
+        the states are the prefix's with each one's later blocks applied: equal
+        if what the group's later blocks set is what its predecessor's set with
+        the rows set after them (a sufficient condition: only those blocks are
+        read). Otherwise, or where that differs, the two whole states."""
         lists = self._snapshots_txn(
             txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
         )
@@ -168,16 +177,41 @@ class ProofStore(GroupStateStore, InterningStore):
         if not cut:
             return set()
         nid_rows = self._nids_of_rows_txn(txn, {group: rows[group] for group in cut})
+        shared = {
+            group: _shared_prefix(lists[snapshots[group]], base) for group, base in cut.items()
+        }
         blocks = self._blocks_txn(
             txn,
             learnt,
-            {b for group, base in cut.items() for b in (*lists[snapshots[group]], *base)},
+            {
+                b
+                for group, base in cut.items()
+                for b in (*lists[snapshots[group]][shared[group]:], *base[shared[group]:])
+            },
         )
         equal = set()
+        whole = []
         for group, base in cut.items():
             if group not in nid_rows:
                 continue  # a string of its rows has no NID: no snapshot holds it
-            theirs = algebra.resolve(blocks[b] for b in base)
+            k = shared[group]
+            if k:
+                theirs = algebra.changes(blocks[b] for b in base[k:])
+                theirs.update(nid_rows[group])
+                if algebra.changes(blocks[b] for b in lists[snapshots[group]][k:]) == theirs:
+                    equal.add(group)
+                    continue
+            whole.append(group)
+        if whole:
+            blocks.update(
+                self._blocks_txn(
+                    txn,
+                    learnt,
+                    {b for g in whole for b in (*lists[snapshots[g]], *cut[g])} - blocks.keys(),
+                )
+            )
+        for group in whole:
+            theirs = algebra.resolve(blocks[b] for b in cut[group])
             theirs.update(nid_rows[group])
             if algebra.resolve(blocks[b] for b in lists[snapshots[group]]) == theirs:
                 equal.add(group)
@@ -204,3 +238,13 @@ class ProofStore(GroupStateStore, InterningStore):
             for group, state in rows.items()
             if all(t in types and k in keys and e in events for (t, k), e in state.items())
         }
+
+
+def _shared_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading block NIDs two block lists share."""
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k

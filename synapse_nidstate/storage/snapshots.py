@@ -8,7 +8,7 @@ from typing import TypeVar
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
-from synapse_nidstate.algebra import Block, NidStateMap
+from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.base import TxnLearnt, WriteScope
 from synapse_nidstate.storage.blocks import BlockStore
 from synapse_nidstate.storage.common import (
@@ -196,32 +196,35 @@ class SnapshotStore(BlockStore, InterningStore):
                 return None
             return self._snapshots_txn(txn, learnt, [known[group]])[known[group]]
 
-        def state_of(blocks: tuple[int, ...]) -> NidStateMap:
-            loaded = load(blocks)
-            return algebra.resolve(loaded[b] for b in blocks)
+        def blocks_in_order(nids: tuple[int, ...]) -> list[Block]:
+            loaded = load(nids)
+            return [loaded[b] for b in nids]
 
         for room_nid, step in todo:
+            base_blocks: tuple[int, ...] | None = ()
             if step.full_state is not None:
                 state = convert(step.full_state)
                 base_blocks = blocks_of(step.base_group)
                 if base_blocks is None:
                     plan = algebra.full(state)
                 else:
-                    plan = algebra.rebase(base_blocks, state_of(base_blocks), state)
+                    plan = algebra.rebase(base_blocks, blocks_in_order(base_blocks), state)
                     if not plan.compacted:
                         stats.full_states_rebased += 1
             else:
                 assert step.prev_group is not None and step.delta is not None
-                parent_blocks = blocks_of(step.prev_group)
-                assert parent_blocks is not None, "a delta step before its parent"
+                base_blocks = blocks_of(step.prev_group)
+                assert base_blocks is not None, "a delta step before its parent"
                 change = algebra.make_block(
                     (t, s, e) for (t, s), e in convert(step.delta).items()
                 )
                 plan = algebra.extend(
-                    parent_blocks, change, functools.partial(state_of, parent_blocks)
+                    base_blocks, change, functools.partial(blocks_in_order, base_blocks)
                 )
             if plan.compacted and step.full_state is None:
                 stats.compactions += 1  # a delta on a parent at the 64-block limit
+            elif not plan.compacted and len(plan.base) < len(base_blocks or ()):
+                stats.tail_merges += 1  # at the limit, its last blocks merged instead
             lists[step.group] = tuple(plan.base) + tuple(
                 block_nid(room_nid, b) for b in plan.blocks
             )
