@@ -218,7 +218,14 @@ class Store:
             # The last blocks merged with the change: a prefix of the parent kept.
             self.case.assertEqual(plan.base, tuple(parent_nids[: len(plan.base)]))
             self.case.assertLessEqual(len(plan.base), MAX_BLOCKS // 2)
-            self.case.assertEqual(len(plan.blocks), 1)
+            self.case.assertLessEqual(
+                len(plan.base) + len(plan.blocks), MAX_BLOCKS - MAX_BLOCKS // 4
+            )
+            # The merged pieces are disjoint key ranges, in order.
+            for block in plan.blocks:
+                assert_valid_block(self.case, block)
+            for left, right in zip(plan.blocks, plan.blocks[1:]):
+                self.case.assertLess(left[-1][:2], right[0][:2])
             self.merges += 1
         else:
             self.case.assertEqual(plan.base, ())
@@ -405,7 +412,7 @@ class ExtendTests(unittest.TestCase):
         # block behind the compacted ones, and every snapshot reads as its model.
         rng = random.Random(5)
         store = Store(self)
-        snap = store.build_full({(4, s): s for s in range(1, 3001)})
+        snap = store.build_full({(4, s): s for s in range(1, 20001)})
         lengths = []
         for _ in range(400):
             snap = store.random_chain(rng, snap, 1)
@@ -415,7 +422,7 @@ class ExtendTests(unittest.TestCase):
         self.assertGreaterEqual(store.merges, 5)
         self.assertLess(store.compactions, store.merges)
         self.assertLessEqual(max(lengths), MAX_BLOCKS)
-        for snapshot in range(len(store.snapshots)):
+        for snapshot in [*range(0, len(store.snapshots), 7), len(store.snapshots) - 1]:
             store.check(snapshot)
 
     def test_tombstones_survive_a_merge(self):

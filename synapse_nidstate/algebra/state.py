@@ -173,23 +173,45 @@ def merge_point(sizes: Sequence[int], change: int) -> int | None:
     """Where a snapshot at the block limit merges its last blocks, or None.
 
     ``sizes``: the entries of each of its blocks; ``change``: of the block
-    appended. The blocks from index ``j`` on, with the change, become one
-    block, for the smallest ``j`` (at most ``MAX_BLOCKS // 2``, so that the
-    next merge is that many appends away) whose blocks hold no more entries
-    than the block before ``j``. A snapshot after a compaction is its blocks
-    (a sixteenth of the state each, about) and one small block per change,
-    so that merge is as cheap as the changes since the compaction, and a
-    compaction comes only when they add up to a compacted block's size,
-    instead of at every 64th change (each a whole state resolved, cut, hashed
+    appended. The blocks from index ``j`` on, with the change, are merged
+    (into pieces cut where the blocks before ``j`` end, see :func:`extend`),
+    for the smallest ``j`` (at most ``MAX_BLOCKS // 2``) whose blocks hold no
+    more entries than the blocks before ``j`` do on average; the next merge is
+    at least ``MAX_BLOCKS // 4`` appends away. A snapshot after a compaction
+    is its blocks (a sixteenth of the state each, about) and one small block
+    per change, so that merge is as cheap as the changes since the
+    compaction, and a compaction comes only when they add up to a compacted
+    block's size, instead of at every 64th change (each a whole state resolved, cut, hashed
     and mostly written again). In a small room, whose blocks are all small,
     there is no such ``j``: the state is compacted, as it is cheap there.
     """
-    total = sum(sizes) + change
+    tail = sum(sizes) + change
+    kept = 0
     for j in range(1, min(len(sizes), MAX_BLOCKS // 2) + 1):
-        total -= sizes[j - 1]
-        if total <= sizes[j - 1]:
+        tail -= sizes[j - 1]
+        kept += sizes[j - 1]
+        if tail * j <= kept:
             return j
     return None
+
+
+def _split_like(entries: Sequence[Entry], kept: Sequence[Block]) -> tuple[Block, ...]:
+    """Sorted ``entries`` cut where the ``kept`` blocks end (after a
+    compaction, its chunks: each piece then holds the keys of one chunk, and
+    a narrow read that needs one chunk needs one piece), pieces merged in
+    pairs while there are more than leave :data:`MAX_BLOCKS` // 4 appends
+    before the limit."""
+    cuts = sorted({block[-1][:2] for block in kept if block})
+    pieces: dict[int, list[Entry]] = {}
+    for entry in entries:
+        pieces.setdefault(bisect_left(cuts, entry[:2]), []).append(entry)
+    out = [tuple(pieces[i]) for i in sorted(pieces)]
+    most = max(1, MAX_BLOCKS - MAX_BLOCKS // 4 - len(kept))
+    while len(out) > most:
+        out = [
+            out[i] + out[i + 1] if i + 1 < len(out) else out[i] for i in range(0, len(out), 2)
+        ]
+    return tuple(out)
 
 
 def extend(
@@ -201,8 +223,9 @@ def extend(
 
     While the parent has fewer than :data:`MAX_BLOCKS` blocks the new snapshot
     is the parent's blocks plus one delta block. At the limit its last blocks
-    and the change are merged into one (:func:`merge_point`; a tombstone is
-    kept there, as the blocks before may hold its key), or where they cannot
+    and the change are merged (:func:`merge_point`; a tombstone is kept
+    there, as the blocks before may hold its key), cut where the blocks kept
+    end so that each piece spans one of their key ranges; where they cannot
     be, the full state is compacted. ``load_parent`` (the parent's blocks, in
     order) is only called at the limit.
     """
@@ -214,10 +237,8 @@ def extend(
     j = merge_point([len(b) for b in blocks], len(change))
     if j is not None:
         merged = changes([*blocks[j:], change])
-        return SnapshotPlan(
-            tuple(parent_blocks[:j]), (tuple((t, s, e) for (t, s), e in sorted(merged.items())),),
-            False,
-        )
+        entries = [(t, s, e) for (t, s), e in sorted(merged.items())]
+        return SnapshotPlan(tuple(parent_blocks[:j]), _split_like(entries, blocks[:j]), False)
     state = resolve(blocks)
     for type_nid, state_key_nid, event_nid in change:
         state[(type_nid, state_key_nid)] = event_nid
