@@ -129,21 +129,39 @@ class ProofStore(GroupStateStore, InterningStore):
     ) -> dict[int, dict[tuple[str, str], str | None]]:
         """For each group whose snapshot's block list starts with its
         predecessor's snapshot's: what the blocks after it set, as strings;
-        none where they remove a key (Synapse's rows cannot)."""
+        none where they remove a key (Synapse's rows cannot).
+
+        Where the two lists share a prefix but the group's does not extend
+        its predecessor's (at the block limit its last blocks were merged
+        with its change, ``algebra.merge_point``): what the group's blocks
+        after the prefix set that its predecessor's do not set alike, where
+        they set every key the predecessor's do. Applied to the predecessor's
+        state that gives the group's (each key either side sets ends as the
+        group's blocks set it; the others are the prefix's), so it serves
+        both the proof and restore's rows."""
         learnt = learnt or TxnLearnt()
         lists = self._snapshots_txn(
             txn, learnt, {*snapshots.values(), *filter(None, prev_snapshots.values())}
         )
-        added: dict[int, tuple[int, ...]] = {}
+        added: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for group, prev_snapshot in prev_snapshots.items():
             if prev_snapshot is not None:
                 mine, base = lists[snapshots[group]], lists[prev_snapshot]
-                if mine[: len(base)] == base:
-                    added[group] = mine[len(base):]
-        blocks = self._blocks_txn(txn, learnt, {b for nids in added.values() for b in nids})
-        nid_changes = {
-            group: algebra.changes(blocks[b] for b in nids) for group, nids in added.items()
-        }
+                k = _shared_prefix(mine, base)
+                if k == len(base) or k:
+                    added[group] = (mine[k:], base[k:])
+        blocks = self._blocks_txn(
+            txn, learnt, {b for ours, theirs in added.values() for b in (*ours, *theirs)}
+        )
+        nid_changes = {}
+        for group, (ours, theirs) in added.items():
+            mine_set = algebra.changes(blocks[b] for b in ours)
+            if theirs:
+                theirs_set = algebra.changes(blocks[b] for b in theirs)
+                if not theirs_set.keys() <= mine_set.keys():
+                    continue
+                mine_set = {k: e for k, e in mine_set.items() if theirs_set.get(k) != e}
+            nid_changes[group] = mine_set
         return self._to_strings(
             txn, {g: c for g, c in nid_changes.items() if all(c.values())}, fill=False
         )
