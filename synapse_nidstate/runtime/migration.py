@@ -9,6 +9,8 @@ groups through Synapse's state store (which may be a separate database).
   orderings done) commit in one transaction, so a run killed at any moment
   resumes where the last batch committed, and ends as an uninterrupted run
   would: every write is an insert-or-select or a conditional update.
+  ``run`` plans the next batch (scan, deltas, full states) while one is
+  written; the writes themselves stay one at a time, in order.
 * **Beside the live mirror.** An event whose state group already has a
   snapshot (built by the live mirror, or for an earlier event of the same
   group) is skipped. A group's row in ``nidstate_state_groups`` is written in
@@ -30,11 +32,13 @@ groups through Synapse's state store (which may be a separate database).
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attr
+from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.storage.database import LoggingTransaction
+from twisted.internet import defer
 
 from synapse_nidstate.runtime.metrics import MigrationStats, MirrorStats
 from synapse_nidstate.runtime.mirror import SnapshotPlanner
@@ -64,6 +68,36 @@ class _PendingEvent:
     event_id: str
     room_id: str
     state_group: int
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _Batch:
+    """A batch planned (its full states read), not written yet."""
+
+    by_room: dict[str, tuple[list[EventRow], list[GroupStep]]]
+    covered: int
+    scanned_to: int
+    range_key: str
+    first_key: str | None
+    first_value: int | None
+
+    def groups(self) -> frozenset[int]:
+        """The groups it builds."""
+        return frozenset(step.group for _, steps in self.by_room.values() for step in steps)
+
+    def done_after(self, low: int | None, high: int | None) -> tuple[int | None, int | None]:
+        """The range done once it commits, ``[low, high]`` before."""
+        if self.range_key == _HIGH_KEY:
+            high = self.scanned_to
+        else:
+            low = self.scanned_to
+        if self.first_key == _LOW_KEY:
+            low = self.first_value
+        return low, high
+
+
+async def _nothing_to_wait_for() -> None:
+    return None
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -191,7 +225,7 @@ class Migrator:
             self._stats,
         )
 
-    async def _bases(self, steps: list[GroupStep]) -> dict[int, int]:
+    async def _bases(self, steps: list[GroupStep], known_soon: frozenset[int]) -> dict[int, int]:
         """For each step that needs a full state, a group whose snapshot is
         likely close to it: the group of a prev event of one of its events,
         built before it (before this batch, or by an earlier step of it).
@@ -213,7 +247,11 @@ class Migrator:
         )
         bases = {}
         for group, prevs in candidates.items():
-            usable = [p for p in prevs if p in known or order.get(p, len(order)) < order[group]]
+            usable = [
+                p
+                for p in prevs
+                if p in known or p in known_soon or order.get(p, len(order)) < order[group]
+            ]
             if usable:
                 bases[group] = max(usable)
         return bases
@@ -242,6 +280,24 @@ class Migrator:
         """
         low, high = await self.stream_range()
         self.progress.low, self.progress.high = low, high
+        batch = await self._next_batch(until, low, high, frozenset(), _nothing_to_wait_for)
+        if batch is None:
+            return False
+        await self._write(batch)
+        return True
+
+    async def _next_batch(
+        self,
+        until: int | None,
+        low: int | None,
+        high: int | None,
+        known_soon: frozenset[int],
+        before_writing: "Callable[[], Awaitable[None]]",
+    ) -> "_Batch | None":
+        """Plan the batch after the range ``[low, high]`` done (None: nothing
+        left to scan). ``known_soon``: groups a batch being written will have
+        built, planned on as if they had their snapshots; ``before_writing``
+        waits for that batch, before this one writes anything of its own."""
         if high is None:
             after, upwards, range_key = _MIN_STREAM, True, _HIGH_KEY
         else:
@@ -250,7 +306,9 @@ class Migrator:
                 "nidstate_migrate_pending", self._pending_txn, high, True, until
             )
             if scanned is not None:
-                return await self._migrate(pending, covered, scanned, _HIGH_KEY, None, None)
+                return await self._plan(
+                    pending, covered, scanned, _HIGH_KEY, None, None, known_soon, before_writing
+                )
             after, upwards, range_key = low if low is not None else high, False, _LOW_KEY
         pending, scanned, covered = await self._main.runInteraction(
             "nidstate_migrate_pending", self._pending_txn, after, upwards, until
@@ -258,7 +316,7 @@ class Migrator:
         if scanned is None:
             self.progress.finished = True
             self.stats.lag_stream_positions = 0
-            return False
+            return None
         # The first batch of a first run also fixes the low end of the range.
         first_key = _LOW_KEY if high is None else None
         first_value = None
@@ -267,7 +325,9 @@ class Migrator:
                 "nidstate_migrate_first",
                 lambda txn: self._first_stream_ordering_txn(txn),
             )
-        return await self._migrate(pending, covered, scanned, range_key, first_key, first_value)
+        return await self._plan(
+            pending, covered, scanned, range_key, first_key, first_value, known_soon, before_writing
+        )
 
     @staticmethod
     def _last_stream_ordering_txn(txn: LoggingTransaction) -> int | None:
@@ -281,7 +341,7 @@ class Migrator:
         row = txn.fetchone()
         return row[0] if row else None
 
-    async def _migrate(
+    async def _plan(
         self,
         pending: list[_PendingEvent],
         covered: int,
@@ -289,7 +349,9 @@ class Migrator:
         range_key: str,
         first_key: str | None,
         first_value: int | None,
-    ) -> bool:
+        known_soon: frozenset[int],
+        before_writing: "Callable[[], Awaitable[None]]",
+    ) -> "_Batch":
         by_room: dict[str, tuple[list[EventRow], list[GroupStep]]] = {}
         for event in pending:
             rows, _ = by_room.setdefault(event.room_id, ([], []))
@@ -303,11 +365,11 @@ class Migrator:
         # a step belongs to the room of its group, or of the child it is the
         # predecessor of (steps come parents first).
         room_of = {event.state_group: event.room_id for event in pending}
-        steps = await self._planner.plan(set(room_of), {})
+        steps = await self._planner.plan(set(room_of), {}, known_soon)
         for step in reversed(steps):
             if step.prev_group is not None and step.prev_group not in room_of:
                 room_of[step.prev_group] = room_of[step.group]
-        bases = await self._bases(steps)
+        bases = await self._bases(steps, known_soon)
         chunk: dict[str, list[GroupStep]] = {}
         full_entries = 0
         for step in steps:
@@ -315,30 +377,36 @@ class Migrator:
                 step = await self._planner.with_full_state(step, bases.get(step.group))
                 assert step.full_state is not None
                 if full_entries and full_entries + len(step.full_state) > MAX_FULL_STATE_ENTRIES:
-                    # The steps so far stand alone (parents come first).
+                    # The steps so far stand alone (parents come first, and
+                    # the batch before has committed).
+                    await before_writing()
                     await self._write_steps(chunk)
                     chunk, full_entries = {}, 0
                 full_entries += len(step.full_state)
             chunk.setdefault(room_of[step.group], []).append(step)
         for room_id, room_steps in chunk.items():
             by_room.setdefault(room_id, ([], []))[1].extend(room_steps)
+        return _Batch(by_room, covered, scanned_to, range_key, first_key, first_value)
+
+    async def _write(self, batch: "_Batch") -> None:
         await self._main.runInteraction(
             "nidstate_migrate_batch",
             self._write_batch_txn,
             WriteScope(publish=False),
-            by_room,
-            range_key,
-            scanned_to,
-            first_key,
-            first_value,
+            batch.by_room,
+            batch.range_key,
+            batch.scanned_to,
+            batch.first_key,
+            batch.first_value,
         )
-        self.stats.events_migrated += covered
+        self.stats.events_migrated += batch.covered
         self.stats.batches += 1
         newest = await self.last_stream_ordering()
-        if range_key == _HIGH_KEY and newest is not None:
-            self.progress.high = scanned_to
-            self.stats.lag_stream_positions = max(newest - scanned_to, 0)
-        return True
+        self.progress.low, self.progress.high = batch.done_after(
+            self.progress.low, self.progress.high
+        )
+        if batch.range_key == _HIGH_KEY and newest is not None:
+            self.stats.lag_stream_positions = max(newest - batch.scanned_to, 0)
 
     async def run(
         self,
@@ -349,18 +417,47 @@ class Migrator:
 
         Events persisted while it runs are the live mirror's (or the next
         run's, if the module is not running in Synapse).
+
+        Pipelined: the next batch is scanned, planned and its full states read
+        while one is written (PostgreSQL works on one, Python on the other);
+        the writes stay one at a time and in order, so the range done in
+        ``nidstate_meta`` only ever grows by a committed batch, and a run
+        killed at any moment resumes as before.
         """
         until = await self.last_stream_ordering()
+        low, high = await self.stream_range()
+        self.progress.low, self.progress.high = low, high
         batches = 0
-        while max_batches is None or batches < max_batches:
-            before = self.stats.events_migrated
-            if not await self.run_batch(until):
-                break
-            batches += 1
+        # The batch being written, and its write (Synapse's logcontext rules:
+        # started with run_in_background, awaited through make_deferred_yieldable).
+        in_flight: tuple[_Batch, defer.Deferred[None]] | None = None
+
+        async def settle() -> None:
+            nonlocal in_flight
+            if in_flight is None:
+                return
+            batch, write = in_flight
+            in_flight = None
+            await make_deferred_yieldable(write)
             if progress is not None:
-                progress(self.stats.events_migrated - before)
-        else:
-            return self.progress  # more to migrate: the ranges can wait
+                progress(batch.covered)
+
+        try:
+            while max_batches is None or batches < max_batches:
+                batch = await self._next_batch(
+                    until, low, high, in_flight[0].groups() if in_flight else frozenset(), settle
+                )
+                await settle()
+                if batch is None:
+                    break
+                low, high = batch.done_after(low, high)
+                in_flight = (batch, run_in_background(self._write, batch))
+                batches += 1
+            else:
+                await settle()
+                return self.progress  # more to migrate: the ranges can wait
+        finally:
+            await settle()
         # History done: blocks written before schema 5 get their key ranges,
         # a page a transaction (resumable: a filled block is never selected again).
         while self._key_ranges_after is not None and (

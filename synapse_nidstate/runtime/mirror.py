@@ -89,11 +89,15 @@ class SnapshotPlanner:
         self._stats = stats
 
     async def plan(
-        self, groups: Iterable[int], hints: dict[int, tuple[int, StateMap[str]]]
+        self,
+        groups: Iterable[int],
+        hints: dict[int, tuple[int, StateMap[str]]],
+        known_soon: Collection[int] = (),
     ) -> list[GroupStep]:
-        """Steps that build every group of ``groups`` the mirror lacks, parents first."""
+        """Steps that build every group of ``groups`` the mirror lacks, parents
+        first; ``known_soon``: groups taken as built (a batch being written)."""
         needed = set(groups)
-        known = set(await self._store.known_groups(needed))
+        known = set(known_soon) | set(await self._store.known_groups(needed))
         unhinted = needed - known - hints.keys()
         if len(unhinted) > 1:
             # Many groups at once (migration): their deltas in one read, not one
