@@ -33,6 +33,7 @@ from synapse_nidstate.algebra import (
     merge_point,
     pack_block,
     pack_nids,
+    pack_strings,
     rebase,
     resolve,
     snapshot_hash,
@@ -40,6 +41,7 @@ from synapse_nidstate.algebra import (
     unpack_block_checked,
     unpack_nids,
     unpack_nids_checked,
+    unpack_strings,
 )
 from synapse_nidstate.algebra.state import _is_boundary
 
@@ -967,3 +969,39 @@ class MakeBlockTests(unittest.TestCase):
         ):
             with self.assertRaises(AlgebraError):
                 make_block(bad)
+
+
+class BlockStringsTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["m.room.member", "m.room.topic", "x.custom", ""]),
+                st.text(max_size=8),
+                st.text(min_size=1, max_size=8),
+            ),
+            max_size=40,
+        )
+    )
+    def test_round_trip(self, entries: list[tuple[str, str, str]]) -> None:
+        entries.sort(key=lambda e: e[0])  # a block's entries: a type's are consecutive
+        types, keys, events = ([e[i] for e in entries] for i in range(3))
+        packed = pack_strings(types, keys, events)
+        if any("\n" in s for e in entries for s in e):
+            self.assertEqual(packed, "")
+            self.assertIsNone(unpack_strings(packed, len(entries)))
+        else:
+            self.assertEqual(unpack_strings(packed, len(entries)), (types, keys, events))
+
+    def test_strings_that_do_not_fit_the_block(self) -> None:
+        packed = pack_strings(["t", "t", "u"], ["a", "b", ""], ["$1", "$2", "$3"])
+        self.assertEqual(packed.split("\n")[:5], ["2", "t", "2", "u", "1"])
+        for text, entries in (
+            (packed, 2),  # a block of fewer entries
+            (packed, 4),
+            (packed.rsplit("\n", 1)[0], 3),  # an event ID lost
+            ("x" + packed, 3),  # not a count
+            ("5\nt\n2", 3),  # runs cut short
+        ):
+            with self.assertRaises(AlgebraError, msg=(text, entries)):
+                unpack_strings(text, entries)

@@ -277,8 +277,8 @@ class MirrorTests:
         reads: list[tuple[int, int]] = []  # (blocks asked for, blocks read)
         blocks_txn = module.store._blocks_txn
 
-        def counting(txn, learnt, block_nids, key_ranges=None):  # type: ignore[no-untyped-def]
-            found = blocks_txn(txn, learnt, block_nids, key_ranges)
+        def counting(txn, learnt, block_nids, key_ranges=None, strings=None):  # type: ignore[no-untyped-def]
+            found = blocks_txn(txn, learnt, block_nids, key_ranges, strings)
             reads.append((len(block_nids), len(found)))
             return found
 

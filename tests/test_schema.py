@@ -134,6 +134,9 @@ class SchemaTests:
             txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN first_key")
             txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN last_key")
             txn.execute("DROP INDEX nidstate_state_groups_snapshot")
+            # Nor schema 7's strings beside the blocks.
+            txn.execute("DROP INDEX nidstate_blocks_without_strings")
+            txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN strings")
             txn.execute("UPDATE nidstate_meta SET value = '3' WHERE key = 'schema_version'")
             return interned
 

@@ -11,11 +11,13 @@ from synapse_nidstate.algebra.encoding import (
     content_hash,
     pack_block,
     pack_nids,
+    pack_strings,
     snapshot_hash,
     unpack_block,
     unpack_block_checked,
     unpack_nids,
     unpack_nids_checked,
+    unpack_strings,
 )
 from synapse_nidstate.algebra.state import (
     NidFilter,
@@ -74,6 +76,7 @@ __all__ = [
     "merge_point",
     "pack_block",
     "pack_nids",
+    "pack_strings",
     "ranges_meet",
     "rebase",
     "resolve",
@@ -82,4 +85,5 @@ __all__ = [
     "unpack_block_checked",
     "unpack_nids",
     "unpack_nids_checked",
+    "unpack_strings",
 ]

@@ -180,3 +180,46 @@ def content_hash(packed: bytes | bytearray) -> bytes:
     SHA-256 cut to 128 bits (a collision among 10^9 rows has odds near 10^-21)."""
     return hashlib.sha256(packed).digest()[:16]
 
+
+
+# The strings of a block's entries, stored beside it (schema 7) so that a whole
+# state is read with its strings instead of a probe per NID. Text, one string a
+# line: the number of runs of one event type, then each run's type and length
+# (entries are sorted by key, so a type's entries are consecutive), then every
+# entry's state key, then every entry's event ID. A block one of whose strings
+# holds a newline is stored as "" (no strings: read by NID).
+_NO_STRINGS = ""
+
+
+def pack_strings(types: Sequence[str], keys: Sequence[str], events: Sequence[str]) -> str:
+    """The stored strings of a block's entries (its types, state keys and
+    event IDs, in entry order); "" where one of them holds a newline."""
+    if any("\n" in s for part in (types, keys, events) for s in part):
+        return _NO_STRINGS
+    runs: list[str] = []
+    start = 0
+    for i in range(1, len(types) + 1):
+        if i == len(types) or types[i] != types[start]:
+            runs += (types[start], str(i - start))
+            start = i
+    return "\n".join((str(len(runs) // 2), *runs, *keys, *events))
+
+
+def unpack_strings(text: str, entries: int) -> tuple[list[str], list[str], list[str]] | None:
+    """A block's strings (:func:`pack_strings`) as its entries' types, state
+    keys and event IDs; None for a block stored without them. Raises
+    ``AlgebraError`` if they do not fit a block of ``entries`` entries."""
+    if text == _NO_STRINGS:
+        return None
+    lines = text.split("\n")
+    try:
+        run_count = int(lines[0])
+        types: list[str] = []
+        for i in range(1, 2 * run_count, 2):
+            types += [lines[i]] * int(lines[i + 1])
+    except (ValueError, IndexError) as e:
+        raise AlgebraError(f"malformed block strings: {e}") from e
+    start = 1 + 2 * run_count
+    if len(types) != entries or len(lines) != start + 2 * entries:
+        raise AlgebraError(f"block strings for {len(types)} entries, not {entries}")
+    return types, lines[start : start + entries], lines[start + entries :]

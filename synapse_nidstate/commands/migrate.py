@@ -1,6 +1,7 @@
 """`synapse-nidstate migrate`: mirror the history persisted before the module ran."""
 
 import argparse
+import time
 from typing import TYPE_CHECKING
 
 from synapse_nidstate.commands.homeserver import nid_store
@@ -28,5 +29,13 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
         f"{counted(stats.full_state_reads, 'full state')} read "
         f"({stats.full_states_rebased:,} stored on a similar snapshot); "
         f"stream orderings done: [{result.low}, {result.high}]"
+    )
+    # Then the strings beside the blocks (what a whole read takes instead of
+    # a probe per NID), timed apart: the history is served without them.
+    started = time.monotonic()
+    filled = await migrator.fill_block_strings()
+    print(
+        f"gave {counted(filled, 'block')} the strings of their entries "
+        f"in {time.monotonic() - started:.1f}s"
     )
     return 0

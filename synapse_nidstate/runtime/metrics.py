@@ -108,6 +108,8 @@ class MigrationStats:
     #: Synapse's newest stream position minus the newest one migrated
     #: (0: caught up; -1: not known yet)
     lag_stream_positions: int = -1
+    #: blocks given the strings of their entries (schema 7)
+    blocks_given_strings: int = 0
 
 
 @attr.s(slots=True, auto_attribs=True)

@@ -282,9 +282,28 @@ class Migrator:
         self.progress.low, self.progress.high = low, high
         batch = await self._next_batch(until, low, high, frozenset(), _nothing_to_wait_for)
         if batch is None:
+            # History done: blocks written since (the live mirror's
+            # compactions) get their strings, a page a step.
+            await self.fill_block_strings(max_pages=1)
             return False
         await self._write(batch)
         return True
+
+    async def fill_block_strings(self, max_pages: int | None = None) -> int:
+        """Give the blocks that should carry their strings and do not yet
+        (``storage/block_strings.py``) their strings, a page a transaction;
+        returns how many blocks were filled."""
+        filled = pages = 0
+        while max_pages is None or pages < max_pages:
+            done = await self._store.db_pool.runInteraction(
+                "nidstate_fill_block_strings", self._store.fill_block_strings_txn
+            )
+            if not done:
+                break
+            filled += done
+            pages += 1
+        self.stats.blocks_given_strings += filled
+        return filled
 
     async def _next_batch(
         self,

@@ -57,6 +57,33 @@ def _block_of(flat: array) -> Block:
     return tuple(zip(it, it, it))
 
 
+class NidStrings:
+    """Strings by NID a read found stored beside its blocks (schema 7,
+    ``algebra.pack_strings``): what it need not read by NID. Not cached: a
+    whole state is cached as strings, and a read's NIDs are its own."""
+
+    __slots__ = ("types", "keys", "events")
+
+    def __init__(self) -> None:
+        self.types: dict[int, str] = {}
+        self.keys: dict[int, str] = {}
+        self.events: dict[int, str] = {}
+
+    def add(self, block_nid: int, block: Block, text: str) -> None:
+        """The strings stored beside ``block`` (checked against it)."""
+        try:
+            unpacked = algebra.unpack_strings(text, len(block))
+        except algebra.AlgebraError as e:
+            raise CorruptState(f"block {block_nid}: {e}") from e
+        if unpacked is None or not block:
+            return  # stored without strings: read by NID
+        type_nids, key_nids, event_nids = zip(*block)
+        types, keys, events = unpacked
+        self.types.update(zip(type_nids, types))
+        self.keys.update(zip(key_nids, keys))
+        self.events.update(zip(event_nids, events))
+
+
 class BlockStore(NidStoreBase):
     def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
         super().__init__(hs, config)
@@ -131,13 +158,16 @@ class BlockStore(NidStoreBase):
         learnt: TxnLearnt,
         block_nids: Collection[int],
         key_ranges: Sequence[tuple[int, int]] | None = None,
+        strings: "NidStrings | None" = None,
     ) -> dict[int, Block]:
         """The blocks ``block_nids``, cached or read. With ``key_ranges``
         (``NidFilter.key_ranges``), a block not cached whose key range meets
         none of them is left out: it holds no key the caller wants. Its range
         comes from the cache, or from its row, which is read either way (a
         missing row is an error); the range is cached when the block's entries
-        were not read (a cached block needs none)."""
+        were not read (a cached block needs none). With ``strings`` (a whole
+        read), the strings stored beside the blocks read go into it, by NID
+        (schema 7; blocks without them, and cached blocks, add nothing)."""
         flat, missing = self._split_cached(self._blocks, block_nids)
         found = {nid: _block_of(entries) for nid, entries in flat.items()}
         missing = [b for b in missing if b not in learnt.blocks]
@@ -156,8 +186,9 @@ class BlockStore(NidStoreBase):
                 meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
                 entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
                 args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
+            with_strings = ", strings" if strings is not None else ", NULL"
             txn.execute(
-                f"SELECT block_nid, first_key, last_key, {entries}, content_hash"
+                f"SELECT block_nid, first_key, last_key, {entries}, content_hash{with_strings}"
                 f" FROM nidstate_blocks WHERE {clause}",
                 args,
             )
@@ -166,9 +197,13 @@ class BlockStore(NidStoreBase):
                 raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
             loaded = {
                 nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
-                for nid, _, _, data, digest in rows
+                for nid, _, _, data, digest, _ in rows
                 if data is not None
             }
+            if strings is not None:
+                for nid, _, _, _, _, text in rows:
+                    if text is not None and nid in loaded:
+                        strings.add(nid, loaded[nid], text)
             learnt.blocks.update(loaded)
             found.update(loaded)
             # The ranges of the blocks left unread: a cached block is found
@@ -179,7 +214,7 @@ class BlockStore(NidStoreBase):
                 self._block_ranges,
                 [
                     (nid, (first, last))
-                    for nid, first, last, data, _ in rows
+                    for nid, first, last, data, _, _ in rows
                     if first is not None and data is None
                 ],
             )

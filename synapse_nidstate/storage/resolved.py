@@ -20,7 +20,7 @@ from synapse.util.caches.lrucache import LruCache
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import TxnLearnt
-from synapse_nidstate.storage.blocks import BlockStore
+from synapse_nidstate.storage.blocks import BlockStore, NidStrings
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -232,7 +232,9 @@ class ResolvedStateStore(BlockStore):
                 ancestors[snapshot_nid] = ancestor
                 needed.update(ancestor.extra)
             in_read[block_nids] = snapshot_nid
-        blocks = self._blocks_txn(txn, learnt, needed)
+        # The strings stored beside the blocks (schema 7) come with them.
+        known = NidStrings()
+        blocks = self._blocks_txn(txn, learnt, needed, strings=known)
         if txn is not None:
             txn.call_after(self._publish, learnt)
 
@@ -292,7 +294,9 @@ class ResolvedStateStore(BlockStore):
 
         # A whole state is cached as strings (below): filling the per-NID
         # caches with thousands of entries as well would cost more than the read.
-        strings = self._to_strings(txn, {s: p.nids for s, p in plans.items()}, fill=False)
+        strings = self._to_strings(
+            txn, {s: p.nids for s, p in plans.items()}, fill=False, known=known
+        )
         bases: dict[int, ResolvedState] = {}
         answer: dict[int, MutableStateMap[str]] = {}
         for snapshot_nid in order:  # a base before what builds on it
@@ -377,14 +381,17 @@ class ResolvedStateStore(BlockStore):
         txn: LoggingTransaction | None,
         nid_states: Mapping[int, NidStateMap],
         fill: bool = True,
+        known: NidStrings | None = None,
     ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
+        """NIDs to strings; a tombstone (event NID 0, in changes) to None.
+        ``known``: strings a read already has (stored beside its blocks)."""
         type_strings, key_strings, event_strings = self._strings_of_nids_read(
             txn,
             {t for m in nid_states.values() for t, _ in m},
             {s for m in nid_states.values() for _, s in m},
             {e for m in nid_states.values() for e in m.values() if e},
             fill,
+            known,
         )
         return {
             snapshot_nid: {
@@ -401,17 +408,26 @@ class ResolvedStateStore(BlockStore):
         key_nids: Collection[int],
         event_nids: Collection[int],
         fill: bool = True,
+        known: NidStrings | None = None,
     ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
         """The strings of type, state key and event NIDs, in one query for all misses.
 
         ``fill=False`` leaves the state key and event caches as they were (the
-        few types are always cached).
+        few types are always cached). ``known``: strings found beside blocks,
+        taken first.
         """
         caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
+        had = (known.types, known.keys, known.events) if known is not None else ({}, {}, {})
         found: list[dict[int, str]] = []
         missing: list[list[int]] = []
-        for cache, nids in zip(caches, (type_nids, key_nids, event_nids)):
-            hit, miss = self._split_cached(cache, nids)
+        for cache, nids, have in zip(caches, (type_nids, key_nids, event_nids), had):
+            if have:  # the read's own: answered from, and added to
+                hit, (cached, miss) = have, self._split_cached(
+                    cache, [n for n in nids if n not in have]
+                )
+                hit.update(cached)
+            else:
+                hit, miss = self._split_cached(cache, nids)
             found.append(hit)
             missing.append(miss)
         if any(missing):

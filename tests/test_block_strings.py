@@ -1,0 +1,181 @@
+"""The strings stored beside blocks (schema 7): filled by the migration and
+the background job, read by whole reads instead of a probe per NID, checked,
+and never needed for an answer. Both engines."""
+
+from typing import Any
+
+from synapse.api.constants import EventTypes
+from synapse.server import HomeServer
+from synapse.types.state import StateFilter
+
+from synapse_nidstate import algebra
+from synapse_nidstate.demo.history import Driver
+from synapse_nidstate.storage.block_strings import MIN_ENTRIES
+from tests.harness import HomeserverTestCase, in_logcontext
+from tests.scenarios import compare_room, filters_for, room_event_ids
+from tests.test_read_faults import last_event_snapshot
+from tests.test_reclaim import SERVE, forget_caches, wrapped_group_digest
+
+ODD_KEY = "a state key\nwith a newline"
+
+
+async def big_room(hs: HomeServer) -> tuple[Driver, str, str]:
+    """A room whose state outgrows a block: 150 members, a custom key with a
+    newline, and enough changes to compact and merge; (driver, alice, room)."""
+    d = Driver(hs)
+    alice = await d.register("alice")
+    room_id = await d.create_room(alice, "public_chat")
+    await d.send(alice, room_id, "x.custom", {"odd": True}, ODD_KEY)
+    for i in range(150):
+        user = await d.register(f"user{i}")
+        await d.membership(user, user, room_id, "join")
+    for i in range(75):
+        await d.send(alice, room_id, EventTypes.Topic, {"topic": f"topic {i}"}, "")
+    return d, alice, room_id
+
+
+async def block_rows(hs: HomeServer) -> list[tuple[int, int, str | None]]:
+    """(block NID, entry count, stored strings) of every block."""
+
+    def read_txn(txn: Any) -> list[tuple[int, int, str | None]]:
+        txn.execute("SELECT block_nid, entry_count, strings FROM nidstate_blocks")
+        return txn.fetchall()
+
+    return await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_blocks", read_txn)
+
+
+async def odd_key_blocks(hs: HomeServer) -> set[int]:
+    """The blocks of 16 entries or more holding an entry with :data:`ODD_KEY`."""
+
+    def read_txn(txn: Any) -> set[int]:
+        txn.execute("SELECT state_key_nid FROM nidstate_state_keys WHERE state_key = ?", (ODD_KEY,))
+        (key_nid,) = txn.fetchone()
+        txn.execute(
+            f"SELECT block_nid, entries FROM nidstate_blocks WHERE entry_count >= {MIN_ENTRIES}"
+        )
+        return {
+            nid
+            for nid, data in txn.fetchall()
+            if any(s == key_nid for _, s, _ in algebra.unpack_block(data))
+        }
+
+    return await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_odd", read_txn)
+
+
+async def entries_without_strings(hs: HomeServer, snapshot_nid: int) -> int:
+    """How many entries the blocks of a snapshot that carry no strings hold."""
+
+    def read_txn(txn: Any) -> int:
+        txn.execute(
+            "SELECT block_nids FROM nidstate_snapshots WHERE snapshot_nid = ?", (snapshot_nid,)
+        )
+        blocks = set(algebra.unpack_nids(txn.fetchone()[0]))
+        txn.execute("SELECT block_nid, entry_count, strings FROM nidstate_blocks")
+        return sum(n for nid, n, strings in txn.fetchall() if nid in blocks and not strings)
+
+    return await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_nid", read_txn)
+
+
+class BlockStringsTests:
+    @in_logcontext
+    async def test_filled_once_resumably_and_read_by_whole_reads(self) -> None:
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        _, alice, room_id = await big_room(hs)
+        self.assertGreaterEqual(module.stats.mirror.compactions, 1)  # type: ignore[attr-defined]
+        # The live mirror writes no strings: the blocks are read by NID.
+        big = [(nid, n, s) for nid, n, s in await block_rows(hs) if n >= MIN_ENTRIES]
+        self.assertTrue(big)  # type: ignore[attr-defined]
+        self.assertEqual({s for _, _, s in big}, {None})  # type: ignore[attr-defined]
+
+        # A page at a time (resumable: a filled block is not selected again).
+        pages = []
+        while filled := await module.migrator.fill_block_strings(max_pages=1):
+            pages.append(filled)
+        self.assertEqual(sum(pages), len(big))  # type: ignore[attr-defined]
+        rows = await block_rows(hs)
+        for nid, entries, strings in rows:
+            if entries < MIN_ENTRIES:
+                self.assertIsNone(strings, nid)  # type: ignore[attr-defined]
+            else:
+                self.assertIsNotNone(strings, nid)  # type: ignore[attr-defined]
+        # A block holding the key with a newline is stored without strings
+        # (its strings are read by NID); the others with theirs.
+        odd = await odd_key_blocks(hs)
+        self.assertTrue(odd)  # type: ignore[attr-defined]
+        for nid, entries, strings in rows:
+            if entries >= MIN_ENTRIES:
+                self.assertEqual(strings == "", nid in odd, nid)  # type: ignore[attr-defined]
+
+        # A cold whole read takes its strings from the blocks: of the latest
+        # state's event IDs, those of the small blocks alone are read by NID.
+        asked: list[tuple[int, int]] = []  # (event NIDs, of them found beside blocks)
+        strings_read = module.store._strings_of_nids_read
+
+        def counting(txn, types, keys, events, fill=True, known=None):  # type: ignore[no-untyped-def]
+            asked.append((len(events), sum(1 for e in events if known and e in known.events)))
+            return strings_read(txn, types, keys, events, fill, known)
+
+        self.patch(module.store, "_strings_of_nids_read", counting)  # type: ignore[attr-defined]
+        event_ids, _ = await room_event_ids(hs, room_id)
+        latest = event_ids[-1:]
+        forget_caches(hs, module)
+        expected = await module.lookups.native_state_ids(latest, StateFilter.all())
+        asked.clear()
+        self.assertEqual(  # type: ignore[attr-defined]
+            await module.lookups.mirrored_state_ids(latest, StateFilter.all()), expected
+        )
+        [(events, beside)] = asked
+        self.assertGreater(events, 150)  # type: ignore[attr-defined]
+        self.assertGreater(beside, 0)  # type: ignore[attr-defined]
+        # Read by NID: at most the entries of its blocks without strings.
+        _, _, snapshot_nid = await last_event_snapshot(hs, room_id)
+        self.assertLessEqual(  # type: ignore[attr-defined]
+            events - beside, await entries_without_strings(hs, snapshot_nid)
+        )
+        self.assertIn(("x.custom", ODD_KEY), expected[latest[0]])  # type: ignore[attr-defined]
+
+        # Every event, filter and group, cold, as Synapse answers.
+        forget_caches(hs, module)
+        await compare_room(self, hs, room_id, filters_for(hs, [alice, alice, alice]))
+        forget_caches(hs, module)
+        groups = await wrapped_group_digest(hs)
+        self.assertTrue(groups)  # type: ignore[attr-defined]
+
+    @in_logcontext
+    async def test_strings_that_do_not_fit_their_block_are_a_fault(self) -> None:
+        # Stored strings for fewer entries than the block has: the read fails
+        # (never an answer from them) and Synapse's rows answer instead.
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        _, _, room_id = await big_room(hs)
+        await module.migrator.fill_block_strings()
+
+        def corrupt_txn(txn: Any) -> None:
+            txn.execute(
+                "SELECT block_nid, strings FROM nidstate_blocks"
+                " WHERE strings IS NOT NULL AND strings <> ''"
+            )
+            for nid, strings in txn.fetchall():
+                shorter = strings.rsplit("\n", 1)[0]
+                txn.execute(
+                    "UPDATE nidstate_blocks SET strings = ? WHERE block_nid = ?", (shorter, nid)
+                )
+
+        await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_corrupt", corrupt_txn)
+        event_ids, _ = await room_event_ids(hs, room_id)
+        forget_caches(hs, module)
+        expected = await module.lookups.native_state_ids(event_ids[-1:], StateFilter.all())
+        failed = module.stats.lookups.failed
+        forget_caches(hs, module)
+        answer = await hs.get_storage_controllers().state.get_state_ids_for_event(event_ids[-1])
+        self.assertEqual(answer, expected[event_ids[-1]])  # type: ignore[attr-defined]
+        self.assertGreater(module.stats.lookups.failed, failed)  # type: ignore[attr-defined]
+
+
+class SqliteBlockStringsTests(BlockStringsTests, HomeserverTestCase):
+    engine = "sqlite"
+
+
+class PostgresBlockStringsTests(BlockStringsTests, HomeserverTestCase):
+    engine = "postgres"
