@@ -991,7 +991,12 @@ class BlockStringsTests(unittest.TestCase):
             self.assertEqual(packed, "")
             self.assertIsNone(unpack_strings(packed, len(entries)))
         else:
-            self.assertEqual(unpack_strings(packed, len(entries)), (types, keys, events))
+            unpacked = unpack_strings(packed, len(entries))
+            assert unpacked is not None
+            runs, unpacked_keys, unpacked_events = unpacked
+            self.assertEqual([t for t, n in runs for _ in range(n)], types)
+            self.assertEqual([t for t, _ in runs], [t for i, t in enumerate(types) if t not in types[:i]])
+            self.assertEqual((unpacked_keys, unpacked_events), (keys, events))
 
     def test_strings_that_do_not_fit_the_block(self) -> None:
         packed = pack_strings(["t", "t", "u"], ["a", "b", ""], ["$1", "$2", "$3"])
@@ -1002,6 +1007,7 @@ class BlockStringsTests(unittest.TestCase):
             (packed.rsplit("\n", 1)[0], 3),  # an event ID lost
             ("x" + packed, 3),  # not a count
             ("5\nt\n2", 3),  # runs cut short
+            ("2\nt\n3\nu\n0\na\nb\n\n$1\n$2\n$3", 3),  # an empty run
         ):
             with self.assertRaises(AlgebraError, msg=(text, entries)):
                 unpack_strings(text, entries)

@@ -205,21 +205,25 @@ def pack_strings(types: Sequence[str], keys: Sequence[str], events: Sequence[str
     return "\n".join((str(len(runs) // 2), *runs, *keys, *events))
 
 
-def unpack_strings(text: str, entries: int) -> tuple[list[str], list[str], list[str]] | None:
-    """A block's strings (:func:`pack_strings`) as its entries' types, state
-    keys and event IDs; None for a block stored without them. Raises
-    ``AlgebraError`` if they do not fit a block of ``entries`` entries."""
+def unpack_strings(
+    text: str, entries: int
+) -> tuple[list[tuple[str, int]], list[str], list[str]] | None:
+    """A block's strings (:func:`pack_strings`): its runs of one event type
+    (type, how many entries) and its entries' state keys and event IDs; None
+    for a block stored without them. Raises ``AlgebraError`` if they do not
+    fit a block of ``entries`` entries."""
     if text == _NO_STRINGS:
         return None
     lines = text.split("\n")
     try:
         run_count = int(lines[0])
-        types: list[str] = []
-        for i in range(1, 2 * run_count, 2):
-            types += [lines[i]] * int(lines[i + 1])
+        runs = [(lines[i], int(lines[i + 1])) for i in range(1, 2 * run_count, 2)]
     except (ValueError, IndexError) as e:
         raise AlgebraError(f"malformed block strings: {e}") from e
     start = 1 + 2 * run_count
-    if len(types) != entries or len(lines) != start + 2 * entries:
-        raise AlgebraError(f"block strings for {len(types)} entries, not {entries}")
-    return types, lines[start : start + entries], lines[start + entries :]
+    typed = sum(count for _, count in runs)
+    if typed != entries or len(lines) != start + 2 * entries or min(
+        (count for _, count in runs), default=1
+    ) < 1:
+        raise AlgebraError(f"block strings for {typed} entries, not {entries}")
+    return runs, lines[start : start + entries], lines[start + entries :]
