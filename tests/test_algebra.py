@@ -6,6 +6,7 @@ must give the dict we computed by hand.
 """
 
 import random
+from array import array
 
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from synapse_nidstate.algebra import (
     changes,
     compact,
     delta,
+    entries_in_ranges,
     extend,
     full,
     key_number,
@@ -80,6 +82,15 @@ small_blocks = st.dictionaries(small_keys, st.integers(0, 9), max_size=20).map(
     lambda d: make_block((t, s, e) for (t, s), e in d.items())
 )
 small_block_seqs = st.lists(small_blocks, max_size=8)
+# And NIDs past a key number's reach (2^32), now and then.
+wide_blocks = st.dictionaries(
+    st.tuples(
+        st.one_of(small_types, st.just(KEY_NID_LIMIT + 1)),
+        st.one_of(small_state_keys, st.just(KEY_NID_LIMIT + 5)),
+    ),
+    st.integers(0, 9),
+    max_size=20,
+).map(lambda d: make_block((t, s, e) for (t, s), e in d.items()))
 
 filters = st.builds(
     NidFilter,
@@ -539,6 +550,33 @@ class KeyRangeTests(unittest.TestCase):
         self.assertEqual(
             nid_filter.apply([b for b in blocks if meets(b)]), nid_filter.apply(blocks)
         )
+
+    @settings(max_examples=300, **_SETTINGS)
+    @given(blocks=st.lists(wide_blocks, max_size=6), nid_filter=filters)
+    @example(  # a wildcard type whose state key NIDs pass the key numbers' reach
+        blocks=[make_block([(2, 1, 1), (2, KEY_NID_LIMIT + 5, 2), (3, 1, 3)])],
+        nid_filter=NidFilter({2: None}, False),
+    )
+    @example(  # everything but one type, types past the reach too
+        blocks=[make_block([(1, 1, 1), (2, 1, 2), (KEY_NID_LIMIT + 1, 1, 3)])],
+        nid_filter=NidFilter({2: frozenset({1})}, True),
+    )
+    def test_entries_in_ranges_change_nothing(self, blocks, nid_filter):
+        # What a narrow read keeps of each block, from its flat form.
+        ranges = nid_filter.key_ranges()
+        if ranges is None:
+            return
+        sliced = [
+            entries_in_ranges(array("q", [n for entry in b for n in entry]), ranges)
+            for b in blocks
+        ]
+        for block, kept in zip(blocks, sliced):
+            self.assertEqual(list(kept), sorted(kept))
+            self.assertLessEqual(set(kept), set(block))
+            for entry in block:
+                if nid_filter.matches(entry[:2]):
+                    self.assertIn(entry, kept)
+        self.assertEqual(nid_filter.apply(sliced), nid_filter.apply(blocks))
 
     def test_ranges(self):
         limit = KEY_NID_LIMIT

@@ -275,14 +275,14 @@ class MirrorTests:
         latest = event_ids[-1:]
 
         reads: list[tuple[int, int]] = []  # (blocks asked for, blocks read)
-        blocks_txn = module.store._blocks_txn
+        blocks_txn = module.store._flat_blocks_txn
 
-        def counting(txn, learnt, block_nids, key_ranges=None, strings=None):  # type: ignore[no-untyped-def]
-            found = blocks_txn(txn, learnt, block_nids, key_ranges, strings)
+        def counting(txn, learnt, block_nids, key_ranges):  # type: ignore[no-untyped-def]
+            found = blocks_txn(txn, learnt, block_nids, key_ranges)
             reads.append((len(block_nids), len(found)))
             return found
 
-        self.patch(module.store, "_blocks_txn", counting)
+        self.patch(module.store, "_flat_blocks_txn", counting)
         filters = filters_for(hs, [alice, alice, alice])
         for name in ("one_member", "history_visibility", "lazy_load"):
             module.store.clear_caches()

@@ -78,14 +78,20 @@ def unpack_block_checked(data: bytes, digest: bytes) -> Block:
     """:func:`unpack_block`, refusing data whose content is not the one
     ``digest`` (the stored :func:`block_hash`) was made of: a corrupted row
     raises instead of decoding to other NIDs."""
+    it = iter(unpack_flat_checked(data, digest))
+    return tuple(zip(it, it, it))
+
+
+def unpack_flat_checked(data: bytes, digest: bytes) -> array:
+    """:func:`unpack_block_checked` as the block's NIDs flat, three an entry
+    (no tuple per entry: what a narrow read slices, and the caches keep)."""
     data = bytes(data)
     values = _unpack_fixed(data)
     if len(values) % 3:
         raise AlgebraError("packed block is not a whole number of entries")
     if content_hash(_little_int64s(data, values)) != bytes(digest):
         raise AlgebraError("block content does not match its hash")
-    it = iter(values)
-    return tuple(zip(it, it, it))
+    return values
 
 
 def _little_int64s(data: bytes, values: array) -> bytes | bytearray:

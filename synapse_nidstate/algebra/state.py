@@ -3,7 +3,7 @@
 Pure Python, no database and no Synapse (see ``types`` for the vocabulary).
 """
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attr
@@ -74,6 +74,39 @@ def lookup(blocks: Sequence[Block], keys: Iterable[StateKeyNids]) -> NidStateMap
                 if block[i][2]:
                     found[key] = block[i][2]
     return found
+
+
+def entries_in_ranges(flat: Sequence[int], ranges: Sequence[tuple[int, int]]) -> Block:
+    """The entries of a block, given flat (its NIDs, three an entry, sorted
+    by key: the stored and cached form), whose key lies in one of ``ranges``
+    (``NidFilter.key_ranges``: closed ranges of key numbers, sorted and
+    disjoint). Two binary searches a range, and a tuple only for the entries
+    kept: a narrow read of a compaction's chunk of thousands of entries keeps
+    a few. For the filter whose ranges they are, ``apply`` of the entries
+    kept equals ``apply`` of the whole blocks (no key it wants is outside).
+
+    A range's end on a type's last key number (``KEY_NID_LIMIT - 1``) takes
+    every state key of that type, NIDs beyond the key numbers' reach too."""
+    count = len(flat) // 3
+
+    def key(i: int) -> tuple[int, int]:
+        return flat[3 * i], flat[3 * i + 1]
+
+    kept: list[tuple[int, int, int]] = []
+    everything = range(count)
+    for lo, hi in ranges:
+        start = bisect_left(everything, divmod(lo, KEY_NID_LIMIT), key=key)
+        hi_type, hi_key = divmod(hi, KEY_NID_LIMIT)
+        if hi == MAX_KEY_NUMBER:
+            end = count
+        elif hi_key == KEY_NID_LIMIT - 1:
+            end = bisect_left(everything, (hi_type + 1, 0), key=key)
+        else:
+            end = bisect_right(everything, (hi_type, hi_key), key=key)
+        kept.extend(
+            (flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]) for i in range(start, end)
+        )
+    return tuple(kept)
 
 
 def delta(base: Mapping[StateKeyNids, int], new: Mapping[StateKeyNids, int]) -> Block:

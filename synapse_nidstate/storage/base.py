@@ -12,6 +12,7 @@ CONFLICT ... DO NOTHING``, Synapse's ``make_in_list_sql_clause``); the DDL,
 which is not, lives in ``sql/<engine>/``.
 """
 
+from array import array
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -63,6 +64,8 @@ class TxnLearnt:
         self.groups: dict[int, int] = {}
         self.snapshots: dict[int, tuple[int, ...]] = {}
         self.blocks: dict[int, Block] = {}
+        #: blocks a narrow read took flat (three NIDs an entry), cached as they are
+        self.flat_blocks: dict[int, array] = {}
         self.event_snapshots: dict[str, int] = {}
 
 

@@ -115,6 +115,9 @@ class BlockStore(NidStoreBase):
             self._blocks.set(block_nid, array("q", itertools.chain.from_iterable(block)))
             # A cached block is found before its range is asked (_blocks_txn).
             self._block_ranges.invalidate(block_nid)
+        for block_nid, flat in learnt.flat_blocks.items():
+            self._blocks.set(block_nid, flat)
+            self._block_ranges.invalidate(block_nid)
 
     def known_groups_txn(
         self,
@@ -174,55 +177,115 @@ class BlockStore(NidStoreBase):
         (schema 7; blocks without them, and cached blocks, add nothing)."""
         flat, missing = self._split_cached(self._blocks, block_nids)
         found = {nid: _block_of(entries) for nid, entries in flat.items()}
-        missing = [b for b in missing if b not in learnt.blocks]
-        found.update((b, learnt.blocks[b]) for b in block_nids if b in learnt.blocks)
-        if missing and key_ranges is not None:
-            if not key_ranges:
-                return found  # the filter wants no key at all
-            missing = [b for b in missing if not self._skips(b, key_ranges)]
+        for b in missing:
+            if b in learnt.blocks:
+                found[b] = learnt.blocks[b]
+            elif b in learnt.flat_blocks:
+                found[b] = _block_of(learnt.flat_blocks[b])
+        missing = self._to_read(txn, learnt, missing, key_ranges)
         if missing:
-            if txn is None:
-                raise CacheMiss()
-            clause, args = in_list_clause(self.engine, "block_nid", missing)
-            if key_ranges is None:
-                entries = "entries"
-            else:
-                meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
-                entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
-                args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
-            with_strings = ", strings" if strings is not None else ", NULL"
-            txn.execute(
-                f"SELECT block_nid, first_key, last_key, {entries}, content_hash{with_strings}"
-                f" FROM nidstate_blocks WHERE {clause}",
-                args,
-            )
-            rows = txn.fetchall()
-            if len(rows) != len(missing):
-                raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+            rows = self._block_rows_txn(txn, missing, key_ranges, strings is not None)
             loaded = {
                 nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
-                for nid, _, _, data, digest, _ in rows
-                if data is not None
+                for nid, data, digest, _ in rows
             }
-            if strings is not None:
-                for nid, _, _, _, _, text in rows:
-                    if text is not None and nid in loaded:
-                        strings.add(nid, loaded[nid], text)
             learnt.blocks.update(loaded)
             found.update(loaded)
-            # The ranges of the blocks left unread: a cached block is found
-            # before its range is asked (one whose block is evicted is read
-            # again, its entries only if its range meets a wanted key).
-            txn.call_after(
-                self._fill,
-                self._block_ranges,
-                [
-                    (nid, (first, last))
-                    for nid, first, last, data, _, _ in rows
-                    if first is not None and data is None
-                ],
-            )
+            if strings is not None:
+                for nid, _, _, text in rows:
+                    if text is not None:
+                        strings.add(nid, loaded[nid], text)
         return found
+
+    def _flat_blocks_txn(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        block_nids: Collection[int],
+        key_ranges: Sequence[tuple[int, int]],
+    ) -> dict[int, array]:
+        """:meth:`_blocks_txn` for a narrow read: the blocks flat, as cached
+        (three NIDs an entry), for ``algebra.entries_in_ranges`` to take the
+        few entries the read wants without a tuple for each of the others."""
+        found, missing = self._split_cached(self._blocks, block_nids)
+        for b in missing:
+            if b in learnt.flat_blocks:
+                found[b] = learnt.flat_blocks[b]
+            elif b in learnt.blocks:
+                found[b] = array("q", itertools.chain.from_iterable(learnt.blocks[b]))
+        missing = self._to_read(txn, learnt, missing, key_ranges)
+        if missing:
+            loaded = {
+                nid: _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
+                for nid, data, digest, _ in self._block_rows_txn(txn, missing, key_ranges, False)
+            }
+            learnt.flat_blocks.update(loaded)
+            found.update(loaded)
+        return found
+
+    def _to_read(
+        self,
+        txn: LoggingTransaction | None,
+        learnt: TxnLearnt,
+        missing: list[int],
+        key_ranges: Sequence[tuple[int, int]] | None,
+    ) -> list[int]:
+        """Of the blocks not cached, those a read must select: not learnt in
+        this transaction, nor known to hold no key in ``key_ranges``."""
+        missing = [b for b in missing if b not in learnt.blocks and b not in learnt.flat_blocks]
+        if missing and key_ranges is not None:
+            if not key_ranges:
+                return []  # the filter wants no key at all
+            missing = [b for b in missing if not self._skips(b, key_ranges)]
+        if missing and txn is None:
+            raise CacheMiss()
+        return missing
+
+    def _block_rows_txn(
+        self,
+        txn: LoggingTransaction | None,
+        missing: list[int],
+        key_ranges: Sequence[tuple[int, int]] | None,
+        with_strings: bool,
+    ) -> list[tuple[int, bytes, bytes, str | None]]:
+        """(block NID, entries, content hash, strings) of each of ``missing``
+        whose entries the read needs (its range meets ``key_ranges``, or
+        every one without); the ranges of the others are cached. Every row
+        must be there (a missing one is ``CorruptState``)."""
+        assert txn is not None
+        clause, args = in_list_clause(self.engine, "block_nid", missing)
+        if key_ranges is None:
+            entries = "entries"
+        else:
+            meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
+            entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
+            args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
+        strings = ", strings" if with_strings else ", NULL"
+        txn.execute(
+            f"SELECT block_nid, first_key, last_key, {entries}, content_hash{strings}"
+            f" FROM nidstate_blocks WHERE {clause}",
+            args,
+        )
+        rows = txn.fetchall()
+        if len(rows) != len(missing):
+            raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+        # The ranges of the blocks left unread: a cached block is found
+        # before its range is asked (one whose block is evicted is read
+        # again, its entries only if its range meets a wanted key).
+        txn.call_after(
+            self._fill,
+            self._block_ranges,
+            [
+                (nid, (first, last))
+                for nid, first, last, data, _, _ in rows
+                if first is not None and data is None
+            ],
+        )
+        return [
+            (nid, data, digest, text)
+            for nid, _, _, data, digest, text in rows
+            if data is not None
+        ]
 
     def _skips(self, block_nid: int, key_ranges: Sequence[tuple[int, int]]) -> bool:
         """Whether block ``block_nid`` is known to hold no key in ``key_ranges``."""
