@@ -97,7 +97,10 @@ class CompatTests(unittest.TestCase):
             if req.use == "called":
                 # A new parameter without a default, which the module would not pass.
                 extra = kinds("new_required", kinds.KEYWORD_ONLY)
-                variants["requires new_required"] = [*parameters, extra]
+                variadic = [p for p in parameters if p.kind == kinds.VAR_KEYWORD]
+                variants["requires new_required"] = [
+                    *(p for p in parameters if p.kind != kinds.VAR_KEYWORD), extra, *variadic
+                ]
                 # The first parameter the module passes by position made keyword-only.
                 first = req.parameters[0]
                 variants["first by position"] = [

@@ -179,6 +179,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "synapse.storage.engines.sqlite.Sqlite3Engine", "on_new_connection", ("db_conn",),
         "wrapped: create the module's tables on each in-memory connection",
     ),
+    # runtime/block_strings.py
+    Requirement(
+        "synapse.module_api.ModuleApi", "run_as_background_process", ("desc", "func"),
+        "called: the strings of the blocks the live mirror wrote, filled after its "
+        "transaction commits", use="called",
+    ),
     # config.parse_config
     Requirement(
         "synapse.config._util", "validate_config", ("json_schema", "config", "config_path"),

@@ -24,6 +24,7 @@ from synapse.types import StateMap
 
 from synapse_nidstate.runtime.metrics import MIRROR_PLAN_SECONDS, MIRROR_WRITE_SECONDS, MirrorStats
 from synapse_nidstate.storage import (
+    BLOCK_STRINGS_MIN_ENTRIES,
     Contained,
     EventRow,
     GroupStep,
@@ -183,6 +184,9 @@ class Mirror:
         #: Set by the module where it serves state-group reads: told, once a
         #: write commits, which state groups got their snapshots.
         self.written: Callable[[list[int]], None] | None = None
+        #: Set by the module: told, once a write commits, that it wrote (or
+        #: read) blocks big enough to carry their strings (``block_strings``).
+        self.wrote_big_blocks: Callable[[], None] | None = None
         # room_id -> plan of the batch being persisted. Synapse persists one
         # batch per room at a time (its per-room persistence queue).
         self._plans: dict[str, BatchPlan] = {}
@@ -308,6 +312,10 @@ class Mirror:
             return
         if self.written is not None and plan.steps:
             txn.call_after(self.written, [step.group for step in plan.steps])
+        if self.wrote_big_blocks is not None and any(
+            len(block) >= BLOCK_STRINGS_MIN_ENTRIES for block in plan.scope.learnt.blocks.values()
+        ):
+            txn.call_after(self.wrote_big_blocks)
         if self.eager_reclaim is not None:
             groups = sorted(
                 {r.state_group for r in rows if r.state_group is not None}

@@ -9,6 +9,7 @@ import synapse
 from synapse.module_api import ModuleApi
 
 from synapse_nidstate.runtime import failsafe, hooks, status
+from synapse_nidstate.runtime.block_strings import BlockStringsFiller
 from synapse_nidstate.runtime.compat import check_synapse_instances, check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.runtime.faults import FaultLog
@@ -82,6 +83,8 @@ class NidStateModule:
         self.store = NidStore(hs, config)
         self.mirror = Mirror(hs, self.store, self.stats.mirror)
         self.persists_events = hooks.install_mirror(hs, self.mirror)
+        self.block_strings = BlockStringsFiller(api, self.store)
+        self.mirror.wrote_big_blocks = self.block_strings.kick
         hooks.install_full_state_updates(hs, self.mirror)
         hooks.install_purges(hs, self.store)
 

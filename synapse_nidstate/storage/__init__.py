@@ -5,6 +5,7 @@ files behind them are described in ``store``.
 """
 
 from synapse_nidstate.storage.base import WriteScope
+from synapse_nidstate.storage.block_strings import MIN_ENTRIES as BLOCK_STRINGS_MIN_ENTRIES
 from synapse_nidstate.storage.common import (
     CacheMiss,
     CorruptState,
@@ -19,6 +20,7 @@ from synapse_nidstate.storage.savepoint import Contained, in_savepoint, must_ret
 from synapse_nidstate.storage.store import NidStore
 
 __all__ = [
+    "BLOCK_STRINGS_MIN_ENTRIES",
     "CacheMiss",
     "Contained",
     "CorruptState",
