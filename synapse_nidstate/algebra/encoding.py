@@ -192,8 +192,8 @@ def content_hash(packed: bytes | bytearray) -> bytes:
 # state is read with its strings instead of a probe per NID. Text, one string a
 # line: the number of runs of one event type, then each run's type and length
 # (entries are sorted by key, so a type's entries are consecutive), then every
-# entry's state key, then every entry's event ID. A block one of whose strings
-# holds a newline is stored as "" (no strings: read by NID).
+# entry's state key, then every entry's event ID ("" for a tombstone). A block
+# one of whose strings holds a newline is stored as "" (no strings: read by NID).
 _NO_STRINGS = ""
 
 

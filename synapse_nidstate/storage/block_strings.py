@@ -62,7 +62,7 @@ class BlockStringsStore(ResolvedStateStore):
             txn,
             {t for _, block in blocks for t, _, _ in block},
             {s for _, block in blocks for _, s, _ in block},
-            {e for _, block in blocks for _, _, e in block},
+            {e for _, block in blocks for _, _, e in block if e},
             fill=False,
         )
         return [
@@ -70,7 +70,7 @@ class BlockStringsStore(ResolvedStateStore):
                 algebra.pack_strings(
                     [types[t] for t, _, _ in block],
                     [keys[s] for _, s, _ in block],
-                    [events[e] for _, _, e in block],
+                    [events[e] if e else "" for _, _, e in block],  # "": a tombstone
                 ),
                 nid,
             )

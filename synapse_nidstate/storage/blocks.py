@@ -58,16 +58,16 @@ def _block_of(flat: array) -> Block:
 
 
 class NidStrings:
-    """Strings by NID a read found stored beside its blocks (schema 7,
-    ``algebra.pack_strings``): what it need not read by NID. Not cached: a
-    whole state is cached as strings, and a read's NIDs are its own."""
+    """The strings a read found stored beside its blocks (schema 7,
+    ``algebra.pack_strings``): each block's entries as strings, to resolve a
+    whole state in strings, and by NID (built when first asked) for what
+    turns NIDs into strings. Not cached: a whole state is cached as strings."""
 
-    __slots__ = ("types", "keys", "events")
+    __slots__ = ("_blocks", "_maps")
 
     def __init__(self) -> None:
-        self.types: dict[int, str] = {}
-        self.keys: dict[int, str] = {}
-        self.events: dict[int, str] = {}
+        self._blocks: dict[int, tuple[Block, list[tuple[str, int]], list[str], list[str]]] = {}
+        self._maps: tuple[dict[int, str], dict[int, str], dict[int, str]] | None = None
 
     def add(self, block_nid: int, block: Block, text: str) -> None:
         """The strings stored beside ``block`` (checked against it)."""
@@ -75,17 +75,47 @@ class NidStrings:
             unpacked = algebra.unpack_strings(text, len(block))
         except algebra.AlgebraError as e:
             raise CorruptState(f"block {block_nid}: {e}") from e
-        if unpacked is None:
-            return  # stored without strings: read by NID
-        runs, keys, events = unpacked
-        first = 0
+        if unpacked is not None:  # else stored without strings: read by NID
+            self._blocks[block_nid] = (block, *unpacked)
+            self._maps = None
+
+    def __contains__(self, block_nid: int) -> bool:
+        return block_nid in self._blocks
+
+    def __bool__(self) -> bool:
+        return bool(self._blocks)
+
+    def apply(self, state: dict[tuple[str, str], str], block_nid: int) -> None:
+        """Apply a block's entries, as strings, to ``state`` (a later block
+        wins; a tombstone, stored as "", removes its key)."""
+        _, runs, keys, events = self._blocks[block_nid]
+        types: list[str] = []
         for event_type, count in runs:
-            self.types[block[first][0]] = event_type
-            first += count
-        # Columns by comprehension: zip(*block) over thousands of entries
-        # costs ten times as much.
-        self.keys.update(zip([entry[1] for entry in block], keys))
-        self.events.update(zip([entry[2] for entry in block], events))
+            types += [event_type] * count
+        state.update(zip(zip(types, keys), events))
+        if "" in events:
+            for key, event_id in zip(zip(types, keys), events):
+                if not event_id:
+                    state.pop(key, None)
+
+    def maps(self) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """Type, state key and event ID by NID, of every block added."""
+        if self._maps is None:
+            types: dict[int, str] = {}
+            keys: dict[int, str] = {}
+            events: dict[int, str] = {}
+            for block, runs, key_strings, event_strings in self._blocks.values():
+                first = 0
+                for event_type, count in runs:
+                    types[block[first][0]] = event_type
+                    first += count
+                # Columns by comprehension: zip(*block) over thousands of
+                # entries costs ten times as much.
+                keys.update(zip([entry[1] for entry in block], key_strings))
+                events.update(zip([entry[2] for entry in block], event_strings))
+            events.pop(0, None)  # tombstones
+            self._maps = (types, keys, events)
+        return self._maps
 
 
 class BlockStore(NidStoreBase):

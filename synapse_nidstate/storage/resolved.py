@@ -238,9 +238,23 @@ class ResolvedStateStore(BlockStore):
         if txn is not None:
             txn.call_after(self._publish, learnt)
 
+        # A whole state that no other snapshot of this read builds on, with
+        # blocks that carry their strings, is resolved in strings: its big
+        # blocks' strings as stored, its small ones' by NID.
+        parents = {a.snapshot_nid for a in ancestors.values() if a.cached is None}
+        in_strings = {
+            s
+            for s in order
+            if s not in ancestors
+            and s not in parents
+            and any(b in known for b in block_lists[s])
+        }
         plans: dict[int, _Plan] = {}
         for snapshot_nid in order:
             ancestor = ancestors.get(snapshot_nid)
+            if snapshot_nid in in_strings:
+                plans[snapshot_nid] = _Plan(None, None, {}, {}, 0, whole=True)
+                continue
             if ancestor is None:
                 full = algebra.resolve(blocks[b] for b in block_lists[snapshot_nid])
                 plans[snapshot_nid] = _Plan(None, None, {}, full, len(full), whole=True)
@@ -294,9 +308,26 @@ class ResolvedStateStore(BlockStore):
 
         # A whole state is cached as strings (below): filling the per-NID
         # caches with thousands of entries as well would cost more than the read.
-        strings = self._to_strings(
-            txn, {s: p.nids for s, p in plans.items()}, fill=False, known=known
+        # Of the blocks without strings, the entries no later one of them overwrites.
+        by_nid_entries = {
+            s: _last_entries(block_lists[s], blocks, known) for s in in_strings
+        }
+        small = [entries for s in in_strings for entries in by_nid_entries[s].values()]
+        nid_states = [p.nids for p in plans.values()]
+        by_nid = self._strings_of_nids_read(
+            txn,
+            {t for m in nid_states for t, _ in m} | {t for b in small for t, _, _ in b},
+            {k for m in nid_states for _, k in m} | {k for b in small for _, k, _ in b},
+            {e for m in nid_states for e in m.values() if e} | {e for b in small for *_, e in b if e},
+            fill=False,
+            # The big blocks' strings by NID only where NIDs are turned into strings.
+            known=known if any(nid_states) else None,
         )
+        strings = {s: _converted(by_nid, p.nids) for s, p in plans.items() if s not in in_strings}
+        for snapshot_nid in in_strings:
+            strings[snapshot_nid] = self._in_strings(
+                block_lists[snapshot_nid], by_nid_entries[snapshot_nid], known, by_nid
+            )
         bases: dict[int, ResolvedState] = {}
         answer: dict[int, MutableStateMap[str]] = {}
         for snapshot_nid in order:  # a base before what builds on it
@@ -381,25 +412,40 @@ class ResolvedStateStore(BlockStore):
         txn: LoggingTransaction | None,
         nid_states: Mapping[int, NidStateMap],
         fill: bool = True,
-        known: NidStrings | None = None,
     ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """NIDs to strings; a tombstone (event NID 0, in changes) to None.
-        ``known``: strings a read already has (stored beside its blocks)."""
-        type_strings, key_strings, event_strings = self._strings_of_nids_read(
+        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
+        by_nid = self._strings_of_nids_read(
             txn,
             {t for m in nid_states.values() for t, _ in m},
             {s for m in nid_states.values() for _, s in m},
             {e for m in nid_states.values() for e in m.values() if e},
             fill,
-            known,
         )
-        return {
-            snapshot_nid: {
-                (type_strings[t], key_strings[s]): event_strings[e] if e else None
-                for (t, s), e in state.items()
-            }
-            for snapshot_nid, state in nid_states.items()
-        }
+        return {snapshot_nid: _converted(by_nid, state) for snapshot_nid, state in nid_states.items()}
+
+    @staticmethod
+    def _in_strings(
+        block_nids: tuple[int, ...],
+        entries_by_nid: Mapping[int, list[algebra.Entry]],
+        known: NidStrings,
+        by_nid: tuple[dict[int, str], dict[int, str], dict[int, str]],
+    ) -> dict[tuple[str, str], str | None]:
+        """A snapshot's whole state resolved in strings: each block that
+        carries its strings applied as they are stored, the others' entries
+        (``_last_entries``) by NID, in the block list's order."""
+        types, keys, events = by_nid
+        state: dict[tuple[str, str], str] = {}
+        for i, b in enumerate(block_nids):
+            if b in known:
+                known.apply(state, b)
+                continue
+            for type_nid, key_nid, event_nid in entries_by_nid.get(i, ()):
+                key = (types[type_nid], keys[key_nid])
+                if event_nid:
+                    state[key] = events[event_nid]
+                else:
+                    state.pop(key, None)
+        return cast("dict[tuple[str, str], str | None]", state)
 
     def _strings_of_nids_read(
         self,
@@ -417,7 +463,7 @@ class ResolvedStateStore(BlockStore):
         taken first.
         """
         caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
-        had = (known.types, known.keys, known.events) if known is not None else ({}, {}, {})
+        had = known.maps() if known is not None else ({}, {}, {})
         found: list[dict[int, str]] = []
         missing: list[list[int]] = []
         for cache, nids, have in zip(caches, (type_nids, key_nids, event_nids), had):
@@ -460,3 +506,30 @@ class ResolvedStateStore(BlockStore):
                 if fill or kind == 0:
                     txn.call_after(self._fill, cache, rows[kind])
         return found[0], found[1], found[2]
+
+
+def _converted(
+    by_nid: tuple[dict[int, str], dict[int, str], dict[int, str]], state: NidStateMap
+) -> dict[tuple[str, str], str | None]:
+    """A state in NIDs as strings; a tombstone (event NID 0, in changes) as None."""
+    types, keys, events = by_nid
+    return {(types[t], keys[s]): events[e] if e else None for (t, s), e in state.items()}
+
+
+def _last_entries(
+    block_nids: tuple[int, ...], blocks: Mapping[int, algebra.Block], known: NidStrings
+) -> dict[int, list[algebra.Entry]]:
+    """Of a block list's blocks without strings (by position), the entries no
+    later block without strings sets again: the only ones whose strings a
+    state resolved in strings reads by NID (a block with strings after them
+    overwrites them as strings)."""
+    last: dict[tuple[int, int], int] = {}
+    for i, b in enumerate(block_nids):
+        if b not in known:
+            for type_nid, key_nid, _ in blocks[b]:
+                last[(type_nid, key_nid)] = i
+    kept: dict[int, list[algebra.Entry]] = {}
+    for i, b in enumerate(block_nids):
+        if b not in known:
+            kept[i] = [e for e in blocks[b] if last[(e[0], e[1])] == i]
+    return kept
