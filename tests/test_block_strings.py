@@ -127,7 +127,7 @@ class BlockStringsTests:
         strings_read = module.store._strings_of_nids_read
 
         def counting(txn, types, keys, events, fill=True, known=None):  # type: ignore[no-untyped-def]
-            beside = known.maps()[2] if known is not None else {}
+            beside = known[2] if known is not None else {}
             by_nid.append(sum(1 for e in events if e not in beside))
             return strings_read(txn, types, keys, events, fill, known)
 

@@ -10,11 +10,15 @@ cost the writer what it saves the reader. A block not filled yet is read by
 NID, as before, so filling is never needed for an answer, only for speed.
 """
 
+from collections.abc import Mapping
+from typing import cast
+
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
+from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.common import CorruptState
-from synapse_nidstate.storage.resolved import ResolvedStateStore
+from synapse_nidstate.storage.strings import ByNid, StringStore
 
 #: Blocks with at least this many entries carry their strings. The partial
 #: index ``nidstate_blocks_without_strings`` (sql/*/07_block_strings.sql)
@@ -26,7 +30,111 @@ MIN_ENTRIES = 16
 FILL_PAGE = 32
 
 
-class BlockStringsStore(ResolvedStateStore):
+class NidStrings:
+    """The strings a read found stored beside its blocks (schema 7,
+    ``algebra.pack_strings``): each block's entries as strings, to resolve a
+    whole state in strings, and by NID (built when first asked) for what
+    turns NIDs into strings. Not cached: a whole state is cached as strings."""
+
+    __slots__ = ("_blocks", "_maps")
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, tuple[Block, list[tuple[str, int]], list[str], list[str]]] = {}
+        self._maps: tuple[dict[int, str], dict[int, str], dict[int, str]] | None = None
+
+    def add(self, block_nid: int, block: Block, text: str) -> None:
+        """The strings stored beside ``block`` (checked against it)."""
+        try:
+            unpacked = algebra.unpack_strings(text, len(block))
+        except algebra.AlgebraError as e:
+            raise CorruptState(f"block {block_nid}: {e}") from e
+        if unpacked is not None:  # else stored without strings: read by NID
+            self._blocks[block_nid] = (block, *unpacked)
+            self._maps = None
+
+    def __contains__(self, block_nid: int) -> bool:
+        return block_nid in self._blocks
+
+    def __bool__(self) -> bool:
+        return bool(self._blocks)
+
+    def apply(self, state: dict[tuple[str, str], str], block_nid: int) -> None:
+        """Apply a block's entries, as strings, to ``state`` (a later block
+        wins; a tombstone, stored as "", removes its key)."""
+        _, runs, keys, events = self._blocks[block_nid]
+        types: list[str] = []
+        for event_type, count in runs:
+            types += [event_type] * count
+        state.update(zip(zip(types, keys), events))
+        if "" in events:
+            for key, event_id in zip(zip(types, keys), events):
+                if not event_id:
+                    state.pop(key, None)
+
+    def maps(self) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """Type, state key and event ID by NID, of every block added."""
+        if self._maps is None:
+            types: dict[int, str] = {}
+            keys: dict[int, str] = {}
+            events: dict[int, str] = {}
+            for block, runs, key_strings, event_strings in self._blocks.values():
+                first = 0
+                for event_type, count in runs:
+                    types[block[first][0]] = event_type
+                    first += count
+                # Columns by comprehension: zip(*block) over thousands of
+                # entries costs ten times as much.
+                keys.update(zip([entry[1] for entry in block], key_strings))
+                events.update(zip([entry[2] for entry in block], event_strings))
+            events.pop(0, None)  # tombstones
+            self._maps = (types, keys, events)
+        return self._maps
+
+
+def in_strings(
+block_nids: tuple[int, ...],
+    entries_by_nid: Mapping[int, list[algebra.Entry]],
+    known: NidStrings,
+    by_nid: ByNid,
+) -> dict[tuple[str, str], str | None]:
+    """A snapshot's whole state resolved in strings: each block that
+    carries its strings applied as they are stored, the others' entries
+    (:func:`last_entries`) by NID, in the block list's order."""
+    types, keys, events = by_nid
+    state: dict[tuple[str, str], str] = {}
+    for i, b in enumerate(block_nids):
+        if b in known:
+            known.apply(state, b)
+            continue
+        for type_nid, key_nid, event_nid in entries_by_nid.get(i, ()):
+            key = (types[type_nid], keys[key_nid])
+            if event_nid:
+                state[key] = events[event_nid]
+            else:
+                state.pop(key, None)
+    return cast("dict[tuple[str, str], str | None]", state)
+
+
+def last_entries(
+    block_nids: tuple[int, ...], blocks: Mapping[int, algebra.Block], known: NidStrings
+) -> dict[int, list[algebra.Entry]]:
+    """Of a block list's blocks without strings (by position), the entries no
+    later block without strings sets again: the only ones whose strings a
+    state resolved in strings reads by NID (a block with strings after them
+    overwrites them as strings)."""
+    last: dict[tuple[int, int], int] = {}
+    for i, b in enumerate(block_nids):
+        if b not in known:
+            for type_nid, key_nid, _ in blocks[b]:
+                last[(type_nid, key_nid)] = i
+    kept: dict[int, list[algebra.Entry]] = {}
+    for i, b in enumerate(block_nids):
+        if b not in known:
+            kept[i] = [e for e in blocks[b] if last[(e[0], e[1])] == i]
+    return kept
+
+
+class BlockStringsStore(StringStore):
     def fill_block_strings_txn(self, txn: LoggingTransaction, limit: int = FILL_PAGE) -> int:
         """Store the strings of up to ``limit`` blocks that should carry them
         and do not yet (oldest first); returns how many were filled, 0 when

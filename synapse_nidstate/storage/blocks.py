@@ -26,6 +26,7 @@ from synapse.util.caches.lrucache import LruCache
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
+from synapse_nidstate.storage.block_strings import NidStrings
 from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
 
 if TYPE_CHECKING:
@@ -55,67 +56,6 @@ def _block_of(flat: array) -> Block:
     """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
     it = iter(flat)
     return tuple(zip(it, it, it))
-
-
-class NidStrings:
-    """The strings a read found stored beside its blocks (schema 7,
-    ``algebra.pack_strings``): each block's entries as strings, to resolve a
-    whole state in strings, and by NID (built when first asked) for what
-    turns NIDs into strings. Not cached: a whole state is cached as strings."""
-
-    __slots__ = ("_blocks", "_maps")
-
-    def __init__(self) -> None:
-        self._blocks: dict[int, tuple[Block, list[tuple[str, int]], list[str], list[str]]] = {}
-        self._maps: tuple[dict[int, str], dict[int, str], dict[int, str]] | None = None
-
-    def add(self, block_nid: int, block: Block, text: str) -> None:
-        """The strings stored beside ``block`` (checked against it)."""
-        try:
-            unpacked = algebra.unpack_strings(text, len(block))
-        except algebra.AlgebraError as e:
-            raise CorruptState(f"block {block_nid}: {e}") from e
-        if unpacked is not None:  # else stored without strings: read by NID
-            self._blocks[block_nid] = (block, *unpacked)
-            self._maps = None
-
-    def __contains__(self, block_nid: int) -> bool:
-        return block_nid in self._blocks
-
-    def __bool__(self) -> bool:
-        return bool(self._blocks)
-
-    def apply(self, state: dict[tuple[str, str], str], block_nid: int) -> None:
-        """Apply a block's entries, as strings, to ``state`` (a later block
-        wins; a tombstone, stored as "", removes its key)."""
-        _, runs, keys, events = self._blocks[block_nid]
-        types: list[str] = []
-        for event_type, count in runs:
-            types += [event_type] * count
-        state.update(zip(zip(types, keys), events))
-        if "" in events:
-            for key, event_id in zip(zip(types, keys), events):
-                if not event_id:
-                    state.pop(key, None)
-
-    def maps(self) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-        """Type, state key and event ID by NID, of every block added."""
-        if self._maps is None:
-            types: dict[int, str] = {}
-            keys: dict[int, str] = {}
-            events: dict[int, str] = {}
-            for block, runs, key_strings, event_strings in self._blocks.values():
-                first = 0
-                for event_type, count in runs:
-                    types[block[first][0]] = event_type
-                    first += count
-                # Columns by comprehension: zip(*block) over thousands of
-                # entries costs ten times as much.
-                keys.update(zip([entry[1] for entry in block], key_strings))
-                events.update(zip([entry[2] for entry in block], event_strings))
-            events.pop(0, None)  # tombstones
-            self._maps = (types, keys, events)
-        return self._maps
 
 
 class BlockStore(NidStoreBase):

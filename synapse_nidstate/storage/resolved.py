@@ -4,11 +4,11 @@ A whole state is kept once per base (:class:`ResolvedState`); a snapshot whose
 block list extends a resolved one (every snapshot between two compactions of
 its room, ``algebra.extend``) is read from its extra blocks alone and kept as
 its changes against that base (:class:`ResolvedChanges`). Also where NIDs
-become strings (:meth:`ResolvedStateStore._to_strings`), for ``reads``.
+become strings for ``reads`` (``strings``).
 """
 
 import functools
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, cast
 
 import attr
@@ -20,19 +20,15 @@ from synapse.util.caches.lrucache import LruCache
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import NidStateMap
 from synapse_nidstate.storage.base import TxnLearnt
-from synapse_nidstate.storage.blocks import BlockStore, NidStrings
+from synapse_nidstate.storage.block_strings import NidStrings, last_entries
+from synapse_nidstate.storage.block_strings import in_strings as resolve_in_strings
+from synapse_nidstate.storage.blocks import BlockStore
+from synapse_nidstate.storage.strings import StringStore, converted
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
     from synapse_nidstate.runtime.config import NidStateConfig
-from synapse_nidstate.storage.common import (
-    STATE_KEYS,
-    TYPES,
-    CacheMiss,
-    CorruptState,
-    in_list_clause,
-)
 
 
 class ResolvedState:
@@ -169,7 +165,7 @@ class _Plan:
     rebase: bool = False
 
 
-class ResolvedStateStore(BlockStore):
+class ResolvedStateStore(BlockStore, StringStore):
     def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
         super().__init__(hs, config)
         # snapshot -> its whole state as strings (immutable), or its changes
@@ -310,7 +306,7 @@ class ResolvedStateStore(BlockStore):
         # caches with thousands of entries as well would cost more than the read.
         # Of the blocks without strings, the entries no later one of them overwrites.
         by_nid_entries = {
-            s: _last_entries(block_lists[s], blocks, known) for s in in_strings
+            s: last_entries(block_lists[s], blocks, known) for s in in_strings
         }
         small = [entries for s in in_strings for entries in by_nid_entries[s].values()]
         nid_states = [p.nids for p in plans.values()]
@@ -321,11 +317,11 @@ class ResolvedStateStore(BlockStore):
             {e for m in nid_states for e in m.values() if e} | {e for b in small for *_, e in b if e},
             fill=False,
             # The big blocks' strings by NID only where NIDs are turned into strings.
-            known=known if any(nid_states) else None,
+            known=known.maps() if any(nid_states) else None,
         )
-        strings = {s: _converted(by_nid, p.nids) for s, p in plans.items() if s not in in_strings}
+        strings = {s: converted(by_nid, p.nids) for s, p in plans.items() if s not in in_strings}
         for snapshot_nid in in_strings:
-            strings[snapshot_nid] = self._in_strings(
+            strings[snapshot_nid] = resolve_in_strings(
                 block_lists[snapshot_nid], by_nid_entries[snapshot_nid], known, by_nid
             )
         bases: dict[int, ResolvedState] = {}
@@ -406,130 +402,3 @@ class ResolvedStateStore(BlockStore):
     def _forget_resolved(self, snapshot_nid: int, block_nids: tuple[int, ...]) -> None:
         if self._resolved_index.get(block_nids) == snapshot_nid:
             del self._resolved_index[block_nids]
-
-    def _to_strings(
-        self,
-        txn: LoggingTransaction | None,
-        nid_states: Mapping[int, NidStateMap],
-        fill: bool = True,
-    ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
-        by_nid = self._strings_of_nids_read(
-            txn,
-            {t for m in nid_states.values() for t, _ in m},
-            {s for m in nid_states.values() for _, s in m},
-            {e for m in nid_states.values() for e in m.values() if e},
-            fill,
-        )
-        return {snapshot_nid: _converted(by_nid, state) for snapshot_nid, state in nid_states.items()}
-
-    @staticmethod
-    def _in_strings(
-        block_nids: tuple[int, ...],
-        entries_by_nid: Mapping[int, list[algebra.Entry]],
-        known: NidStrings,
-        by_nid: tuple[dict[int, str], dict[int, str], dict[int, str]],
-    ) -> dict[tuple[str, str], str | None]:
-        """A snapshot's whole state resolved in strings: each block that
-        carries its strings applied as they are stored, the others' entries
-        (``_last_entries``) by NID, in the block list's order."""
-        types, keys, events = by_nid
-        state: dict[tuple[str, str], str] = {}
-        for i, b in enumerate(block_nids):
-            if b in known:
-                known.apply(state, b)
-                continue
-            for type_nid, key_nid, event_nid in entries_by_nid.get(i, ()):
-                key = (types[type_nid], keys[key_nid])
-                if event_nid:
-                    state[key] = events[event_nid]
-                else:
-                    state.pop(key, None)
-        return cast("dict[tuple[str, str], str | None]", state)
-
-    def _strings_of_nids_read(
-        self,
-        txn: LoggingTransaction | None,
-        type_nids: Collection[int],
-        key_nids: Collection[int],
-        event_nids: Collection[int],
-        fill: bool = True,
-        known: NidStrings | None = None,
-    ) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-        """The strings of type, state key and event NIDs, in one query for all misses.
-
-        ``fill=False`` leaves the state key and event caches as they were (the
-        few types are always cached). ``known``: strings found beside blocks,
-        taken first.
-        """
-        caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
-        had = known.maps() if known is not None else ({}, {}, {})
-        found: list[dict[int, str]] = []
-        missing: list[list[int]] = []
-        for cache, nids, have in zip(caches, (type_nids, key_nids, event_nids), had):
-            if have:  # the read's own: answered from, and added to
-                hit, (cached, miss) = have, self._split_cached(
-                    cache, [n for n in nids if n not in have]
-                )
-                hit.update(cached)
-            else:
-                hit, miss = self._split_cached(cache, nids)
-            found.append(hit)
-            missing.append(miss)
-        if any(missing):
-            if txn is None:
-                raise CacheMiss()
-            parts, args = [], []
-            for kind, (table, nid_column, column) in enumerate(
-                (
-                    ("nidstate_event_types", "type_nid", "event_type"),
-                    ("nidstate_state_keys", "state_key_nid", "state_key"),
-                    ("nidstate_events", "event_nid", "event_id"),
-                )
-            ):
-                if missing[kind]:
-                    clause, clause_args = in_list_clause(self.engine, nid_column, missing[kind])
-                    parts.append(
-                        f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
-                    )
-                    args.extend(clause_args)
-            txn.execute(" UNION ALL ".join(parts), args)
-            rows: list[list[tuple[int, str]]] = [[], [], []]
-            for kind, nid, string in txn.fetchall():
-                rows[kind].append((nid, string))
-            for kind, table in enumerate(("event type", "state key", "event")):
-                if len(rows[kind]) != len(missing[kind]):
-                    lost = set(missing[kind]) - {nid for nid, _ in rows[kind]}
-                    raise CorruptState(f"{table} NIDs named by blocks missing: {sorted(lost)[:10]}")
-            for kind, cache in enumerate(caches):
-                found[kind].update(rows[kind])
-                if fill or kind == 0:
-                    txn.call_after(self._fill, cache, rows[kind])
-        return found[0], found[1], found[2]
-
-
-def _converted(
-    by_nid: tuple[dict[int, str], dict[int, str], dict[int, str]], state: NidStateMap
-) -> dict[tuple[str, str], str | None]:
-    """A state in NIDs as strings; a tombstone (event NID 0, in changes) as None."""
-    types, keys, events = by_nid
-    return {(types[t], keys[s]): events[e] if e else None for (t, s), e in state.items()}
-
-
-def _last_entries(
-    block_nids: tuple[int, ...], blocks: Mapping[int, algebra.Block], known: NidStrings
-) -> dict[int, list[algebra.Entry]]:
-    """Of a block list's blocks without strings (by position), the entries no
-    later block without strings sets again: the only ones whose strings a
-    state resolved in strings reads by NID (a block with strings after them
-    overwrites them as strings)."""
-    last: dict[tuple[int, int], int] = {}
-    for i, b in enumerate(block_nids):
-        if b not in known:
-            for type_nid, key_nid, _ in blocks[b]:
-                last[(type_nid, key_nid)] = i
-    kept: dict[int, list[algebra.Entry]] = {}
-    for i, b in enumerate(block_nids):
-        if b not in known:
-            kept[i] = [e for e in blocks[b] if last[(e[0], e[1])] == i]
-    return kept

@@ -9,7 +9,7 @@ declares the caches it fills:
   snapshot is built and written), on ``blocks``;
 * the read side: ``blocks`` (group -> snapshot -> block list -> blocks, read
   and checked, with the strings stored beside them that ``block_strings``
-  fills), ``resolved`` (whole states as strings, cached per base),
+  fills), ``strings`` (NIDs to strings), ``resolved`` (whole states as strings, cached per base),
   ``reads`` (the state at events and of snapshots, filtered: one read, cold
   and warm), ``split_cache`` (narrow answers, kept as Synapse keeps a group's),
   ``groups`` (Synapse's state groups from the snapshots, chains walked in one
