@@ -1,13 +1,16 @@
-"""Filling the strings stored beside blocks (schema 7).
+"""The strings stored beside blocks (schema 7): filled, and read.
 
-A whole read takes the strings of a block's entries from its row
-(``BlockStore._blocks_txn`` with ``strings``) instead of one probe per NID.
-Blocks of :data:`MIN_ENTRIES` entries or more carry them; they are filled
-here, after the block is written, by the migration and the background job:
-the live mirror writes a compaction from its parent's NIDs and does not have
-the strings at hand, and reading them in Synapse's event transaction would
-cost the writer what it saves the reader. A block not filled yet is read by
-NID, as before, so filling is never needed for an answer, only for speed.
+A block of :data:`MIN_ENTRIES` entries or more carries its entries' types,
+state keys and event IDs as text (``algebra.pack_strings``), so that a whole
+read takes them with the block (``BlockStore._blocks_txn`` with ``strings``,
+into a :class:`NidStrings`) instead of one probe per NID, and resolves a
+state in strings (:func:`in_strings`). They are filled after the block is
+written (:meth:`BlockStringsStore.fill_block_strings_txn`): by the migration,
+and for the live mirror's blocks by a background process once its write
+commits (``runtime/block_strings.py``); the mirror writes a compaction from
+its parent's NIDs, and reading their strings in Synapse's event transaction
+would cost the writer what it saves the reader. A block not filled yet is
+read by NID, as before: filling is never needed for an answer, only for speed.
 """
 
 from collections.abc import Mapping
@@ -55,9 +58,6 @@ class NidStrings:
     def __contains__(self, block_nid: int) -> bool:
         return block_nid in self._blocks
 
-    def __bool__(self) -> bool:
-        return bool(self._blocks)
-
     def apply(self, state: dict[tuple[str, str], str], block_nid: int) -> None:
         """Apply a block's entries, as strings, to ``state`` (a later block
         wins; a tombstone, stored as "", removes its key)."""
@@ -92,7 +92,7 @@ class NidStrings:
 
 
 def in_strings(
-block_nids: tuple[int, ...],
+    block_nids: tuple[int, ...],
     entries_by_nid: Mapping[int, list[algebra.Entry]],
     known: NidStrings,
     by_nid: ByNid,
