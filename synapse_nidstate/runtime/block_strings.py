@@ -42,10 +42,8 @@ class BlockStringsFiller:
             again = True
             while again:
                 self._again = False
-                while done := await self._store.db_pool.runInteraction(
-                    "nidstate_fill_block_strings", self._store.fill_block_strings_txn
-                ):
-                    self.filled += done
+                while done := await self._store.fill_block_strings(max_pages=1):
+                    self.filled += done  # counted as each page commits
                 again = self._again
         except Exception:
             logger.exception("synapse-nidstate: could not give new blocks their strings")

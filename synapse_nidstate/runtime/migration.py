@@ -293,15 +293,7 @@ class Migrator:
         """Give the blocks that should carry their strings and do not yet
         (``storage/block_strings.py``) their strings, a page a transaction;
         returns how many blocks were filled."""
-        filled = pages = 0
-        while max_pages is None or pages < max_pages:
-            done = await self._store.db_pool.runInteraction(
-                "nidstate_fill_block_strings", self._store.fill_block_strings_txn
-            )
-            if not done:
-                break
-            filled += done
-            pages += 1
+        filled = await self._store.fill_block_strings(max_pages)
         self.stats.blocks_given_strings += filled
         return filled
 

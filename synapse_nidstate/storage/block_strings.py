@@ -135,6 +135,20 @@ def last_entries(
 
 
 class BlockStringsStore(StringStore):
+    async def fill_block_strings(self, max_pages: int | None = None) -> int:
+        """:meth:`fill_block_strings_txn`, a page a transaction, until none is
+        left (or ``max_pages``); returns how many blocks were filled."""
+        filled = pages = 0
+        while max_pages is None or pages < max_pages:
+            done = await self.db_pool.runInteraction(
+                "nidstate_fill_block_strings", self.fill_block_strings_txn
+            )
+            if not done:
+                break
+            filled += done
+            pages += 1
+        return filled
+
     def fill_block_strings_txn(self, txn: LoggingTransaction, limit: int = FILL_PAGE) -> int:
         """Store the strings of up to ``limit`` blocks that should carry them
         and do not yet (oldest first); returns how many were filled, 0 when
