@@ -27,6 +27,7 @@ import io
 import os
 import pstats
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,11 +55,11 @@ from synapse_nidstate.storage.schema import drop_tables_txn
 
 
 def _report(
-    profiler: cProfile.Profile, top: int, title: str, statements: dict[str, list[float]]
+    profilers: list[cProfile.Profile], top: int, title: str, statements: dict[str, list[float]]
 ) -> str:
     out = io.StringIO()
     out.write(title + "\n")
-    stats = pstats.Stats(profiler, stream=out)
+    stats = pstats.Stats(*profilers, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
     by_sql: dict[str, list[float]] = {}
@@ -71,6 +72,10 @@ def _report(
         out.write(f"  {sum(times):7.3f}s {len(times):6,} x  {sql}\n")
     return out.getvalue()
 
+
+#: From Python 3.12 cProfile rests on ``sys.monitoring``, which sees every
+#: thread (and refuses a second profiler enabled beside the first).
+PROFILER_SEES_EVERY_THREAD = sys.version_info >= (3, 12)
 
 #: The state-group lookups: ``_get_state_for_groups`` with the filter of the
 #: state-at-event lookup kind of the same name.
@@ -144,16 +149,24 @@ def main() -> int:
             assert module is not None
             profiler = cProfile.Profile()
             # Synapse runs transactions on its database threads, where a profiler
-            # started here does not look: profile inside the transaction as well.
+            # started here does not look. Each transaction is profiled by a
+            # profiler of its own, merged into the report: one profiler enabled
+            # on two threads at once shares one stack of calls between them, and
+            # what it records then depends on how the threads interleave.
+            profilers = [profiler]
             db_pool = hs.get_datastores().main.db_pool
             new_transaction = db_pool.new_transaction
 
             def profiled_transaction(*a: object, **kw: object) -> object:
-                profiler.enable()
+                if PROFILER_SEES_EVERY_THREAD or threading.current_thread() is threading.main_thread():
+                    return new_transaction(*a, **kw)  # type: ignore[arg-type]
+                on_this_thread = cProfile.Profile()
+                on_this_thread.enable()
                 try:
                     return new_transaction(*a, **kw)  # type: ignore[arg-type]
                 finally:
-                    profiler.disable()
+                    on_this_thread.disable()
+                    profilers.append(on_this_thread)
 
             if args.migration:
                 db_pool.new_transaction = profiled_transaction  # type: ignore[method-assign,assignment]
@@ -168,7 +181,7 @@ def main() -> int:
                 seconds = time.perf_counter() - started
                 migration = module.stats.migration
                 return _report(
-                    profiler,
+                    profilers,
                     args.top,
                     f"migration: {migration.events_migrated:,} events in {migration.batches} "
                     f"batches, {seconds:.1f}s under the profiler",
@@ -228,7 +241,7 @@ def main() -> int:
                     db_pool.new_transaction = new_transaction  # type: ignore[method-assign]
                 for sql, times in work.by_statement.items():
                     by_statement.setdefault(sql, []).extend(times)
-            return _report(profiler, args.top, f"{args.lookup} lookups, {args.path}", by_statement)
+            return _report(profilers, args.top, f"{args.lookup} lookups, {args.path}", by_statement)
         finally:
             await stop_homeserver(hs)
 
