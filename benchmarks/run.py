@@ -931,7 +931,9 @@ def report(results: Results, command: str) -> str:
         "",
         f"{m['batches']} batches of up to {BATCH_EVENTS} events; per batch "
         f"{m['seconds'] / m['batches'] * 1000:.0f} ms, {m['statements_per_batch']:.0f} SQL "
-        f"statements in {m['transactions_per_batch']:.1f} transactions.",
+        f"statements in {m['transactions_per_batch']:.1f} transactions. Then the strings "
+        f"of {m['blocks_given_strings']:,} blocks in {m['strings_seconds']:.1f}s "
+        "(not in the rate).",
         "",
         "## Cache memory after the lookups (entries; bytes of keys and values by pympler)",
         "",
@@ -1036,6 +1038,8 @@ def as_json(results: Results, command: str) -> dict[str, Any]:
             "transactions_per_batch": fig(
                 results.migration["transactions_per_batch"], "transactions"
             ),
+            "blocks_given_strings": fig(results.migration["blocks_given_strings"], "blocks"),
+            "strings_seconds": fig(results.migration["strings_seconds"], "s"),
         },
         "realistic_mix": {
             "requests": fig(results.mix["requests"], "requests"),

@@ -70,6 +70,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
               "state group: lazy-load members", "state group delta")},
         )
         self.assertGreater(figures["migration"]["events"]["value"], 0)
+        self.assertIn("blocks_given_strings", figures["migration"])
         mix = figures["realistic_mix"]
         self.assertEqual(mix["requests"]["value"], 30)
         self.assertEqual(mix["mismatches"]["value"], 0)

@@ -11,6 +11,7 @@ is read by NID), so a failure is logged and the next big write tries again.
 import logging
 from typing import TYPE_CHECKING
 
+from synapse_nidstate.runtime.metrics import BlockStringsStats
 from synapse_nidstate.storage import NidStore
 
 if TYPE_CHECKING:
@@ -20,13 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class BlockStringsFiller:
-    def __init__(self, api: "ModuleApi", store: NidStore) -> None:
+    def __init__(self, api: "ModuleApi", store: NidStore, stats: BlockStringsStats) -> None:
         self._api = api
         self._store = store
+        self._stats = stats
         self._running = False
         self._again = False
-        #: blocks given their strings by this process
-        self.filled = 0
 
     def kick(self) -> None:
         """Blocks that should carry their strings were written: fill them
@@ -43,9 +43,10 @@ class BlockStringsFiller:
             while again:
                 self._again = False
                 while done := await self._store.fill_block_strings(max_pages=1):
-                    self.filled += done  # counted as each page commits
+                    self._stats.live += done  # counted as each page commits
                 again = self._again
         except Exception:
+            self._stats.live_failures += 1
             logger.exception("synapse-nidstate: could not give new blocks their strings")
         finally:
             self._running = False

@@ -108,8 +108,21 @@ class MigrationStats:
     #: Synapse's newest stream position minus the newest one migrated
     #: (0: caught up; -1: not known yet)
     lag_stream_positions: int = -1
-    #: blocks given the strings of their entries (schema 7)
-    blocks_given_strings: int = 0
+
+
+@attr.s(slots=True, auto_attribs=True)
+class BlockStringsStats:
+    """Blocks given the strings of their entries (schema 7,
+    ``storage/block_strings.py``) in this process: never needed for an
+    answer, only for the speed of whole reads, so a failure is counted here
+    (and logged) rather than failing anything."""
+
+    #: by the migration (the history's blocks; the CLI or the background job)
+    by_migration: int = 0
+    #: by the live filler, after the writes of the live mirror
+    live: int = 0
+    #: runs of the live filler that failed (the next big write tries again)
+    live_failures: int = 0
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -137,6 +150,7 @@ class NidStateStats:
     group_reads: LookupStats = attr.Factory(LookupStats)
     migration: MigrationStats = attr.Factory(MigrationStats)
     reclaim: ReclaimStats = attr.Factory(ReclaimStats)
+    block_strings: BlockStringsStats = attr.Factory(BlockStringsStats)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
@@ -145,6 +159,7 @@ class NidStateStats:
             "group_reads": attr.asdict(self.group_reads),
             "migration": attr.asdict(self.migration),
             "reclaim": attr.asdict(self.reclaim),
+            "block_strings": attr.asdict(self.block_strings),
         }
 
 
@@ -184,6 +199,12 @@ class StatsCollector(Collector):
             "restored, in this process",
             labels=["server_name", "what"],
         )
+        block_strings = CounterMetricFamily(
+            "synapse_nidstate_block_strings",
+            "Blocks given the strings of their entries, by the migration and live, and "
+            "the live filler's failed runs, in this process",
+            labels=["server_name", "what"],
+        )
         lag = GaugeMetricFamily(
             "synapse_nidstate_migration_lag_stream_positions",
             "Synapse's newest stream position minus the newest one migrated (-1: unknown)",
@@ -198,6 +219,8 @@ class StatsCollector(Collector):
                 mirror.add_metric([stats.server_name, what], value)
             for what, value in attr.asdict(stats.reclaim).items():
                 reclaim.add_metric([stats.server_name, what], value)
+            for what, value in attr.asdict(stats.block_strings).items():
+                block_strings.add_metric([stats.server_name, what], value)
             migrated.add_metric([stats.server_name], stats.migration.events_migrated)
             lag.add_metric([stats.server_name], stats.migration.lag_stream_positions)
         yield lookups
@@ -206,6 +229,7 @@ class StatsCollector(Collector):
         yield migrated
         yield lag
         yield reclaim
+        yield block_strings
 
 
 COLLECTOR = StatsCollector()

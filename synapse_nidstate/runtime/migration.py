@@ -40,7 +40,7 @@ from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.storage.database import LoggingTransaction
 from twisted.internet import defer
 
-from synapse_nidstate.runtime.metrics import MigrationStats, MirrorStats
+from synapse_nidstate.runtime.metrics import BlockStringsStats, MigrationStats, MirrorStats
 from synapse_nidstate.runtime.mirror import SnapshotPlanner
 from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
 
@@ -117,11 +117,15 @@ class Migrator:
         stats: MirrorStats,
         batch_size: int = 500,
         migration_stats: MigrationStats | None = None,
+        block_strings_stats: BlockStringsStats | None = None,
     ) -> None:
         self._main = hs.get_datastores().main.db_pool
         self._store = store
         self._stats = stats
         self.stats = migration_stats if migration_stats is not None else MigrationStats()
+        self.block_strings_stats = (
+            block_strings_stats if block_strings_stats is not None else BlockStringsStats()
+        )
         self._planner = SnapshotPlanner(hs, store, stats)
         self.batch_size = batch_size
         self.progress = MigrationProgress()
@@ -294,7 +298,7 @@ class Migrator:
         (``storage/block_strings.py``) their strings, a page a transaction;
         returns how many blocks were filled."""
         filled = await self._store.fill_block_strings(max_pages)
-        self.stats.blocks_given_strings += filled
+        self.block_strings_stats.by_migration += filled
         return filled
 
     async def _next_batch(

@@ -83,7 +83,7 @@ class NidStateModule:
         self.store = NidStore(hs, config)
         self.mirror = Mirror(hs, self.store, self.stats.mirror)
         self.persists_events = hooks.install_mirror(hs, self.mirror)
-        self.block_strings = BlockStringsFiller(api, self.store)
+        self.block_strings = BlockStringsFiller(api, self.store, self.stats.block_strings)
         self.mirror.wrote_big_blocks = self.block_strings.kick
         hooks.install_full_state_updates(hs, self.mirror)
         hooks.install_purges(hs, self.store)
@@ -134,6 +134,7 @@ class NidStateModule:
             self.stats.mirror,
             config.background_migration.batch_size,
             self.stats.migration,
+            self.stats.block_strings,
         )
         background = config.background_migration
         self.migrates_in_background = (
