@@ -9,6 +9,7 @@ from synapse.server import HomeServer
 from synapse.types.state import StateFilter
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest
 
 from synapse_nidstate import algebra
 from synapse_nidstate.demo.history import Driver
@@ -193,3 +194,38 @@ class SqliteBlockStringsTests(BlockStringsTests, HomeserverTestCase):
 
 class PostgresBlockStringsTests(BlockStringsTests, HomeserverTestCase):
     engine = "postgres"
+
+    @in_logcontext
+    async def test_strings_are_compressed_by_lz4(self) -> None:
+        """pglz stores the strings whole (their event IDs do not save it a
+        quarter); where the server has lz4 the column takes it and keeps what
+        it saves."""
+        hs = await self.make_homeserver(SERVE)
+        module = self.module(hs)
+        await big_room(hs)
+        await module.migrator.fill_block_strings()
+
+        def read_txn(txn: Any) -> tuple[bool, list[tuple[str | None, int, int]]]:
+            txn.execute(
+                "SELECT 'lz4' = ANY(enumvals) FROM pg_settings"
+                " WHERE name = 'default_toast_compression'"
+            )
+            (supported,) = txn.fetchone()
+            txn.execute(
+                "SELECT pg_column_compression(strings), octet_length(strings),"
+                " pg_column_size(strings) FROM nidstate_blocks WHERE strings <> ''"
+            )
+            return supported, txn.fetchall()
+
+        supported, values = await hs.get_datastores().main.db_pool.runInteraction(
+            "nidstate_test_compression", read_txn
+        )
+        if not supported:
+            raise SkipTest("this PostgreSQL server has no lz4")
+        # A value is compressed once its row passes PostgreSQL's TOAST
+        # threshold (about 2 kB): those are, here, and by lz4 alone.
+        compressed = [(length, stored) for method, length, stored in values if method]
+        self.assertEqual({method for method, _, _ in values} - {None}, {"lz4"}, values)
+        self.assertTrue(compressed, values)
+        for length, stored in compressed:
+            self.assertLess(stored, length)
