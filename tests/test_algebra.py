@@ -28,6 +28,7 @@ from synapse_nidstate.algebra import (
     delta,
     entries_in_ranges,
     extend,
+    flat_key_range,
     full,
     key_number,
     lookup,
@@ -577,6 +578,16 @@ class KeyRangeTests(unittest.TestCase):
                 if nid_filter.matches(entry[:2]):
                     self.assertIn(entry, kept)
         self.assertEqual(nid_filter.apply(sliced), nid_filter.apply(blocks))
+
+    @settings(max_examples=300, **_SETTINGS)
+    @given(block=wide_blocks)
+    @example(block=make_block([(1, KEY_NID_LIMIT, 1), (2, 1, 2)]))  # a key past the reach
+    def test_flat_key_range_is_the_blocks(self, block):
+        # What a narrow read caches of a block it holds (flat) for its snapshot.
+        self.assertEqual(
+            flat_key_range(array("q", [n for entry in block for n in entry])),
+            block_key_range(block),
+        )
 
     def test_ranges(self):
         limit = KEY_NID_LIMIT

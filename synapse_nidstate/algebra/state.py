@@ -133,6 +133,15 @@ def block_key_range(block: Block) -> tuple[int, int] | None:
     return key_number(block[0][:2]), key_number(block[-1][:2])
 
 
+def flat_key_range(flat: Sequence[int]) -> tuple[int, int] | None:
+    """:func:`block_key_range` of a block given flat (three NIDs an entry,
+    sorted by key: the stored and cached form)."""
+    # Sorted by key: the last entry's type NID is the largest.
+    if not flat or flat[-3] >= KEY_NID_LIMIT or max(flat[1::3]) >= KEY_NID_LIMIT:
+        return None
+    return key_number((flat[0], flat[1])), key_number((flat[-3], flat[-2]))
+
+
 def ranges_meet(key_range: tuple[int, int], ranges: Sequence[tuple[int, int]]) -> bool:
     """Whether the closed range ``key_range`` meets one of ``ranges``."""
     first, last = key_range

@@ -313,18 +313,19 @@ class StateReadStore(ResolvedStateStore):
         if filter_nids is None:
             filter_nids = _FilterNids.of(self, state_filter)
         nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
-        needed = {b for nids in block_lists.values() for b in nids}
         key_ranges = nid_filter.key_ranges()
         blocks: dict[int, algebra.Block]
         if key_ranges is None:
-            blocks = self._blocks_txn(txn, learnt, needed)
+            blocks = self._blocks_txn(txn, learnt, {b for s in todo for b in block_lists[s]})
         else:
             # Only the blocks whose key range holds a wanted key (in a big
             # room one or two of a compaction's chunks, and the deltas after
             # them), and of each only the entries in the filter's ranges.
             blocks = {
                 b: algebra.entries_in_ranges(flat, key_ranges)
-                for b, flat in self._flat_blocks_txn(txn, learnt, needed, key_ranges).items()
+                for b, flat in self._narrow_blocks_txn(
+                    txn, learnt, {s: block_lists[s] for s in todo}, key_ranges
+                ).items()
             }
         if txn is not None:
             # Caching what a read loaded is safe: blocks and snapshots never change.
