@@ -172,16 +172,22 @@ class HomeserverTestCase(unittest.TestCase):
 
 
 class SqlStatements(logging.Handler):
-    """The statements Synapse's transactions run meanwhile (its SQL debug log)."""
+    """The statements Synapse's transactions run meanwhile (its SQL debug log);
+    with ``transaction``, only those of the transactions of that name (Synapse's
+    background processes run theirs on other threads meanwhile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, transaction: str | None = None) -> None:
         super().__init__(logging.DEBUG)
         self.sql: list[str] = []
+        self._transaction = transaction
         self._logger = logging.getLogger("synapse.storage.SQL")
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "[SQL] {%s} %s":  # not its values, time or failure
-            self.sql.append(" ".join(str(record.args[-1]).split()))  # type: ignore[index]
+        if record.msg != "[SQL] {%s} %s":  # not its values, time or failure
+            return
+        name, sql = record.args  # type: ignore[misc]
+        if self._transaction is None or str(name).startswith(self._transaction):
+            self.sql.append(" ".join(str(sql).split()))
 
     def __enter__(self) -> "SqlStatements":
         self._level = self._logger.level

@@ -334,7 +334,7 @@ class SavepointTests:
                 lambda t: t.execute("SELECT 1"),
                 lambda t: t.execute("SELECT * FROM nidstate_no_such_table"),
             ):
-                with SqlStatements() as statements:
+                with SqlStatements("nidstate_test_savepoint") as statements:
                     try:
                         in_savepoint(txn, "nidstate_test", fn)
                     except Contained:
@@ -346,7 +346,7 @@ class SavepointTests:
             return runs
 
         def read_txn(txn: Any) -> list[str]:
-            with SqlStatements() as statements:
+            with SqlStatements("nidstate_test_savepoint") as statements:
                 state_store._get_state_groups_from_groups_txn(txn, [group], StateFilter.all())
             return statements.sql
 
