@@ -279,13 +279,20 @@ class StateReadStore(ResolvedStateStore):
                             f" WHERE {string_clause}"
                         )
                         args += string_args
-                room_table, room_key = rooms
-                room_clause, room_args = in_list_clause(self.engine, room_key, missing)
                 current, current_args = filter_nids.current_clause(
-                    self.engine, f"SELECT room_id FROM {room_table} WHERE {room_clause}", room_args
+                    self.engine, "SELECT room_id FROM nidstate_read_rooms", []
                 )
-                sql += current
-                args += current_args
+                if current:
+                    # The keys' rooms first, once: as a subquery of each
+                    # branch, PostgreSQL planned a scan of each room's events.
+                    room_table, room_key = rooms
+                    room_clause, room_args = in_list_clause(self.engine, room_key, missing)
+                    sql = (
+                        "WITH nidstate_read_rooms AS MATERIALIZED"
+                        f" (SELECT DISTINCT room_id FROM {room_table} WHERE {room_clause}) "
+                        f"{sql}{current}"
+                    )
+                    args = [*room_args, *args, *current_args]
             txn.execute(sql, args)
             pairs = []
             strings: list[list[tuple[str, int]]] = [[], [], [], []]
