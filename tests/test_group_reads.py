@@ -256,17 +256,6 @@ class GroupReadTests:
             # background update running meanwhile, left out.)
             ours = [sql for sql in statements.sql if "nidstate_" in sql or "SAVEPOINT" in sql]
             self.assertLessEqual(len(ours), 3, (name, ours))  # type: ignore[attr-defined]
-        # The group of the room's latest event is the room's current state: a
-        # narrow read of it has the event IDs it names from its first
-        # statement (Synapse's current_state_events): two statements, not three.
-        narrow = ("one_member", "history_visibility", "lazy_load", "include_others")
-        for name in narrow:
-            module.store.clear_caches()
-            with SqlStatements() as statements:
-                answer = await state._get_state_for_groups([base], filters[name])
-            self.assertTrue(answer[base], name)  # type: ignore[attr-defined]
-            ours = [sql for sql in statements.sql if "nidstate_" in sql or "SAVEPOINT" in sql]
-            self.assertEqual(len(ours), 2, (name, ours))  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_split_state_database_is_left_to_synapse(self) -> None:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, cast
 
 import attr
 from synapse.storage.database import LoggingTransaction
-from synapse.storage.engines import BaseDatabaseEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
@@ -27,7 +26,6 @@ from synapse_nidstate.storage.common import (
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
 from synapse_nidstate.storage.split_cache import SplitFilter, SplitStateCache
-from synapse_nidstate.storage.strings import ByNid
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -36,26 +34,14 @@ if TYPE_CHECKING:
     from synapse_nidstate.runtime.config import NidStateConfig
 
 
-#: At most this many of a room's current state events of the types a narrow
-#: filter does not list are named with its first statement when the filter
-#: takes every other type (lazy-loading members); a room with more reads the
-#: rest by NID, as before.
-CURRENT_OTHERS_LIMIT = 100
-
-
 @attr.s(slots=True, auto_attribs=True)
 class _FilterNids:
-    """The NIDs of a filter's types and state keys: cached ones, and those to
-    read; and the event IDs of the events its keys have in their rooms'
-    current state, read with the first statement (:meth:`current_clause`)."""
+    """The NIDs of a filter's types and state keys: cached ones, and those to read."""
 
-    state_filter: StateFilter
     type_nids: dict[str, int]
     types_missing: list[str]
     key_nids: dict[str, int]
     keys_missing: list[str]
-    #: event NID -> event ID, of the wanted keys' current events
-    current: dict[int, str] = attr.Factory(dict)
 
     @classmethod
     def of(cls, store: "NidStoreBase", state_filter: StateFilter) -> "_FilterNids":
@@ -63,75 +49,7 @@ class _FilterNids:
         keys = {k for ks in types.values() if ks for k in ks}
         type_nids, types_missing = store._split_cached(store._string_nids[TYPES], types)
         key_nids, keys_missing = store._split_cached(store._string_nids[STATE_KEYS], keys)
-        return cls(state_filter, type_nids, types_missing, key_nids, keys_missing)
-
-    def current_clause(
-        self, engine: BaseDatabaseEngine, rooms: str, room_args: list
-    ) -> tuple[str, list]:
-        """``UNION ALL`` branches (kind 3: event NID, event ID) naming the
-        events the filter's keys have in the current state of ``rooms`` (SQL
-        selecting room IDs, with ``room_args``), from Synapse's
-        ``current_state_events``.
-
-        A narrow answer is mostly the current state (the recent events a
-        client asks about, a new event's group), and then its event IDs need
-        no statement of their own: they turn the read's three statements into
-        two. A pair of NID and event ID is a fact whatever the snapshot, and
-        only those an answer names are used; the rest are read by NID."""
-        parts, args = [], []
-        for event_type, keys in self.state_filter.types.items():
-            if keys:  # a wildcard type makes the read whole: not here
-                clause, clause_args = in_list_clause(engine, "c.state_key", keys)
-                parts.append(
-                    "SELECT 3, NULL, c.event_id, e.event_nid, NULL, NULL"
-                    " FROM current_state_events AS c"
-                    " JOIN nidstate_events AS e ON e.event_id = c.event_id"
-                    f" WHERE c.room_id IN ({rooms}) AND c.type = ? AND {clause}"
-                )
-                args += [*room_args, event_type, *clause_args]
-        if self.state_filter.include_others:
-            # The room's other current state (up to a limit): its events,
-            # and the NIDs of its types and state keys, which the filter
-            # does not name. One range of Synapse's index on (room, type,
-            # state key) between each two types the filter lists: a NOT IN
-            # would filter every member of a big room.
-            edges: list[str | None] = [None, *sorted(self.state_filter.types), None]
-            ranges, range_args = [], []
-            for low, high in zip(edges, edges[1:]):
-                conditions = [f"c.room_id IN ({rooms})"]
-                range_args += room_args
-                if low is not None:
-                    conditions.append("c.type > ?")
-                    range_args.append(low)
-                if high is not None:
-                    conditions.append("c.type < ?")
-                    range_args.append(high)
-                ranges.append(
-                    "SELECT c.event_id, c.type, c.state_key FROM current_state_events AS c"
-                    f" WHERE {' AND '.join(conditions)}"
-                )
-            others = f"SELECT * FROM ({' UNION ALL '.join(ranges)}) AS u LIMIT {CURRENT_OTHERS_LIMIT}"
-            # (The NULLs outside the subqueries: their types come from the
-            # other branches; inside, PostgreSQL makes them text.)
-            parts += [
-                "SELECT 3, NULL, o.event_id, e.event_nid, NULL, NULL"
-                f" FROM ({others}) AS o JOIN nidstate_events AS e ON e.event_id = o.event_id",
-                "SELECT 1, NULL, t.event_type, t.type_nid, NULL, NULL FROM nidstate_event_types"
-                f" AS t WHERE t.event_type IN (SELECT o.type FROM ({others}) AS o)",
-                "SELECT 2, NULL, k.state_key, k.state_key_nid, NULL, NULL FROM nidstate_state_keys"
-                f" AS k WHERE k.state_key IN (SELECT o.state_key FROM ({others}) AS o)",
-            ]
-            args += range_args * 3
-        return "".join(f" UNION ALL {part}" for part in parts), args
-
-    def by_nid(self) -> ByNid:
-        """What the read knows of strings by NID: its filter's types and keys,
-        and the current events it was given."""
-        return (
-            {nid: string for string, nid in self.type_nids.items()},
-            {nid: string for string, nid in self.key_nids.items()},
-            self.current,
-        )
+        return cls(type_nids, types_missing, key_nids, keys_missing)
 
     def learnt(
         self,
@@ -139,14 +57,11 @@ class _FilterNids:
         store: "NidStoreBase",
         type_rows: list[tuple[str, int]],
         key_rows: list[tuple[str, int]],
-        current_rows: list[tuple[str, int]],
     ) -> None:
-        """Rows read for the missing strings (a string without a row has no
-        NID), and the current events of the filter's keys."""
+        """Rows read for the missing strings; a string without a row has no NID."""
         self.type_nids.update(type_rows)
         self.key_nids.update(key_rows)
         self.types_missing, self.keys_missing = [], []
-        self.current.update((nid, event_id) for event_id, nid in current_rows)
         txn.call_after(store._fill, store._string_nids[TYPES], type_rows)
         txn.call_after(store._fill, store._string_nids[STATE_KEYS], key_rows)
 
@@ -213,7 +128,6 @@ class StateReadStore(ResolvedStateStore):
             "esg.event_id",
             " FROM event_to_state_groups AS esg"
             " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group",
-            ("events", "event_id"),
         )
 
     def group_snapshots_read(
@@ -233,7 +147,6 @@ class StateReadStore(ResolvedStateStore):
             self._group_snapshots,
             "g.state_group",
             " FROM nidstate_state_groups AS g",
-            ("state_groups", "id"),
         )
 
     def _snapshots_read(
@@ -245,11 +158,9 @@ class StateReadStore(ResolvedStateStore):
         cache: "LruCache[K, int]",
         key_column: str,
         source: str,
-        rooms: tuple[str, str],
     ) -> dict[K, int]:
         """Snapshot of each of ``keys`` (events or groups) that has one, read
-        ``source`` (whose rows ``key_column`` names, with ``g`` the groups' map);
-        ``rooms``: Synapse's table naming the keys' rooms, and its key column."""
+        ``source`` (whose rows ``key_column`` names, with ``g`` the groups' map)."""
         found, missing = self._split_cached(cache, keys)
         if missing:
             if txn is None:
@@ -279,23 +190,9 @@ class StateReadStore(ResolvedStateStore):
                             f" WHERE {string_clause}"
                         )
                         args += string_args
-                current, current_args = filter_nids.current_clause(
-                    self.engine, "SELECT room_id FROM nidstate_read_rooms", []
-                )
-                if current:
-                    # The keys' rooms first, once: as a subquery of each
-                    # branch, PostgreSQL planned a scan of each room's events.
-                    room_table, room_key = rooms
-                    room_clause, room_args = in_list_clause(self.engine, room_key, missing)
-                    sql = (
-                        "WITH nidstate_read_rooms AS MATERIALIZED"
-                        f" (SELECT DISTINCT room_id FROM {room_table} WHERE {room_clause}) "
-                        f"{sql}{current}"
-                    )
-                    args = [*room_args, *args, *current_args]
             txn.execute(sql, args)
             pairs = []
-            strings: list[list[tuple[str, int]]] = [[], [], [], []]
+            strings: list[list[tuple[str, int]]] = [[], [], []]
             for kind, key, string, nid, block_nids, digest in txn:
                 if kind == 0:
                     pairs.append((key, nid))
@@ -308,7 +205,7 @@ class StateReadStore(ResolvedStateStore):
             found.update(pairs)
             txn.call_after(self._fill, cache, pairs)
             if filter_nids is not None:
-                filter_nids.learnt(txn, self, strings[1], strings[2], strings[3])
+                filter_nids.learnt(txn, self, strings[1], strings[2])
         return found
 
     def cached_state_for_events(
@@ -436,19 +333,7 @@ class StateReadStore(ResolvedStateStore):
         nid_states = {
             s: nid_filter.apply([blocks[b] for b in block_lists[s] if b in blocks]) for s in todo
         }
-        strings = cast(
-            "dict[int, MutableStateMap[str]]",
-            self._to_strings(txn, nid_states, known=filter_nids.by_nid()),
-        )
-        if txn is not None and filter_nids.current:
-            # The current events the answers name, as a read by NID caches
-            # them: what a warm read of another filter turns into strings.
-            named = {e for state in nid_states.values() for e in state.values()}
-            txn.call_after(
-                self._fill,
-                self._event_ids,
-                [(e, event_id) for e, event_id in filter_nids.current.items() if e in named],
-            )
+        strings = cast("dict[int, MutableStateMap[str]]", self._to_strings(txn, nid_states))
         by_snapshot.update(strings)
         insert = functools.partial(
             self._split.fill, cast("dict[int, StateMap[str]]", strings), state_filter, sequences
@@ -478,7 +363,7 @@ class StateReadStore(ResolvedStateStore):
             rows: list[list[tuple[str, int]]] = [[], []]
             for kind, string, nid in txn.fetchall():
                 rows[kind].append((string, nid))
-            nids.learnt(txn, self, rows[0], rows[1], [])
+            nids.learnt(txn, self, rows[0], rows[1])
         type_nids, key_nids = nids.type_nids, nids.key_nids
         nid_types: dict[int, frozenset[int] | None] = {}
         for event_type, keys in state_filter.types.items():

@@ -25,17 +25,14 @@ class StringStore(NidStoreBase):
         txn: LoggingTransaction | None,
         nid_states: Mapping[int, NidStateMap],
         fill: bool = True,
-        known: "ByNid | None" = None,
     ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """NIDs to strings; a tombstone (event NID 0, in changes) to None.
-        ``known``: strings the read already has (see :meth:`_strings_of_nids_read`)."""
+        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
         by_nid = self._strings_of_nids_read(
             txn,
             {t for m in nid_states.values() for t, _ in m},
             {s for m in nid_states.values() for _, s in m},
             {e for m in nid_states.values() for e in m.values() if e},
             fill,
-            known,
         )
         return {snapshot_nid: converted(by_nid, state) for snapshot_nid, state in nid_states.items()}
 
@@ -51,9 +48,8 @@ class StringStore(NidStoreBase):
         """The strings of type, state key and event NIDs, in one query for all misses.
 
         ``fill=False`` leaves the state key and event caches as they were (the
-        few types are always cached). ``known``: strings the read already has
-        (found beside blocks; a narrow filter's own, and the current events of
-        its keys), taken first (the read's own: answered from, and added to).
+        few types are always cached). ``known``: strings found beside blocks,
+        taken first (the read's own: answered from, and added to).
         """
         caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
         had = known if known is not None else ({}, {}, {})
