@@ -14,7 +14,13 @@ from typing import Any
 import attr
 from twisted.trial import unittest
 
-from synapse_nidstate.runtime.metrics import LookupStats, MigrationStats, MirrorStats, ReclaimStats
+from synapse_nidstate.runtime.metrics import (
+    BlockStringsStats,
+    LookupStats,
+    MigrationStats,
+    MirrorStats,
+    ReclaimStats,
+)
 from synapse_nidstate.runtime.status import STATUS_PATH
 from tests.test_e2e import PASSWORD, SynapseProcess, q
 
@@ -91,7 +97,9 @@ class StatusEndpointTest(unittest.TestCase):
         self.assertIs(body["serves_group_reads"], body["mode"] != "mirror")
         counters = body["counters"]
         self.assertEqual(
-            set(counters), {"mirror", "lookups", "group_reads", "migration", "reclaim"}, counters
+            set(counters),
+            {"mirror", "lookups", "group_reads", "migration", "reclaim", "block_strings"},
+            counters,
         )
         for group, expected in (
             ("mirror", MirrorStats),
@@ -99,6 +107,7 @@ class StatusEndpointTest(unittest.TestCase):
             ("group_reads", LookupStats),
             ("migration", MigrationStats),
             ("reclaim", ReclaimStats),
+            ("block_strings", BlockStringsStats),
         ):
             names = {field.name for field in attr.fields(expected)}
             self.assertEqual(set(counters[group]), names, counters)
