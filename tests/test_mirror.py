@@ -1,10 +1,12 @@
 """The mirror against Synapse's native state, for every event and filter, on both engines."""
 
 import random
+from typing import Any
 
 from synapse.api.constants import EventTypes
 from synapse.types.state import StateFilter
 
+from synapse_nidstate import algebra
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.storage import ResolvedChanges, ResolvedState
 from tests.harness import HomeserverTestCase, in_logcontext
@@ -307,6 +309,24 @@ class MirrorTests:
         self.assertEqual(
             module.store.cached_state_for_events(latest, filters["one_member"]), expected
         )
+        # Read in one batch with it, a snapshot whose blocks' ranges all come
+        # with the latest's entry (its list a prefix of the latest's) gets an
+        # entry of its own, and is then read from the caches as well.
+        lists = await block_lists(hs, event_ids)
+        before = next(
+            e for e, f in zip(reversed(event_ids[:-1]), reversed(event_ids))
+            if lists[e] != lists[f] and lists[f][: len(lists[e])] == lists[e]
+        )
+        expected = await module.lookups.native_state_ids([before], filters["one_member"])
+        module.store._split.members.invalidate_all()
+        module.store._split.non_members.invalidate_all()
+        await module.lookups.mirrored_state_ids([before, *latest], filters["one_member"])
+        self.assertEqual(len(module.store._snapshot_ranges), 2)
+        module.store._split.members.invalidate_all()
+        module.store._split.non_members.invalidate_all()
+        self.assertEqual(
+            module.store.cached_state_for_events([before], filters["one_member"]), expected
+        )
         # Every event and filter, cold, still exact (whole states read every block).
         module.store.clear_caches()
         await compare_room(self, hs, room_id, filters)
@@ -399,3 +419,18 @@ class SqliteMirrorTests(MirrorTests, HomeserverTestCase):
 
 class PostgresMirrorTests(MirrorTests, HomeserverTestCase):
     engine = "postgres"
+
+
+async def block_lists(hs: Any, event_ids: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each event's snapshot's block list, from the tables."""
+
+    def read_txn(txn: Any) -> dict[str, tuple[int, ...]]:
+        txn.execute(
+            "SELECT esg.event_id, s.block_nids FROM event_to_state_groups AS esg"
+            " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group"
+            " JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid"
+        )
+        return {e: tuple(algebra.unpack_nids(b)) for e, b in txn.fetchall() if e in wanted}
+
+    wanted = set(event_ids)
+    return await hs.get_datastores().main.db_pool.runInteraction("nidstate_test_lists", read_txn)

@@ -202,9 +202,12 @@ class BlockStore(NidStoreBase):
         row, meets none of ``key_ranges``. Once every block's range of a
         snapshot is known, they are cached with it."""
         ranges: dict[int, tuple[int, int]] = {}
+        without: dict[int, Sequence[int]] = {}  # snapshots whose ranges are not cached
         for snapshot_nid, block_nids in block_lists.items():
             known = self._snapshot_ranges.get(snapshot_nid)
-            if known is not None:
+            if known is None:
+                without[snapshot_nid] = block_nids
+            else:
                 ranges.update((b, (known[2 * i], known[2 * i + 1])) for i, b in enumerate(block_nids))
         needed = {b for block_nids in block_lists.values() for b in block_nids}
         found, missing = self._split_cached(self._blocks, needed)
@@ -214,20 +217,18 @@ class BlockStore(NidStoreBase):
             elif b in learnt.blocks:
                 found[b] = array("q", itertools.chain.from_iterable(learnt.blocks[b]))
         missing = self._to_read(txn, learnt, missing, key_ranges, ranges)
-        if not missing:
-            return found
-        read = len(ranges)
-        loaded = {
-            nid: _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
-            for nid, data, digest, _ in self._block_rows_txn(
-                txn, missing, key_ranges, False, ranges
-            )
-        }
-        learnt.flat_blocks.update(loaded)
-        found.update(loaded)
-        if len(ranges) > read:
-            assert txn is not None  # rows were read
-            txn.call_after(self._fill, self._snapshot_ranges, _snapshot_ranges(block_lists, found, ranges))
+        if missing:
+            loaded = {
+                nid: _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
+                for nid, data, digest, _ in self._block_rows_txn(
+                    txn, missing, key_ranges, False, ranges
+                )
+            }
+            learnt.flat_blocks.update(loaded)
+            found.update(loaded)
+        if without and txn is not None:
+            # (Also a snapshot whose blocks' ranges all came with another's.)
+            txn.call_after(self._fill, self._snapshot_ranges, _snapshot_ranges(without, found, ranges))
         return found
 
     def _to_read(
