@@ -52,6 +52,11 @@ def checked_block_list(snapshot_nid: int, data: bytes, digest: bytes) -> tuple[i
     return _checked(algebra.unpack_nids_checked, "snapshot", snapshot_nid, data, digest)
 
 
+#: The key range of a block whose range is not known (not stored, or a NID
+#: past the key numbers' reach): every key, so that every read reads it.
+EVERY_KEY = (0, algebra.MAX_KEY_NUMBER)
+
+
 def _snapshot_ranges(
     block_lists: Mapping[int, Sequence[int]],
     blocks: Mapping[int, array],
@@ -60,7 +65,6 @@ def _snapshot_ranges(
     """The key ranges of each snapshot's blocks, in list order, flat (what
     ``BlockStore._snapshot_ranges`` keeps), of the snapshots whose every block
     has a known range (from its row) or is at hand (its entries' range)."""
-    every_key = (0, algebra.MAX_KEY_NUMBER)
     out = []
     for snapshot_nid, block_nids in block_lists.items():
         flat = array("q")
@@ -68,7 +72,7 @@ def _snapshot_ranges(
             if b in ranges:
                 flat.extend(ranges[b])
             elif b in blocks:
-                flat.extend(algebra.flat_key_range(blocks[b]) or every_key)
+                flat.extend(algebra.flat_key_range(blocks[b]) or EVERY_KEY)
             else:
                 break
         else:
@@ -286,7 +290,7 @@ class BlockStore(NidStoreBase):
             raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
         if ranges is not None:
             ranges.update(
-                (nid, (first, last) if first is not None else (0, algebra.MAX_KEY_NUMBER))
+                (nid, (first, last) if first is not None else EVERY_KEY)
                 for nid, first, last, _, _, _ in rows
             )
         return [

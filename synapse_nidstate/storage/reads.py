@@ -316,16 +316,14 @@ class StateReadStore(ResolvedStateStore):
         key_ranges = nid_filter.key_ranges()
         blocks: dict[int, algebra.Block]
         if key_ranges is None:
-            blocks = self._blocks_txn(txn, learnt, {b for s in todo for b in block_lists[s]})
+            blocks = self._blocks_txn(txn, learnt, {b for nids in block_lists.values() for b in nids})
         else:
             # Only the blocks whose key range holds a wanted key (in a big
             # room one or two of a compaction's chunks, and the deltas after
             # them), and of each only the entries in the filter's ranges.
             blocks = {
                 b: algebra.entries_in_ranges(flat, key_ranges)
-                for b, flat in self._narrow_blocks_txn(
-                    txn, learnt, {s: block_lists[s] for s in todo}, key_ranges
-                ).items()
+                for b, flat in self._narrow_blocks_txn(txn, learnt, block_lists, key_ranges).items()
             }
         if txn is not None:
             # Caching what a read loaded is safe: blocks and snapshots never change.

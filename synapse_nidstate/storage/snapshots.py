@@ -10,7 +10,7 @@ from synapse.storage.database import LoggingTransaction
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.base import TxnLearnt, WriteScope
-from synapse_nidstate.storage.blocks import BlockStore
+from synapse_nidstate.storage.blocks import EVERY_KEY, BlockStore
 from synapse_nidstate.storage.common import (
     ROOMS,
     EventRow,
@@ -27,7 +27,7 @@ def _key_range_columns(block: Block) -> tuple[int, int]:
     """``first_key``, ``last_key`` of a block: every key when its range is not
     known (NULL is kept for blocks written before schema 5, not filled yet)."""
     key_range = algebra.block_key_range(block)
-    return key_range if key_range is not None else (0, algebra.MAX_KEY_NUMBER)
+    return key_range if key_range is not None else EVERY_KEY
 
 
 class SnapshotStore(BlockStore, InterningStore):
