@@ -137,6 +137,9 @@ class SchemaTests:
             # Nor schema 7's strings beside the blocks.
             txn.execute("DROP INDEX nidstate_blocks_without_strings")
             txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN strings")
+            # Nor schema 8's pieces.
+            txn.execute("DROP TABLE nidstate_block_pieces")
+            txn.execute("ALTER TABLE nidstate_blocks DROP COLUMN pieces")
             txn.execute("UPDATE nidstate_meta SET value = '3' WHERE key = 'schema_version'")
             return interned
 
@@ -202,6 +205,14 @@ class SchemaTests:
             )
         for room_id in history.rooms:
             await compare_room(self, hs, room_id, filters)
+        # Schema 8: every block counted its pieces (none this small).
+        self.assertEqual(
+            await db_pool.runInteraction(
+                "pieces",
+                lambda txn: _rows(txn, "SELECT COUNT(*) FROM nidstate_blocks WHERE pieces IS NULL"),
+            ),
+            [(0,)],
+        )
 
         # Schema 6: the indexes the purges use.
         def indexes_txn(txn: LoggingTransaction) -> set[str]:

@@ -55,7 +55,8 @@ _HIGH_KEY = "migrate_high_stream_ordering"
 #: How many entries of full states a batch holds in memory before writing them.
 MAX_FULL_STATE_ENTRIES = 200_000
 
-#: Blocks given their key range per transaction (blocks written before schema 5).
+#: Blocks given their key range (blocks written before schema 5), or their
+#: pieces (before schema 8), per transaction.
 KEY_RANGE_PAGE = 1000
 
 #: Below any stream ordering Synapse allocates.
@@ -129,9 +130,13 @@ class Migrator:
         self._planner = SnapshotPlanner(hs, store, stats)
         self.batch_size = batch_size
         self.progress = MigrationProgress()
-        #: Where filling key ranges goes on (a block NID); None once every block
-        #: has one (found once per process, then not looked for).
-        self._key_ranges_after: int | None = 0
+        #: Where filling each block column written before its schema (key
+        #: ranges, 5; pieces, 8) goes on (a block NID); None once every block
+        #: has it (found once per process, then not looked for).
+        self._fillers: dict[str, tuple[Callable[..., int | None], int | None]] = {
+            "nidstate_fill_key_ranges": (store.fill_key_ranges_txn, 0),
+            "nidstate_fill_pieces": (store.fill_pieces_txn, 0),
+        }
 
     # --------------------------------------------------------------- reading
 
@@ -474,15 +479,11 @@ class Migrator:
         finally:
             await settle()
         # History done: blocks written before schema 5 get their key ranges,
-        # a page a transaction (resumable: a filled block is never selected again).
-        while self._key_ranges_after is not None and (
-            max_batches is None or batches < max_batches
-        ):
-            self._key_ranges_after = await self._store.db_pool.runInteraction(
-                "nidstate_fill_key_ranges",
-                self._store.fill_key_ranges_txn,
-                self._key_ranges_after,
-                KEY_RANGE_PAGE,
-            )
-            batches += 1
+        # and before schema 8 their pieces, a page a transaction (resumable:
+        # a filled block is never selected again).
+        for name, (fill, after) in self._fillers.items():
+            while after is not None and (max_batches is None or batches < max_batches):
+                after = await self._store.db_pool.runInteraction(name, fill, after, KEY_RANGE_PAGE)
+                self._fillers[name] = (fill, after)
+                batches += 1
         return self.progress

@@ -66,6 +66,10 @@ class TxnLearnt:
         self.blocks: dict[int, Block] = {}
         #: blocks a narrow read took flat (three NIDs an entry), cached as they are
         self.flat_blocks: dict[int, array] = {}
+        #: a big block's pieces a narrow read took (schema 8): the covers of
+        #: them all, by block, and the entries of those it read, by (block, piece)
+        self.piece_covers: dict[int, array] = {}
+        self.pieces: dict[tuple[int, int], array] = {}
         self.event_snapshots: dict[str, int] = {}
 
 

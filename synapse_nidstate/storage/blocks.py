@@ -25,6 +25,7 @@ from synapse.util.caches.lrucache import LruCache
 
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block
+from synapse_nidstate.algebra.pieces import check_covers, unpack_piece_checked
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
 from synapse_nidstate.storage.block_strings import NidStrings
 from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
@@ -80,6 +81,16 @@ def _snapshot_ranges(
     return out
 
 
+def _joined(pieces: list[array]) -> array:
+    """Pieces of one block (flat, in order; of one width, as stored) as one array."""
+    if not pieces:
+        return array("q")
+    joined = array(pieces[0].typecode)
+    for piece in pieces:
+        joined.extend(piece)
+    return joined
+
+
 def _block_of(flat: array) -> Block:
     """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
     it = iter(flat)
@@ -105,6 +116,14 @@ class BlockStore(NidStoreBase):
         self._snapshot_ranges: LruCache[int, array] = self._cache(
             "snapshot_ranges", snapshots
         )
+        #: A big block's pieces (schema 8, ``algebra.pieces``) a narrow read
+        #: took instead of the block: the key range each covers (two key
+        #: numbers a piece, in order), and each piece's entries flat, by
+        #: (block NID, piece). Sized as the blocks cache, by entries.
+        self._piece_covers: LruCache[int, array] = self._cache("piece_covers", snapshots)
+        self._pieces: LruCache[tuple[int, int], array] = self._cache(
+            "pieces", config.block_cache_size, size_callback=lambda flat: len(flat) // 3
+        )
 
     def _publish(self, learnt: TxnLearnt) -> None:
         super()._publish(learnt)
@@ -116,6 +135,10 @@ class BlockStore(NidStoreBase):
             self._blocks.set(block_nid, array("q", itertools.chain.from_iterable(block)))
         for block_nid, flat in learnt.flat_blocks.items():
             self._blocks.set(block_nid, flat)
+        for block_nid, covers in learnt.piece_covers.items():
+            self._piece_covers.set(block_nid, covers)
+        for key, flat in learnt.pieces.items():
+            self._pieces.set(key, flat)
 
     def known_groups_txn(
         self,
@@ -178,7 +201,7 @@ class BlockStore(NidStoreBase):
                 found[b] = _block_of(learnt.flat_blocks[b])
         missing = self._to_read(txn, learnt, missing, None)
         if missing:
-            rows = self._block_rows_txn(txn, missing, None, strings is not None)
+            rows = self._block_rows_txn(txn, missing, strings is not None)
             loaded = {
                 nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
                 for nid, data, digest, _ in rows
@@ -199,11 +222,13 @@ class BlockStore(NidStoreBase):
         key_ranges: Sequence[tuple[int, int]],
     ) -> dict[int, array]:
         """The blocks of the snapshots ``block_lists`` (snapshot -> its block
-        list) that a narrow read needs, flat, as cached (three NIDs an entry),
-        for ``algebra.entries_in_ranges`` to take the few entries the read
-        wants without a tuple for each of the others. A block is needed
-        unless its key range, cached with its snapshot's or read with its
-        row, meets none of ``key_ranges``. Once every block's range of a
+        list) that a narrow read needs, flat (three NIDs an entry), for
+        ``algebra.entries_in_ranges`` to take the few entries the read wants
+        without a tuple for each of the others. A block is needed unless its
+        key range, cached with its snapshot's or read with its row, meets
+        none of ``key_ranges``. Of a big block (schema 8), only the pieces
+        whose cover meets them: what is given for it is then those pieces'
+        entries, in order, not the block. Once every block's range of a
         snapshot is known, they are cached with it."""
         ranges: dict[int, tuple[int, int]] = {}
         without: dict[int, Sequence[int]] = {}  # snapshots whose ranges are not cached
@@ -215,25 +240,125 @@ class BlockStore(NidStoreBase):
                 ranges.update((b, (known[2 * i], known[2 * i + 1])) for i, b in enumerate(block_nids))
         needed = {b for block_nids in block_lists.values() for b in block_nids}
         found, missing = self._split_cached(self._blocks, needed)
+        not_cached = []
         for b in missing:
             if b in learnt.flat_blocks:
                 found[b] = learnt.flat_blocks[b]
             elif b in learnt.blocks:
                 found[b] = array("q", itertools.chain.from_iterable(learnt.blocks[b]))
-        missing = self._to_read(txn, learnt, missing, key_ranges, ranges)
+            elif (pieces := self._cached_pieces(b, key_ranges)) is not None:
+                ranges[b], found[b] = pieces
+            else:
+                not_cached.append(b)
+        missing = self._to_read(txn, learnt, not_cached, key_ranges, ranges)
         if missing:
-            loaded = {
-                nid: _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
-                for nid, data, digest, _ in self._block_rows_txn(
-                    txn, missing, key_ranges, False, ranges
-                )
-            }
-            learnt.flat_blocks.update(loaded)
-            found.update(loaded)
+            assert txn is not None
+            found.update(self._narrow_rows_txn(txn, learnt, missing, key_ranges, ranges))
         if without and txn is not None:
             # (Also a snapshot whose blocks' ranges all came with another's.)
             txn.call_after(self._fill, self._snapshot_ranges, _snapshot_ranges(without, found, ranges))
         return found
+
+    def _cached_pieces(
+        self, block_nid: int, key_ranges: Sequence[tuple[int, int]]
+    ) -> tuple[tuple[int, int], array] | None:
+        """A big block's key range and the entries of its pieces a narrow
+        read of ``key_ranges`` needs, from the caches; None unless all are."""
+        covers = self._piece_covers.get(block_nid)
+        if covers is None:
+            return None
+        taken = []
+        for i in range(len(covers) // 2):
+            if algebra.ranges_meet((covers[2 * i], covers[2 * i + 1]), key_ranges):
+                piece = self._pieces.get((block_nid, i))
+                if piece is None:
+                    return None
+                taken.append(piece)
+        return (covers[0], covers[-1]), _joined(taken)
+
+    def _narrow_rows_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        missing: list[int],
+        key_ranges: Sequence[tuple[int, int]],
+        ranges: dict[int, tuple[int, int]],
+    ) -> dict[int, array]:
+        """Of each block of ``missing``, in one statement: its stored range
+        (into ``ranges``), and if it holds a key of ``key_ranges`` its
+        entries, or, for a big block, every piece's cover and the slices of
+        those that meet them. Every block row must be there, and every piece
+        of a big block read (its covers tiling the block's range): what is
+        not is ``CorruptState``."""
+        clause, in_args = in_list_clause(self.engine, "b.block_nid", missing)
+        range_args = [v for lo, hi in key_ranges for v in (hi, lo)]
+
+        def meets(table: str) -> str:
+            return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
+
+        txn.execute(
+            "SELECT b.block_nid, NULL, b.first_key, b.last_key,"
+            " CASE WHEN COALESCE(b.pieces, 0) = 0 AND"
+            f" (b.first_key IS NULL OR {meets('b')}) THEN b.entries END,"
+            " b.content_hash, b.pieces"
+            f" FROM nidstate_blocks AS b WHERE {clause}"
+            " UNION ALL"
+            " SELECT p.block_nid, p.piece, p.first_key, p.last_key,"
+            f" CASE WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
+            " p.content_hash, p.entry_count"
+            " FROM nidstate_blocks AS b"
+            " JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
+            f" WHERE {clause} AND b.pieces > 0 AND ({meets('b')})",
+            [*range_args, *in_args, *range_args, *in_args, *range_args],
+        )
+        block_rows = []
+        piece_rows: dict[int, list[tuple]] = {}
+        for row in txn.fetchall():
+            if row[1] is None:
+                block_rows.append(row)
+            else:
+                piece_rows.setdefault(row[0], []).append(row)
+        if len(block_rows) != len(missing):
+            raise CorruptState(
+                f"state blocks missing: {set(missing) - {r[0] for r in block_rows}}"
+            )
+        found: dict[int, array] = {}
+        for nid, _, first, last, data, digest, pieces in block_rows:
+            ranges[nid] = (first, last) if first is not None else EVERY_KEY
+            if data is not None:
+                found[nid] = _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
+                learnt.flat_blocks[nid] = found[nid]
+            elif pieces and algebra.ranges_meet(ranges[nid], key_ranges):
+                found[nid] = self._from_pieces(
+                    learnt, nid, ranges[nid], pieces, sorted(piece_rows.get(nid, ()))
+                )
+        return found
+
+    @staticmethod
+    def _from_pieces(
+        learnt: TxnLearnt,
+        block_nid: int,
+        block_range: tuple[int, int],
+        pieces: int,
+        rows: list[tuple],
+    ) -> array:
+        """The entries of a big block's pieces read (``rows``: each piece's
+        cover, and its slice where the read needs it), checked: all the
+        pieces, tiling the block's range, each slice against its hash."""
+        taken = []
+        covers = array("q")
+        try:
+            check_covers(block_range, pieces, [(piece, first, last) for _, piece, first, last, *_ in rows])
+            for _, piece, first, last, data, digest, entry_count in rows:
+                covers.extend((first, last))
+                if data is not None:
+                    entries = unpack_piece_checked(data, entry_count, bytes(digest), first, last)
+                    learnt.pieces[(block_nid, piece)] = entries
+                    taken.append(entries)
+        except algebra.AlgebraError as e:
+            raise CorruptState(f"block {block_nid}: {e}") from e
+        learnt.piece_covers[block_nid] = covers
+        return _joined(taken)
 
     def _to_read(
         self,
@@ -259,45 +384,21 @@ class BlockStore(NidStoreBase):
         return missing
 
     def _block_rows_txn(
-        self,
-        txn: LoggingTransaction | None,
-        missing: list[int],
-        key_ranges: Sequence[tuple[int, int]] | None,
-        with_strings: bool,
-        ranges: dict[int, tuple[int, int]] | None = None,
+        self, txn: LoggingTransaction | None, missing: list[int], with_strings: bool
     ) -> list[tuple[int, bytes, bytes, str | None]]:
-        """(block NID, entries, content hash, strings) of each of ``missing``
-        whose entries the read needs (its range meets ``key_ranges``, or
-        every one without); the stored range of each goes into ``ranges``
-        (every key where it is not stored). Every row must be there (a
-        missing one is ``CorruptState``)."""
+        """(block NID, entries, content hash, strings) of each of ``missing``,
+        whole. Every row must be there (a missing one is ``CorruptState``)."""
         assert txn is not None
         clause, args = in_list_clause(self.engine, "block_nid", missing)
-        if key_ranges is None:
-            entries = "entries"
-        else:
-            meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
-            entries = f"CASE WHEN first_key IS NULL OR {meets} THEN entries END"
-            args = [v for lo, hi in key_ranges for v in (hi, lo)] + args
         strings = ", strings" if with_strings else ", NULL"
         txn.execute(
-            f"SELECT block_nid, first_key, last_key, {entries}, content_hash{strings}"
-            f" FROM nidstate_blocks WHERE {clause}",
+            f"SELECT block_nid, entries, content_hash{strings} FROM nidstate_blocks WHERE {clause}",
             args,
         )
         rows = txn.fetchall()
         if len(rows) != len(missing):
             raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
-        if ranges is not None:
-            ranges.update(
-                (nid, (first, last) if first is not None else EVERY_KEY)
-                for nid, first, last, _, _, _ in rows
-            )
-        return [
-            (nid, data, digest, text)
-            for nid, _, _, data, digest, text in rows
-            if data is not None
-        ]
+        return rows
 
     def _snapshots_txn(
         self,

@@ -42,6 +42,7 @@ class PurgeStore(ReclaimStore):
         blocks = [row[0] for row in txn.fetchall() if row[0] not in referenced]
         if blocks:
             clause, args = in_list_clause(self.engine, "block_nid", blocks)
+            txn.execute(f"DELETE FROM nidstate_block_pieces WHERE {clause}", args)
             txn.execute(f"DELETE FROM nidstate_blocks WHERE {clause}", args)
         txn.call_after(self._forget_snapshots_and_blocks, snapshots, blocks)
         return len(snapshots), len(blocks)
@@ -53,6 +54,11 @@ class PurgeStore(ReclaimStore):
             self._resolved.invalidate(snapshot_nid)
         for block_nid in blocks:
             self._blocks.invalidate(block_nid)
+            covers = self._piece_covers.get(block_nid)
+            if covers is not None:
+                self._piece_covers.invalidate(block_nid)
+                for piece in range(len(covers) // 2):
+                    self._pieces.invalidate((block_nid, piece))
 
     def forget_event_snapshots(self) -> None:
         """Empty the event -> snapshot cache (a purge somewhere in the deployment)."""
@@ -67,6 +73,11 @@ class PurgeStore(ReclaimStore):
         txn.execute(
             "DELETE FROM nidstate_state_groups WHERE snapshot_nid IN"
             " (SELECT snapshot_nid FROM nidstate_snapshots WHERE room_nid = ?)",
+            (room_nid,),
+        )
+        txn.execute(
+            "DELETE FROM nidstate_block_pieces WHERE block_nid IN"
+            " (SELECT block_nid FROM nidstate_blocks WHERE room_nid = ?)",
             (room_nid,),
         )
         for table in (

@@ -157,6 +157,7 @@ TABLES = (
     "nidstate_state_keys",
     "nidstate_events",
     "nidstate_blocks",
+    "nidstate_block_pieces",
     "nidstate_snapshots",
     "nidstate_state_groups",
     "nidstate_reclaimed_groups",

@@ -9,6 +9,7 @@ from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block
+from synapse_nidstate.algebra.pieces import Piece, cut_pieces
 from synapse_nidstate.storage.base import TxnLearnt, WriteScope
 from synapse_nidstate.storage.blocks import EVERY_KEY, BlockStore
 from synapse_nidstate.storage.common import (
@@ -37,23 +38,64 @@ class SnapshotStore(BlockStore, InterningStore):
         learnt: TxnLearnt,
         blocks: Sequence[tuple[int, Block]],
     ) -> list[int]:
-        """Insert-or-select ``(room_nid, block)`` by content; their NIDs in order."""
+        """Insert-or-select ``(room_nid, block)`` by content, a big block with
+        its pieces (schema 8); their NIDs in order."""
+        packed = [bytes(algebra.pack_block(b)) for _, b in blocks]
+        pieces = [cut_pieces(b, data) for (_, b), data in zip(blocks, packed)]
         nids = self._insert_or_select_txn(
             txn,
             "nidstate_blocks",
             "block_nid",
-            ("entry_count", "entries", "first_key", "last_key"),
+            ("entry_count", "entries", "first_key", "last_key", "pieces"),
             [
                 (
                     room_nid,
                     algebra.block_hash(b),
-                    (len(b), bytearray(algebra.pack_block(b)), *_key_range_columns(b)),
+                    (len(b), bytearray(data), *_key_range_columns(b), len(cut)),
                 )
-                for room_nid, b in blocks
+                for (room_nid, b), data, cut in zip(blocks, packed, pieces)
             ],
         )
+        # A block that was there already has its pieces too (or, written
+        # before schema 8, gets them now and is read whole until the filler
+        # counts them).
+        self._store_pieces_txn(txn, list(zip(nids, pieces)))
         learnt.blocks.update(zip(nids, (b for _, b in blocks)))
         return nids
+
+    @staticmethod
+    def _store_pieces_txn(txn: LoggingTransaction, pieces: list[tuple[int, list[Piece]]]) -> None:
+        rows = [
+            (
+                block_nid,
+                p.piece,
+                p.first_key,
+                p.last_key,
+                p.byte_start,
+                p.byte_length,
+                p.entry_count,
+                bytearray(p.content_hash),
+            )
+            for block_nid, cut in pieces
+            for p in cut
+        ]
+        if rows:
+            insert_new_txn(
+                txn,
+                "nidstate_block_pieces",
+                (
+                    "block_nid",
+                    "piece",
+                    "first_key",
+                    "last_key",
+                    "byte_start",
+                    "byte_length",
+                    "entry_count",
+                    "content_hash",
+                ),
+                "block_nid, piece",
+                sorted(rows, key=lambda r: (r[0], r[1])),
+            )
 
     def fill_key_ranges_txn(self, txn: LoggingTransaction, after: int, limit: int) -> int | None:
         """Give up to ``limit`` blocks written before schema 5 (``first_key``
@@ -70,6 +112,36 @@ class SnapshotStore(BlockStore, InterningStore):
         txn.execute_batch(
             "UPDATE nidstate_blocks SET first_key = ?, last_key = ? WHERE block_nid = ?",
             [(*_key_range_columns(algebra.unpack_block(data)), nid) for nid, data in rows],
+        )
+        return rows[-1][0]
+
+    def fill_pieces_txn(self, txn: LoggingTransaction, after: int, limit: int) -> int | None:
+        """Count the pieces of up to ``limit`` blocks written before schema 8
+        (``pieces`` NULL), after block NID ``after``, writing those of the
+        big ones; returns the last block NID looked at, None when there was
+        none. A block whose entries do not match its hash gets none: read
+        whole, it is reported by every read, and no piece hash vouches for
+        what it holds."""
+        txn.execute(
+            "SELECT block_nid, entries, content_hash FROM nidstate_blocks"
+            " WHERE block_nid > ? AND pieces IS NULL ORDER BY block_nid LIMIT ?",
+            (after, limit),
+        )
+        rows = txn.fetchall()
+        if not rows:
+            return None
+        cut: list[tuple[int, list[Piece]]] = []
+        for nid, data, digest in rows:
+            try:
+                block = algebra.unpack_block_checked(data, digest)
+            except algebra.AlgebraError:
+                cut.append((nid, []))
+            else:
+                cut.append((nid, cut_pieces(block, bytes(data))))
+        self._store_pieces_txn(txn, cut)
+        txn.execute_batch(
+            "UPDATE nidstate_blocks SET pieces = ? WHERE block_nid = ?",
+            [(len(pieces), nid) for nid, pieces in cut],
         )
         return rows[-1][0]
 
