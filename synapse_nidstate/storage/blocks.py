@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import PostgresEngine
 from synapse.util.caches.lrucache import LruCache
 
 from synapse_nidstate import algebra
@@ -296,34 +297,44 @@ class BlockStore(NidStoreBase):
         def meets(table: str) -> str:
             return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
 
-        txn.execute(
-            "SELECT b.block_nid, NULL, b.first_key, b.last_key,"
-            " CASE WHEN COALESCE(b.pieces, 0) = 0 AND"
-            f" (b.first_key IS NULL OR {meets('b')}) THEN b.entries END,"
-            " b.content_hash, b.pieces"
-            f" FROM nidstate_blocks AS b WHERE {clause}"
-            " UNION ALL"
-            " SELECT p.block_nid, p.piece, p.first_key, p.last_key,"
-            f" CASE WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
-            " p.content_hash, p.entry_count"
-            " FROM nidstate_blocks AS b"
-            " JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
-            f" WHERE {clause} AND b.pieces > 0 AND ({meets('b')})",
-            [*range_args, *in_args, *range_args, *in_args, *range_args],
+        # A row per block, and per piece of a big block holding a wanted key.
+        # PostgreSQL: the pieces as a LATERAL subquery, fenced by OFFSET 0,
+        # so that it runs per big block that meets (a probe of the pieces'
+        # key) rather than being flattened into a join that reads them all;
+        # one scan of the blocks, where a UNION ALL of blocks and pieces
+        # planned two (0.2 ms more planning at HQ scale). SQLite, which has
+        # no LATERAL, loops over the blocks and probes the pieces the same way.
+        pieces = (
+            "SELECT * FROM nidstate_block_pieces AS p WHERE p.block_nid = b.block_nid"
+            f" AND b.pieces > 0 AND ({meets('b')}) OFFSET 0"
         )
-        block_rows = []
+        join = (
+            f"LEFT JOIN LATERAL ({pieces}) AS p ON TRUE"
+            if isinstance(self.engine, PostgresEngine)
+            else f"LEFT JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
+            f" AND b.pieces > 0 AND ({meets('b')})"
+        )
+        txn.execute(
+            "SELECT b.block_nid, b.first_key, b.last_key, b.pieces, b.content_hash,"
+            " CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
+            f" AND (b.first_key IS NULL OR {meets('b')}) THEN b.entries END"
+            f" WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
+            " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
+            f" FROM nidstate_blocks AS b {join} WHERE {clause}",
+            [*range_args, *range_args, *range_args, *in_args],
+        )
+        block_rows: dict[int, tuple] = {}
         piece_rows: dict[int, list[tuple]] = {}
-        for row in txn.fetchall():
-            if row[1] is None:
-                block_rows.append(row)
+        for nid, first, last, count, digest, data, *piece in txn.fetchall():
+            if piece[0] is None:
+                block_rows[nid] = (nid, first, last, data, digest, count)
             else:
-                piece_rows.setdefault(row[0], []).append(row)
+                block_rows[nid] = (nid, first, last, None, digest, count)
+                piece_rows.setdefault(nid, []).append((nid, piece[0], piece[1], piece[2], data, piece[3], piece[4]))
         if len(block_rows) != len(missing):
-            raise CorruptState(
-                f"state blocks missing: {set(missing) - {r[0] for r in block_rows}}"
-            )
+            raise CorruptState(f"state blocks missing: {set(missing) - set(block_rows)}")
         found: dict[int, array] = {}
-        for nid, _, first, last, data, digest, pieces in block_rows:
+        for nid, first, last, data, digest, pieces in block_rows.values():
             ranges[nid] = (first, last) if first is not None else EVERY_KEY
             if data is not None:
                 found[nid] = _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
