@@ -5,6 +5,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+import attr
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
@@ -65,36 +66,24 @@ class SnapshotStore(BlockStore, InterningStore):
 
     @staticmethod
     def _store_pieces_txn(txn: LoggingTransaction, pieces: list[tuple[int, list[Piece]]]) -> None:
-        rows = [
+        """Insert the pieces of each ``(block NID, its pieces)`` not there yet
+        (the table's columns are :class:`Piece`'s fields, after the block's
+        NID; binary values as ``bytearray``, as psycopg2 sends them as bytea)."""
+        rows = sorted(
             (
                 block_nid,
-                p.piece,
-                p.first_key,
-                p.last_key,
-                p.byte_start,
-                p.byte_length,
-                p.entry_count,
-                bytearray(p.content_hash),
+                *(bytearray(v) if isinstance(v, bytes) else v for v in attr.astuple(p)),
             )
             for block_nid, cut in pieces
             for p in cut
-        ]
+        )
         if rows:
             insert_new_txn(
                 txn,
                 "nidstate_block_pieces",
-                (
-                    "block_nid",
-                    "piece",
-                    "first_key",
-                    "last_key",
-                    "byte_start",
-                    "byte_length",
-                    "entry_count",
-                    "content_hash",
-                ),
+                ("block_nid", *(f.name for f in attr.fields(Piece))),
                 "block_nid, piece",
-                sorted(rows, key=lambda r: (r[0], r[1])),
+                rows,
             )
 
     def fill_key_ranges_txn(self, txn: LoggingTransaction, after: int, limit: int) -> int | None:
