@@ -244,6 +244,61 @@ class SchemaTests:
         self.assertIn("upgrade synapse-nidstate", str(raised.exception))
 
 
+    @in_logcontext
+    async def test_fixed_strings_edited_by_hand_stop_start_up(self) -> None:
+        """The reads take the types and the state key the schema writes with
+        fixed NIDs without reading them: a database where they differ is
+        refused, not read with the wrong strings."""
+        database = self.database_config()
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)
+        await hs.get_datastores().main.db_pool.runInteraction(
+            "edited",
+            lambda txn: txn.execute(
+                "UPDATE nidstate_event_types SET event_type = 'm.room.membership'"
+                " WHERE type_nid = 5"
+            ),
+        )
+        await self.stop_homeserver(hs)
+        with self.assertRaises(RuntimeError) as raised:
+            await self.make_homeserver({"mode": "serve"}, database=database)
+        self.assertIn("nidstate_event_types", str(raised.exception))
+        self.assertIn("m.room.membership", str(raised.exception))
+
+    @in_logcontext
+    async def test_a_narrow_read_does_not_read_fixed_or_asked_strings(self) -> None:
+        """A narrow read's last statement reads event IDs only: the filter's
+        types and state keys came with its first (or are fixed)."""
+        hs = await self.make_homeserver({"mode": "serve"})
+        history = await build_history(hs)
+        users = history.users
+        event_ids, _ = await room_event_ids(hs, history.rooms[0])
+        module = self.module(hs)
+        statements: list[str] = []
+        execute = LoggingTransaction.execute
+
+        def recording(txn: LoggingTransaction, sql: str, *args: object) -> None:
+            statements.append(sql)
+            execute(txn, sql, *args)
+
+        self.patch(LoggingTransaction, "execute", recording)
+        for state_filter in (
+            StateFilter.from_types([("m.room.member", users[0])]),
+            StateFilter.from_types([("m.room.history_visibility", ""), ("m.room.member", users[1])]),
+        ):
+            module.store.clear_caches()
+            statements.clear()
+            expected = await module.lookups.native_state_ids(event_ids[-1:], state_filter)
+            statements.clear()
+            self.assertEqual(
+                await module.lookups.mirrored_state_ids(event_ids[-1:], state_filter), expected
+            )
+            strings = [s for s in statements if "nidstate_event_types" in s or "nidstate_events " in s]
+            self.assertTrue(strings)
+            for sql in strings:
+                self.assertNotIn("FROM nidstate_event_types", sql)
+                self.assertNotIn("FROM nidstate_state_keys WHERE state_key_nid", sql)
+
+
 class SchemaSQLiteTests(SchemaTests, HomeserverTestCase):
     engine = "sqlite"
 

@@ -27,6 +27,8 @@ from synapse.util.iterutils import batch_iter
 
 from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.common import (
+    FIXED_NIDS,
+    FIXED_STRINGS,
     ROOMS,
     STATE_KEYS,
     TYPES,
@@ -204,6 +206,33 @@ class NidStoreBase:
                     missing.append(key)
                 else:
                     found[key] = value
+        return found, missing
+
+    def _split_string_nids(
+        self, table: StringTable, strings: Collection[str]
+    ) -> tuple[dict[str, int], list[str]]:
+        """The NIDs of ``strings`` known without a statement (the schema's
+        fixed ones, :data:`FIXED_NIDS`, then the cache), and the rest."""
+        fixed = FIXED_NIDS.get(table)
+        if not fixed:
+            return self._split_cached(self._string_nids[table], strings)
+        found, missing = self._split_cached(
+            self._string_nids[table], [s for s in strings if s not in fixed]
+        )
+        found.update((s, fixed[s]) for s in strings if s in fixed)
+        return found, missing
+
+    def _split_nid_strings(
+        self, table: StringTable, nids: Collection[int]
+    ) -> tuple[dict[int, str], list[int]]:
+        """:meth:`_split_string_nids` the other way: strings by NID."""
+        fixed = FIXED_STRINGS.get(table)
+        if not fixed:
+            return self._split_cached(self._nid_strings[table], nids)
+        found, missing = self._split_cached(
+            self._nid_strings[table], [n for n in nids if n not in fixed]
+        )
+        found.update((n, fixed[n]) for n in nids if n in fixed)
         return found, missing
 
     def _select_in_txn(

@@ -81,6 +81,46 @@ ROOMS = StringTable("nidstate_rooms", "room_nid", "room_id")
 TYPES = StringTable("nidstate_event_types", "type_nid", "event_type")
 STATE_KEYS = StringTable("nidstate_state_keys", "state_key_nid", "state_key")
 
+#: The strings the schema writes with fixed NIDs (``sql/*/01_core.sql``): the
+#: same in every database, so a read knows them without a cache or a
+#: statement (a narrow read asks for a member's type, and a state key ""
+#: names most non-member state). :func:`check_fixed_nids_txn` checks the rows
+#: at start-up.
+FIXED_NIDS: dict[StringTable, dict[str, int]] = {
+    TYPES: {
+        "m.room.create": 1,
+        "m.room.power_levels": 2,
+        "m.room.join_rules": 3,
+        "m.room.third_party_invite": 4,
+        "m.room.member": 5,
+        "m.room.redaction": 6,
+        "m.room.history_visibility": 7,
+    },
+    STATE_KEYS: {"": 1},
+}
+#: The same, string by NID.
+FIXED_STRINGS: dict[StringTable, dict[int, str]] = {
+    table: {nid: string for string, nid in nids.items()} for table, nids in FIXED_NIDS.items()
+}
+
+
+def check_fixed_nids_txn(txn: LoggingTransaction) -> None:
+    """Refuse a database whose rows of :data:`FIXED_NIDS` differ from them
+    (edited by hand): the reads would turn those NIDs into the wrong strings."""
+    for table, nids in FIXED_NIDS.items():
+        clause, args = in_list_clause(txn.database_engine, table.nid_column, list(nids.values()))
+        txn.execute(
+            f"SELECT {table.string_column}, {table.nid_column} FROM {table.table} WHERE {clause}",
+            args,
+        )
+        found = dict(txn.fetchall())
+        if found != nids:
+            raise RuntimeError(
+                f"synapse-nidstate: {table.table} does not hold the rows the schema"
+                f" wrote ({nids}), but {found}; restore them, or drop the module's"
+                " tables and migrate again"
+            )
+
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
 class GroupStep:

@@ -54,7 +54,7 @@ class InterningStore(NidStoreBase):
         Safe under concurrent writers: a row another writer inserts first wins
         (``ON CONFLICT DO NOTHING``) and is read back.
         """
-        known, missing = self._split_cached(self._string_nids[table], set(strings))
+        known, missing = self._split_string_nids(table, set(strings))
         for string in list(missing):
             if string in learnt.strings[table]:
                 known[string] = learnt.strings[table][string]

@@ -26,6 +26,7 @@ from synapse_nidstate.storage.common import (
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
 from synapse_nidstate.storage.split_cache import SplitFilter, SplitStateCache
+from synapse_nidstate.storage.strings import ByNid
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -47,9 +48,17 @@ class _FilterNids:
     def of(cls, store: "NidStoreBase", state_filter: StateFilter) -> "_FilterNids":
         types = state_filter.types
         keys = {k for ks in types.values() if ks for k in ks}
-        type_nids, types_missing = store._split_cached(store._string_nids[TYPES], types)
-        key_nids, keys_missing = store._split_cached(store._string_nids[STATE_KEYS], keys)
+        type_nids, types_missing = store._split_string_nids(TYPES, types)
+        key_nids, keys_missing = store._split_string_nids(STATE_KEYS, keys)
         return cls(type_nids, types_missing, key_nids, keys_missing)
+
+    def by_nid(self) -> "ByNid":
+        """The filter's strings by NID (no event IDs), fresh dicts."""
+        return (
+            {nid: string for string, nid in self.type_nids.items()},
+            {nid: string for string, nid in self.key_nids.items()},
+            {},
+        )
 
     def learnt(
         self,
@@ -331,7 +340,11 @@ class StateReadStore(ResolvedStateStore):
         nid_states = {
             s: nid_filter.apply([blocks[b] for b in block_lists[s] if b in blocks]) for s in todo
         }
-        strings = cast("dict[int, MutableStateMap[str]]", self._to_strings(txn, nid_states))
+        # The filter's types and state keys are the read's already.
+        strings = cast(
+            "dict[int, MutableStateMap[str]]",
+            self._to_strings(txn, nid_states, known=filter_nids.by_nid()),
+        )
         by_snapshot.update(strings)
         insert = functools.partial(
             self._split.fill, cast("dict[int, StateMap[str]]", strings), state_filter, sequences

@@ -16,7 +16,7 @@ from synapse.storage.database import LoggingDatabaseConnection, LoggingTransacti
 from synapse.storage.engines import BaseDatabaseEngine, PostgresEngine, Sqlite3Engine
 from synapse.storage.prepare_database import get_statements
 
-from synapse_nidstate.storage.common import arguments_by_name
+from synapse_nidstate.storage.common import arguments_by_name, check_fixed_nids_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -113,6 +113,8 @@ def apply_schema_txn(txn: LoggingTransaction, up_to: int | None = None) -> int:
         )
     if isinstance(engine, PostgresEngine) and current >= LZ4_SINCE:
         _prefer_lz4_txn(txn)
+    if current:
+        check_fixed_nids_txn(txn)
     return current
 
 

@@ -1,6 +1,7 @@
 """Where NIDs become strings: the strings of type, state key and event NIDs,
 cached or read in one statement, for the reads and the proofs."""
 
+import functools
 from collections.abc import Collection, Mapping
 
 from synapse.storage.database import LoggingTransaction
@@ -25,14 +26,17 @@ class StringStore(NidStoreBase):
         txn: LoggingTransaction | None,
         nid_states: Mapping[int, NidStateMap],
         fill: bool = True,
+        known: "ByNid | None" = None,
     ) -> dict[int, dict[tuple[str, str], str | None]]:
-        """NIDs to strings; a tombstone (event NID 0, in changes) to None."""
+        """NIDs to strings; a tombstone (event NID 0, in changes) to None.
+        ``known``: strings the read has already (taken first, added to)."""
         by_nid = self._strings_of_nids_read(
             txn,
             {t for m in nid_states.values() for t, _ in m},
             {s for m in nid_states.values() for _, s in m},
             {e for m in nid_states.values() for e in m.values() if e},
             fill,
+            known,
         )
         return {snapshot_nid: converted(by_nid, state) for snapshot_nid, state in nid_states.items()}
 
@@ -52,17 +56,20 @@ class StringStore(NidStoreBase):
         taken first (the read's own: answered from, and added to).
         """
         caches = (self._nid_strings[TYPES], self._nid_strings[STATE_KEYS], self._event_ids)
+        split = (
+            functools.partial(self._split_nid_strings, TYPES),
+            functools.partial(self._split_nid_strings, STATE_KEYS),
+            functools.partial(self._split_cached, self._event_ids),
+        )
         had = known if known is not None else ({}, {}, {})
         found: list[dict[int, str]] = []
         missing: list[list[int]] = []
-        for cache, nids, have in zip(caches, (type_nids, key_nids, event_nids), had):
+        for split_cached, nids, have in zip(split, (type_nids, key_nids, event_nids), had):
             if have:  # the read's own: answered from, and added to
-                hit, (cached, miss) = have, self._split_cached(
-                    cache, [n for n in nids if n not in have]
-                )
+                hit, (cached, miss) = have, split_cached([n for n in nids if n not in have])
                 hit.update(cached)
             else:
-                hit, miss = self._split_cached(cache, nids)
+                hit, miss = split_cached(nids)
             found.append(hit)
             missing.append(miss)
         if any(missing):
