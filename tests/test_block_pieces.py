@@ -295,6 +295,33 @@ class BlockPiecesTests:
         await compare_room(self, hs, room_id, filters)
 
     @in_logcontext
+    async def test_a_new_process_reads_big_blocks_whole_until_it_meets_one(self) -> None:
+        """Until a process meets a big block, its narrow reads select blocks
+        without their pieces; the first big block met is read whole (exact),
+        and the reads after it take pieces."""
+        database = self.database_config()  # type: ignore[attr-defined]
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        _, room_id = await _keyed_room(hs, 200)
+        self.assertTrue(self.module(hs).store.big_blocks_seen)  # type: ignore[attr-defined]
+        await self.stop_homeserver(hs)  # type: ignore[attr-defined]
+        hs = await self.make_homeserver({"mode": "serve"}, database=database)  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        store = module.store
+        self.assertFalse(store.big_blocks_seen)  # type: ignore[attr-defined]
+        event_ids, _ = await room_event_ids(hs, room_id)
+        latest = event_ids[-1:]
+        state_filter = StateFilter.from_types([("x.custom", "key 0017")])
+        expected = await module.lookups.native_state_ids(latest, state_filter)
+        self.assertEqual(len(expected[latest[0]]), 1)  # type: ignore[attr-defined]
+        for whole in (True, False):
+            store.clear_caches()
+            self.assertEqual(  # type: ignore[attr-defined]
+                await module.lookups.mirrored_state_ids(latest, state_filter), expected
+            )
+            self.assertTrue(store.big_blocks_seen)  # type: ignore[attr-defined]
+            self.assertEqual(not store._pieces.cache, whole)  # type: ignore[attr-defined]
+
+    @in_logcontext
     async def test_a_purge_deletes_the_pieces_with_their_blocks(self) -> None:
         hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
         _, room_id = await _keyed_room(hs, 100)

@@ -125,6 +125,14 @@ class BlockStore(NidStoreBase):
         self._pieces: LruCache[tuple[int, int], array] = self._cache(
             "pieces", config.block_cache_size, size_callback=lambda flat: len(flat) // 3
         )
+        #: Whether this process has met a big block (one with pieces): until
+        #: then a narrow read selects blocks without the join to their pieces,
+        #: a statement a database without big blocks (M and smaller: none
+        #: over 512 entries) never needs, and which costs it 0.07 ms a read
+        #: to plan (``benchmarks.statement_shapes``). A big block met meanwhile
+        #: is read whole, checked against its hash as any block, and turns it
+        #: on; so does writing one. A hint, never needed for an answer.
+        self.big_blocks_seen = False
 
     def _publish(self, learnt: TxnLearnt) -> None:
         super()._publish(learnt)
@@ -242,12 +250,15 @@ class BlockStore(NidStoreBase):
         needed = {b for block_nids in block_lists.values() for b in block_nids}
         found, missing = self._split_cached(self._blocks, needed)
         not_cached = []
+        # (A membership test first: a miss through LruCache.get costs a lock
+        # and the metrics, for each of a cold read's dozens of blocks.)
+        with_covers = self._piece_covers.cache
         for b in missing:
             if b in learnt.flat_blocks:
                 found[b] = learnt.flat_blocks[b]
             elif b in learnt.blocks:
                 found[b] = array("q", itertools.chain.from_iterable(learnt.blocks[b]))
-            elif (pieces := self._cached_pieces(b, key_ranges)) is not None:
+            elif b in with_covers and (pieces := self._cached_pieces(b, key_ranges)) is not None:
                 ranges[b], found[b] = pieces
             else:
                 not_cached.append(b)
@@ -297,6 +308,8 @@ class BlockStore(NidStoreBase):
         def meets(table: str) -> str:
             return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
 
+        if not self.big_blocks_seen:
+            return self._narrow_whole_rows_txn(txn, learnt, missing, key_ranges, ranges)
         # A row per block, and per piece of a big block holding a wanted key.
         # PostgreSQL: the pieces as a LATERAL subquery, fenced by OFFSET 0,
         # so that it runs per big block that meets (a probe of the pieces'
@@ -343,6 +356,38 @@ class BlockStore(NidStoreBase):
                 found[nid] = self._from_pieces(
                     learnt, nid, ranges[nid], pieces, sorted(piece_rows.get(nid, ()))
                 )
+        return found
+
+    def _narrow_whole_rows_txn(
+        self,
+        txn: LoggingTransaction,
+        learnt: TxnLearnt,
+        missing: list[int],
+        key_ranges: Sequence[tuple[int, int]],
+        ranges: dict[int, tuple[int, int]],
+    ) -> dict[int, array]:
+        """:meth:`_narrow_rows_txn` without pieces: each block's stored range
+        (into ``ranges``), and its entries, whole, if it holds a key of
+        ``key_ranges`` (a big block too: that turns :attr:`big_blocks_seen` on)."""
+        clause, in_args = in_list_clause(self.engine, "block_nid", missing)
+        meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
+        txn.execute(
+            "SELECT block_nid, first_key, last_key, pieces, content_hash,"
+            f" CASE WHEN first_key IS NULL OR {meets} THEN entries END"
+            f" FROM nidstate_blocks WHERE {clause}",
+            [*(v for lo, hi in key_ranges for v in (hi, lo)), *in_args],
+        )
+        rows = txn.fetchall()
+        if len(rows) != len(missing):
+            raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+        found: dict[int, array] = {}
+        for nid, first, last, pieces, digest, data in rows:
+            ranges[nid] = (first, last) if first is not None else EVERY_KEY
+            if pieces:
+                self.big_blocks_seen = True
+            if data is not None:
+                found[nid] = _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
+                learnt.flat_blocks[nid] = found[nid]
         return found
 
     @staticmethod

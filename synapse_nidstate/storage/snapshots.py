@@ -64,8 +64,7 @@ class SnapshotStore(BlockStore, InterningStore):
         learnt.blocks.update(zip(nids, (b for _, b in blocks)))
         return nids
 
-    @staticmethod
-    def _store_pieces_txn(txn: LoggingTransaction, pieces: list[tuple[int, list[Piece]]]) -> None:
+    def _store_pieces_txn(self, txn: LoggingTransaction, pieces: list[tuple[int, list[Piece]]]) -> None:
         """Insert the pieces of each ``(block NID, its pieces)`` not there yet
         (the table's columns are :class:`Piece`'s fields, after the block's
         NID; binary values as ``bytearray``, as psycopg2 sends them as bytea)."""
@@ -78,6 +77,7 @@ class SnapshotStore(BlockStore, InterningStore):
             for p in cut
         )
         if rows:
+            self.big_blocks_seen = True
             insert_new_txn(
                 txn,
                 "nidstate_block_pieces",
