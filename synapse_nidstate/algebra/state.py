@@ -88,6 +88,25 @@ def entries_in_ranges(flat: Sequence[int], ranges: Sequence[tuple[int, int]]) ->
     A range's end on a type's last key number (``KEY_NID_LIMIT - 1``) takes
     every state key of that type, NIDs beyond the key numbers' reach too."""
     count = len(flat) // 3
+    if (
+        count
+        and 8 * len(ranges) * count.bit_length() > count
+        and max(flat[0::3]) < KEY_NID_LIMIT
+        and max(flat[1::3]) < KEY_NID_LIMIT
+    ):
+        # Many ranges for the block's size, and every key has its number:
+        # one list of them, searched by C's bisect, costs less than a key
+        # function called per probe (a lazy-loading read at M: seven ranges
+        # over a dozen blocks). One range over a big block probes instead.
+        numbers = [t * KEY_NID_LIMIT + s for t, s in zip(flat[0::3], flat[1::3])]
+        kept_at: list[tuple[int, int, int]] = []
+        for lo, hi in ranges:
+            start = bisect_left(numbers, lo)
+            end = bisect_right(numbers, hi)
+            kept_at.extend(
+                (flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]) for i in range(start, end)
+            )
+        return tuple(kept_at)
 
     def key(i: int) -> tuple[int, int]:
         return flat[3 * i], flat[3 * i + 1]
