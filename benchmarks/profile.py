@@ -12,6 +12,12 @@ migrated (``benchmarks.run`` leaves them so).
 ``--migration`` drops the module's tables and profiles the whole migration
 instead (as the runner's step 1 does it; the tables are migrated again at the end).
 
+``--compare`` runs no profiler: it times the lookup on both paths, alternating,
+three times over the events, and prints each path's p50 and the p50 of each
+statement it ran; a quick check of a change (the runner is the measure):
+
+    python -m benchmarks.profile --engine postgres --scale M --lookup group-member --compare
+
 ``--homeserver-config`` profiles lookups on the database a homeserver.yaml opens
 instead (the module configured and migrated there), on ``--room``'s latest events,
 with their senders as the members asked for; for the HQ-scale run's data:
@@ -26,6 +32,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import threading
 import time
@@ -62,6 +69,8 @@ def _report(
     stats = pstats.Stats(*profilers, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
+    if os.environ.get("PROFILE_BY_CALLS"):
+        stats.sort_stats("ncalls").print_stats(top)
     by_sql: dict[str, list[float]] = {}
     for sql, times in statements.items():
         by_sql.setdefault(" ".join(sql.split())[:110], []).extend(times)
@@ -71,6 +80,46 @@ def _report(
     for sql, times in sorted(by_sql.items(), key=lambda kv: -sum(kv[1]))[:top]:
         out.write(f"  {sum(times):7.3f}s {len(times):6,} x  {sql}\n")
     return out.getvalue()
+
+
+async def _compare(
+    hs: Any,
+    lookups: Any,
+    paths: dict[str, Callable[[list[Any], StateFilter], Awaitable[object]]],
+    groups: list[list[Any]],
+    state_filter: StateFilter,
+    args: argparse.Namespace,
+) -> str:
+    """Each lookup on both paths, alternating, cold unless ``--warm``, without
+    a profiler: the p50 of each and their ratio, for trying a change quickly
+    (``benchmarks.run`` is the measure that counts)."""
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    statements: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+    for _ in range(3):
+        for group in groups:
+            for path, call in paths.items():
+                if args.warm:
+                    await call(group, state_filter)
+                else:
+                    clear_state_caches(hs, lookups)
+                with count_database_work() as work:
+                    started = time.perf_counter()
+                    await call(group, state_filter)
+                    times[path].append(time.perf_counter() - started)
+                for sql, took in work.by_statement.items():
+                    statements[path].setdefault(" ".join(sql.split())[:70], []).extend(took)
+    p50 = {path: statistics.median(t) * 1000 for path, t in times.items()}
+    lines = [
+        f"{args.lookup} ({'warm' if args.warm else 'cold'}), {len(times['nid'])} lookups a path:"
+        f" native p50 {p50['native']:.3f} ms, NID p50 {p50['nid']:.3f} ms,"
+        f" {p50['native'] / p50['nid']:.2f}x"
+    ]
+    for path, by_sql in statements.items():
+        for sql, took in by_sql.items():
+            lines.append(
+                f"  {path:6} {len(took):5} x p50 {statistics.median(took) * 1000:.3f} ms  {sql}"
+            )
+    return "\n".join(lines)
 
 
 #: From Python 3.12 cProfile rests on ``sys.monitoring``, which sees every
@@ -107,6 +156,10 @@ def main() -> int:
         "not on the benchmark's dataset",
     )
     parser.add_argument("--room", help="with --homeserver-config: the room to look up state in")
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="no profiler: time the lookup on both paths, alternating, and print each p50",
+    )
     args = parser.parse_args()
     if args.homeserver_config and (args.migration or not args.room):
         parser.error("--homeserver-config profiles lookups, in the --room it names")
@@ -205,9 +258,10 @@ def main() -> int:
                 "lazy": filters["lazy-load members"],
                 "batch": visibility_filter(member),
             }[kind]
-            call: Callable[[list[Any], StateFilter], Awaitable[object]] = (
-                lookups.native_state_ids if args.path == "native" else lookups.mirrored_state_ids
-            )
+            paths: dict[str, Callable[[list[Any], StateFilter], Awaitable[object]]] = {
+                "native": lookups.native_state_ids,
+                "nid": lookups.mirrored_state_ids,
+            }
             groups: list[list[Any]] = [events] if args.lookup == "batch" else [[e] for e in events]
             if args.lookup in GROUP_LOOKUPS:
                 # Synapse's read of a group, through the module's replacement
@@ -218,13 +272,18 @@ def main() -> int:
                 group_reads = lookups.group_reads
                 assert group_reads is not None, "the module does not serve state-group reads here"
 
-                async def read_groups(wanted: list[Any], state_filter: StateFilter) -> object:
-                    guard = group_reads.native_only(fresh=False)
-                    with guard if args.path == "native" else contextlib.nullcontext():
-                        return await state._get_state_for_groups(wanted, state_filter)
+                def read_groups(path: str) -> Callable[[list[Any], StateFilter], Awaitable[object]]:
+                    async def read(wanted: list[Any], state_filter: StateFilter) -> object:
+                        guard = group_reads.native_only(fresh=False)
+                        with guard if path == "native" else contextlib.nullcontext():
+                            return await state._get_state_for_groups(wanted, state_filter)
 
-                call = read_groups
+                    return read
 
+                paths = {path: read_groups(path) for path in paths}
+            if args.compare:
+                return await _compare(hs, lookups, paths, groups, state_filter, args)
+            call = paths[args.path]
             by_statement: dict[str, list[float]] = {}
             for group in groups:
                 if args.warm:
