@@ -3,6 +3,8 @@
 Pure Python, no database and no Synapse (see ``types`` for the vocabulary).
 """
 
+import functools
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -76,52 +78,60 @@ def lookup(blocks: Sequence[Block], keys: Iterable[StateKeyNids]) -> NidStateMap
     return found
 
 
+@functools.lru_cache(maxsize=64)
+def _key_bounds(
+    ranges: tuple[tuple[int, int], ...],
+) -> list[tuple[tuple[int, int], tuple[float, ...]]]:
+    """Each range of key numbers as the entries' keys compare: its first key,
+    and a bound past its last (past every state key of its type at a type's
+    end, past everything at the very end). Worked out once for the blocks of
+    a read, which share their filter's ranges."""
+    bounds = []
+    for lo, hi in ranges:
+        hi_type, hi_key = divmod(hi, KEY_NID_LIMIT)
+        hi_bound: tuple[float, ...] = (
+            (math.inf,)
+            if hi == MAX_KEY_NUMBER
+            else (hi_type, math.inf)
+            if hi_key == KEY_NID_LIMIT - 1
+            else (hi_type, hi_key)
+        )
+        bounds.append((divmod(lo, KEY_NID_LIMIT), hi_bound))
+    return bounds
+
+
 def entries_in_ranges(flat: Sequence[int], ranges: Sequence[tuple[int, int]]) -> Block:
     """The entries of a block, given flat (its NIDs, three an entry, sorted
     by key: the stored and cached form), whose key lies in one of ``ranges``
     (``NidFilter.key_ranges``: closed ranges of key numbers, sorted and
-    disjoint). Two binary searches a range, and a tuple only for the entries
-    kept: a narrow read of a compaction's chunk of thousands of entries keeps
-    a few. For the filter whose ranges they are, ``apply`` of the entries
-    kept equals ``apply`` of the whole blocks (no key it wants is outside).
+    disjoint). Only the ranges that meet the block's first and last keys are
+    searched, two binary searches each, and a range holding both takes the
+    block whole; a tuple only for the entries kept: a narrow read of a
+    compaction's chunk of thousands of entries keeps a few, and of a
+    lazy-loading filter's seven ranges a chunk of members meets one or two.
+    For the filter whose ranges they are, ``apply`` of the entries kept
+    equals ``apply`` of the whole blocks (no key it wants is outside).
 
     A range's end on a type's last key number (``KEY_NID_LIMIT - 1``) takes
     every state key of that type, NIDs beyond the key numbers' reach too."""
     count = len(flat) // 3
-    if (
-        count
-        and 8 * len(ranges) * count.bit_length() > count
-        and max(flat[0::3]) < KEY_NID_LIMIT
-        and max(flat[1::3]) < KEY_NID_LIMIT
-    ):
-        # Many ranges for the block's size, and every key has its number:
-        # one list of them, searched by C's bisect, costs less than a key
-        # function called per probe (a lazy-loading read at M: seven ranges
-        # over a dozen blocks). One range over a big block probes instead.
-        numbers = [t * KEY_NID_LIMIT + s for t, s in zip(flat[0::3], flat[1::3])]
-        kept_at: list[tuple[int, int, int]] = []
-        for lo, hi in ranges:
-            start = bisect_left(numbers, lo)
-            end = bisect_right(numbers, hi)
-            kept_at.extend(
-                (flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]) for i in range(start, end)
-            )
-        return tuple(kept_at)
+    if not count:
+        return ()
+    first, last = (flat[0], flat[1]), (flat[-3], flat[-2])
 
     def key(i: int) -> tuple[int, int]:
         return flat[3 * i], flat[3 * i + 1]
 
     kept: list[tuple[int, int, int]] = []
     everything = range(count)
-    for lo, hi in ranges:
-        start = bisect_left(everything, divmod(lo, KEY_NID_LIMIT), key=key)
-        hi_type, hi_key = divmod(hi, KEY_NID_LIMIT)
-        if hi == MAX_KEY_NUMBER:
-            end = count
-        elif hi_key == KEY_NID_LIMIT - 1:
-            end = bisect_left(everything, (hi_type + 1, 0), key=key)
+    for lo_key, hi_bound in _key_bounds(tuple(ranges)):
+        if lo_key > last or hi_bound < first:
+            continue
+        if lo_key <= first and last <= hi_bound:
+            start, end = 0, count
         else:
-            end = bisect_right(everything, (hi_type, hi_key), key=key)
+            start = bisect_left(everything, lo_key, key=key)
+            end = bisect_right(everything, hi_bound, key=key)
         kept.extend(
             (flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]) for i in range(start, end)
         )
