@@ -69,8 +69,6 @@ def _report(
     stats = pstats.Stats(*profilers, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
-    if os.environ.get("PROFILE_BY_CALLS"):
-        stats.sort_stats("ncalls").print_stats(top)
     by_sql: dict[str, list[float]] = {}
     for sql, times in statements.items():
         by_sql.setdefault(" ".join(sql.split())[:110], []).extend(times)

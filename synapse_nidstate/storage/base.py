@@ -13,7 +13,7 @@ which is not, lives in ``sql/<engine>/``.
 """
 
 from array import array
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse.storage.database import (
@@ -213,26 +213,23 @@ class NidStoreBase:
     ) -> tuple[dict[str, int], list[str]]:
         """The NIDs of ``strings`` known without a statement (the schema's
         fixed ones, :data:`FIXED_NIDS`, then the cache), and the rest."""
-        fixed = FIXED_NIDS.get(table)
-        if not fixed:
-            return self._split_cached(self._string_nids[table], strings)
-        found, missing = self._split_cached(
-            self._string_nids[table], [s for s in strings if s not in fixed]
-        )
-        found.update((s, fixed[s]) for s in strings if s in fixed)
-        return found, missing
+        return self._split_fixed(FIXED_NIDS.get(table), self._string_nids[table], strings)
 
     def _split_nid_strings(
         self, table: StringTable, nids: Collection[int]
     ) -> tuple[dict[int, str], list[int]]:
         """:meth:`_split_string_nids` the other way: strings by NID."""
-        fixed = FIXED_STRINGS.get(table)
+        return self._split_fixed(FIXED_STRINGS.get(table), self._nid_strings[table], nids)
+
+    @classmethod
+    def _split_fixed(
+        cls, fixed: Mapping[K, V] | None, cache: LruCache[K, V], keys: Collection[K]
+    ) -> tuple[dict[K, V], list[K]]:
+        """:meth:`_split_cached`, the values ``fixed`` holds taken from it."""
         if not fixed:
-            return self._split_cached(self._nid_strings[table], nids)
-        found, missing = self._split_cached(
-            self._nid_strings[table], [n for n in nids if n not in fixed]
-        )
-        found.update((n, fixed[n]) for n in nids if n in fixed)
+            return cls._split_cached(cache, keys)
+        found, missing = cls._split_cached(cache, [k for k in keys if k not in fixed])
+        found.update((k, fixed[k]) for k in keys if k in fixed)
         return found, missing
 
     def _select_in_txn(

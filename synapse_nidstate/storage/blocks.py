@@ -128,8 +128,8 @@ class BlockStore(NidStoreBase):
         #: Whether this process has met a big block (one with pieces): until
         #: then a narrow read selects blocks without the join to their pieces,
         #: a statement a database without big blocks (M and smaller: none
-        #: over 512 entries) never needs, and which costs it 0.07 ms a read
-        #: to plan (``benchmarks.statement_shapes``). A big block met meanwhile
+        #: over 512 entries) never needs, and which costs it 0.13 ms a read
+        #: (0.312 against 0.185 ms, ``benchmarks.statement_shapes``). A big block met meanwhile
         #: is read whole, checked against its hash as any block, and turns it
         #: on; so does writing one. A hint, never needed for an answer.
         self.big_blocks_seen = False
@@ -301,44 +301,60 @@ class BlockStore(NidStoreBase):
         entries, or, for a big block, every piece's cover and the slices of
         those that meet them. Every block row must be there, and every piece
         of a big block read (its covers tiling the block's range): what is
-        not is ``CorruptState``."""
+        not is ``CorruptState``.
+
+        Until this process has met a big block (:attr:`big_blocks_seen`),
+        the statement has no join to the pieces, and a big block that meets
+        them is given whole (checked as any block), which turns it on."""
         clause, in_args = in_list_clause(self.engine, "b.block_nid", missing)
         range_args = [v for lo, hi in key_ranges for v in (hi, lo)]
 
         def meets(table: str) -> str:
             return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
 
-        if not self.big_blocks_seen:
-            return self._narrow_whole_rows_txn(txn, learnt, missing, key_ranges, ranges)
-        # A row per block, and per piece of a big block holding a wanted key.
-        # PostgreSQL: the pieces as a LATERAL subquery, fenced by OFFSET 0,
-        # so that it runs per big block that meets (a probe of the pieces'
-        # key) rather than being flattened into a join that reads them all;
-        # one scan of the blocks, where a UNION ALL of blocks and pieces
-        # planned two (0.2 ms more planning at HQ scale). SQLite, which has
-        # no LATERAL, loops over the blocks and probes the pieces the same way.
-        pieces = (
-            "SELECT * FROM nidstate_block_pieces AS p WHERE p.block_nid = b.block_nid"
-            f" AND b.pieces > 0 AND ({meets('b')}) OFFSET 0"
-        )
-        join = (
-            f"LEFT JOIN LATERAL ({pieces}) AS p ON TRUE"
-            if isinstance(self.engine, PostgresEngine)
-            else f"LEFT JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
-            f" AND b.pieces > 0 AND ({meets('b')})"
-        )
+        if self.big_blocks_seen:
+            # A row per block, and per piece of a big block holding a wanted
+            # key. PostgreSQL: the pieces as a LATERAL subquery, fenced by
+            # OFFSET 0, so that it runs per big block that meets (a probe of
+            # the pieces' key) rather than being flattened into a join that
+            # reads them all; one scan of the blocks, where a UNION ALL of
+            # blocks and pieces planned two (0.2 ms more planning at HQ
+            # scale). SQLite, which has no LATERAL, loops over the blocks and
+            # probes the pieces the same way.
+            pieces = (
+                "SELECT * FROM nidstate_block_pieces AS p WHERE p.block_nid = b.block_nid"
+                f" AND b.pieces > 0 AND ({meets('b')}) OFFSET 0"
+            )
+            join = (
+                f"LEFT JOIN LATERAL ({pieces}) AS p ON TRUE"
+                if isinstance(self.engine, PostgresEngine)
+                else f"LEFT JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
+                f" AND b.pieces > 0 AND ({meets('b')})"
+            )
+            entries = (
+                "CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
+                f" AND (b.first_key IS NULL OR {meets('b')}) THEN b.entries END"
+                f" WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
+                " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
+            )
+            args = [*range_args, *range_args, *range_args, *in_args]
+        else:
+            join = ""
+            entries = (
+                f"CASE WHEN b.first_key IS NULL OR {meets('b')} THEN b.entries END,"
+                " NULL, NULL, NULL, NULL, NULL"
+            )
+            args = [*range_args, *in_args]
         txn.execute(
             "SELECT b.block_nid, b.first_key, b.last_key, b.pieces, b.content_hash,"
-            " CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
-            f" AND (b.first_key IS NULL OR {meets('b')}) THEN b.entries END"
-            f" WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
-            " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
-            f" FROM nidstate_blocks AS b {join} WHERE {clause}",
-            [*range_args, *range_args, *range_args, *in_args],
+            f" {entries} FROM nidstate_blocks AS b {join} WHERE {clause}",
+            args,
         )
         block_rows: dict[int, tuple] = {}
         piece_rows: dict[int, list[tuple]] = {}
         for nid, first, last, count, digest, data, *piece in txn.fetchall():
+            if count:
+                self.big_blocks_seen = True
             if piece[0] is None:
                 block_rows[nid] = (nid, first, last, data, digest, count)
             else:
@@ -356,38 +372,6 @@ class BlockStore(NidStoreBase):
                 found[nid] = self._from_pieces(
                     learnt, nid, ranges[nid], pieces, sorted(piece_rows.get(nid, ()))
                 )
-        return found
-
-    def _narrow_whole_rows_txn(
-        self,
-        txn: LoggingTransaction,
-        learnt: TxnLearnt,
-        missing: list[int],
-        key_ranges: Sequence[tuple[int, int]],
-        ranges: dict[int, tuple[int, int]],
-    ) -> dict[int, array]:
-        """:meth:`_narrow_rows_txn` without pieces: each block's stored range
-        (into ``ranges``), and its entries, whole, if it holds a key of
-        ``key_ranges`` (a big block too: that turns :attr:`big_blocks_seen` on)."""
-        clause, in_args = in_list_clause(self.engine, "block_nid", missing)
-        meets = " OR ".join("(first_key <= ? AND last_key >= ?)" for _ in key_ranges)
-        txn.execute(
-            "SELECT block_nid, first_key, last_key, pieces, content_hash,"
-            f" CASE WHEN first_key IS NULL OR {meets} THEN entries END"
-            f" FROM nidstate_blocks WHERE {clause}",
-            [*(v for lo, hi in key_ranges for v in (hi, lo)), *in_args],
-        )
-        rows = txn.fetchall()
-        if len(rows) != len(missing):
-            raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
-        found: dict[int, array] = {}
-        for nid, first, last, pieces, digest, data in rows:
-            ranges[nid] = (first, last) if first is not None else EVERY_KEY
-            if pieces:
-                self.big_blocks_seen = True
-            if data is not None:
-                found[nid] = _checked(algebra.unpack_flat_checked, "block", nid, data, digest)
-                learnt.flat_blocks[nid] = found[nid]
         return found
 
     @staticmethod
