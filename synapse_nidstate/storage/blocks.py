@@ -17,7 +17,7 @@ pays the conversion, a few microseconds beside its statements.
 
 import itertools
 from array import array
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from synapse.storage.database import LoggingTransaction
@@ -92,6 +92,16 @@ def _joined(pieces: list[array]) -> array:
     return joined
 
 
+def _ints(values: Iterable[int]) -> array:
+    """NIDs as an array of int32s where they fit (as blocks are stored, and
+    as a read decodes them: half the memory of int64s), else of int64s."""
+    values = list(values)
+    try:
+        return array("i", values)
+    except OverflowError:
+        return array("q", values)
+
+
 def _block_of(flat: array) -> Block:
     """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
     it = iter(flat)
@@ -139,9 +149,9 @@ class BlockStore(NidStoreBase):
         for group, snapshot_nid in learnt.groups.items():
             self._group_snapshots.set(group, snapshot_nid)
         for snapshot_nid, block_nids in learnt.snapshots.items():
-            self._snapshot_blocks.set(snapshot_nid, array("q", block_nids))
+            self._snapshot_blocks.set(snapshot_nid, _ints(block_nids))
         for block_nid, block in learnt.blocks.items():
-            self._blocks.set(block_nid, array("q", itertools.chain.from_iterable(block)))
+            self._blocks.set(block_nid, _ints(itertools.chain.from_iterable(block)))
         for block_nid, flat in learnt.flat_blocks.items():
             self._blocks.set(block_nid, flat)
         for block_nid, covers in learnt.piece_covers.items():
@@ -257,7 +267,7 @@ class BlockStore(NidStoreBase):
             if b in learnt.flat_blocks:
                 found[b] = learnt.flat_blocks[b]
             elif b in learnt.blocks:
-                found[b] = array("q", itertools.chain.from_iterable(learnt.blocks[b]))
+                found[b] = _ints(itertools.chain.from_iterable(learnt.blocks[b]))
             elif b in with_covers and (pieces := self._cached_pieces(b, key_ranges)) is not None:
                 ranges[b], found[b] = pieces
             else:

@@ -10,41 +10,115 @@ after the read, :meth:`SplitStateCache.get` before it), by the rules of
 ``_insert_into_cache``: what a filter reads of each cache, and what a read
 tells each cache it fetched. Whole states are kept apart, once per base
 (``resolved``).
+
+Unlike ``DictionaryCache``, which holds each key of each group in a node of
+its own (an ``LruCache`` node, a ``TreeCache`` entry and a wrapper, so that
+keys are evicted one by one), a part of a snapshot is
+one node holding what is known of it (:class:`Part`), sized, as Synapse
+sizes its caches, by the keys it holds, and replaced whole when a read adds
+keys: a warm read of a page's members is one lookup, and a key kept costs
+a dict slot (``benchmarks.mix --trace-memory`` shows what the caches keep
+after a replay). A part is evicted as one: snapshots never change, and the
+keys a room's reads ask are few.
 """
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import attr
 from synapse.api.constants import EventTypes
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
-from synapse.util.caches.dictionary_cache import DictionaryCache
+from synapse.util.caches.lrucache import LruCache
 
 if TYPE_CHECKING:
     from synapse.util.clock import Clock
 
-#: snapshot NID -> part of its state, by (type, state key).
-StringParts = DictionaryCache[int, tuple[str, str], str]
+StateKey = tuple[str, str]
+
+#: What most parts know absent: nothing (one object for them all).
+_NONE: frozenset[StateKey] = frozenset()
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Part:
+    """What is known of one part (members, or the rest) of a snapshot's state:
+    all of it (``full``), or some keys' event IDs and keys known absent
+    (``DictionaryEntry``'s meaning). Never changed once cached: a read that
+    learns more caches a new one."""
+
+    full: bool
+    value: dict[StateKey, str]
+    known_absent: frozenset[StateKey]
+
+    def __len__(self) -> int:
+        # The cache's size, in keys, as DictionaryCache counts them (one at least).
+        return max(1, len(self.value) + len(self.known_absent))
+
+
+class PartCache:
+    """One part of snapshots' states, a node a snapshot (see the module's doc),
+    with ``DictionaryCache``'s sequence: a fill prepared before an
+    invalidation is dropped."""
+
+    def __init__(self, name: str, clock: "Clock", server_name: str, max_entries: int) -> None:
+        self.cache: LruCache[int, Part] = LruCache(
+            max_size=max_entries,
+            clock=clock,
+            server_name=server_name,
+            cache_name=name,
+            size_callback=len,
+        )
+        self.sequence = 0
+
+    def get(self, snapshot_nid: int) -> Part | None:
+        return self.cache.get(snapshot_nid)
+
+    def invalidate_all(self) -> None:
+        self.sequence += 1
+        self.cache.clear()
+
+    def update(
+        self,
+        sequence: int,
+        snapshot_nid: int,
+        value: dict[StateKey, str],
+        fetched_keys: Collection[StateKey] | None,
+    ) -> None:
+        """Add what a read fetched (``DictionaryCache.update``): all of the
+        part (``fetched_keys`` None), or ``value`` for ``fetched_keys``, the
+        others of them known absent."""
+        if sequence != self.sequence:
+            return
+        if fetched_keys is None:
+            self.cache.set(snapshot_nid, Part(True, value, _NONE))
+            return
+        if not fetched_keys:
+            return  # the read fetched nothing of this part
+        known = self.cache.get(snapshot_nid, update_metrics=False)
+        if known is not None:
+            if known.full:
+                return
+            value = {**known.value, **value}
+            absent = known.known_absent.union(fetched_keys)
+        else:
+            absent = frozenset(fetched_keys)
+        absent = absent.difference(value) or _NONE
+        if known is not None and len(value) == len(known.value) and absent == known.known_absent:
+            return  # nothing new
+        self.cache.set(snapshot_nid, Part(False, value, absent))
 
 
 class SplitStateCache:
     def __init__(self, clock: "Clock", server_name: str, max_entries: int) -> None:
-        self.members: StringParts = DictionaryCache(
-            name="nidstate_snapshot_members",
-            clock=clock,
-            server_name=server_name,
-            max_entries=max_entries,
-        )
-        self.non_members: StringParts = DictionaryCache(
-            name="nidstate_snapshot_non_members",
-            clock=clock,
-            server_name=server_name,
-            max_entries=max_entries,
+        self.members = PartCache("nidstate_snapshot_members", clock, server_name, max_entries)
+        self.non_members = PartCache(
+            "nidstate_snapshot_non_members", clock, server_name, max_entries
         )
 
     def sequences(self) -> tuple[int, int]:
         """Taken before a read: a fill with them is dropped if a cache was
-        invalidated meanwhile (``DictionaryCache.update``)."""
+        invalidated meanwhile (:meth:`PartCache.update`)."""
         return self.members.sequence, self.non_members.sequence
 
     @staticmethod
@@ -82,16 +156,12 @@ class SplitStateCache:
             None if non_member_filter.is_full() else non_member_filter.concrete_types()
         )
         for snapshot_nid, state in states.items():
-            members: dict[tuple[str, str], str] = {}
-            non_members: dict[tuple[str, str], str] = {}
+            members: dict[StateKey, str] = {}
+            non_members: dict[StateKey, str] = {}
             for key, event_id in state.items():
                 (members if key[0] == EventTypes.Member else non_members)[key] = event_id
-            self.members.update(
-                sequences[0], key=snapshot_nid, value=members, fetched_keys=member_keys
-            )
-            self.non_members.update(
-                sequences[1], key=snapshot_nid, value=non_members, fetched_keys=non_member_keys
-            )
+            self.members.update(sequences[0], snapshot_nid, members, member_keys)
+            self.non_members.update(sequences[1], snapshot_nid, non_members, non_member_keys)
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -100,26 +170,34 @@ class _PartFilter:
 
     state_filter: StateFilter
     full: bool
-    #: The concrete keys asked for, where the filter has no wildcard: the
-    #: cache then keeps (and evicts) them one by one.
-    keys: list[tuple[str, str]] | None
+    #: The concrete keys asked for, where the filter has no wildcard: a
+    #: part that is not full answers if it knows each of them.
+    keys: list[StateKey] | None
 
     @classmethod
     def of(cls, state_filter: StateFilter) -> "_PartFilter":
         keys = None if state_filter.has_wildcards() else list(state_filter.concrete_types())
         return cls(state_filter, state_filter.is_full(), keys)
 
-    def read(self, cache: StringParts, snapshot_nid: int) -> MutableStateMap[str] | None:
+    def read(self, cache: PartCache, snapshot_nid: int) -> MutableStateMap[str] | None:
         """What the filter wants of the cache's part, if the cache holds all of it."""
-        entry = cache.get(snapshot_nid, dict_keys=self.keys)
-        if entry.full:
-            return self.state_filter.filter_state(entry.value)
+        if self.keys is not None and not self.keys:
+            return {}  # the filter wants nothing of this part
+        part = cache.get(snapshot_nid)
+        if part is None:
+            return None
+        if part.full:
+            return self.state_filter.filter_state(part.value)
         if self.full or self.keys is None:
             return None  # which keys of a wildcard type exist is not known
+        answer = {}
         for key in self.keys:
-            if key not in entry.value and key not in entry.known_absent:
+            event_id = part.value.get(key)
+            if event_id is not None:
+                answer[key] = event_id
+            elif key not in part.known_absent:
                 return None
-        return self.state_filter.filter_state(entry.value)
+        return answer
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
