@@ -199,15 +199,26 @@ def synapse_state_caches(hs: HomeServer) -> dict[str, LruCache]:
     }
 
 
-def cache_entries(hs: HomeServer) -> dict[str, int]:
-    """Entries of Synapse's state caches and of the module's, by name."""
+def _state_caches(hs: HomeServer) -> dict[str, LruCache]:
     from synapse_nidstate.runtime.module import module_for
 
-    entries = {name: len(cache) for name, cache in synapse_state_caches(hs).items()}
+    caches = dict(synapse_state_caches(hs))
     module = module_for(hs)
     if module is not None:
-        entries.update((name, len(cache)) for name, cache in module.store.named_caches.items())
-    return entries
+        caches.update(module.store.named_caches)
+    return caches
+
+
+def cache_entries(hs: HomeServer) -> dict[str, int]:
+    """Entries of Synapse's state caches and of the module's, by name, as
+    each cache counts its size (a cache sized by keys counts keys)."""
+    return {name: len(cache) for name, cache in _state_caches(hs).items()}
+
+
+def cache_nodes(hs: HomeServer) -> dict[str, int]:
+    """The ``LruCache`` nodes each of those caches holds (what costs memory
+    per entry, whatever an entry's size)."""
+    return {name: len(cache.cache) for name, cache in _state_caches(hs).items()}  # type: ignore[arg-type]
 
 
 async def measure_process(
@@ -241,7 +252,8 @@ async def measure_process(
             snapshot = tracemalloc.take_snapshot()
             tracemalloc.stop()
             traced = {"traced_growth": traced_growth(before, snapshot),
-                      "cache_entries": cache_entries(hs)}
+                      "cache_entries": cache_entries(hs),
+                      "cache_nodes": cache_nodes(hs)}
     finally:
         await stop_homeserver(hs)
     return {
@@ -278,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(measured, f, indent=2)
     for site in measured.get("traced_growth", []):
         print(f"{site['bytes'] / 2**20:8.2f} MiB {site['blocks']:9,} blocks  {site['file']}")
+    nodes = measured.get("cache_nodes", {})
     for name, entries in measured.get("cache_entries", {}).items():
-        print(f"{entries:9,} entries  {name}")
+        print(f"{entries:9,} entries {nodes.get(name, 0):9,} nodes  {name}")
     return 0
 
 
