@@ -7,10 +7,11 @@ The caches are filled only with committed rows (``txn.call_after``, or a
 write transaction's ``TxnLearnt`` published after it commits): block lists and
 blocks never change once written, a group's snapshot only goes with a purge.
 
-Block lists and blocks are cached flat, as arrays of 64-bit NIDs, and given
-out as the tuples the algebra takes: a block list of 30 NIDs is then one
-object of 320 bytes instead of a tuple and 30 integer objects (1,120 bytes),
-a one-entry block 104 bytes instead of 196. Reads answered from the
+Block lists and blocks are cached flat, as arrays of NIDs (int32s where
+they fit), and given out as the tuples the algebra takes: a block list of 30
+NIDs is then one object of 216 bytes instead of a tuple and 30 integer
+objects (1,120 bytes). A snapshot's block list and its blocks' key ranges
+are one cache entry. Reads answered from the
 resolved-state and split caches never touch them; a read that resolves blocks
 pays the conversion, a few microseconds beside its statements.
 """
@@ -63,10 +64,11 @@ def _snapshot_ranges(
     block_lists: Mapping[int, Sequence[int]],
     blocks: Mapping[int, array],
     ranges: Mapping[int, tuple[int, int]],
-) -> list[tuple[int, array]]:
+) -> list[tuple[int, Sequence[int], array]]:
     """The key ranges of each snapshot's blocks, in list order, flat (what
-    ``BlockStore._snapshot_ranges`` keeps), of the snapshots whose every block
-    has a known range (from its row) or is at hand (its entries' range)."""
+    ``BlockStore._snapshot_blocks`` keeps beside the list), of the snapshots
+    whose every block has a known range (from its row) or is at hand (its
+    entries' range): (snapshot, its block list, the ranges)."""
     out = []
     for snapshot_nid, block_nids in block_lists.items():
         flat = array("q")
@@ -78,7 +80,7 @@ def _snapshot_ranges(
             else:
                 break
         else:
-            out.append((snapshot_nid, flat))
+            out.append((snapshot_nid, block_nids, flat))
     return out
 
 
@@ -102,6 +104,10 @@ def _ints(values: Iterable[int]) -> array:
         return array("q", values)
 
 
+#: A snapshot's cached block list, and its blocks' key ranges once known.
+Listed = tuple[array, array | None]
+
+
 def _block_of(flat: array) -> Block:
     """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
     it = iter(flat)
@@ -113,19 +119,18 @@ class BlockStore(NidStoreBase):
         super().__init__(hs, config)
         snapshots = config.snapshot_cache_size
         self._group_snapshots: LruCache[int, int] = self._cache("group_snapshots", snapshots)
-        self._snapshot_blocks: LruCache[int, array] = self._cache("snapshot_blocks", snapshots)
+        #: Each snapshot's block list (int32s where they fit) and, once a
+        #: narrow read has seen every block's key range, those ranges in
+        #: list order (two key numbers a block): what lets a narrow lookup
+        #: answer from the caches without the blocks it does not need. One
+        #: entry a snapshot for both (a second cache of ranges took a node a
+        #: snapshot more), the ranges set once: an entry a block (a cold
+        #: narrow read of a snapshot of 60 blocks set 50) took a third of a
+        #: cold narrow read's time at M.
+        self._snapshot_blocks: LruCache[int, Listed] = self._cache("snapshot_blocks", snapshots)
         # Sized by entries (three NIDs each), as the blocks cache always was.
         self._blocks: LruCache[int, array] = self._cache(
             "blocks", config.block_cache_size, size_callback=lambda flat: len(flat) // 3
-        )
-        #: The key range of each block of a snapshot's list, in list order
-        #: (two key numbers a block), once a narrow read has seen them all:
-        #: what lets a narrow lookup answer from the caches without the
-        #: blocks it does not need. One entry a snapshot, set once: an entry
-        #: a block (a cold narrow read of a snapshot of 60 blocks set 50)
-        #: took a third of a cold narrow read's time at M.
-        self._snapshot_ranges: LruCache[int, array] = self._cache(
-            "snapshot_ranges", snapshots
         )
         #: A big block's pieces (schema 8, ``algebra.pieces``) a narrow read
         #: took instead of the block: the key range each covers (two key
@@ -149,7 +154,9 @@ class BlockStore(NidStoreBase):
         for group, snapshot_nid in learnt.groups.items():
             self._group_snapshots.set(group, snapshot_nid)
         for snapshot_nid, block_nids in learnt.snapshots.items():
-            self._snapshot_blocks.set(snapshot_nid, _ints(block_nids))
+            # A block list never changes: one cached keeps its ranges.
+            if not self._snapshot_blocks.contains(snapshot_nid):
+                self._snapshot_blocks.set(snapshot_nid, (_ints(block_nids), None))
         for block_nid, block in learnt.blocks.items():
             self._blocks.set(block_nid, _ints(itertools.chain.from_iterable(block)))
         for block_nid, flat in learnt.flat_blocks.items():
@@ -252,7 +259,8 @@ class BlockStore(NidStoreBase):
         ranges: dict[int, tuple[int, int]] = {}
         without: dict[int, Sequence[int]] = {}  # snapshots whose ranges are not cached
         for snapshot_nid, block_nids in block_lists.items():
-            known = self._snapshot_ranges.get(snapshot_nid)
+            listed = self._snapshot_blocks.get(snapshot_nid)
+            known = None if listed is None else listed[1]
             if known is None:
                 without[snapshot_nid] = block_nids
             else:
@@ -278,8 +286,16 @@ class BlockStore(NidStoreBase):
             found.update(self._narrow_rows_txn(txn, learnt, missing, key_ranges, ranges))
         if without and txn is not None:
             # (Also a snapshot whose blocks' ranges all came with another's.)
-            txn.call_after(self._fill, self._snapshot_ranges, _snapshot_ranges(without, found, ranges))
+            txn.call_after(self._add_ranges, _snapshot_ranges(without, found, ranges))
         return found
+
+    def _add_ranges(self, rows: Iterable[tuple[int, Sequence[int], array]]) -> None:
+        """Keep each snapshot's block ranges beside its block list."""
+        for snapshot_nid, block_nids, flat in rows:
+            listed = self._snapshot_blocks.get(snapshot_nid, update_metrics=False)
+            self._snapshot_blocks.set(
+                snapshot_nid, (_ints(block_nids) if listed is None else listed[0], flat)
+            )
 
     def _cached_pieces(
         self, block_nid: int, key_ranges: Sequence[tuple[int, int]]
@@ -456,8 +472,8 @@ class BlockStore(NidStoreBase):
         learnt: TxnLearnt,
         snapshot_nids: Collection[int],
     ) -> dict[int, tuple[int, ...]]:
-        flat, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
-        found = {nid: tuple(block_nids) for nid, block_nids in flat.items()}
+        listed, missing = self._split_cached(self._snapshot_blocks, snapshot_nids)
+        found = {nid: tuple(block_nids) for nid, (block_nids, _) in listed.items()}
         missing = [s for s in missing if s not in learnt.snapshots]
         found.update(
             (s, learnt.snapshots[s]) for s in snapshot_nids if s in learnt.snapshots
