@@ -226,8 +226,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "Synapse's per-group DictionaryCache: emptied where Synapse's own answer "
             "must be read fresh (GroupReads.native_only, StateLookups.clear_caches); "
             "its sequence is what _insert_into_cache compares; a group the mirror "
-            "wrote is dropped from it in serve (GroupReads.forget_synapse_copies)",
-            "instance", has=("invalidate", "invalidate_all", "sequence", "cache"),
+            "wrote is dropped from it in serve (GroupReads.forget_synapse_copies); "
+            "looked in by group_caches only when its LruCache is not empty",
+            "instance", has=("invalidate", "invalidate_all", "sequence", "cache.__len__"),
         )
         for name in ("_state_group_cache", "_state_group_members_cache")
     ),

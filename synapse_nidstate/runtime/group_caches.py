@@ -84,19 +84,25 @@ class GroupCaches:
         # Synapse's caches hold what Synapse's rows answered (groups the mirror
         # had no snapshot for when they were read): look there as Synapse would.
         state = self._state_store
-        member_filter, non_member_filter = state_filter.get_member_split()
-        non_members, incomplete = state._get_state_for_groups_using_cache(
-            rest, state._state_group_cache, non_member_filter
-        )
-        members, incomplete_members = state._get_state_for_groups_using_cache(
-            rest, state._state_group_members_cache, member_filter
-        )
-        incomplete |= incomplete_members
-        for group in rest:
-            if group not in incomplete:
-                answer[group] = {**non_members[group], **members[group]}
-        if not incomplete:
-            return answer
+        if len(state._state_group_cache.cache) or len(state._state_group_members_cache.cache):
+            member_filter, non_member_filter = state_filter.get_member_split()
+            non_members, incomplete = state._get_state_for_groups_using_cache(
+                rest, state._state_group_cache, non_member_filter
+            )
+            members, incomplete_members = state._get_state_for_groups_using_cache(
+                rest, state._state_group_members_cache, member_filter
+            )
+            incomplete |= incomplete_members
+            for group in rest:
+                if group not in incomplete:
+                    answer[group] = {**non_members[group], **members[group]}
+            if not incomplete:
+                return answer
+        else:
+            # Both empty, as they mostly are while the module serves: two
+            # misses a group, each a traced call of Synapse's, answer nothing
+            # (a filter that wants nothing is then read, and answered empty).
+            incomplete = set(rest)
 
         sequence_non_members = state._state_group_cache.sequence
         sequence_members = state._state_group_members_cache.sequence
