@@ -258,6 +258,46 @@ class GroupReadTests:
             self.assertLessEqual(len(ours), 3, (name, ours))  # type: ignore[attr-defined]
 
     @in_logcontext
+    async def test_what_synapses_caches_answer_needs_no_read(self) -> None:
+        """A group Synapse keeps in its own caches is answered from them, as
+        Synapse answers it, also a group with no state at all (the one before
+        a room's create event: its entries have size 0, so the caches' size
+        says nothing of whether they hold it), and so is any group asked with a
+        filter that wants nothing, while the caches hold no entry."""
+        hs = await self.make_homeserver({"mode": "serve"})  # type: ignore[attr-defined]
+        history = await build_history(hs, messages_per_room=1)
+        state = hs.get_datastores().state
+        event_ids, _ = await room_event_ids(hs, history.rooms[0])
+        empty = await state.store_state_group("$nidstate-test-empty", history.rooms[0], None, None, {})
+        self.assertEqual(state._state_group_cache.cache.len(), 0)  # type: ignore[attr-defined]
+        interactions = 0
+        run_interaction = state.db_pool.runInteraction
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal interactions
+            interactions += 1
+            return await run_interaction(*args, **kwargs)
+
+        state.db_pool.runInteraction = counted  # type: ignore[method-assign]
+        for state_filter in (StateFilter.all(), StateFilter.from_types([("m.room.create", "")])):
+            self.assertEqual(  # type: ignore[attr-defined]
+                await state._get_state_for_groups([empty], state_filter), {empty: {}}
+            )
+        self.assertEqual(interactions, 0)  # type: ignore[attr-defined]
+        state._state_group_cache.invalidate_all()
+        state._state_group_members_cache.invalidate_all()
+        group = (await hs.get_datastores().main._get_state_group_for_events([event_ids[-1]]))[
+            event_ids[-1]
+        ]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        module.store.clear_caches()
+        wants_nothing = StateFilter.from_types([])
+        self.assertEqual(  # type: ignore[attr-defined]
+            await state._get_state_for_groups([group, empty], wants_nothing), {group: {}, empty: {}}
+        )
+        self.assertEqual(interactions, 0)  # type: ignore[attr-defined]
+
+    @in_logcontext
     async def test_split_state_database_is_left_to_synapse(self) -> None:
         main, state = self.database_config(), self.database_config()  # type: ignore[attr-defined]
         main["data_stores"] = ["main"]

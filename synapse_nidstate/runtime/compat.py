@@ -227,8 +227,11 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "must be read fresh (GroupReads.native_only, StateLookups.clear_caches); "
             "its sequence is what _insert_into_cache compares; a group the mirror "
             "wrote is dropped from it in serve (GroupReads.forget_synapse_copies); "
-            "looked in by group_caches only when its LruCache is not empty",
-            "instance", has=("invalidate", "invalidate_all", "sequence", "cache.__len__"),
+            "looked in by group_caches only when it holds an entry (the len of its "
+            "LruCache's TreeCache, which counts entries; the LruCache's own len is "
+            "their size, 0 for a group with no state)",
+            "instance",
+            has=("invalidate", "invalidate_all", "sequence", "cache.cache.__len__"),
         )
         for name in ("_state_group_cache", "_state_group_members_cache")
     ),

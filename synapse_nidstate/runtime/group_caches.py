@@ -84,7 +84,11 @@ class GroupCaches:
         # Synapse's caches hold what Synapse's rows answered (groups the mirror
         # had no snapshot for when they were read): look there as Synapse would.
         state = self._state_store
-        if len(state._state_group_cache.cache) or len(state._state_group_members_cache.cache):
+        # Entries, not the caches' sizes: an entry for a group with no
+        # state (the one before a room's create event) has size 0.
+        if len(state._state_group_cache.cache.cache) or len(
+            state._state_group_members_cache.cache.cache
+        ):
             member_filter, non_member_filter = state_filter.get_member_split()
             non_members, incomplete = state._get_state_for_groups_using_cache(
                 rest, state._state_group_cache, non_member_filter
@@ -98,10 +102,14 @@ class GroupCaches:
                     answer[group] = {**non_members[group], **members[group]}
             if not incomplete:
                 return answer
+        elif _wants_nothing(state_filter):
+            # What Synapse's two looks answer for such a filter, empty
+            # caches or not: each group, empty, without a read.
+            answer.update((group, {}) for group in rest)
+            return answer
         else:
             # Both empty, as they mostly are while the module serves: two
-            # misses a group, each a traced call of Synapse's, answer nothing
-            # (a filter that wants nothing is then read, and answered empty).
+            # misses a group, each a traced call of Synapse's, answer nothing.
             incomplete = set(rest)
 
         sequence_non_members = state._state_group_cache.sequence
@@ -140,3 +148,12 @@ class GroupCaches:
             for group, group_state in read.items():
                 answer[group] = state_filter.filter_state(group_state)
         return answer
+
+
+def _wants_nothing(state_filter: StateFilter) -> bool:
+    """Whether ``state_filter`` asks for no key at all: then Synapse's looks in
+    its per-group caches find every group complete, and empty, whatever they
+    hold (``_get_state_for_group_using_cache``: no wildcard, no concrete type)."""
+    return not state_filter.include_others and all(
+        keys is not None and not keys for keys in state_filter.types.values()
+    )
