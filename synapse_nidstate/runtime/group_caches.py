@@ -102,7 +102,7 @@ class GroupCaches:
                     answer[group] = {**non_members[group], **members[group]}
             if not incomplete:
                 return answer
-        elif _wants_nothing(state_filter):
+        elif not state_filter:  # StateFilter's own test: a filter that wants no key
             # What Synapse's two looks answer for such a filter, empty
             # caches or not: each group, empty, without a read.
             answer.update((group, {}) for group in rest)
@@ -148,12 +148,3 @@ class GroupCaches:
             for group, group_state in read.items():
                 answer[group] = state_filter.filter_state(group_state)
         return answer
-
-
-def _wants_nothing(state_filter: StateFilter) -> bool:
-    """Whether ``state_filter`` asks for no key at all: then Synapse's looks in
-    its per-group caches find every group complete, and empty, whatever they
-    hold (``_get_state_for_group_using_cache``: no wildcard, no concrete type)."""
-    return not state_filter.include_others and all(
-        keys is not None and not keys for keys in state_filter.types.values()
-    )

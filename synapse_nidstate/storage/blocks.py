@@ -259,7 +259,8 @@ class BlockStore(NidStoreBase):
         ranges: dict[int, tuple[int, int]] = {}
         without: dict[int, Sequence[int]] = {}  # snapshots whose ranges are not cached
         for snapshot_nid, block_nids in block_lists.items():
-            listed = self._snapshot_blocks.get(snapshot_nid)
+            # (Looked up by the read's block lists already: counted there.)
+            listed = self._snapshot_blocks.get(snapshot_nid, update_metrics=False)
             known = None if listed is None else listed[1]
             if known is None:
                 without[snapshot_nid] = block_nids
