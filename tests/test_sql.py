@@ -6,7 +6,10 @@ from synapse_nidstate.storage import in_list_clause
 from tests.harness import HomeserverTestCase, in_logcontext
 
 #: Strings an array literal or a JSON array must carry through unchanged.
-AWKWARD = ["", "plain", "a,b", "{braces}", 'say "hi"', "back\\slash", "it's", "NULL", " pad "]
+AWKWARD = [
+    "", "plain", "a,b", "{braces}", 'say "hi"', "back\\slash", "it's", "NULL", " pad ",
+    '\\"', "tab\tand\nnewline", "h\u00e9llo \u2603", "{}", ",",
+]
 
 
 class InListClauseTests:

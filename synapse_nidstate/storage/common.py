@@ -15,17 +15,29 @@ from synapse.types import StateMap
 # Binary columns are passed as bytearray: Synapse's PostgreSQL engine refuses
 # `bytes` parameters (matrix-org/synapse#6186).
 
+def text_array_literal(values: Collection[str]) -> str:
+    """PostgreSQL's input form of a ``text[]`` holding ``values``: each
+    element double-quoted, its backslashes and double quotes escaped with a
+    backslash, so that any string (commas, braces, ``NULL``, spaces) is read
+    back as it is. PostgreSQL text holds no NUL character."""
+    return "{" + ",".join(
+        '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values
+    ) + "}"
+
+
 def in_list_clause(
     engine: BaseDatabaseEngine, column: str, values: Collection[Any]
 ) -> tuple[str, list[Any]]:
     """``column`` is one of ``values``, as one clause with one parameter.
 
-    PostgreSQL: ``= ANY(?)``; integers (NIDs, state groups) as one array
-    literal in text, ``'{1,2,3}'::bigint[]``; anything else as Synapse's
-    ``make_in_list_sql_clause`` passes it (psycopg2 turns a Python list into
-    ``ARRAY[1,2,3]``, one expression per element for the client to adapt and
-    the server to parse: for the strings of a full state at HQ scale, most of
-    a cold read's time; docs/benchmarks.md, "Matrix HQ's scale, third run").
+    PostgreSQL: ``= ANY(?)`` with one array literal in text: integers (NIDs,
+    state groups) as ``'{1,2,3}'::bigint[]``, strings as ``'{"a","b"}'::text[]``
+    (:func:`text_array_literal`). Synapse's ``make_in_list_sql_clause`` passes
+    a Python list, which psycopg2 turns into ``ARRAY['a','b']``: one
+    expression per element for the client to adapt and the server to parse
+    (for the strings of a full state at HQ scale, most of a cold read's time;
+    docs/benchmarks.md, "Matrix HQ's scale, third run"). Anything else goes
+    that way.
     SQLite: one JSON array read by ``json_each`` (as Synapse's profile store
     does), so a list of any length is one statement instead of one per 500
     variables. Only integers and strings: binary values have no JSON form.
@@ -36,7 +48,8 @@ def in_list_clause(
                 # Checks every value is an int64 at C speed (strings raise).
                 ints = array("q", values)
             except (TypeError, OverflowError):
-                pass
+                if all(isinstance(v, str) for v in values):
+                    return f"{column} = ANY(?::text[])", [text_array_literal(values)]
             else:
                 return f"{column} = ANY(?::bigint[])", ["{" + ",".join(map(str, ints)) + "}"]
         return make_in_list_sql_clause(engine, column, values)
