@@ -13,7 +13,7 @@ which is not, lives in ``sql/<engine>/``.
 """
 
 from array import array
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse.storage.database import (
@@ -73,6 +73,9 @@ class TxnLearnt:
         self.piece_covers: dict[int, array] = {}
         self.pieces: dict[tuple[int, int], array] = {}
         self.event_snapshots: dict[str, int] = {}
+        #: each snapshot's block list and its blocks' key ranges (two key
+        #: numbers a block, in list order), once a narrow read knows them all
+        self.snapshot_ranges: dict[int, tuple[Sequence[int], array]] = {}
 
 
 class WriteScope:

@@ -64,12 +64,12 @@ def _snapshot_ranges(
     block_lists: Mapping[int, Sequence[int]],
     blocks: Mapping[int, array],
     ranges: Mapping[int, tuple[int, int]],
-) -> list[tuple[int, Sequence[int], array]]:
+) -> dict[int, tuple[Sequence[int], array]]:
     """The key ranges of each snapshot's blocks, in list order, flat (what
     ``BlockStore._snapshot_blocks`` keeps beside the list), of the snapshots
     whose every block has a known range (from its row) or is at hand (its
-    entries' range): (snapshot, its block list, the ranges)."""
-    out = []
+    entries' range): snapshot -> (its block list, the ranges)."""
+    out = {}
     for snapshot_nid, block_nids in block_lists.items():
         flat = array("q")
         for b in block_nids:
@@ -80,7 +80,7 @@ def _snapshot_ranges(
             else:
                 break
         else:
-            out.append((snapshot_nid, block_nids, flat))
+            out[snapshot_nid] = (block_nids, flat)
     return out
 
 
@@ -155,8 +155,16 @@ class BlockStore(NidStoreBase):
             self._group_snapshots.set(group, snapshot_nid)
         for snapshot_nid, block_nids in learnt.snapshots.items():
             # A block list never changes: one cached keeps its ranges.
-            if not self._snapshot_blocks.contains(snapshot_nid):
+            if snapshot_nid not in learnt.snapshot_ranges and not self._snapshot_blocks.contains(
+                snapshot_nid
+            ):
                 self._snapshot_blocks.set(snapshot_nid, (_ints(block_nids), None))
+        for snapshot_nid, (listed_nids, flat) in learnt.snapshot_ranges.items():
+            listed = self._snapshot_blocks.get(snapshot_nid, update_metrics=False)
+            if listed is None or listed[1] is None:
+                self._snapshot_blocks.set(
+                    snapshot_nid, (_ints(listed_nids) if listed is None else listed[0], flat)
+                )
         for block_nid, block in learnt.blocks.items():
             self._blocks.set(block_nid, _ints(itertools.chain.from_iterable(block)))
         for block_nid, flat in learnt.flat_blocks.items():
@@ -285,18 +293,11 @@ class BlockStore(NidStoreBase):
         if missing:
             assert txn is not None
             found.update(self._narrow_rows_txn(txn, learnt, missing, key_ranges, ranges))
-        if without and txn is not None:
-            # (Also a snapshot whose blocks' ranges all came with another's.)
-            txn.call_after(self._add_ranges, _snapshot_ranges(without, found, ranges))
+        if without:
+            # Kept beside the block lists when the read's learnt is published
+            # (also a snapshot whose blocks' ranges all came with another's).
+            learnt.snapshot_ranges.update(_snapshot_ranges(without, found, ranges))
         return found
-
-    def _add_ranges(self, rows: Iterable[tuple[int, Sequence[int], array]]) -> None:
-        """Keep each snapshot's block ranges beside its block list."""
-        for snapshot_nid, block_nids, flat in rows:
-            listed = self._snapshot_blocks.get(snapshot_nid, update_metrics=False)
-            self._snapshot_blocks.set(
-                snapshot_nid, (_ints(block_nids) if listed is None else listed[0], flat)
-            )
 
     def _cached_pieces(
         self, block_nid: int, key_ranges: Sequence[tuple[int, int]]
