@@ -17,9 +17,14 @@ scan of ``event_to_state_groups``. The shapes:
 
 - ``any_array``: ``esg.event_id = ANY(?)`` with the IDs as psycopg2 sends a
   Python list (``ARRAY['$a', ...]``, Synapse's ``make_in_list_sql_clause``);
-- ``any_literal``: the same with one ``text[]`` literal;
-- ``lateral``: what the module runs: the IDs unnested, each a probe of
-  ``event_to_state_groups``'s ``event_id`` index fenced by ``OFFSET 0``.
+- ``any_literal``: what the module runs: the same with one ``text[]``
+  literal (``storage.common.in_list_clause``);
+- ``lateral``: tried and not kept: the IDs unnested, each a probe of
+  ``event_to_state_groups``'s ``event_id`` index fenced by ``OFFSET 0``. At M
+  (9,673 rows) PostgreSQL plans the other two as a scan of the whole table
+  and a hash of every group, and this shape took half their time; at L
+  (31,621 rows) it plans them as a bitmap scan of the index, and this shape
+  took a tenth more (docs/benchmarks.md, "PostgreSQL L, session 22").
 
 The snapshot's own columns come the same way in all three; the filter's
 strings, which the module adds as ``UNION ALL`` branches, are left out.

@@ -6,12 +6,11 @@ never leave the reactor thread, like Synapse's own cached state reads.
 """
 
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import TYPE_CHECKING, cast
 
 import attr
 from synapse.storage.database import LoggingTransaction
-from synapse.storage.engines import PostgresEngine
 from synapse.types import MutableStateMap, StateMap
 from synapse.types.state import StateFilter
 
@@ -24,7 +23,6 @@ from synapse_nidstate.storage.common import (
     CacheMiss,
     CorruptState,
     in_list_clause,
-    text_array_literal,
 )
 from synapse_nidstate.storage.resolved import ResolvedStateStore
 from synapse_nidstate.storage.split_cache import SplitFilter, SplitStateCache
@@ -131,42 +129,15 @@ class StateReadStore(ResolvedStateStore):
         # The state at an event is its state group's: Synapse's own row says
         # which group (the state before the event when rejected).
         return self._snapshots_read(
-            txn, event_ids, learnt, filter_nids, self._event_snapshots, self._events_source
-        )
-
-    def _events_source(self, event_ids: Collection[str]) -> tuple[str, str, str, list]:
-        """Where the snapshots of ``event_ids`` are read from (see
-        :meth:`_snapshots_read`): Synapse's ``event_to_state_groups``.
-
-        PostgreSQL: one probe of its ``event_id`` index per event, fenced by
-        ``OFFSET 0`` so that it stays one. Written as ``event_id = ANY(...)``,
-        a batch's hundred events planned a scan of the whole table and a hash
-        of every group the mirror has (1.45 ms at M, growing with the
-        history; the probes: 0.40 ms), docs/benchmarks.md, "PostgreSQL M,
-        session 22"."""
-        if isinstance(self.engine, PostgresEngine):
-            return (
-                "q.event_id",
-                " FROM unnest(?::text[]) AS q(event_id) CROSS JOIN LATERAL"
-                " (SELECT esg.state_group FROM event_to_state_groups AS esg"
-                " WHERE esg.event_id = q.event_id OFFSET 0) AS esg"
-                " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group",
-                "",
-                [text_array_literal(event_ids)],
-            )
-        clause, args = in_list_clause(self.engine, "esg.event_id", event_ids)
-        return (
+            txn,
+            event_ids,
+            learnt,
+            filter_nids,
+            self._event_snapshots,
             "esg.event_id",
             " FROM event_to_state_groups AS esg"
             " JOIN nidstate_state_groups AS g ON g.state_group = esg.state_group",
-            f" WHERE {clause}",
-            args,
         )
-
-    def _groups_source(self, groups: Collection[int]) -> tuple[str, str, str, list]:
-        """Where the snapshots of state ``groups`` are read from: the mirror's map."""
-        clause, args = in_list_clause(self.engine, "g.state_group", groups)
-        return "g.state_group", " FROM nidstate_state_groups AS g", f" WHERE {clause}", args
 
     def group_snapshots_read(
         self,
@@ -178,7 +149,13 @@ class StateReadStore(ResolvedStateStore):
         """:meth:`_event_snapshots_read` for state groups: the snapshot of each
         group the mirror has, its block list and the filter's NIDs in one query."""
         return self._snapshots_read(
-            txn, groups, learnt, filter_nids, self._group_snapshots, self._groups_source
+            txn,
+            groups,
+            learnt,
+            filter_nids,
+            self._group_snapshots,
+            "g.state_group",
+            " FROM nidstate_state_groups AS g",
         )
 
     def _snapshots_read(
@@ -188,25 +165,24 @@ class StateReadStore(ResolvedStateStore):
         learnt: TxnLearnt,
         filter_nids: "_FilterNids | None",
         cache: "LruCache[K, int]",
-        source: Callable[[list[K]], tuple[str, str, str, list]],
+        key_column: str,
+        source: str,
     ) -> dict[K, int]:
-        """Snapshot of each of ``keys`` (events or groups) that has one.
-        ``source(missing)``: the column naming a row's key, the ``FROM`` and
-        the ``WHERE`` that select the rows of those keys (with ``g`` the
-        groups' map), and their arguments."""
+        """Snapshot of each of ``keys`` (events or groups) that has one, read
+        ``source`` (whose rows ``key_column`` names, with ``g`` the groups' map)."""
         found, missing = self._split_cached(cache, keys)
         if missing:
             if txn is None:
                 raise CacheMiss()
-            key_column, rows, where, args = source(missing)
+            clause, args = in_list_clause(self.engine, key_column, missing)
             # LEFT JOIN: a mapping to a snapshot that is not there is an error
             # (CorruptState), not a key without a snapshot. The key is the
             # second column (an event ID or a group), a string the third.
             sql = (
                 f"SELECT 0, {key_column}, NULL, g.snapshot_nid, s.block_nids, s.content_hash"
-                f"{rows}"
+                f"{source}"
                 " LEFT JOIN nidstate_snapshots AS s ON s.snapshot_nid = g.snapshot_nid"
-                f"{where}"
+                f" WHERE {clause}"
             )
             if filter_nids is not None:
                 for kind, (table, missing_strings) in enumerate(
