@@ -621,12 +621,20 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
         results.storage = await storage_report(hs, top=3)
     finally:
         await stop_homeserver(hs)
-    for side, with_module in (("native", False), ("nid", True)):
+    results.configs = write_configs(dataset)
+    return results
+
+
+def write_configs(dataset: Dataset) -> dict[str, str]:
+    """The dataset's homeserver.yaml without the module and with it (for the
+    mix's processes, and the CLI: ``synapse-nidstate migrate -c ...``)."""
+    paths = {}
+    for side, module in (("native", None), ("nid", module_config())):
         path = os.path.join(dataset.data_dir, f"homeserver-{side}.yaml")
         with open(path, "w") as f:
-            yaml.safe_dump(config(with_module), f)
-        results.configs[side] = path
-    return results
+            yaml.safe_dump(homeserver_config(dataset.data_dir, dataset.database, module), f)
+        paths[side] = path
+    return paths
 
 
 def mix_process(results: Results, requests: int) -> dict[str, dict[str, Any]]:
@@ -1101,6 +1109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "instead of writing the history again",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure, with its unit, here")
+    parser.add_argument(
+        "--dataset-only",
+        action="store_true",
+        help="write (or check) the dataset and stop: its writing is not timed, so it can share "
+        "the machine with other work, and a later run measures alone",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.port_from and args.engine != "postgres":
@@ -1127,6 +1141,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     log(args, f"Synapse's log: {log_path}")
+    if args.dataset_only:
+        scale = SCALES[args.scale]
+        meta = {"scale": args.scale, "engine": args.engine, "shape": attr.asdict(scale.shape)}
+        dataset = run_in_reactor(lambda: ensure_dataset(args, scale, meta), "nidstate-benchmark")
+        print(f"dataset in {dataset.data_dir}" + (" (kept)" if dataset.reused else ""))
+        for side, path in write_configs(dataset).items():
+            print(f"homeserver.yaml, {side}: {path}")
+        return 0
     results = run_in_reactor(lambda: run_benchmark(args), "nidstate-benchmark")
     log(args, "the mix in a process of its own, without the module and with it")
     results.process = mix_process(results, SCALES[args.scale].mix_requests)

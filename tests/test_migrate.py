@@ -155,6 +155,8 @@ class MigrateTests:
         self.assertEqual(await module.migrator.remaining(), 0)
         stats = module.stats.mirror
         self.assertGreaterEqual(stats.full_states_rebased, 4)
+        # Those full copies were read as their difference, not whole.
+        self.assertGreaterEqual(stats.full_states_by_difference, 4)
         # Every room's first group has no group before it.
         self.assertEqual(stats.full_state_reads - stats.full_states_rebased, len(history.rooms))
         for room_id in history.rooms:
@@ -181,6 +183,62 @@ class MigrateTests:
             ):
                 extended += 1
         self.assertGreaterEqual(extended, 4)
+
+    @in_logcontext
+    async def test_a_group_read_as_its_difference_from_another(self) -> None:
+        # difference_txn against Synapse's own reads, for every pair of a
+        # room's groups: the change where it is a delta, None where the later
+        # state lacks a key of the other's (a removal is not a delta).
+        self.patch(synapse_state_store, "MAX_STATE_DELTA_HOPS", 4)
+        hs = await self.make_homeserver({"mode": "serve", "reclaim": {}})
+        history = await build_history(hs)
+        module = self.module(hs)
+        pool = hs.get_datastores().main.db_pool
+        state_store = hs.get_datastores().state
+
+        def groups_txn(txn: Any) -> list[int]:
+            txn.execute(
+                "SELECT id FROM state_groups WHERE room_id = ? ORDER BY id", (history.rooms[0],)
+            )
+            return [row[0] for row in txn.fetchall()]
+
+        groups = await pool.runInteraction("test_groups", groups_txn)
+        states = await state_store._get_state_for_groups(groups)
+        checked = removals = 0
+        for group in groups[-12:]:
+            for base in groups[-24:]:
+                got = await pool.runInteraction(
+                    "test_difference", module.store.difference_txn, group, base, True
+                )
+                if states[base].keys() - states[group].keys():
+                    self.assertIsNone(got, (group, base))
+                    removals += 1
+                    continue
+                expected = {k: v for k, v in states[group].items() if states[base].get(k) != v}
+                self.assertEqual(got, expected, (group, base))
+                checked += 1
+        self.assertGreater(checked, 100)
+        self.assertGreater(removals, 0)
+
+        # A chain through a reclaimed group (its rows deleted) is no difference.
+        from_first = {
+            group: await pool.runInteraction(
+                "test_difference", module.store.difference_txn, group, groups[0], True
+            )
+            for group in groups
+        }
+        self.assertGreater((await module.reclaimer.run()).groups, 0)
+
+        def reclaimed_txn(txn: Any) -> int:
+            txn.execute("SELECT MAX(state_group) FROM nidstate_reclaimed_groups")
+            return txn.fetchone()[0]
+
+        reclaimed = await pool.runInteraction("test_reclaimed", reclaimed_txn)
+        self.assertIsNotNone(from_first[reclaimed])
+        got = await pool.runInteraction(
+            "test_difference", module.store.difference_txn, reclaimed, groups[0], True
+        )
+        self.assertIsNone(got)
 
     @in_logcontext
     async def test_background_migration(self) -> None:

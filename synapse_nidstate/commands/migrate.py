@@ -27,7 +27,8 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
         f"{seconds:.1f}s ({done / seconds:,.0f} events/s); "
         f"{counted(stats.snapshots_built, 'snapshot')} built, "
         f"{counted(stats.full_state_reads, 'full state')} read "
-        f"({stats.full_states_rebased:,} stored on a similar snapshot); "
+        f"({stats.full_states_rebased:,} stored on a similar snapshot, "
+        f"{stats.full_states_by_difference:,} of them read as their difference from it); "
         f"stream orderings done: [{result.low}, {result.high}]"
     )
     # Then the strings beside the blocks (what a whole read takes instead of

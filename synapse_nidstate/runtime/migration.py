@@ -395,14 +395,15 @@ class Migrator:
         for step in steps:
             if step.needs_full_state:
                 step = await self._planner.with_full_state(step, bases.get(step.group))
-                assert step.full_state is not None
-                if full_entries and full_entries + len(step.full_state) > MAX_FULL_STATE_ENTRIES:
+                # Read whole, or as a delta on its base.
+                entries = len(step.full_state if step.full_state is not None else step.delta or ())
+                if full_entries and full_entries + entries > MAX_FULL_STATE_ENTRIES:
                     # The steps so far stand alone (parents come first, and
                     # the batch before has committed).
                     await before_writing()
                     await self._write_steps(chunk)
                     chunk, full_entries = {}, 0
-                full_entries += len(step.full_state)
+                full_entries += entries
             chunk.setdefault(room_of[step.group], []).append(step)
         for room_id, room_steps in chunk.items():
             by_room.setdefault(room_id, ([], []))[1].extend(room_steps)

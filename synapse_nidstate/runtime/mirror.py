@@ -161,12 +161,29 @@ class SnapshotPlanner:
         return await self._state_store.db_pool.runInteraction("nidstate_plan_deltas", deltas_txn)
 
     async def with_full_state(self, step: GroupStep, base_group: int | None = None) -> GroupStep:
-        """The step with the group's full state read from Synapse's state store
-        (and ``base_group``, a group whose snapshot is likely close to it)."""
+        """The step with the group's full state read from Synapse's state store,
+        or, given ``base_group`` (a group built before it whose state is likely
+        close to it), as a delta on that group: their difference, computed in
+        SQL (``GroupStateStore.difference_txn``), so that a full copy of a big
+        room is not read whole. Where the difference is not a delta, the full
+        state is read, and stored on ``base_group``'s snapshot where that
+        shares blocks (``algebra.rebase``)."""
         if not step.needs_full_state:
             return step
-        state = (await self._state_store._get_state_for_groups([step.group]))[step.group]
         self._stats.full_state_reads += 1
+        if base_group is not None:
+            change = await self._state_store.db_pool.runInteraction(
+                "nidstate_plan_difference",
+                self._store.difference_txn,
+                step.group,
+                base_group,
+                self._state_store.db_pool is self._store.db_pool,
+            )
+            if change is not None:
+                self._stats.full_states_rebased += 1
+                self._stats.full_states_by_difference += 1
+                return GroupStep(step.group, base_group, change, None)
+        state = (await self._state_store._get_state_for_groups([step.group]))[step.group]
         return GroupStep(step.group, None, None, state, base_group)
 
 
