@@ -127,7 +127,8 @@ class GroupStateStore(StateReadStore):
         # Both states resolved as Synapse's read resolves a chain (the latest
         # group wins per key), here rather than in SQL: a full copy's rows
         # come as stored, where sorting or hashing them on the server took
-        # four times Synapse's own read of the copy (PostgreSQL L).
+        # several times Synapse's own read of the copy (docs/benchmarks.md,
+        # session 23).
         rows = self.group_rows_txn(txn, {*chains[0], *chains[1]})
         mine, theirs = (_resolve([rows[g] for g in chain]) for chain in chains)
         if any(key not in mine for key in theirs):
