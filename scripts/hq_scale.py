@@ -516,7 +516,12 @@ def main() -> int:
           f"{written['seconds']:.0f}s ({written['events'] / written['seconds']:,.0f} events/s)")
     with_state = describe(database)
     if args.write_only:
-        print(f"data: {data_dir}; database: {dsn}")
+        # The configuration the module's commands (and cost_curve.py) take.
+        config_path = os.path.join(data_dir, "homeserver.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump(writer_config(data_dir, database, {"mode": "serve"}), f)
+        print(f"data: {data_dir}; database: {dsn}; homeserver.yaml (module in mode serve): "
+              f"{config_path}")
         return 0
     return module_phase(data_dir, database, with_state, args.lookup_events)
 
