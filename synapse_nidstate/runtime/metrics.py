@@ -68,8 +68,8 @@ class MirrorStats:
     #: of those, the ones stored as a small difference on a similar snapshot
     #: (``algebra.rebase``) rather than compacted
     full_states_rebased: int = 0
-    #: of those, the ones read as their difference from that snapshot's group,
-    #: in SQL, rather than whole (``GroupStateStore.difference_txn``)
+    #: of those, the ones built as a delta on that snapshot's group, from the
+    #: rows of both chains, rather than read whole (``GroupStateStore.difference_txn``)
     full_states_by_difference: int = 0
     #: events whose state group had neither a snapshot nor a plan
     unprepared: int = 0

@@ -163,9 +163,9 @@ class SnapshotPlanner:
     async def with_full_state(self, step: GroupStep, base_group: int | None = None) -> GroupStep:
         """The step with the group's full state read from Synapse's state store,
         or, given ``base_group`` (a group built before it whose state is likely
-        close to it), as a delta on that group: their difference, computed in
-        SQL (``GroupStateStore.difference_txn``), so that a full copy of a big
-        room is not read whole. Where the difference is not a delta, the full
+        close to it), as a delta on that group: their difference, from the
+        rows of both chains (``GroupStateStore.difference_txn``), so that the
+        NIDs of a big room's full copy are not looked up whole. Where the difference is not a delta, the full
         state is read, and stored on ``base_group``'s snapshot where that
         shares blocks (``algebra.rebase``)."""
         if not step.needs_full_state:

@@ -98,10 +98,10 @@ class GroupStateStore(StateReadStore):
         whose event differs (a full copy of a big room is thousands of rows,
         its difference from the group before it a few, and only those few
         need their NIDs looked up and a block). None where that change is
-        not a delta: a key of ``base``'s
-        state missing from ``group``'s, a chain of either longer than
-        :data:`MAX_WALK_HOPS`, or (``reclaim_here``: Synapse's state tables
-        share the module's database) a chain through a reclaimed group.
+        not a delta: a key of ``base``'s state missing from ``group``'s, a
+        chain of either longer than :data:`MAX_WALK_HOPS`, or
+        (``reclaim_here``: Synapse's state tables share the module's
+        database) a chain through a reclaimed group.
 
         Two statements (three where reclaim is on): both chains walked along
         ``state_group_edges``, then the rows of every group on them."""
