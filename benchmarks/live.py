@@ -1,10 +1,13 @@
 """Reclaim beside live traffic: a real Synapse process, clients sending, the job on and off.
 
-    python -m benchmarks.live [--scale M] [--seconds 90] [--rate 8] [--state-rate 2]
-                              [--configs serve,job,...] [--breakdown] [--json FILE]
+    python -m benchmarks.live [--scale M | --dataset DIR] [--seconds 90] [--rate 8]
+                              [--state-rate 2] [--configs serve,job,...] [--breakdown]
+                              [--verify-sample N] [--json FILE]
 
 On the PostgreSQL dataset ``python -m benchmarks.run`` keeps for the scale
-(written first if there is none), each configuration gets a fresh copy of the
+(written first if there is none), or the one ``scripts/hq_scale.py
+--write-only`` wrote in ``--dataset DIR`` (its local users are the clients),
+each configuration gets a fresh copy of the
 database (``CREATE DATABASE ... TEMPLATE``), the module's tables dropped and,
 where the module runs, the history migrated (``migrate``); then a real
 ``python -m synapse.app.homeserver`` process and clients over HTTP:
@@ -35,7 +38,8 @@ peak (``/proc``: VmRSS, VmHWM):
 * ``eager``: each new group reclaimed in the transaction that persists its
   event (``reclaim: eager``): its cost per event;
 * ``kill``: as ``job``, but the process killed with SIGKILL once half the
-  history's groups are reclaimed and restarted at once while the clients go on
+  history's groups are reclaimed (or half the traffic's time has passed, where
+  the job needs longer: at Matrix HQ's scale) and restarted at once while the clients go on
   (their requests fail while it is down); after the traffic the job finishes,
   then ``verify`` compares every event's state with Synapse's (four filters):
   its mismatches and exit code. Its latencies hold the restart: they are
@@ -240,6 +244,9 @@ def cast(dsn: str, writer_state: dict[str, Any]) -> Cast:
 
     rooms, owner = writer_state["rooms"], writer_state["users"][0]
     big, small = rooms[0], rooms[1 : 1 + SMALL_ROOMS]
+    # Only the writer's users: an admin can log in as them (the members of a
+    # history written by scripts/hq_scale.py are mostly another server's).
+    ours = set(writer_state["users"][1:])
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
@@ -250,7 +257,7 @@ def cast(dsn: str, writer_state: dict[str, Any]) -> Cast:
                     " ORDER BY state_key",
                     (room, owner),
                 )
-                return [row[0] for row in cur.fetchall()]
+                return [row[0] for row in cur.fetchall() if row[0] in ours]
 
             in_big = joined(big)
             senders = [(user, big) for user in in_big[:BIG_ROOM_SENDERS]]
@@ -294,6 +301,18 @@ def copy_database(admin_dsn: str, template: str, name: str) -> str:
         conn.close()
     base = {k: v for k, v in psycopg2.extensions.parse_dsn(admin_dsn).items() if k != "dbname"}
     return " ".join(f"{k}={v}" for k, v in base.items()) + f" dbname={name}"
+
+
+def database_exists(admin_dsn: str, name: str) -> bool:
+    import psycopg2
+
+    conn = psycopg2.connect(admin_dsn, dbname="postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
 
 
 def group_counts(dsn: str) -> tuple[int, int]:
@@ -543,6 +562,7 @@ def run_config(
     dsn = copy_database(args.postgres, template, f"{template}_live")
     port = free_port()
     config = homeserver_config(run_dir, postgres_database(dsn), module or {"mode": "serve"})
+    config.update(args.overrides)
     log_path = os.path.join(run_dir, "homeserver.log")
     with open(os.path.join(run_dir, "log.yaml"), "w") as f:
         f.write(LOG_CONFIG.replace("LOGFILE", log_path) + (BREAKDOWN_LOGGERS if args.breakdown else ""))
@@ -594,7 +614,11 @@ def run_config(
             while not stop.wait(2.0):
                 groups, reclaimed = group_counts(dsn)
                 timeline.append((time.perf_counter() - traffic.start, groups, reclaimed))
-                if name == "kill" and not killed and reclaimed >= history_groups // 2:
+                elapsed = time.perf_counter() - traffic.start
+                if name == "kill" and not killed and (
+                    reclaimed >= history_groups // 2
+                    or (traffic.start > 0 and elapsed >= args.seconds / 2)
+                ):
                     killed["at"] = time.perf_counter() - traffic.start
                     server.kill()
                     killed["restart_seconds"] = server.start()
@@ -643,7 +667,8 @@ def run_config(
         server.stop()
     if name == "kill":
         started = time.monotonic()
-        verified = cli(config_path, "verify", "--no-progress")
+        sample = ("--sample", str(args.verify_sample)) if args.verify_sample else ()
+        verified = cli(config_path, "verify", "--no-progress", *sample)
         result["verify"] = {
             "exit_code": verified.returncode, "seconds": time.monotonic() - started,
             "output": verified.stdout.strip()[-800:],
@@ -723,23 +748,42 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"which of {', '.join(CONFIGS)}, in order")
     parser.add_argument("--breakdown", action="store_true",
                         help="log every request's and transaction's time and report where it went")
+    parser.add_argument("--dataset", metavar="DIR",
+                        help="a history scripts/hq_scale.py --write-only wrote (its --data-dir), "
+                        "instead of the runner's dataset of --scale")
+    parser.add_argument("--verify-sample", type=int, metavar="N",
+                        help="kill: verify N events chosen at random, not every event")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     args.engine, args.rebuild, args.port_from, args.progress = "postgres", False, None, False
-    args.data = os.path.abspath(
-        args.data or os.path.join(REPO, "benchmarks", "data", f"postgres-{args.scale}")
-    )
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
-    scale = SCALES[args.scale]
-    meta = {"scale": args.scale, "engine": "postgres", "shape": attr.asdict(scale.shape)}
-    run_in_reactor(lambda: ensure_dataset(args, scale, meta), "nidstate-benchmark-live")
-    template = args.database_name or f"nidstate_bench_{args.scale.lower()}"
-    prepare_postgres(args.postgres, template, fresh=False)
-    with open(os.path.join(args.data, "dataset.json")) as f:
-        writer_state = json.load(f)["writer"]
+    if args.dataset:
+        args.data = os.path.abspath(args.dataset)
+        try:
+            with open(os.path.join(args.data, "dataset.json")) as f:
+                saved = json.load(f)
+            template, writer_state = saved["database"], saved["writer"]
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--dataset: no dataset.json of scripts/hq_scale.py in {args.data} ({e})")
+        # What Synapse must be configured with on that history (every configuration alike).
+        args.overrides = saved.get("homeserver_overrides", {})
+        if not database_exists(args.postgres, template):
+            parser.error(f"--dataset: its database {template} does not exist")
+    else:
+        args.data = os.path.abspath(
+            args.data or os.path.join(REPO, "benchmarks", "data", f"postgres-{args.scale}")
+        )
+        scale = SCALES[args.scale]
+        meta = {"scale": args.scale, "engine": "postgres", "shape": attr.asdict(scale.shape)}
+        run_in_reactor(lambda: ensure_dataset(args, scale, meta), "nidstate-benchmark-live")
+        template = args.database_name or f"nidstate_bench_{args.scale.lower()}"
+        with open(os.path.join(args.data, "dataset.json")) as f:
+            writer_state = json.load(f)["writer"]
+        args.overrides = {}
+        prepare_postgres(args.postgres, template, fresh=False)
     command = "python -m benchmarks.live " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []
     for name in names:

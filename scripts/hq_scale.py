@@ -21,7 +21,10 @@ storage paths every event of a real server ends in:
   the stream tables are Synapse's own rows.
 
 How it differs from a history written through the handlers: the senders are
-users of another server (no local users: no push actions or device lists),
+users of another server (no local users: no push actions or device lists;
+``--local-users`` local users join at the end, through the same path, so
+that ``benchmarks.live`` has clients in the rooms, and ``dataset.json``
+names them),
 and Synapse runs without search indexing and user directory updates (see
 ``writer_config``), none of which has anything to do with state; events are not signed and
 their ``hashes`` are not content hashes (nothing in storage checks them); the
@@ -46,6 +49,7 @@ by Synapse alone before and after, and with the module while reclaimed).
 """
 
 import argparse
+import json
 import os
 import random
 import subprocess
@@ -77,6 +81,11 @@ from synapse_nidstate.demo.inprocess import (
 #: events of a room in one transaction).
 BATCH = 100
 REMOTE = "hq.example"
+#: ``--local-users`` joined to the big room, then to the small rooms, one each
+#: (``benchmarks.live``'s senders: six in the big room, one in each of four
+#: small rooms).
+LIVE_BIG_ROOM = 6
+LIVE_SMALL_ROOMS = 4
 
 
 def writer_config(data_dir: str, database: dict, module: dict | None = None) -> dict:
@@ -220,8 +229,16 @@ class RoomWriter:
         await self.hs.get_storage_controllers().persistence.persist_events(batch)
 
 
-async def write_history(hs: Any, members: int, events: int, rooms: int, seed: int) -> dict:
-    """The big room and ``rooms - 1`` small ones; returns what was written."""
+async def write_history(
+    hs: Any, members: int, events: int, rooms: int, seed: int, local_users: int = 0
+) -> dict:
+    """The big room and ``rooms - 1`` small ones; returns what was written.
+
+    Then ``local_users`` users of this server, registered (no password: an
+    admin logs in as them) and joined at the end of the history: the first
+    ``LIVE_BIG_ROOM`` to the big room, the next ones one to each small room in
+    turn while there are ``LIVE_SMALL_ROOMS`` of them, the rest to no room
+    (``benchmarks.live`` has them join and leave)."""
     from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 
     rng = random.Random(seed)
@@ -303,11 +320,25 @@ async def write_history(hs: Any, members: int, events: int, rooms: int, seed: in
                     "hq_analyze", lambda txn: txn.execute("ANALYZE")
                 )
                 next_analyze *= 2
+    local = [f"@live{k}:{hs.hostname}" for k in range(local_users)]
+    for k, user in enumerate(local):
+        await store.register_user(user)
+        if k < LIVE_BIG_ROOM:
+            w = big
+        elif k < LIVE_BIG_ROOM + LIVE_SMALL_ROOMS and len(writers) > 1:
+            w = writers[1 + (k - LIVE_BIG_ROOM) % (len(writers) - 1)]
+        else:
+            continue
+        await w.add("m.room.member", user, {"membership": "join"}, user)
+        w.joined.append(user)
     for w in writers:
         await w.flush()
     progress.finish()
+    joined_local = sum(1 for w in writers for u in w.joined if u in local)
     return {
-        "events": big_events + small_events + 5 * rooms,
+        "events": big_events + small_events + 5 * rooms + joined_local,
+        "room_ids": [w.room_id for w in writers],
+        "local_users": local,
         "rooms": rooms,
         "big_room_members_joined": len(big.joined),
         "big_room_state": len(big.state),
@@ -449,6 +480,12 @@ def main() -> int:
     parser.add_argument("--rooms", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", help="where the configuration and logs go")
+    parser.add_argument(
+        "--local-users", type=int, default=12,
+        help="users of this server joined at the end of the history, for benchmarks.live "
+        f"(the first {LIVE_BIG_ROOM} to the big room, {LIVE_SMALL_ROOMS} to small rooms; "
+        "default 12)",
+    )
     parser.add_argument("--write-only", action="store_true")
     parser.add_argument(
         "--transactions", action="store_true",
@@ -503,7 +540,9 @@ def main() -> int:
     async def write() -> dict:
         hs = await start_homeserver(writer_config(data_dir, database), data_dir)
         try:
-            return await write_history(hs, args.members, args.events, args.rooms, args.seed)
+            return await write_history(
+                hs, args.members, args.events, args.rooms, args.seed, args.local_users
+            )
         finally:
             await stop_homeserver(hs)
 
@@ -520,6 +559,23 @@ def main() -> int:
         config_path = os.path.join(data_dir, "homeserver.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(writer_config(data_dir, database, {"mode": "serve"}), f)
+        # What benchmarks.live --dataset reads: the database, the rooms (the
+        # big one first) and the users it may log in as (the first is left out
+        # as the rooms' owner, as in the runner's datasets: here the big room's
+        # remote creator).
+        with open(os.path.join(data_dir, "dataset.json"), "w") as f:
+            json.dump({
+                "database": args.database_name,
+                # writer_config's settings, for every process run on this history.
+                "homeserver_overrides": {
+                    key: value for key, value in writer_config(data_dir, database).items()
+                    if key in ("enable_search", "update_user_directory_from_worker")
+                },
+                "writer": {
+                    "rooms": written["room_ids"],
+                    "users": [f"@creator0:{REMOTE}", *written["local_users"]],
+                },
+            }, f, indent=2)
         print(f"data: {data_dir}; database: {dsn}; homeserver.yaml (module in mode serve): "
               f"{config_path}")
         return 0

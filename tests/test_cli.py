@@ -423,15 +423,31 @@ class WordingTests(unittest.TestCase):
         self.assertEqual(counted(12_345, "row"), "12,345 rows")
 
 
+def _importing_synapse(pid: int) -> bool:
+    """Whether process `pid` has loaded Synapse's compiled extension: it is
+    in the command, importing Synapse (what the CLI's own handling covers;
+    before it, Python's start-up and the import of the CLI module, where
+    Ctrl-C ends any Python program with Python's own traceback)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "synapse_rust" in maps.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 class EarlySignalTests(unittest.TestCase):
     def test_ctrl_c_while_the_command_starts(self) -> None:
         # SIGINT while the command imports Synapse and opens its databases
         # (its first seconds; the reactor's handler takes over later): one
         # line, exit code 130, never a traceback. The command here would end
         # with exit code 2 (no such homeserver.yaml) some seconds in.
+        #
+        # Each delay counts from a sign that the command runs (Synapse's
+        # compiled extension loaded), not from the fork: how long Python
+        # takes to get there depends on the machine's load.
         config = os.path.join(temporary_directory(self, "nidstate-cli-"), "homeserver.yaml")
         signalled = 0
-        for delay in (0.2, 0.4, 0.7, 1.0):
+        for delay in (0.0, 0.3, 0.8, 1.5):
             process = subprocess.Popen(
                 [sys.executable, "-m", "synapse_nidstate.cli", "stats", "-c", config],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -439,6 +455,10 @@ class EarlySignalTests(unittest.TestCase):
                 # background jobs with SIGINT ignored; children inherit it).
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
+            deadline = time.monotonic() + 60
+            while not _importing_synapse(process.pid) and process.poll() is None:
+                self.assertLess(time.monotonic(), deadline, "it never imported Synapse")
+                time.sleep(0.005)
             time.sleep(delay)
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
