@@ -32,6 +32,7 @@ groups through Synapse's state store (which may be a separate database).
 """
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,11 @@ _HIGH_KEY = "migrate_high_stream_ordering"
 
 #: How many entries of full states a batch holds in memory before writing them.
 MAX_FULL_STATE_ENTRIES = 200_000
+
+#: How many entries of full copies' states ``run`` keeps, so that the next
+#: copy of the same room reads only the deltas since (``difference_txn``'s
+#: ``known``): a big room's copies come one at a time, so two of HQ's biggest.
+MAX_KNOWN_STATE_ENTRIES = 100_000
 
 #: Blocks given their key range (blocks written before schema 5), or their
 #: pieces (before schema 8), per transaction.
@@ -137,6 +143,11 @@ class Migrator:
             "nidstate_fill_key_ranges": (store.fill_key_ranges_txn, 0),
             "nidstate_fill_pieces": (store.fill_pieces_txn, 0),
         }
+        #: While ``run`` runs: the states of the full copies it read last
+        #: (oldest first), at most MAX_KNOWN_STATE_ENTRIES entries. None
+        #: outside it (``run_batch``, the background migration's step, keeps
+        #: nothing between batches).
+        self._known: OrderedDict[int, dict[tuple[str, str], str]] | None = None
 
     # --------------------------------------------------------------- reading
 
@@ -394,7 +405,10 @@ class Migrator:
         full_entries = 0
         for step in steps:
             if step.needs_full_state:
-                step = await self._planner.with_full_state(step, bases.get(step.group))
+                step = await self._planner.with_full_state(
+                    step, bases.get(step.group), self._known
+                )
+                self._forget_known()
                 # Read whole, or as a delta on its base.
                 entries = len(step.full_state if step.full_state is not None else step.delta or ())
                 if full_entries and full_entries + entries > MAX_FULL_STATE_ENTRIES:
@@ -408,6 +422,17 @@ class Migrator:
         for room_id, room_steps in chunk.items():
             by_room.setdefault(room_id, ([], []))[1].extend(room_steps)
         return _Batch(by_room, covered, scanned_to, range_key, first_key, first_value)
+
+    def _forget_known(self) -> None:
+        """The oldest known states out, down to MAX_KNOWN_STATE_ENTRIES entries
+        (the newest is kept whatever its size)."""
+        known = self._known
+        if known is None:
+            return
+        total = sum(len(state) for state in known.values())
+        while len(known) > 1 and total > MAX_KNOWN_STATE_ENTRIES:
+            _, state = known.popitem(last=False)
+            total -= len(state)
 
     async def _write(self, batch: "_Batch") -> None:
         await self._main.runInteraction(
@@ -449,6 +474,7 @@ class Migrator:
         low, high = await self.stream_range()
         self.progress.low, self.progress.high = low, high
         batches = 0
+        self._known = OrderedDict()
         # The batch being written, and its write (Synapse's logcontext rules:
         # started with run_in_background, awaited through make_deferred_yieldable).
         in_flight: tuple[_Batch, defer.Deferred[None]] | None = None
@@ -478,6 +504,7 @@ class Migrator:
                 await settle()
                 return self.progress  # more to migrate: the ranges can wait
         finally:
+            self._known = None
             await settle()
         # History done: blocks written before schema 5 get their key ranges,
         # and before schema 8 their pieces, a page a transaction (resumable:

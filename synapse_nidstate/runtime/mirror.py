@@ -13,7 +13,7 @@ Two steps per batch of events Synapse persists (one room, up to 100 events):
 """
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, MutableMapping
 from typing import TYPE_CHECKING
 
 import attr
@@ -160,14 +160,20 @@ class SnapshotPlanner:
 
         return await self._state_store.db_pool.runInteraction("nidstate_plan_deltas", deltas_txn)
 
-    async def with_full_state(self, step: GroupStep, base_group: int | None = None) -> GroupStep:
+    async def with_full_state(
+        self,
+        step: GroupStep,
+        base_group: int | None = None,
+        known: MutableMapping[int, dict[tuple[str, str], str]] | None = None,
+    ) -> GroupStep:
         """The step with the group's full state read from Synapse's state store,
         or, given ``base_group`` (a group built before it whose state is likely
         close to it), as a delta on that group: their difference, from the
-        rows of both chains (``GroupStateStore.difference_txn``), so that the
-        NIDs of a big room's full copy are not looked up whole. Where the difference is not a delta, the full
-        state is read, and stored on ``base_group``'s snapshot where that
-        shares blocks (``algebra.rebase``)."""
+        rows of both chains (``GroupStateStore.difference_txn``; ``known``:
+        whole states read earlier, which it also adds to), so that the NIDs of
+        a big room's full copy are not looked up whole. Where the difference
+        is not a delta, the full state is read, and stored on
+        ``base_group``'s snapshot where that shares blocks (``algebra.rebase``)."""
         if not step.needs_full_state:
             return step
         self._stats.full_state_reads += 1
@@ -178,6 +184,7 @@ class SnapshotPlanner:
                 step.group,
                 base_group,
                 self._state_store.db_pool is self._store.db_pool,
+                known,
             )
             if change is not None:
                 self._stats.full_states_rebased += 1

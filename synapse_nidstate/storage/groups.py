@@ -17,7 +17,7 @@ is, the walk goes to the chain's end (at most
 those rows, as Synapse would.
 """
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, MutableMapping
 
 import attr
 from synapse.storage.database import LoggingTransaction
@@ -92,7 +92,12 @@ class GroupStateStore(StateReadStore):
         )
 
     def difference_txn(
-        self, txn: LoggingTransaction, group: int, base: int, reclaim_here: bool
+        self,
+        txn: LoggingTransaction,
+        group: int,
+        base: int,
+        reclaim_here: bool,
+        known: MutableMapping[int, dict[tuple[str, str], str]] | None = None,
     ) -> dict[tuple[str, str], str] | None:
         """Synapse's state of ``group`` as a change of ``base``'s: the keys
         whose event differs (a full copy of a big room is thousands of rows,
@@ -103,8 +108,17 @@ class GroupStateStore(StateReadStore):
         (``reclaim_here``: Synapse's state tables share the module's
         database) a chain through a reclaimed group.
 
+        ``known``: whole states of groups, read from Synapse's rows earlier by
+        the caller's run (a group's state never changes): a chain stops at the
+        first of them, and its rows below are not read again. Where
+        ``group`` is a full copy (no predecessor) its state is added to it;
+        the caller bounds it. A migration meets each full copy of a big room
+        twice, as ``group`` and then as the end of the next copy's base's
+        chain: so its rows are read once.
+
         Two statements (three where reclaim is on): both chains walked along
-        ``state_group_edges``, then the rows of every group on them."""
+        ``state_group_edges``, then the rows of every group on them above a
+        known one."""
         txn.execute(
             "WITH RECURSIVE walk(origin, at, hops) AS ("
             " VALUES (0, CAST(? AS BIGINT), 0), (1, CAST(? AS BIGINT), 0)"
@@ -124,13 +138,27 @@ class GroupStateStore(StateReadStore):
             chains[0] + chains[1],
         ):
             return None
+        # Each chain down to its first known group (or whole).
+        known = {} if known is None else known
+        cut = [
+            next((i for i, g in enumerate(chain) if g in known), len(chain)) for chain in chains
+        ]
         # Both states resolved as Synapse's read resolves a chain (the latest
         # group wins per key), here rather than in SQL: a full copy's rows
         # come as stored, where sorting or hashing them on the server took
         # several times Synapse's own read of the copy (docs/benchmarks.md,
         # session 23).
-        rows = self.group_rows_txn(txn, {*chains[0], *chains[1]})
-        mine, theirs = (_resolve([rows[g] for g in chain]) for chain in chains)
+        rows = self.group_rows_txn(
+            txn, {g for chain, k in zip(chains, cut, strict=True) for g in chain[:k]}
+        )
+        mine, theirs = (
+            _resolve(
+                [rows[g] for g in chain[:k]] + ([known[chain[k]]] if k < len(chain) else [])
+            )
+            for chain, k in zip(chains, cut, strict=True)
+        )
+        if len(chains[0]) == 1 and cut[0] == 1:
+            known[group] = mine
         if any(key not in mine for key in theirs):
             return None
         return {key: event_id for key, event_id in mine.items() if theirs.get(key) != event_id}
