@@ -26,6 +26,9 @@ groups through Synapse's state store (which may be a separate database).
   entries plus one: they are read one group at a time and join the batch's
   transaction; past that bound those read so far are written in a
   transaction of their own first (they have no parent, so any order works).
+  And, while :meth:`Migrator.run` runs, the states of the last full copies it
+  read, up to :data:`MAX_KNOWN_STATE_ENTRIES` entries, so that the next copy
+  of the same room reads only the deltas since.
 * **Statements.** A batch's rooms are written together
   (``NidStore.mirror_rooms_txn``): on PostgreSQL each statement is a round
   trip, and a batch touches up to one room per event.
