@@ -26,6 +26,7 @@ from synapse_nidstate.commands.verify import (
 )
 from synapse_nidstate.demo.history import Driver, HistoryShape, realistic_history
 from synapse_nidstate.demo.inprocess import homeserver_config
+from synapse_nidstate.storage import KnownStates
 from synapse_nidstate.storage.schema import TABLES
 from tests.harness import (
     PG_HOST,
@@ -231,7 +232,7 @@ class MigrateTests:
             return group_rows_txn(txn, wanted)
 
         self.patch(module.store, "group_rows_txn", counting)
-        known: dict[int, dict[tuple[str, str], str]] = {}
+        known = KnownStates(10**9)
         for group in groups[-12:]:
             for base in groups[-24:]:
                 before = set(known)
@@ -248,6 +249,11 @@ class MigrateTests:
         for group, state in known.items():
             self.assertEqual(state, states[group], group)
         kept_reads = sum(map(len, read))
+        # Bounded: the oldest out first, the newest kept whatever its size.
+        bounded = KnownStates(1)
+        for group, state in known.items():
+            bounded.add(group, state)
+        self.assertEqual(list(bounded), [list(known)[-1]])
         read.clear()
         for group in groups[-12:]:
             for base in groups[-24:]:

@@ -26,16 +26,14 @@ groups through Synapse's state store (which may be a separate database).
   entries plus one: they are read one group at a time and join the batch's
   transaction; past that bound those read so far are written in a
   transaction of their own first (they have no parent, so any order works).
-  And, while :meth:`Migrator.run` runs, the states of the last full copies it
-  read, up to :data:`MAX_KNOWN_STATE_ENTRIES` entries, so that the next copy
-  of the same room reads only the deltas since.
+  And, while :meth:`Migrator.run` runs, the last full copies' states it read
+  (:data:`MAX_KNOWN_STATE_ENTRIES`).
 * **Statements.** A batch's rooms are written together
   (``NidStore.mirror_rooms_txn``): on PostgreSQL each statement is a round
   trip, and a batch touches up to one room per event.
 """
 
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -46,7 +44,13 @@ from twisted.internet import defer
 
 from synapse_nidstate.runtime.metrics import BlockStringsStats, MigrationStats, MirrorStats
 from synapse_nidstate.runtime.mirror import SnapshotPlanner
-from synapse_nidstate.storage import EventRow, GroupStep, NidStore, WriteScope, in_list_clause
+from synapse_nidstate.storage import (
+    EventRow,
+    GroupStep,
+    KnownStates,
+    NidStore,
+    WriteScope,
+)
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -59,9 +63,8 @@ _HIGH_KEY = "migrate_high_stream_ordering"
 #: How many entries of full states a batch holds in memory before writing them.
 MAX_FULL_STATE_ENTRIES = 200_000
 
-#: How many entries of full copies' states ``run`` keeps, so that the next
-#: copy of the same room reads only the deltas since (``difference_txn``'s
-#: ``known``): a big room's copies come one at a time, so two of HQ's biggest.
+#: Entries of full copies' states ``run`` keeps (``KnownStates``), so that the
+#: next copy of a room reads only the deltas since: two of HQ's biggest.
 MAX_KNOWN_STATE_ENTRIES = 100_000
 
 #: Blocks given their key range (blocks written before schema 5), or their
@@ -146,11 +149,9 @@ class Migrator:
             "nidstate_fill_key_ranges": (store.fill_key_ranges_txn, 0),
             "nidstate_fill_pieces": (store.fill_pieces_txn, 0),
         }
-        #: While ``run`` runs: the states of the full copies it read last
-        #: (oldest first), at most MAX_KNOWN_STATE_ENTRIES entries. None
-        #: outside it (``run_batch``, the background migration's step, keeps
-        #: nothing between batches).
-        self._known: OrderedDict[int, dict[tuple[str, str], str]] | None = None
+        #: While ``run`` runs, the full copies' states it read last; None
+        #: outside it (the background migration keeps none between batches).
+        self._known: KnownStates | None = None
 
     # --------------------------------------------------------------- reading
 
@@ -262,7 +263,7 @@ class Migrator:
         if not full:
             return {}
         candidates = await self._main.runInteraction(
-            "nidstate_migrate_bases", self._prev_event_groups_txn, full
+            "nidstate_migrate_bases", self._store.prev_event_groups_txn, full
         )
         order = {s.group: i for i, s in enumerate(steps)}
         known = set(
@@ -278,22 +279,6 @@ class Migrator:
             if usable:
                 bases[group] = max(usable)
         return bases
-
-    @staticmethod
-    def _prev_event_groups_txn(txn: LoggingTransaction, groups: list[int]) -> dict[int, set[int]]:
-        """The groups of the prev events of each of ``groups``' events, but itself."""
-        clause, args = in_list_clause(txn.database_engine, "esg.state_group", groups)
-        txn.execute(
-            "SELECT esg.state_group, prev.state_group FROM event_to_state_groups AS esg"
-            " JOIN event_edges AS edge ON edge.event_id = esg.event_id"
-            " JOIN event_to_state_groups AS prev ON prev.event_id = edge.prev_event_id"
-            f" WHERE {clause} AND prev.state_group <> esg.state_group",
-            args,
-        )
-        found: dict[int, set[int]] = {}
-        for group, prev in txn:
-            found.setdefault(group, set()).add(prev)
-        return found
 
     async def run_batch(self, until: int | None = None) -> bool:
         """Migrate one batch; False once there is nothing left to scan.
@@ -411,7 +396,6 @@ class Migrator:
                 step = await self._planner.with_full_state(
                     step, bases.get(step.group), self._known
                 )
-                self._forget_known()
                 # Read whole, or as a delta on its base.
                 entries = len(step.full_state if step.full_state is not None else step.delta or ())
                 if full_entries and full_entries + entries > MAX_FULL_STATE_ENTRIES:
@@ -425,17 +409,6 @@ class Migrator:
         for room_id, room_steps in chunk.items():
             by_room.setdefault(room_id, ([], []))[1].extend(room_steps)
         return _Batch(by_room, covered, scanned_to, range_key, first_key, first_value)
-
-    def _forget_known(self) -> None:
-        """The oldest known states out, down to MAX_KNOWN_STATE_ENTRIES entries
-        (the newest is kept whatever its size)."""
-        known = self._known
-        if known is None:
-            return
-        total = sum(len(state) for state in known.values())
-        while len(known) > 1 and total > MAX_KNOWN_STATE_ENTRIES:
-            _, state = known.popitem(last=False)
-            total -= len(state)
 
     async def _write(self, batch: "_Batch") -> None:
         await self._main.runInteraction(
@@ -477,7 +450,7 @@ class Migrator:
         low, high = await self.stream_range()
         self.progress.low, self.progress.high = low, high
         batches = 0
-        self._known = OrderedDict()
+        self._known = KnownStates(MAX_KNOWN_STATE_ENTRIES)
         # The batch being written, and its write (Synapse's logcontext rules:
         # started with run_in_background, awaited through make_deferred_yieldable).
         in_flight: tuple[_Batch, defer.Deferred[None]] | None = None

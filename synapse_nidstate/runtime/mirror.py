@@ -13,7 +13,7 @@ Two steps per batch of events Synapse persists (one room, up to 100 events):
 """
 
 import logging
-from collections.abc import Callable, Collection, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 import attr
@@ -28,6 +28,7 @@ from synapse_nidstate.storage import (
     Contained,
     EventRow,
     GroupStep,
+    KnownStates,
     NidStore,
     WriteScope,
     in_list_clause,
@@ -164,7 +165,7 @@ class SnapshotPlanner:
         self,
         step: GroupStep,
         base_group: int | None = None,
-        known: MutableMapping[int, dict[tuple[str, str], str]] | None = None,
+        known: KnownStates | None = None,
     ) -> GroupStep:
         """The step with the group's full state read from Synapse's state store,
         or, given ``base_group`` (a group built before it whose state is likely

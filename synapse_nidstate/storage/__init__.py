@@ -15,6 +15,7 @@ from synapse_nidstate.storage.common import (
     arguments_by_name,
     in_list_clause,
 )
+from synapse_nidstate.storage.groups import KnownStates
 from synapse_nidstate.storage.resolved import ResolvedChanges, ResolvedState
 from synapse_nidstate.storage.savepoint import Contained, in_savepoint, must_retry
 from synapse_nidstate.storage.store import NidStore
@@ -26,6 +27,7 @@ __all__ = [
     "CorruptState",
     "EventRow",
     "GroupStep",
+    "KnownStates",
     "NidStore",
     "ResolvedChanges",
     "ResolvedState",

@@ -17,7 +17,8 @@ is, the walk goes to the chain's end (at most
 those rows, as Synapse would.
 """
 
-from collections.abc import Callable, Collection, MutableMapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 
 import attr
 from synapse.storage.database import LoggingTransaction
@@ -51,6 +52,22 @@ _NEXT_HOP = (
 Anchors = Callable[[LoggingTransaction, Collection[int]], dict[int, int]]
 
 
+class KnownStates(OrderedDict[int, dict[tuple[str, str], str]]):
+    """Whole states of groups read from Synapse's rows by one run
+    (``difference_txn``'s ``known``), the oldest first out once they hold more
+    than ``max_entries`` entries (the newest is kept whatever its size)."""
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+
+    def add(self, group: int, state: dict[tuple[str, str], str]) -> None:
+        self[group] = state
+        total = sum(map(len, self.values()))
+        while len(self) > 1 and total > self.max_entries:
+            total -= len(self.popitem(last=False)[1])
+
+
 @attr.s(slots=True, auto_attribs=True)
 class Chain:
     """A group's rows and its predecessors' rows down to an anchor."""
@@ -78,6 +95,24 @@ class GroupStateStore(StateReadStore):
             rows[group][(event_type, state_key)] = event_id
         return rows
 
+    def prev_event_groups_txn(
+        self, txn: LoggingTransaction, groups: list[int]
+    ) -> dict[int, set[int]]:
+        """The groups of the prev events of each of ``groups``' events, but
+        itself (main database: events, not state)."""
+        clause, args = in_list_clause(txn.database_engine, "esg.state_group", groups)
+        txn.execute(
+            "SELECT esg.state_group, prev.state_group FROM event_to_state_groups AS esg"
+            " JOIN event_edges AS edge ON edge.event_id = esg.event_id"
+            " JOIN event_to_state_groups AS prev ON prev.event_id = edge.prev_event_id"
+            f" WHERE {clause} AND prev.state_group <> esg.state_group",
+            args,
+        )
+        found: dict[int, set[int]] = {}
+        for group, prev in txn:
+            found.setdefault(group, set()).add(prev)
+        return found
+
     def prev_groups_txn(
         self, txn: LoggingTransaction, groups: Collection[int]
     ) -> dict[int, int]:
@@ -97,7 +132,7 @@ class GroupStateStore(StateReadStore):
         group: int,
         base: int,
         reclaim_here: bool,
-        known: MutableMapping[int, dict[tuple[str, str], str]] | None = None,
+        known: KnownStates | None = None,
     ) -> dict[tuple[str, str], str] | None:
         """Synapse's state of ``group`` as a change of ``base``'s: the keys
         whose event differs (a full copy of a big room is thousands of rows,
@@ -111,8 +146,7 @@ class GroupStateStore(StateReadStore):
         ``known``: whole states of groups, read from Synapse's rows earlier by
         the caller's run (a group's state never changes): a chain stops at the
         first of them, and its rows below are not read again. Where
-        ``group`` is a full copy (no predecessor) its state is added to it;
-        the caller bounds it. A migration meets each full copy of a big room
+        ``group`` is a full copy (no predecessor) its state is added to it. A migration meets each full copy of a big room
         twice, as ``group`` and then as the end of the next copy's base's
         chain: so its rows are read once.
 
@@ -139,7 +173,7 @@ class GroupStateStore(StateReadStore):
         ):
             return None
         # Each chain down to its first known group (or whole).
-        known = {} if known is None else known
+        known = KnownStates(0) if known is None else known
         cut = [
             next((i for i, g in enumerate(chain) if g in known), len(chain)) for chain in chains
         ]
@@ -158,7 +192,7 @@ class GroupStateStore(StateReadStore):
             for chain, k in zip(chains, cut, strict=True)
         )
         if len(chains[0]) == 1 and cut[0] == 1:
-            known[group] = mine
+            known.add(group, mine)
         if any(key not in mine for key in theirs):
             return None
         return {key: event_id for key, event_id in mine.items() if theirs.get(key) != event_id}
