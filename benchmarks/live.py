@@ -619,7 +619,7 @@ def run_config(
                     reclaimed >= history_groups // 2
                     or (traffic.start > 0 and elapsed >= args.seconds / 2)
                 ):
-                    killed["at"] = time.perf_counter() - traffic.start
+                    killed["at"] = elapsed
                     server.kill()
                     killed["restart_seconds"] = server.start()
 

@@ -44,13 +44,7 @@ from twisted.internet import defer
 
 from synapse_nidstate.runtime.metrics import BlockStringsStats, MigrationStats, MirrorStats
 from synapse_nidstate.runtime.mirror import SnapshotPlanner
-from synapse_nidstate.storage import (
-    EventRow,
-    GroupStep,
-    KnownStates,
-    NidStore,
-    WriteScope,
-)
+from synapse_nidstate.storage import EventRow, GroupStep, KnownStates, NidStore, WriteScope
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer

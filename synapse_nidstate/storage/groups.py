@@ -146,9 +146,10 @@ class GroupStateStore(StateReadStore):
         ``known``: whole states of groups, read from Synapse's rows earlier by
         the caller's run (a group's state never changes): a chain stops at the
         first of them, and its rows below are not read again. Where
-        ``group`` is a full copy (no predecessor) its state is added to it. A migration meets each full copy of a big room
-        twice, as ``group`` and then as the end of the next copy's base's
-        chain: so its rows are read once.
+        ``group`` is a full copy (no predecessor) its state is added to it.
+        A migration meets each full copy of a big room twice, as ``group`` and
+        then as the end of the next copy's base's chain: so its rows are read
+        once.
 
         Two statements (three where reclaim is on): both chains walked along
         ``state_group_edges``, then the rows of every group on them above a
@@ -173,10 +174,8 @@ class GroupStateStore(StateReadStore):
         ):
             return None
         # Each chain down to its first known group (or whole).
-        known = KnownStates(0) if known is None else known
-        cut = [
-            next((i for i, g in enumerate(chain) if g in known), len(chain)) for chain in chains
-        ]
+        kept = {} if known is None else known
+        cut = [next((i for i, g in enumerate(chain) if g in kept), len(chain)) for chain in chains]
         # Both states resolved as Synapse's read resolves a chain (the latest
         # group wins per key), here rather than in SQL: a full copy's rows
         # come as stored, where sorting or hashing them on the server took
@@ -187,11 +186,11 @@ class GroupStateStore(StateReadStore):
         )
         mine, theirs = (
             _resolve(
-                [rows[g] for g in chain[:k]] + ([known[chain[k]]] if k < len(chain) else [])
+                [rows[g] for g in chain[:k]] + ([kept[chain[k]]] if k < len(chain) else [])
             )
             for chain, k in zip(chains, cut, strict=True)
         )
-        if len(chains[0]) == 1 and cut[0] == 1:
+        if known is not None and len(chains[0]) == 1 and cut[0] == 1:
             known.add(group, mine)
         if any(key not in mine for key in theirs):
             return None
