@@ -430,6 +430,16 @@ class CliTests:
         rerun = _cli(*args)
         self.assertEqual(rerun.returncode, 0, rerun.stderr)
         self.assertIn("migrated", rerun.stdout)
+        if self.engine == "postgres":
+            # The tables it filled have planner statistics (reltuples is -1
+            # for a table never analyzed nor vacuumed).
+            self.assertIn("analyzed the module's tables", rerun.stdout)
+            unanalyzed = _query(
+                database,
+                "SELECT relname FROM pg_class WHERE relkind = 'r'"
+                " AND relname LIKE 'nidstate_%' AND reltuples < 0",
+            )
+            self.assertEqual(unanalyzed, [])
         verified = _cli("verify", "-c", check, "--no-progress")
         self.assertEqual(verified.returncode, 0, verified.stdout + verified.stderr)
         self.assertIn("mismatches: 0", verified.stdout)

@@ -166,6 +166,24 @@ TABLES = (
 )
 
 
+def analyze_tables_txn(txn: LoggingTransaction) -> bool:
+    """Fresh planner statistics for the module's tables, once a migration
+    has filled them; False where there is nothing to do.
+
+    PostgreSQL plans on a table's last statistics, and tables created empty
+    and filled by ``migrate`` have none until autovacuum comes round (never,
+    where it is off): meanwhile the reads' ``= ANY`` probes of a few dozen
+    blocks are planned as scans of the whole table (0.36 against 0.05 ms for a
+    cold narrow read's blocks at M, ``EXPLAIN ANALYZE``). SQLite keeps no
+    statistics unless ``ANALYZE`` ran once, and Synapse never runs it there:
+    its tables' plans are left as they are."""
+    if not isinstance(txn.database_engine, PostgresEngine):
+        return False
+    for table in TABLES:
+        txn.execute(f"ANALYZE {table}")
+    return True
+
+
 def apply_schema(hs: "HomeServer") -> int:
     """Create or upgrade the module's tables in ``hs``'s main database, now.
 
