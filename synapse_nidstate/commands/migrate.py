@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
     stats = MirrorStats()
-    migrator = Migrator(hs, nid_store(hs), stats, batch_size=args.batch_size)
+    store = nid_store(hs)  # one per process: its caches are named in Synapse's metrics
+    migrator = Migrator(hs, store, stats, batch_size=args.batch_size)
     total = await migrator.remaining()
     progress = WorkProgress("migrating", total, enabled=not args.no_progress)
     result = await migrator.run(progress)
@@ -43,7 +44,7 @@ async def migrate(hs: "HomeServer", args: argparse.Namespace) -> int:
     # PostgreSQL: planner statistics for the tables just filled, so that the
     # reads that follow are planned on their size (autovacuum may be off).
     started = time.monotonic()
-    if await nid_store(hs).db_pool.runInteraction(
+    if await store.db_pool.runInteraction(
         "nidstate_migrate_analyze", analyze_tables_txn
     ):
         print(f"analyzed the module's tables in {time.monotonic() - started:.1f}s")
