@@ -29,6 +29,7 @@ with their senders as the members asked for; for the HQ-scale run's data:
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -261,7 +262,7 @@ def main() -> int:
                 "batch": visibility_filter(member),
             }[kind]
             paths: dict[str, Callable[[list[Any], StateFilter], Awaitable[object]]] = {
-                "native": lookups.native_state_ids,
+                "native": functools.partial(lookups.native_state_ids, fresh=False, alone=True),
                 "nid": lookups.mirrored_state_ids,
             }
             groups: list[list[Any]] = [events] if args.lookup == "batch" else [[e] for e in events]
@@ -276,13 +277,14 @@ def main() -> int:
 
                 def read_groups(path: str) -> Callable[[list[Any], StateFilter], Awaitable[object]]:
                     async def read(wanted: list[Any], state_filter: StateFilter) -> object:
-                        guard = group_reads.native_only(fresh=False)
+                        guard = group_reads.native_only(fresh=False, alone=True)
                         with guard if path == "native" else contextlib.nullcontext():
                             return await state._get_state_for_groups(wanted, state_filter)
 
                     return read
 
                 paths = {path: read_groups(path) for path in paths}
+            await lookups.check_timeable()
             if args.compare:
                 return await _compare(hs, lookups, paths, groups, state_filter, args)
             call = paths[args.path]

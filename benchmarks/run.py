@@ -195,9 +195,10 @@ async def realistic_mix(hs: HomeServer, module: NidStateModule, requests: int) -
     """The mix of benchmarks/mix.py, replayed twice each way (the order
     alternating), each replay from cold; throughput over both replays."""
     lookups = module.lookups
+    await lookups.check_timeable()
     trace = mix.draw_trace(await mix.timelines(hs), requests, seed=12)
     sides: dict[str, Any] = {
-        "native": functools.partial(lookups.native_state_ids, fresh=False),
+        "native": functools.partial(lookups.native_state_ids, fresh=False, alone=True),
         "nid": lookups.mirrored_state_ids,
     }
     seconds = {"native": 0.0, "nid": 0.0}
@@ -581,7 +582,7 @@ async def run_benchmark(args: argparse.Namespace) -> Results:
             native = await batch_work(
                 hs,
                 module.lookups,
-                functools.partial(module.lookups.native_state_ids, fresh=False),
+                functools.partial(module.lookups.native_state_ids, fresh=False, alone=True),
                 batches,
                 visibility,
                 cold,

@@ -100,7 +100,8 @@ async def time_lookups(
         await call(group, state_filter)
         return time.perf_counter() - started
 
-    native_ids = functools.partial(lookups.native_state_ids, fresh=False)
+    await lookups.check_timeable()
+    native_ids = functools.partial(lookups.native_state_ids, fresh=False, alone=True)
     results = []
     filters = lookup_filters(member, other_members)
     visibility = visibility_filter(member)
@@ -164,6 +165,7 @@ async def time_group_reads(
     before each)."""
     group_reads = lookups.group_reads
     assert group_reads is not None, "the module does not serve state-group reads here"
+    await group_reads.check_timeable()
     state = hs.get_datastores().state
     cache = "cold" if cold else "warm"
 
@@ -180,7 +182,7 @@ async def time_group_reads(
         state_filter: StateFilter,
         native: bool,
     ) -> float:
-        guard = group_reads.native_only(fresh=False)
+        guard = group_reads.native_only(fresh=False, alone=True)
         if cold:
             clear_state_caches(hs, lookups)
         elif not native:

@@ -66,6 +66,10 @@ class GroupReads:
         #: The state store whose readers are wrapped.
         self._installed: Any = None
         self._native_depth = 0
+        #: Within ``native_only(alone=True)``: Synapse's method and nothing else.
+        self._alone_depth = 0
+        #: Whether :meth:`check_timeable` found no reclaimed group.
+        self._timeable = False
 
     @property
     def store(self) -> NidStore:
@@ -96,18 +100,40 @@ class GroupReads:
         """Called by ``hooks.install_group_reads`` once it has wrapped the readers."""
         self._installed = state_store
 
+    async def check_timeable(self) -> None:
+        """Before a timing of Synapse alone (``native_only(alone=True)``):
+        refuse a database where any group is reclaimed, whose rows Synapse's
+        own read no longer has."""
+        reclaimed = await self._store.db_pool.runInteraction(
+            "nidstate_check_timeable", self._store.reclaim_marked_txn
+        )
+        if reclaimed:
+            raise RuntimeError(
+                "state groups are reclaimed: Synapse's own reads cannot be timed alone"
+            )
+        self._timeable = True
+
     @contextlib.contextmanager
-    def native_only(self, fresh: bool) -> Iterator[None]:
+    def native_only(self, fresh: bool, alone: bool = False) -> Iterator[None]:
         """Within: Synapse's reads of state groups are Synapse's own again
         (:meth:`synapse_answer_txn`), so that a comparison or a timing of Synapse's
         answer never sees the mirror. ``fresh`` also empties Synapse's per-group
         caches first (they may hold what the mirror served). Other reads
-        meanwhile are Synapse's too, which is correct (reclaimed groups included)."""
+        meanwhile are Synapse's too, which is correct (reclaimed groups included).
+
+        ``alone`` (timings): exactly Synapse's method, as a server without the
+        module runs it, not even the check for the reclaim marker that
+        :meth:`synapse_answer_txn` makes (a statement a read: it made Synapse
+        look 0.25 ms slower per cold read at M, ``benchmarks.profile --compare``
+        before 2026-12-07). Only after :meth:`check_timeable`."""
         if self._installed is None:
             yield
             return
+        if alone and not self._timeable:
+            raise RuntimeError("GroupReads.check_timeable must pass before timing Synapse alone")
         state_store = self._installed
         self._native_depth += 1
+        self._alone_depth += alone
         if fresh:
             state_store._state_group_cache.invalidate_all()
             state_store._state_group_members_cache.invalidate_all()
@@ -115,6 +141,7 @@ class GroupReads:
             yield
         finally:
             self._native_depth -= 1
+            self._alone_depth -= alone
 
     def synapse_answer_txn(
         self,
@@ -170,6 +197,8 @@ class GroupReads:
         transaction (:meth:`after_failure`): two statements fewer."""
         if state_filter is None:
             state_filter = StateFilter.all()
+        if self._alone_depth:
+            return native(txn, groups, state_filter)
         if self._native_depth or self._mode == "native":
             return self.synapse_answer_txn(txn, groups, state_filter, native)
         started = time.perf_counter()
@@ -248,6 +277,8 @@ class GroupReads:
         transaction per miss, as Synapse's own. Mode ``shadow``: that
         difference for every group the mirror has (:meth:`delta_txn`),
         compared with Synapse's answer, which is returned."""
+        if self._alone_depth:
+            return await native(state_group)
         if self._native_depth:
             return await self._native_delta(state_group, native)
         if self._mode == "shadow":

@@ -81,6 +81,12 @@ class StateLookups:
         stores.main._get_state_group_for_event.invalidate_all()
         self._store.clear_caches()
 
+    async def check_timeable(self) -> None:
+        """Before timing Synapse alone (``native_state_ids(alone=True)``):
+        ``GroupReads.check_timeable``."""
+        if self.group_reads is not None:
+            await self.group_reads.check_timeable()
+
     async def native_state_ids(
         self,
         event_ids: Collection[str],
@@ -88,13 +94,14 @@ class StateLookups:
         await_full_state: bool = True,
         *,
         fresh: bool = True,
+        alone: bool = False,
     ) -> dict[str, StateMap[str]]:
         """Synapse's own answer from its state groups, whatever the mode: the
         module's state-group reads are bypassed meanwhile and, with ``fresh``
-        (comparisons), Synapse's per-group caches emptied first; timings of warm
-        lookups pass ``fresh=False``."""
+        (comparisons), Synapse's per-group caches emptied first; timings pass
+        ``fresh=False, alone=True`` (``GroupReads.native_only``)."""
         guard = (
-            self.group_reads.native_only(fresh)
+            self.group_reads.native_only(fresh, alone)
             if self.group_reads is not None
             else contextlib.nullcontext()
         )
