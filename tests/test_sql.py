@@ -3,6 +3,7 @@
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate.storage import in_list_clause
+from synapse_nidstate.storage.prepared import PreparedStatements
 from tests.harness import HomeserverTestCase, in_logcontext
 
 #: Strings an array literal or a JSON array must carry through unchanged.
@@ -18,6 +19,7 @@ class InListClauseTests:
         hs = await self.make_homeserver(None)
         db_pool = hs.get_datastores().main.db_pool
         engine = db_pool.engine
+        prepared = PreparedStatements()
 
         def read_txn(txn: LoggingTransaction) -> dict[str, list]:
             txn.execute("CREATE TEMPORARY TABLE in_list_probe (n BIGINT, s TEXT)")
@@ -32,12 +34,18 @@ class InListClauseTests:
                 ("ints", "n", [*range(2, 3001, 2), 0, -5, 10**12, 2**40]),
                 ("strings", "s", [*AWKWARD, "s7", "absent"]),
                 ("one", "n", [3]),
+                ("one string", "s", ["it's"]),
                 ("empty", "n", []),
             ):
                 clause, args = in_list_clause(engine, column, values)
                 self.assertLessEqual(len(args), 1, name)  # one parameter, whatever the length
-                txn.execute(f"SELECT n, s FROM in_list_probe WHERE {clause} ORDER BY n", args)
+                sql = f"SELECT n, s FROM in_list_probe WHERE {clause} ORDER BY n"
+                txn.execute(sql, args)
                 found[name] = txn.fetchall()
+                # The same, prepared (PostgreSQL; SQLite runs it as given), twice.
+                for _ in range(2):
+                    prepared.execute(txn, "in_list_probe", sql, args)
+                    self.assertEqual(txn.fetchall(), found[name], name)
             txn.execute("DROP TABLE in_list_probe")
             return found
 

@@ -67,6 +67,10 @@ class NidStateConfig:
     #: states as strings, what warm full-state and wildcard lookups read; a
     #: snapshot that extends a cached one weighs only its changes.
     resolved_state_cache_size: int = 500_000
+    #: Run the module's read statements as server-side prepared statements
+    #: on PostgreSQL (``storage/prepared.py``); false behind a connection
+    #: pooler in transaction mode, which does not keep a session's statements.
+    prepared_statements: bool = True
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False
     background_migration: BackgroundMigrationConfig = BackgroundMigrationConfig()

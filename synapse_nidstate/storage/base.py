@@ -35,6 +35,7 @@ from synapse_nidstate.storage.common import (
     StringTable,
     in_list_clause,
 )
+from synapse_nidstate.storage.prepared import PreparedStatements
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -133,6 +134,8 @@ class NidStoreBase:
 
         self._clock = clock
         self._server_name = name
+        #: The read statements, prepared once per connection (PostgreSQL).
+        self.prepared = PreparedStatements(config.prepared_statements)
         cache = self._cache
 
         strings = config.string_cache_size
@@ -241,14 +244,19 @@ class NidStoreBase:
         sql: str,
         column: str,
         values: Collection[Any],
+        purpose: str | None = None,
     ) -> list[tuple]:
         """Run ``sql`` (which ends in ``WHERE``) for ``values`` (integers or
         strings), in one statement; binary values go per room through
-        :meth:`_select_by_room_txn`."""
+        :meth:`_select_by_room_txn`. With ``purpose`` (a read), prepared
+        (``storage/prepared.py``)."""
         if not values:
             return []
         clause, clause_args = in_list_clause(self.engine, column, values)
-        txn.execute(f"{sql} {clause}", clause_args)
+        if purpose is None:
+            txn.execute(f"{sql} {clause}", clause_args)
+        else:
+            self.prepared.execute(txn, purpose, f"{sql} {clause}", clause_args)
         return txn.fetchall()
 
     @staticmethod

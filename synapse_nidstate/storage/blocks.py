@@ -373,7 +373,9 @@ class BlockStore(NidStoreBase):
                 " NULL, NULL, NULL, NULL, NULL"
             )
             args = [*range_args, *in_args]
-        txn.execute(
+        self.prepared.execute(
+            txn,
+            "narrow_blocks",
             "SELECT b.block_nid, b.first_key, b.last_key, b.pieces, b.content_hash,"
             f" {entries} FROM nidstate_blocks AS b {join} WHERE {clause}",
             args,
@@ -459,7 +461,9 @@ class BlockStore(NidStoreBase):
         assert txn is not None
         clause, args = in_list_clause(self.engine, "block_nid", missing)
         strings = ", strings" if with_strings else ", NULL"
-        txn.execute(
+        self.prepared.execute(
+            txn,
+            "blocks",
             f"SELECT block_nid, entries, content_hash{strings} FROM nidstate_blocks WHERE {clause}",
             args,
         )
@@ -488,6 +492,7 @@ class BlockStore(NidStoreBase):
                 "SELECT snapshot_nid, block_nids, content_hash FROM nidstate_snapshots WHERE",
                 "snapshot_nid",
                 missing,
+                purpose="block_lists",
             )
             loaded = {nid: checked_block_list(nid, blocks, digest) for nid, blocks, digest in rows}
             if len(loaded) != len(missing):

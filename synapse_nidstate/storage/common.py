@@ -43,6 +43,16 @@ def in_list_clause(
     variables. Only integers and strings: binary values have no JSON form.
     """
     if engine.supports_using_any_list:
+        if len(values) == 1:
+            # One value as a scalar: a prepared statement's generic plan then
+            # costs what a custom one does, so PostgreSQL keeps it instead of
+            # planning each run (an array of unknown length is estimated at
+            # ten rows). 0.15 ms a cold read's first statement at M.
+            (value,) = values
+            if isinstance(value, str) or (
+                isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+            ):
+                return f"{column} = ?", [value]
         if values:
             try:
                 # Checks every value is an int64 at C speed (strings raise).

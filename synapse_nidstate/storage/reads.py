@@ -199,7 +199,7 @@ class StateReadStore(ResolvedStateStore):
                             f" WHERE {string_clause}"
                         )
                         args += string_args
-            txn.execute(sql, args)
+            self.prepared.execute(txn, "snapshots", sql, args)
             pairs = []
             strings: list[list[tuple[str, int]]] = [[], [], []]
             for kind, key, string, nid, block_nids, digest in txn:
@@ -365,7 +365,9 @@ class StateReadStore(ResolvedStateStore):
             # One query for both tables (a read never creates a NID).
             type_clause, type_args = in_list_clause(self.engine, "event_type", nids.types_missing)
             key_clause, key_args = in_list_clause(self.engine, "state_key", nids.keys_missing)
-            txn.execute(
+            self.prepared.execute(
+                txn,
+                "filter_nids",
                 f"SELECT 0, event_type, type_nid FROM nidstate_event_types WHERE {type_clause}"
                 " UNION ALL"
                 f" SELECT 1, state_key, state_key_nid FROM nidstate_state_keys WHERE {key_clause}",

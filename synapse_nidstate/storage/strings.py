@@ -89,7 +89,7 @@ class StringStore(NidStoreBase):
                         f"SELECT {kind}, {nid_column}, {column} FROM {table} WHERE {clause}"
                     )
                     args.extend(clause_args)
-            txn.execute(" UNION ALL ".join(parts), args)
+            self.prepared.execute(txn, "strings", " UNION ALL ".join(parts), args)
             rows: list[list[tuple[int, str]]] = [[], [], []]
             for kind, nid, string in txn.fetchall():
                 rows[kind].append((nid, string))
