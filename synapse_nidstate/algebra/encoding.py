@@ -31,6 +31,8 @@ _TAG_INT32 = 0x04
 _TAG_INT64 = 0x08
 _TAG_VARINT_DELTAS = 0x01
 _INT32_MAX = 2**31 - 1
+#: The tag of a value stored as int32s (what a read on the server may decode).
+INT32_TAG = _TAG_INT32
 
 
 def _pack_fixed(values: Sequence[int]) -> bytes:

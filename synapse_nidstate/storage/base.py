@@ -77,6 +77,10 @@ class TxnLearnt:
         #: each snapshot's block list and its blocks' key ranges (two key
         #: numbers a block, in list order), once a narrow read knows them all
         self.snapshot_ranges: dict[int, tuple[Sequence[int], array]] = {}
+        #: event NID -> ID, found beside the blocks by a narrow read
+        #: (``storage/narrow_statement.py``): the read's strings, of which those
+        #: its answer keeps are cached
+        self.event_ids: dict[int, str] = {}
 
 
 class WriteScope:

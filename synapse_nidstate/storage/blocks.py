@@ -22,7 +22,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from synapse.storage.database import LoggingTransaction
-from synapse.storage.engines import PostgresEngine
 from synapse.util.caches.lrucache import LruCache
 
 from synapse_nidstate import algebra
@@ -31,6 +30,7 @@ from synapse_nidstate.algebra.pieces import check_covers, unpack_piece_checked
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
 from synapse_nidstate.storage.block_strings import NidStrings
 from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
+from synapse_nidstate.storage.narrow_statement import key_patterns, narrow_statement
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -254,6 +254,7 @@ class BlockStore(NidStoreBase):
         learnt: TxnLearnt,
         block_lists: Mapping[int, Sequence[int]],
         key_ranges: Sequence[tuple[int, int]],
+        keys: Sequence[tuple[int, int]] | None = None,
     ) -> dict[int, array]:
         """The blocks of the snapshots ``block_lists`` (snapshot -> its block
         list) that a narrow read needs, flat (three NIDs an entry), for
@@ -292,7 +293,7 @@ class BlockStore(NidStoreBase):
         missing = self._to_read(txn, learnt, not_cached, key_ranges, ranges)
         if missing:
             assert txn is not None
-            found.update(self._narrow_rows_txn(txn, learnt, missing, key_ranges, ranges))
+            found.update(self._narrow_rows_txn(txn, learnt, missing, key_ranges, ranges, keys))
         if without:
             # Kept beside the block lists when the read's learnt is published
             # (also a snapshot whose blocks' ranges all came with another's).
@@ -323,66 +324,30 @@ class BlockStore(NidStoreBase):
         missing: list[int],
         key_ranges: Sequence[tuple[int, int]],
         ranges: dict[int, tuple[int, int]],
+        keys: Sequence[tuple[int, int]] | None,
     ) -> dict[int, array]:
-        """Of each block of ``missing``, in one statement: its stored range
-        (into ``ranges``), and if it holds a key of ``key_ranges`` its
-        entries, or, for a big block, every piece's cover and the slices of
-        those that meet them. Every block row must be there, and every piece
-        of a big block read (its covers tiling the block's range): what is
-        not is ``CorruptState``.
+        """Of each block of ``missing``, in one statement
+        (``storage/narrow_statement.py``): its stored range (into ``ranges``),
+        and if it holds a key of ``key_ranges`` its entries, or, for a big
+        block, every piece's cover and the slices of those that meet them;
+        and on PostgreSQL, for a filter of the exact ``keys``, the event IDs
+        of their entries in the blocks (into ``learnt.event_ids``). Every
+        block row must be there, and every piece of a big block read (its
+        covers tiling the block's range): what is not is ``CorruptState``.
 
         Until this process has met a big block (:attr:`big_blocks_seen`),
         the statement has no join to the pieces, and a big block that meets
         them is given whole (checked as any block), which turns it on."""
-        clause, in_args = in_list_clause(self.engine, "b.block_nid", missing)
-        range_args = [v for lo, hi in key_ranges for v in (hi, lo)]
-
-        def meets(table: str) -> str:
-            return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
-
-        if self.big_blocks_seen:
-            # A row per block, and per piece of a big block holding a wanted
-            # key. PostgreSQL: the pieces as a LATERAL subquery, fenced by
-            # OFFSET 0, so that it runs per big block that meets (a probe of
-            # the pieces' key) rather than being flattened into a join that
-            # reads them all; one scan of the blocks, where a UNION ALL of
-            # blocks and pieces planned two (0.2 ms more planning at HQ
-            # scale). SQLite, which has no LATERAL, loops over the blocks and
-            # probes the pieces the same way.
-            pieces = (
-                "SELECT * FROM nidstate_block_pieces AS p WHERE p.block_nid = b.block_nid"
-                f" AND b.pieces > 0 AND ({meets('b')}) OFFSET 0"
-            )
-            join = (
-                f"LEFT JOIN LATERAL ({pieces}) AS p ON TRUE"
-                if isinstance(self.engine, PostgresEngine)
-                else f"LEFT JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
-                f" AND b.pieces > 0 AND ({meets('b')})"
-            )
-            entries = (
-                "CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
-                f" AND (b.first_key IS NULL OR {meets('b')}) THEN b.entries END"
-                f" WHEN {meets('p')} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
-                " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
-            )
-            args = [*range_args, *range_args, *range_args, *in_args]
-        else:
-            join = ""
-            entries = (
-                f"CASE WHEN b.first_key IS NULL OR {meets('b')} THEN b.entries END,"
-                " NULL, NULL, NULL, NULL, NULL"
-            )
-            args = [*range_args, *in_args]
-        self.prepared.execute(
-            txn,
-            "narrow_blocks",
-            "SELECT b.block_nid, b.first_key, b.last_key, b.pieces, b.content_hash,"
-            f" {entries} FROM nidstate_blocks AS b {join} WHERE {clause}",
-            args,
+        sql, args = narrow_statement(
+            self.engine, missing, key_ranges, self.big_blocks_seen, key_patterns(self.engine, keys)
         )
+        self.prepared.execute(txn, "narrow_blocks", sql, args)
         block_rows: dict[int, tuple] = {}
         piece_rows: dict[int, list[tuple]] = {}
-        for nid, first, last, count, digest, data, *piece in txn.fetchall():
+        for kind, nid, first, last, count, digest, data, *piece, event_id in txn.fetchall():
+            if kind:  # an event ID found beside the blocks (narrow_statement)
+                learnt.event_ids[nid] = event_id
+                continue
             if count:
                 self.big_blocks_seen = True
             if piece[0] is None:

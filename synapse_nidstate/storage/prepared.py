@@ -9,7 +9,7 @@ with ``EXECUTE``; Synapse's own statements are untouched. After five runs
 PostgreSQL keeps a generic plan where it costs no more than planning each
 run: probes of primary keys by one value (``common.in_list_clause`` gives
 one value as a scalar for this) or by ``= ANY`` of an array. Synapse's
-state-group read of one member's key against the module's went from 0.75x
+state-group read of one member's key against the module's went from 0.76-0.78x
 to 0.91-0.96x at M (``python -m benchmarks.profile --engine postgres --scale
 M --lookup group-member --compare``; docs/benchmarks.md, session 26).
 

@@ -330,20 +330,33 @@ class StateReadStore(ResolvedStateStore):
             # Only the blocks whose key range holds a wanted key (in a big
             # room one or two of a compaction's chunks, and the deltas after
             # them), and of each only the entries in the filter's ranges.
-            blocks = {
-                b: algebra.entries_in_ranges(flat, key_ranges)
-                for b, flat in self._narrow_blocks_txn(txn, learnt, block_lists, key_ranges).items()
-            }
+            # With a filter of exact keys, the event IDs of their entries
+            # come with the blocks (PostgreSQL: storage/narrow_statement.py).
+            narrow = self._narrow_blocks_txn(
+                txn, learnt, block_lists, key_ranges, nid_filter.concrete_keys()
+            )
+            blocks = {b: algebra.entries_in_ranges(flat, key_ranges) for b, flat in narrow.items()}
         if txn is not None:
             # Caching what a read loaded is safe: blocks and snapshots never change.
             txn.call_after(self._publish, learnt)
         nid_states = {
             s: nid_filter.apply([blocks[b] for b in block_lists[s] if b in blocks]) for s in todo
         }
-        # The filter's types and state keys are the read's already.
+        # The filter's types and state keys are the read's already, and so
+        # are the event IDs found beside the blocks.
+        known = filter_nids.by_nid()
+        if learnt.event_ids:
+            known[2].update(learnt.event_ids)
+            if txn is not None:  # cached as the strings' statement caches them: those kept
+                kept = {e for state in nid_states.values() for e in state.values() if e}
+                txn.call_after(
+                    self._fill,
+                    self._event_ids,
+                    [(e, i) for e, i in learnt.event_ids.items() if e in kept],
+                )
         strings = cast(
             "dict[int, MutableStateMap[str]]",
-            self._to_strings(txn, nid_states, known=filter_nids.by_nid()),
+            self._to_strings(txn, nid_states, known=known),
         )
         by_snapshot.update(strings)
         insert = functools.partial(
