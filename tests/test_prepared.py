@@ -4,8 +4,10 @@
 from typing import Any
 
 from synapse.server import HomeServer
+from synapse.storage.database import LoggingTransaction
 from synapse.types.state import StateFilter
 
+from synapse_nidstate.storage.prepared import PreparedStatements
 from tests.harness import HomeserverTestCase, SqlStatements, in_logcontext
 from tests.test_timing_alone import history_group, synapse_answer
 
@@ -97,4 +99,31 @@ class PreparedPostgresTests(HomeserverTestCase):
         self.assertTrue(statements)
         self.assertFalse(
             [sql for sql in statements if sql.startswith(("PREPARE", "EXECUTE"))], statements
+        )
+
+    @in_logcontext
+    async def test_at_most_so_many_statements_a_connection(self) -> None:
+        hs = await self.make_homeserver(None, database=self.one_connection())
+        prepared = PreparedStatements(most=2)
+
+        def run_txn(txn: LoggingTransaction) -> list[int]:
+            answers = []
+            for n in range(3):
+                prepared.execute(txn, "probe", f"SELECT ? + {n}", [n])
+                answers.append(txn.fetchone()[0])
+            return answers
+
+        with SqlStatements("probe") as statements:
+            for _ in range(2):
+                self.assertEqual(
+                    await hs.get_datastores().main.db_pool.runInteraction("probe", run_txn),
+                    [0, 2, 4],
+                )
+        self.assertEqual(
+            [sql.split(" AS ")[0] for sql in statements.sql],
+            [
+                "PREPARE nidstate_probe_1", "EXECUTE nidstate_probe_1(?)",
+                "PREPARE nidstate_probe_2", "EXECUTE nidstate_probe_2(?)", "SELECT ? + 2",
+                "EXECUTE nidstate_probe_1(?)", "EXECUTE nidstate_probe_2(?)", "SELECT ? + 2",
+            ],
         )

@@ -41,9 +41,12 @@ from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import PostgresEngine
 
 #: At most this many statements are prepared on one connection; later shapes
-#: run unprepared. The reads have a few dozen shapes (one per number of key
-#: ranges, up to 64, and per table).
-MOST_PER_CONNECTION = 200
+#: run unprepared. The reads have a few dozen shapes in use (by table, by
+#: which strings a read misses, by the number of key ranges), and each takes
+#: about 32 KiB of the server's memory for its connection (a narrow read's
+#: blocks statement at M, ``pg_backend_memory_contexts``): 100 bound it to
+#: about 3 MiB a connection.
+MOST_PER_CONNECTION = 100
 
 #: SQLSTATEs meaning the server's prepared statements are not what this
 #: process remembers: ``invalid_sql_statement_name`` (an ``EXECUTE`` of one it
@@ -61,8 +64,9 @@ logger = logging.getLogger(__name__)
 class PreparedStatements:
     """Which statements each connection has prepared, and running them."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, most: int = MOST_PER_CONNECTION) -> None:
         self.enabled = enabled
+        self._most = most
         self._by_connection: weakref.WeakKeyDictionary[Any, dict[str, str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -84,7 +88,7 @@ class PreparedStatements:
         name = prepared.get(sql)
         try:
             if name is None:
-                if len(prepared) >= MOST_PER_CONNECTION:
+                if len(prepared) >= self._most:
                     txn.execute(sql, args)
                     return
                 name = f"nidstate_{purpose}_{next(self._numbers)}"
