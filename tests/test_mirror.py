@@ -279,8 +279,8 @@ class MirrorTests:
         reads: list[tuple[int, int]] = []  # (blocks asked for, blocks read)
         blocks_txn = module.store._narrow_blocks_txn
 
-        def counting(txn, learnt, block_lists, key_ranges):  # type: ignore[no-untyped-def]
-            found = blocks_txn(txn, learnt, block_lists, key_ranges)
+        def counting(txn, learnt, block_lists, key_ranges, keys=None):  # type: ignore[no-untyped-def]
+            found = blocks_txn(txn, learnt, block_lists, key_ranges, keys)
             reads.append((len({b for nids in block_lists.values() for b in nids}), len(found)))
             return found
 
