@@ -43,24 +43,22 @@ def in_list_clause(
     variables. Only integers and strings: binary values have no JSON form.
     """
     if engine.supports_using_any_list:
-        if len(values) == 1:
-            # One value as a scalar: a prepared statement's generic plan then
-            # costs what a custom one does, so PostgreSQL keeps it instead of
-            # planning each run (an array of unknown length is estimated at
-            # ten rows). 0.15 ms a cold read's first statement at M.
-            (value,) = values
-            if isinstance(value, str) or (
-                isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-            ):
-                return f"{column} = ?", [value]
+        # One value as a scalar: a prepared statement's generic plan then
+        # costs what a custom one does, so PostgreSQL keeps it instead of
+        # planning each run (an array of unknown length is estimated at ten
+        # rows). 0.15 ms a cold read's first statement at M.
         if values:
             try:
                 # Checks every value is an int64 at C speed (strings raise).
                 ints = array("q", values)
             except (TypeError, OverflowError):
                 if all(isinstance(v, str) for v in values):
+                    if len(values) == 1:
+                        return f"{column} = ?", list(values)
                     return f"{column} = ANY(?::text[])", [text_array_literal(values)]
             else:
+                if len(ints) == 1:
+                    return f"{column} = ?", [ints[0]]
                 return f"{column} = ANY(?::bigint[])", ["{" + ",".join(map(str, ints)) + "}"]
         return make_in_list_sql_clause(engine, column, values)
     return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]

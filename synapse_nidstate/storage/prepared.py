@@ -92,7 +92,7 @@ class PreparedStatements:
                     txn.execute(sql, args)
                     return
                 name = f"nidstate_{purpose}_{next(self._numbers)}"
-                numbered = iter(itertools.count(1))
+                numbered = itertools.count(1)
                 txn.execute(
                     f"PREPARE {name} AS "
                     + _PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql)
@@ -119,9 +119,3 @@ class PreparedStatements:
                 " to keep them so",
                 self.losses,
             )
-
-    def forget(self) -> None:
-        """Forget every connection's statements (they are prepared again on
-        next use; a ``PREPARE`` of a name the server still has fails once and
-        is forgotten again)."""
-        self._by_connection.clear()
