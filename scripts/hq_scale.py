@@ -40,7 +40,8 @@ rejoining; every message comes from a joined member.
 Then, with the module (mode serve): ``migrate`` killed with SIGKILL half-way
 and rerun (events/s, peak RSS of each process), ``stats``, the lookups of the
 runner (cold and warm, native against NID, answers compared first) on the big
-room's ``--lookup-events`` most recent events, and ``verify --sample 10000``.
+room's ``--lookup-events`` most recent events and on their state groups, and
+``verify --sample 10000``.
 With ``--reuse --reclaim`` instead: the rest of the migration, then reclaim
 and restore as ``migration_at_scale.reclaim_phase`` does them (the biggest
 room first and its rate, SIGKILL half-way through each, the footprint after
@@ -348,14 +349,20 @@ async def write_history(
 
 def lookups_main(config_path: str, events: int) -> int:
     """``--lookups``: the runner's lookups on the big room's ``events`` most
-    recent events, native against NID, cold then warm; answers compared first."""
+    recent events, native against NID, cold then warm, then the reads of
+    their state groups (``time_group_reads``); answers compared first."""
 
     from synapse_nidstate.commands.verify import (
         compare_with_native,
         latest_room_events_with_state,
         standard_filters,
     )
-    from synapse_nidstate.demo.timing import TIMING_HEADER, format_timings, time_lookups
+    from synapse_nidstate.demo.timing import (
+        TIMING_HEADER,
+        format_timings,
+        time_group_reads,
+        time_lookups,
+    )
     from synapse_nidstate.runtime.module import module_for
 
     config_dict, data_dir = load_homeserver(config_path, "lookups.log")
@@ -379,6 +386,14 @@ def lookups_main(config_path: str, events: int) -> int:
             for cold in (True, False):
                 timings += await time_lookups(
                     hs, module.lookups, event_ids, senders[0], senders[1:], cold=cold
+                )
+            # The same events' state groups, as the runner times them at M and L.
+            groups = sorted(
+                set((await hs.get_datastores().main._get_state_group_for_events(event_ids)).values())  # type: ignore[call-arg, arg-type, misc]
+            )
+            for cold in (True, False):
+                timings += await time_group_reads(
+                    hs, module.lookups, groups, senders[0], senders[1:], cold=cold
                 )
             print("| " + " | ".join(TIMING_HEADER) + " |")
             print("|" + "---|" * len(TIMING_HEADER))
