@@ -13,8 +13,10 @@ migrated (``benchmarks.run`` leaves them so).
 instead (as the runner's step 1 does it; the tables are migrated again at the end).
 
 ``--compare`` runs no profiler: it times the lookup on both paths, alternating,
-three times over the events, and prints each path's p50 and the p50 of each
-statement it ran; a quick check of a change (the runner is the measure):
+three times over the events, and prints each path's p50, where a lookup's
+time goes (its statements, the rest of its transactions: the Python between
+them, and the rest) and the p50 of each statement it ran; a quick check of a
+change (the runner is the measure):
 
     python -m benchmarks.profile --engine postgres --scale M --lookup group-member --compare
 
@@ -94,6 +96,9 @@ async def _compare(
     (``benchmarks.run`` is the measure that counts)."""
     times: dict[str, list[float]] = {path: [] for path in paths}
     statements: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+    # Per lookup: its statements' time, and the rest of its transactions' time.
+    in_statements: dict[str, list[float]] = {path: [] for path in paths}
+    in_python: dict[str, list[float]] = {path: [] for path in paths}
     for _ in range(3):
         for group in groups:
             for path, call in paths.items():
@@ -107,12 +112,26 @@ async def _compare(
                     times[path].append(time.perf_counter() - started)
                 for sql, took in work.by_statement.items():
                     statements[path].setdefault(" ".join(sql.split())[:70], []).extend(took)
+                spent = sum(sum(took) for took in work.by_statement.values())
+                in_statements[path].append(spent)
+                in_python[path].append(sum(work.transaction_seconds) - spent)
     p50 = {path: statistics.median(t) * 1000 for path, t in times.items()}
     lines = [
         f"{args.lookup} ({'warm' if args.warm else 'cold'}), {len(times['nid'])} lookups a path:"
         f" native p50 {p50['native']:.3f} ms, NID p50 {p50['nid']:.3f} ms,"
         f" {p50['native'] / p50['nid']:.2f}x"
     ]
+    lines.append(
+        "  where a lookup's time goes (p50s, ms): the statements (Synapse's execute, the"
+        " driver's and the server's time), the rest of its transactions (Python, commit),"
+        " the rest of the lookup (the reactor, caches, the thread's hand-over)"
+    )
+    for path in paths:
+        lines.append(
+            f"  {path:6} statements {statistics.median(in_statements[path]) * 1000:.3f},"
+            f" rest of the transactions {statistics.median(in_python[path]) * 1000:.3f},"
+            f" rest {statistics.median(t - s - p for t, s, p in zip(times[path], in_statements[path], in_python[path], strict=True)) * 1000:.3f}"
+        )
     for path, by_sql in statements.items():
         for sql, took in by_sql.items():
             lines.append(

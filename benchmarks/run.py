@@ -131,6 +131,9 @@ class DatabaseWork:
     transactions: int = 0
     #: The wall time of each statement, by its SQL, the driver's time included.
     by_statement: dict[str, list[float]] = attr.Factory(dict)
+    #: The wall time of each transaction (``new_transaction``: its statements,
+    #: the Python between them, the commit and what runs after it).
+    transaction_seconds: list[float] = attr.Factory(list)
 
 
 @contextmanager
@@ -158,7 +161,11 @@ def count_database_work() -> Iterator[DatabaseWork]:
 
     def counting_transaction(self: DatabasePool, *args: Any, **kwargs: Any) -> Any:
         work.transactions += 1
-        return new_transaction(self, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return new_transaction(self, *args, **kwargs)
+        finally:
+            work.transaction_seconds.append(time.perf_counter() - started)
 
     LoggingTransaction._do_execute = counting_execute  # type: ignore[method-assign]
     DatabasePool.new_transaction = counting_transaction  # type: ignore[method-assign]
