@@ -71,16 +71,16 @@ def _snapshot_ranges(
     entries' range): snapshot -> (its block list, the ranges)."""
     out = {}
     for snapshot_nid, block_nids in block_lists.items():
-        flat = array("q")
+        listed: list[int] = []
         for b in block_nids:
             if b in ranges:
-                flat.extend(ranges[b])
+                listed += ranges[b]
             elif b in blocks:
-                flat.extend(algebra.flat_key_range(blocks[b]) or EVERY_KEY)
+                listed += algebra.flat_key_range(blocks[b]) or EVERY_KEY
             else:
                 break
         else:
-            out[snapshot_nid] = (block_nids, flat)
+            out[snapshot_nid] = (block_nids, array("q", listed))
     return out
 
 
@@ -344,17 +344,18 @@ class BlockStore(NidStoreBase):
         self.prepared.execute(txn, "narrow_blocks", sql, args)
         block_rows: dict[int, tuple] = {}
         piece_rows: dict[int, list[tuple]] = {}
-        for kind, nid, first, last, count, digest, data, *piece, event_id in txn.fetchall():
-            if kind:  # an event ID found beside the blocks (narrow_statement)
-                learnt.event_ids[nid] = event_id
+        for row in txn.fetchall():
+            if row[0]:  # an event ID found beside the blocks (narrow_statement)
+                learnt.event_ids[row[1]] = row[12]
                 continue
+            _, nid, first, last, count, digest, data, piece, p_first, p_last, p_digest, p_count, _ = row
             if count:
                 self.big_blocks_seen = True
-            if piece[0] is None:
+            if piece is None:
                 block_rows[nid] = (nid, first, last, data, digest, count)
             else:
                 block_rows[nid] = (nid, first, last, None, digest, count)
-                piece_rows.setdefault(nid, []).append((nid, piece[0], piece[1], piece[2], data, piece[3], piece[4]))
+                piece_rows.setdefault(nid, []).append((nid, piece, p_first, p_last, data, p_digest, p_count))
         if len(block_rows) != len(missing):
             raise CorruptState(f"state blocks missing: {set(missing) - set(block_rows)}")
         found: dict[int, array] = {}

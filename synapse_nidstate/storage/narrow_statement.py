@@ -21,6 +21,7 @@ their hashes, and an event NID the map lacks (in a big block's pieces, or
 after a coincidence) is read by the last statement as before.
 """
 
+import functools
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -66,10 +67,10 @@ def _int32_at(column: str, offset: str) -> str:
     )
 
 
-def _meets(table: str, key_ranges: Sequence[tuple[int, int]]) -> str:
-    """Whether ``table``'s stored key range meets one of ``key_ranges``
-    (their arguments: :func:`_range_args`)."""
-    return " OR ".join(f"({table}.first_key <= ? AND {table}.last_key >= ?)" for _ in key_ranges)
+def _meets(table: str, ranges: int) -> str:
+    """Whether ``table``'s stored key range meets one of ``ranges`` key
+    ranges (their arguments: :func:`_range_args`)."""
+    return " OR ".join([f"({table}.first_key <= ? AND {table}.last_key >= ?)"] * ranges)
 
 
 def _range_args(key_ranges: Sequence[tuple[int, int]]) -> list[int]:
@@ -84,17 +85,38 @@ def narrow_statement(
     patterns: Sequence[bytearray] = (),
 ) -> tuple[str, list[Any]]:
     """The statement and its arguments. Its rows: ``(0, block NID, first
-    key, last key, pieces, content hash, entries or a piece's slice, piece,
-    piece's first key, its last key, its content hash, its entry count,
-    NULL)`` for the blocks, then ``(1, event NID, NULL, ..., event ID)`` for
+    key, last key, pieces, content hash (where the entries come), entries
+    or a piece's slice, piece, piece's first key, its last key, its content
+    hash, its entry count, NULL)`` for the blocks, then ``(1, event NID, NULL, ..., event ID)`` for
     the entries of ``patterns`` found in them (see above).
 
     Until the process has met a big block (``big_blocks_seen``), there is
     no join to the pieces, and a big block that meets the ranges is given
-    whole (checked as any block)."""
+    whole (checked as any block).
+
+    The text depends only on the statement's shape (the IN-list clause, the
+    number of ranges, the pieces' join, whether patterns are looked for), so
+    it is built once a shape: the same string each time, whose hash the
+    prepared statements' lookup then does not compute again."""
     clause, in_args = in_list_clause(engine, "b.block_nid", missing)
     range_args = _range_args(key_ranges)
-    meets_b, meets_p = _meets("b", key_ranges), _meets("p", key_ranges)
+    sql = _narrow_sql(
+        isinstance(engine, PostgresEngine), clause, len(key_ranges), big_blocks_seen, bool(patterns)
+    )
+    # Four range tests with the pieces' join, two without; each with the same arguments.
+    args: list[Any] = range_args * (4 if big_blocks_seen else 2) + in_args
+    if patterns:
+        args += [list(patterns), *in_args, *range_args]
+    return sql, args
+
+
+@functools.lru_cache(maxsize=256)
+def _narrow_sql(
+    postgres: bool, clause: str, ranges: int, big_blocks_seen: bool, with_patterns: bool
+) -> str:
+    """:func:`narrow_statement`'s text for one shape (``clause``: the blocks'
+    IN-list clause, on ``b.block_nid``)."""
+    meets_b, meets_p = _meets("b", ranges), _meets("p", ranges)
     if big_blocks_seen:
         # A row per block, and per piece of a big block holding a wanted
         # key. PostgreSQL: the pieces as a LATERAL subquery, fenced by
@@ -108,53 +130,48 @@ def narrow_statement(
             "LEFT JOIN LATERAL (SELECT * FROM nidstate_block_pieces AS p"
             f" WHERE p.block_nid = b.block_nid AND b.pieces > 0 AND ({meets_b}) OFFSET 0)"
             " AS p ON TRUE"
-            if isinstance(engine, PostgresEngine)
+            if postgres
             else "LEFT JOIN nidstate_block_pieces AS p ON p.block_nid = b.block_nid"
             f" AND b.pieces > 0 AND ({meets_b})"
         )
+        whole = (
+            "p.piece IS NULL AND COALESCE(b.pieces, 0) = 0"
+            f" AND (b.first_key IS NULL OR {meets_b})"
+        )
         entries = (
-            "CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
+            f"CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
             f" AND (b.first_key IS NULL OR {meets_b}) THEN b.entries END"
             f" WHEN {meets_p} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
             " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
         )
-        # Three range tests, each with the same arguments.
-        args: list[Any] = [*range_args, *range_args, *range_args, *in_args]
     else:
         join = ""
-        entries = (
-            f"CASE WHEN b.first_key IS NULL OR {meets_b} THEN b.entries END,"
-            " NULL, NULL, NULL, NULL, NULL"
-        )
-        args = [*range_args, *in_args]
+        whole = f"b.first_key IS NULL OR {meets_b}"
+        entries = f"CASE WHEN {whole} THEN b.entries END, NULL, NULL, NULL, NULL, NULL"
+    # A block's content hash only where its entries come: the others' would
+    # only be decoded by the driver, a bytea a row of dozens.
     sql = (
-        "SELECT 0, b.block_nid, b.first_key, b.last_key, b.pieces, b.content_hash,"
+        "SELECT 0, b.block_nid, b.first_key, b.last_key, b.pieces,"
+        f" CASE WHEN {whole} THEN b.content_hash END,"
         f" {entries}, NULL FROM nidstate_blocks AS b {join} WHERE {clause}"
     )
-    if patterns:
-        beside, beside_args = _event_ids_beside(engine, missing, key_ranges, patterns)
-        sql += f" UNION ALL {beside}"
-        args += beside_args
-    return sql, args
+    if with_patterns:
+        sql += f" UNION ALL {_event_ids_beside(clause.replace('b.block_nid', 'c.block_nid', 1), ranges)}"
+    return sql
 
 
-def _event_ids_beside(
-    engine: BaseDatabaseEngine,
-    missing: Sequence[int],
-    key_ranges: Sequence[tuple[int, int]],
-    patterns: Sequence[bytearray],
-) -> tuple[str, list[Any]]:
+def _event_ids_beside(clause: str, ranges: int) -> str:
     """The branch that finds the wanted keys' entries in the blocks (not in
-    big ones, whose bytes are read by pieces) and their event IDs."""
-    clause, in_args = in_list_clause(engine, "c.block_nid", missing)
+    big ones, whose bytes are read by pieces) and their event IDs (``clause``:
+    the blocks' IN-list clause, on ``c.block_nid``). Its arguments: the
+    patterns, the clause's, the ranges'."""
     event_nid = _int32_at("c.entries", "f.at + 7")  # 0-based: the entry's third int32
-    sql = (
+    return (
         "SELECT 1, e.event_nid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
         " e.event_id FROM nidstate_blocks AS c CROSS JOIN unnest(?::bytea[]) AS k(pattern)"
         " CROSS JOIN LATERAL (SELECT position(k.pattern IN c.entries) AS at) AS f"
         f" JOIN nidstate_events AS e ON e.event_nid = {event_nid}"
-        f" WHERE {clause} AND COALESCE(c.pieces, 0) = 0 AND ({_meets('c', key_ranges)})"
+        f" WHERE {clause} AND COALESCE(c.pieces, 0) = 0 AND ({_meets('c', ranges)})"
         f" AND get_byte(c.entries, 0) = {INT32_TAG} AND f.at > 0"
         f" AND mod(f.at - {_FIRST_ENTRY_AT}, {_ENTRY_BYTES}) = 0"
     )
-    return sql, [list(patterns), *in_args, *_range_args(key_ranges)]
