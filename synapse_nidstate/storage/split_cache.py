@@ -22,6 +22,7 @@ after a replay). A part is evicted as one: snapshots never change, and the
 keys a room's reads ask are few.
 """
 
+import functools
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,20 @@ if TYPE_CHECKING:
     from synapse.util.clock import Clock
 
 StateKey = tuple[str, str]
+
+#: Filters whose split (:func:`_member_split`, :meth:`SplitStateCache.prepare`)
+#: is kept: each read and each fill splits its filter, and the filters a
+#: server asks repeat (a visibility check's, a user's lazy-loading one).
+_SPLITS_KEPT = 512
+
+
+@functools.lru_cache(maxsize=_SPLITS_KEPT)
+def _member_split(state_filter: StateFilter) -> tuple[StateFilter, StateFilter]:
+    """``state_filter.get_member_split()``, once a filter (both are immutable):
+    two new filters each time otherwise, a tenth of the Python of a cold
+    one-member read."""
+    return state_filter.get_member_split()
+
 
 #: What most parts know absent: nothing (one object for them all).
 _NONE: frozenset[StateKey] = frozenset()
@@ -122,10 +137,12 @@ class SplitStateCache:
         return self.members.sequence, self.non_members.sequence
 
     @staticmethod
+    @functools.lru_cache(maxsize=_SPLITS_KEPT)
     def prepare(state_filter: StateFilter) -> "SplitFilter":
-        """What :meth:`get` needs of a filter, worked out once per read (not
-        per snapshot: a batch of events reads many)."""
-        member_filter, non_member_filter = state_filter.get_member_split()
+        """What :meth:`get` needs of a filter, worked out once per filter (not
+        per snapshot nor per read: a batch of events reads many snapshots,
+        and filters repeat)."""
+        member_filter, non_member_filter = _member_split(state_filter)
         return SplitFilter(_PartFilter.of(member_filter), _PartFilter.of(non_member_filter))
 
     def get(self, snapshot_nid: int, wanted: "SplitFilter") -> MutableStateMap[str] | None:
@@ -147,7 +164,7 @@ class SplitStateCache:
     ) -> None:
         """Keep what a read of ``states`` with ``state_filter`` fetched (the
         filter's concrete keys, or all of a part it wants whole)."""
-        member_filter, non_member_filter = state_filter.get_member_split()
+        member_filter, non_member_filter = _member_split(state_filter)
         # concrete_types() is all the filter fetched unless it has wildcards;
         # with wildcards it names fewer keys than were fetched, which only
         # makes the caches know less.
