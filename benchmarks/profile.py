@@ -22,7 +22,8 @@ change (the runner is the measure):
 
 ``--homeserver-config`` profiles lookups on the database a homeserver.yaml opens
 instead (the module configured and migrated there), on ``--room``'s latest events,
-with their senders as the members asked for; for the HQ-scale run's data:
+with their senders as the members asked for (``--member`` names the one a
+one-member filter asks); for the HQ-scale run's data:
 
     python -m benchmarks.profile --homeserver-config /work/runs/hq/homeserver.yaml \
         --room '!room0:hq.example' --lookup full --events 5
@@ -175,6 +176,11 @@ def main() -> int:
     )
     parser.add_argument("--room", help="with --homeserver-config: the room to look up state in")
     parser.add_argument(
+        "--member",
+        help="the member whose key the one-member and visibility filters ask"
+        " (default: the first sender of the events, or the dataset's first user)",
+    )
+    parser.add_argument(
         "--compare", action="store_true",
         help="no profiler: time the lookup on both paths, alternating, and print each p50",
     )
@@ -272,6 +278,8 @@ def main() -> int:
             else:
                 events = (await room_events_with_state(hs, room_id))[-args.events :]
                 member, others = writer.users[1], writer.users[2:]
+            if args.member:
+                member = args.member
             filters = lookup_filters(member, others)
             kind = args.lookup.removeprefix("group-")
             state_filter = {
