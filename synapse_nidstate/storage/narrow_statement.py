@@ -17,8 +17,10 @@ coincidence across entries, and gives nothing). The event NID after it is
 joined to ``nidstate_events`` in the same statement. What this gives is only
 a map of event NIDs to IDs, from the same table the last statement reads:
 which entry wins is still decided in Python, from the blocks checked against
-their hashes, and an event NID the map lacks (in a big block's pieces, or
-after a coincidence) is read by the last statement as before.
+their hashes, and an event NID the map lacks (after a coincidence, or in a
+big block a process still reads whole) is read by the last statement as
+before. A big block read by pieces is searched in the slices of the pieces
+that cover a wanted key, as the blocks' rows read them.
 """
 
 import functools
@@ -106,7 +108,7 @@ def narrow_statement(
     # Four range tests with the pieces' join, two without; each with the same arguments.
     args: list[Any] = range_args * (4 if big_blocks_seen else 2) + in_args
     if patterns:
-        args += [list(patterns), *in_args, *range_args]
+        args.append(list(patterns))  # the search among the rows (_event_ids_beside)
     return sql, args
 
 
@@ -147,31 +149,53 @@ def _narrow_sql(
     else:
         join = ""
         whole = f"b.first_key IS NULL OR {meets_b}"
-        entries = f"CASE WHEN {whole} THEN b.entries END, NULL, NULL, NULL, NULL, NULL"
+        # (Typed: the event IDs' search of PostgreSQL computes with them.)
+        entries = (
+            f"CASE WHEN {whole} THEN b.entries END, CAST(NULL AS INTEGER), CAST(NULL AS BIGINT),"
+            " CAST(NULL AS BIGINT), CAST(NULL AS BYTEA), CAST(NULL AS INTEGER)"
+        )
     # A block's content hash only where its entries come: the others' would
     # only be decoded by the driver, a bytea a row of dozens.
-    sql = (
-        "SELECT 0, b.block_nid, b.first_key, b.last_key, b.pieces,"
-        f" CASE WHEN {whole} THEN b.content_hash END,"
-        f" {entries}, NULL FROM nidstate_blocks AS b {join} WHERE {clause}"
+    columns = (
+        "0, b.block_nid, b.first_key, b.last_key, b.pieces,"
+        f" CASE WHEN {whole} THEN b.content_hash END, {entries}"
     )
-    if with_patterns:
-        sql += f" UNION ALL {_event_ids_beside(clause.replace('b.block_nid', 'c.block_nid', 1), ranges)}"
-    return sql
+    source = f"FROM nidstate_blocks AS b {join} WHERE {clause}"
+    if not with_patterns:
+        return f"SELECT {columns}, NULL {source}"
+    # The blocks' rows once (materialized: the search reads the bytes they
+    # give), then the event IDs found in them.
+    return (
+        "WITH r(kind, nid, first_key, last_key, pieces, digest, data, piece, piece_first,"
+        f" piece_last, piece_digest, piece_entries) AS MATERIALIZED (SELECT {columns} {source})"
+        f" SELECT *, NULL FROM r UNION ALL {_event_ids_beside()}"
+    )
 
 
-def _event_ids_beside(clause: str, ranges: int) -> str:
-    """The branch that finds the wanted keys' entries in the blocks (not in
-    big ones, whose bytes are read by pieces) and their event IDs (``clause``:
-    the blocks' IN-list clause, on ``c.block_nid``). Its arguments: the
-    patterns, the clause's, the ranges'."""
-    event_nid = _int32_at("c.entries", "f.at + 7")  # 0-based: the entry's third int32
+def _event_ids_beside() -> str:
+    """The branch that finds the wanted keys' entries in the bytes the
+    blocks' rows (``r``) give, and their event IDs; its argument: the
+    patterns.
+
+    A row's bytes are a block's, whole (a tag byte, then its entries), or a
+    slice of a big block's, for a piece whose cover meets the ranges (whole
+    entries: pieces are cut at entries, ``algebra.pieces``), which are the
+    rows whose ``piece`` is set. An entry of int32s starts at an offset of 2
+    mod 12 in a block's bytes (1-based, as ``position()`` counts) and of 1
+    mod 12 in a slice; a block is of int32s if its tag says so, a slice if
+    its length is 12 bytes an entry. In a big room most members' entries are
+    in a compaction's big chunk: the slices are searched where the statement
+    has already cut them (a second ``substr`` of a compressed block would
+    decompress it again)."""
+    event_nid = _int32_at("r.data", "f.at + 7")  # 0-based: the entry's third int32
     return (
         "SELECT 1, e.event_nid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-        " e.event_id FROM nidstate_blocks AS c CROSS JOIN unnest(?::bytea[]) AS k(pattern)"
-        " CROSS JOIN LATERAL (SELECT position(k.pattern IN c.entries) AS at) AS f"
+        " e.event_id FROM r CROSS JOIN unnest(?::bytea[]) AS k(pattern)"
+        " CROSS JOIN LATERAL (SELECT position(k.pattern IN r.data) AS at) AS f"
         f" JOIN nidstate_events AS e ON e.event_nid = {event_nid}"
-        f" WHERE {clause} AND COALESCE(c.pieces, 0) = 0 AND ({_meets('c', ranges)})"
-        f" AND get_byte(c.entries, 0) = {INT32_TAG} AND f.at > 0"
+        " WHERE r.data IS NOT NULL AND f.at > 0 AND CASE WHEN r.piece IS NULL"
+        f" THEN get_byte(r.data, 0) = {INT32_TAG}"
         f" AND mod(f.at - {_FIRST_ENTRY_AT}, {_ENTRY_BYTES}) = 0"
+        f" ELSE length(r.data) = {_ENTRY_BYTES} * r.piece_entries"
+        f" AND mod(f.at - 1, {_ENTRY_BYTES}) = 0 END"
     )
