@@ -89,8 +89,9 @@ def narrow_statement(
     """The statement and its arguments. Its rows: ``(0, block NID, first
     key, last key, pieces, content hash (where the entries come), entries
     or a piece's slice, piece, piece's first key, its last key, its content
-    hash, its entry count, NULL)`` for the blocks, then ``(1, event NID, NULL, ..., event ID)`` for
-    the entries of ``patterns`` found in them (see above).
+    hash, its entry count, NULL)`` for the blocks, then ``(1, event NID,
+    NULL, ..., event ID)`` for the entries of ``patterns`` found in them
+    (see above).
 
     Until the process has met a big block (``big_blocks_seen``), there is
     no join to the pieces, and a big block that meets the ranges is given
@@ -140,9 +141,9 @@ def _narrow_sql(
             "p.piece IS NULL AND COALESCE(b.pieces, 0) = 0"
             f" AND (b.first_key IS NULL OR {meets_b})"
         )
+        # (A row without a piece has NULL piece columns: its range test is not true.)
         entries = (
-            f"CASE WHEN p.piece IS NULL THEN CASE WHEN COALESCE(b.pieces, 0) = 0"
-            f" AND (b.first_key IS NULL OR {meets_b}) THEN b.entries END"
+            f"CASE WHEN {whole} THEN b.entries"
             f" WHEN {meets_p} THEN substr(b.entries, p.byte_start, p.byte_length) END,"
             " p.piece, p.first_key, p.last_key, p.content_hash, p.entry_count"
         )
