@@ -38,16 +38,16 @@ if TYPE_CHECKING:
 StateKey = tuple[str, str]
 
 #: Filters whose split (:func:`_member_split`, :meth:`SplitStateCache.prepare`)
-#: is kept: each read and each fill splits its filter, and the filters a
-#: server asks repeat (a visibility check's, a user's lazy-loading one).
-_SPLITS_KEPT = 512
+#: is kept: a read splits its filter before it and again to fill the caches
+#: after it, and reads of one filter (a page's visibility) come together.
+#: Few, so that a lazy-loading filter of many members is not kept long.
+_SPLITS_KEPT = 64
 
 
 @functools.lru_cache(maxsize=_SPLITS_KEPT)
 def _member_split(state_filter: StateFilter) -> tuple[StateFilter, StateFilter]:
-    """``state_filter.get_member_split()``, once a filter (both are immutable):
-    two new filters each time otherwise, a tenth of the Python of a cold
-    one-member read."""
+    """``state_filter.get_member_split()``, once a filter (both are immutable;
+    otherwise two new filters each time)."""
     return state_filter.get_member_split()
 
 
