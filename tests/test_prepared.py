@@ -1,6 +1,7 @@
 """The module's read statements, prepared once per connection on PostgreSQL
 (``storage/prepared.py``)."""
 
+import re
 from typing import Any
 
 from synapse.server import HomeServer
@@ -10,6 +11,17 @@ from synapse.types.state import StateFilter
 from synapse_nidstate.storage.prepared import PreparedStatements
 from tests.harness import HomeserverTestCase, SqlStatements, in_logcontext
 from tests.test_timing_alone import history_group, synapse_answer
+
+
+def numbered(sql: list[str]) -> list[str]:
+    """Statements with each prepared statement's number (process-wide: it
+    depends on what ran before) replaced by its order of first appearance."""
+    order: dict[str, str] = {}
+
+    def renumber(match: re.Match) -> str:
+        return order.setdefault(match.group(0), f"_#{len(order) + 1}")
+
+    return [re.sub(r"_\d+(?=\(|$)", renumber, s) for s in sql]
 
 
 def module_statements(statements: SqlStatements) -> list[str]:
@@ -120,10 +132,38 @@ class PreparedPostgresTests(HomeserverTestCase):
                     [0, 2, 4],
                 )
         self.assertEqual(
-            [sql.split(" AS ")[0] for sql in statements.sql],
+            numbered([sql.split(" AS ")[0] for sql in statements.sql]),
             [
-                "PREPARE nidstate_probe_1", "EXECUTE nidstate_probe_1(?)",
-                "PREPARE nidstate_probe_2", "EXECUTE nidstate_probe_2(?)", "SELECT ? + 2",
-                "EXECUTE nidstate_probe_1(?)", "EXECUTE nidstate_probe_2(?)", "SELECT ? + 2",
+                "PREPARE nidstate_probe_#1", "EXECUTE nidstate_probe_#1(?)",
+                "PREPARE nidstate_probe_#2", "EXECUTE nidstate_probe_#2(?)", "SELECT ? + 2",
+                "EXECUTE nidstate_probe_#1(?)", "EXECUTE nidstate_probe_#2(?)", "SELECT ? + 2",
             ],
         )
+
+    @in_logcontext
+    async def test_two_instances_on_one_connection(self) -> None:
+        """Two module instances in one process (Synapse's tests run a worker's
+        homeserver beside the main one, on the same connections) prepare the
+        same statement under two names: neither's PREPARE is refused."""
+        hs = await self.make_homeserver(None, database=self.one_connection())
+        first, second = PreparedStatements(), PreparedStatements()
+
+        def run_txn(txn: LoggingTransaction) -> list[int]:
+            answers = []
+            for prepared in (first, second, first, second):
+                prepared.execute(txn, "probe", "SELECT ? + 1", [1])
+                answers.append(txn.fetchone()[0])
+            return answers
+
+        with SqlStatements("probe") as statements:
+            answers = await hs.get_datastores().main.db_pool.runInteraction("probe", run_txn)
+        self.assertEqual(answers, [2, 2, 2, 2])
+        self.assertEqual(
+            numbered([sql.split(" AS ")[0] for sql in statements.sql]),
+            [
+                "PREPARE nidstate_probe_#1", "EXECUTE nidstate_probe_#1(?)",
+                "PREPARE nidstate_probe_#2", "EXECUTE nidstate_probe_#2(?)",
+                "EXECUTE nidstate_probe_#1(?)", "EXECUTE nidstate_probe_#2(?)",
+            ],
+        )
+        self.assertEqual((first.losses, second.losses), (0, 0))

@@ -58,6 +58,13 @@ _PLACEHOLDER = re.compile(r"\?")
 #: Lost this many times, the statements are no longer prepared in this process.
 MOST_LOSSES = 3
 
+#: Statements' numbers, process-wide: two module instances in one process
+#: (Synapse's own tests run a worker's homeserver beside the main one, on the
+#: same connections) never give two statements one name, which the second
+#: ``PREPARE`` would refuse (``duplicate_prepared_statement``: the read then
+#: fell back to Synapse's, in Synapse's replication tests).
+_NUMBERS = itertools.count(1)
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +77,6 @@ class PreparedStatements:
         self._by_connection: weakref.WeakKeyDictionary[Any, dict[str, str]] = (
             weakref.WeakKeyDictionary()
         )
-        self._numbers = itertools.count(1)
         #: How many times the server had lost statements this process prepared.
         self.losses = 0
 
@@ -91,7 +97,7 @@ class PreparedStatements:
                 if len(prepared) >= self._most:
                     txn.execute(sql, args)
                     return
-                name = f"nidstate_{purpose}_{next(self._numbers)}"
+                name = f"nidstate_{purpose}_{next(_NUMBERS)}"
                 numbered = itertools.count(1)
                 txn.execute(
                     f"PREPARE {name} AS "
