@@ -37,18 +37,11 @@ if TYPE_CHECKING:
 
 StateKey = tuple[str, str]
 
-#: Filters whose split (:func:`_member_split`, :meth:`SplitStateCache.prepare`)
-#: is kept: a read splits its filter before it and again to fill the caches
-#: after it, and reads of one filter (a page's visibility) come together.
-#: Few, so that a lazy-loading filter of many members is not kept long.
+#: Filters whose split (:meth:`SplitStateCache.prepare`) is kept: a read
+#: splits its filter before it and again to fill the caches after it, and
+#: reads of one filter (a page's visibility) come together. Few, so that a
+#: lazy-loading filter of many members is not kept long.
 _SPLITS_KEPT = 64
-
-
-@functools.lru_cache(maxsize=_SPLITS_KEPT)
-def _member_split(state_filter: StateFilter) -> tuple[StateFilter, StateFilter]:
-    """``state_filter.get_member_split()``, once a filter (both are immutable;
-    otherwise two new filters each time)."""
-    return state_filter.get_member_split()
 
 
 #: What most parts know absent: nothing (one object for them all).
@@ -139,10 +132,11 @@ class SplitStateCache:
     @staticmethod
     @functools.lru_cache(maxsize=_SPLITS_KEPT)
     def prepare(state_filter: StateFilter) -> "SplitFilter":
-        """What :meth:`get` needs of a filter, worked out once per filter (not
-        per snapshot nor per read: a batch of events reads many snapshots,
-        and filters repeat)."""
-        member_filter, non_member_filter = _member_split(state_filter)
+        """What :meth:`get` and :meth:`fill` need of a filter, worked out once
+        per filter (not per snapshot nor per read: a batch of events reads
+        many snapshots, and filters repeat; ``get_member_split`` makes two
+        new filters each time)."""
+        member_filter, non_member_filter = state_filter.get_member_split()
         return SplitFilter(_PartFilter.of(member_filter), _PartFilter.of(non_member_filter))
 
     def get(self, snapshot_nid: int, wanted: "SplitFilter") -> MutableStateMap[str] | None:
@@ -164,7 +158,11 @@ class SplitStateCache:
     ) -> None:
         """Keep what a read of ``states`` with ``state_filter`` fetched (the
         filter's concrete keys, or all of a part it wants whole)."""
-        member_filter, non_member_filter = _member_split(state_filter)
+        split = self.prepare(state_filter)
+        member_filter, non_member_filter = (
+            split.members.state_filter,
+            split.non_members.state_filter,
+        )
         # concrete_types() is all the filter fetched unless it has wildcards;
         # with wildcards it names fewer keys than were fetched, which only
         # makes the caches know less.
