@@ -143,3 +143,28 @@ class SplitCacheTest(unittest.TestCase):
         # A later narrow fill does not replace what is whole.
         ours.fill({1: one.filter_state(STATE)}, one, ours.sequences())
         self.assertIs(ours.members.get(1), part)
+
+    def test_parts_of_many_snapshots_share_one_tuple_a_key(self) -> None:
+        ours, _ = self._caches()
+        wanted = StateFilter.from_types([(EventTypes.Member, "@u1:x"), (EventTypes.Name, "")])
+        # Each read's answer comes with tuples of its own (new ones here).
+        answers = {
+            snapshot: {(t, k): e for (t, k), e in wanted.filter_state(STATE).items()}
+            for snapshot in (1, 2)
+        }
+        self.assertIsNot(*(next(iter(a)) for a in answers.values()))
+        ours.fill(answers, wanted, ours.sequences())
+        for part in (ours.members, ours.non_members):
+            first, second = (part.get(s) for s in (1, 2))
+            assert first is not None and second is not None
+            self.assertEqual(first.value, second.value)
+            for key in first.value:
+                self.assertIs(next(k for k in second.value if k == key), key)
+        # Bounded: once it holds more keys than both caches may, it starts over.
+        bound = ours.members.cache.max_size + ours.non_members.cache.max_size
+        ours._keys.update({("x", str(i)): ("x", str(i)) for i in range(bound)})
+        ours.fill({3: {(t, k): e for (t, k), e in answers[1].items()}}, wanted, ours.sequences())
+        self.assertEqual(len(ours._keys), 2)
+        third, first = ours.members.get(3), ours.members.get(1)
+        assert third is not None and first is not None
+        self.assertIsNot(next(iter(third.value)), next(iter(first.value)))
