@@ -332,6 +332,35 @@ class MirrorTests:
         await compare_room(self, hs, room_id, filters)
 
     @in_logcontext
+    async def test_block_lists_are_cached_by_the_blocks_they_list(self) -> None:
+        # The block list cache is bounded by the blocks its lists hold
+        # (``block_list_cache_size``), not by snapshots; the event -> snapshot
+        # cache keeps the caller's event IDs, not copies from the rows.
+        hs = await self.make_homeserver({"mode": "serve", "block_list_cache_size": 40})
+        d = Driver(hs)
+        alice = await d.register("alice")
+        room_id = await d.create_room(alice, "private_chat")
+        for i in range(150):
+            await d.send(alice, room_id, "x.custom", {"i": i}, f"key {i}")
+        module = self.module(hs)
+        event_ids, _ = await room_event_ids(hs, room_id)
+        module.store.clear_caches()
+        one_member = filters_for(hs, [alice, alice, alice])["one_member"]
+        asked = ["".join(e) for e in event_ids[-40:]]  # new objects, equal to the events'
+        for event_id in asked:
+            await module.lookups.mirrored_state_ids([event_id], one_member)
+        lists = module.store._snapshot_blocks
+        listed = [len(node.value[0]) for node in lists.cache.values()]
+        self.assertGreater(len(set(map(len, (await block_lists(hs, event_ids)).values()))), 1)
+        self.assertEqual(len(lists), sum(listed))
+        self.assertLessEqual(len(lists), lists.max_size)
+        # Scaled as Synapse scales its own caches (README, the cache sizes).
+        self.assertEqual(lists.max_size, int(40 * hs.config.caches.global_factor))
+        self.assertLess(len(listed), len({*module.store._event_snapshots.cache.keys()}))
+        given = {id(e) for e in asked}
+        self.assertTrue(all(id(e) in given for e in module.store._event_snapshots.cache))
+
+    @in_logcontext
     async def test_snapshots_between_compactions_share_one_resolved_state(self) -> None:
         # A snapshot extends its parent by one block until the next compaction:
         # the resolved-state cache keeps one whole state per compaction and each

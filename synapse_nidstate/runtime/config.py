@@ -63,6 +63,12 @@ class NidStateConfig:
     string_cache_size: int = 500_000
     #: Entries of the event -> snapshot and state group -> snapshot caches.
     snapshot_cache_size: int = 100_000
+    #: Blocks listed (summed over snapshots) of the snapshot -> block list
+    #: cache, which also keeps each listed block's key range once a narrow
+    #: read has seen them all: what lets a read of another filter at a
+    #: snapshot read lately skip its first statement and the blocks that
+    #: cannot hold its keys. About 20 bytes a listed block.
+    block_list_cache_size: int = 20_000
     #: State entries (summed over snapshots) of the resolved-state cache: whole
     #: states as strings, what warm full-state and wildcard lookups read; a
     #: snapshot that extends a cached one weighs only its changes.

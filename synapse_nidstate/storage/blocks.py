@@ -126,8 +126,16 @@ class BlockStore(NidStoreBase):
         #: entry a snapshot for both (a second cache of ranges took a node a
         #: snapshot more), the ranges set once: an entry a block (a cold
         #: narrow read of a snapshot of 60 blocks set 50) took a third of a
-        #: cold narrow read's time at M.
-        self._snapshot_blocks: LruCache[int, Listed] = self._cache("snapshot_blocks", snapshots)
+        #: cold narrow read's time at M. Sized by the blocks listed
+        #: (``block_list_cache_size``), not by snapshots: an intermediate,
+        #: which the answers' caches make unneeded for what they hold, and
+        #: with a budget a snapshot, the lists of a replay of the mix at M
+        #: took 2.5 MiB for no measurable speed (docs/benchmarks.md, session 28).
+        self._snapshot_blocks: LruCache[int, Listed] = self._cache(
+            "snapshot_blocks",
+            config.block_list_cache_size,
+            size_callback=lambda listed: max(1, len(listed[0])),
+        )
         # Sized by entries (three NIDs each), as the blocks cache always was.
         self._blocks: LruCache[int, array] = self._cache(
             "blocks", config.block_cache_size, size_callback=lambda flat: len(flat) // 3

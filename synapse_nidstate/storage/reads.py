@@ -200,11 +200,15 @@ class StateReadStore(ResolvedStateStore):
                         )
                         args += string_args
             self.prepared.execute(txn, "snapshots", sql, args)
+            # The cache is keyed by the caller's objects, not the rows' copies
+            # (an event ID is a string of about 90 bytes, which the caller's
+            # events hold already; Synapse's own cache keeps the caller's too).
+            given = {key: key for key in missing}
             pairs = []
             strings: list[list[tuple[str, int]]] = [[], [], []]
             for kind, key, string, nid, block_nids, digest in txn:
                 if kind == 0:
-                    pairs.append((key, nid))
+                    pairs.append((given[key], nid))
                     if nid not in learnt.snapshots:  # keys of a batch share snapshots
                         if block_nids is None:
                             raise CorruptState(f"snapshot {nid} of {key} missing")
