@@ -116,11 +116,11 @@ class BenchmarkSmokeTests(unittest.TestCase):
         entries = traced["cache_entries"]
         self.assertGreater(entries["nidstate_blocks"], 0)
         self.assertEqual(entries["state_group_members_cache"], 0)  # the module answered
-        # A part of a snapshot is one node, whatever keys it holds (the
+        # A snapshot is one node, whatever keys its parts hold (the
         # mix's lazy-loading reads ask several members of a snapshot).
         nodes = traced["cache_nodes"]
-        self.assertGreater(nodes["nidstate_snapshot_members"], 0)
-        self.assertLess(nodes["nidstate_snapshot_members"], entries["nidstate_snapshot_members"])
+        self.assertGreater(nodes["nidstate_snapshot_parts"], 0)
+        self.assertLess(nodes["nidstate_snapshot_parts"], entries["nidstate_snapshot_parts"])
         self.assertRegex(result.stdout, r"entries +[0-9,]+ nodes  nidstate_blocks")
 
     def profile_homeserver(self, data_dir: str) -> None:

@@ -304,8 +304,7 @@ class MirrorTests:
         module.store.clear_caches()
         await module.lookups.mirrored_state_ids(latest, filters["one_member"])
         self.assertEqual(_with_ranges(module.store), 1)
-        module.store._split.members.invalidate_all()
-        module.store._split.non_members.invalidate_all()
+        module.store._split.invalidate_all()
         self.assertEqual(
             module.store.cached_state_for_events(latest, filters["one_member"]), expected
         )
@@ -318,12 +317,10 @@ class MirrorTests:
             if lists[e] != lists[f] and lists[f][: len(lists[e])] == lists[e]
         )
         expected = await module.lookups.native_state_ids([before], filters["one_member"])
-        module.store._split.members.invalidate_all()
-        module.store._split.non_members.invalidate_all()
+        module.store._split.invalidate_all()
         await module.lookups.mirrored_state_ids([before, *latest], filters["one_member"])
         self.assertEqual(_with_ranges(module.store), 2)
-        module.store._split.members.invalidate_all()
-        module.store._split.non_members.invalidate_all()
+        module.store._split.invalidate_all()
         self.assertEqual(
             module.store.cached_state_for_events([before], filters["one_member"]), expected
         )

@@ -83,12 +83,13 @@ class SplitCacheTest(unittest.TestCase):
         # One set of caches for every example, emptied (a new LruCache each
         # example makes Synapse's global lists slow hypothesis down).
         ours, (members, non_members) = self._shared
-        for cache in (ours.members, ours.non_members, members, non_members):
+        ours.invalidate_all()
+        for cache in (members, non_members):
             cache.invalidate_all()
         for state_filter in reads:
             # What a read with this filter fetched, as the read path fills.
             fetched = state_filter.filter_state(STATE)
-            ours.fill({1: fetched}, state_filter, ours.sequences())
+            ours.fill({1: fetched}, state_filter, ours.sequence)
             member_filter, non_member_filter = state_filter.get_member_split()
             for cache, part in ((members, member_filter), (non_members, non_member_filter)):
                 cache.update(
@@ -103,46 +104,53 @@ class SplitCacheTest(unittest.TestCase):
         if got is not None:
             self.assertEqual(got, asked.filter_state(STATE))
 
-    def test_a_part_is_one_node_sized_by_its_keys(self) -> None:
+    def test_a_snapshot_is_one_node_sized_by_its_keys(self) -> None:
         ours, _ = self._caches()
         wanted = StateFilter.from_types([(EventTypes.Member, "@u1:x"), (EventTypes.Member, "@gone:x")])
-        ours.fill({1: wanted.filter_state(STATE)}, wanted, ours.sequences())
-        self.assertEqual(len(ours.members.cache.cache), 1)
-        self.assertEqual(len(ours.members.cache), 2)  # one key, one known absent
+        ours.fill({1: wanted.filter_state(STATE)}, wanted, ours.sequence)
+        self.assertEqual(len(ours.cache.cache), 1)
+        self.assertEqual(len(ours.cache), 2)  # one key, one known absent
         more = StateFilter.from_types([(EventTypes.Member, "@u2:x")])
-        ours.fill({1: more.filter_state(STATE)}, more, ours.sequences())
-        self.assertEqual(len(ours.members.cache.cache), 1)
-        self.assertEqual(len(ours.members.cache), 3)
-        # Filters that want nothing else leave the other part's cache empty.
-        self.assertEqual(len(ours.non_members.cache.cache), 0)
-        # Asked again, a key it knows adds nothing (the part is not replaced).
-        part = ours.members.get(1)
-        ours.fill({1: more.filter_state(STATE)}, more, ours.sequences())
-        self.assertIs(ours.members.get(1), part)
+        ours.fill({1: more.filter_state(STATE)}, more, ours.sequence)
+        self.assertEqual(len(ours.cache.cache), 1)
+        self.assertEqual(len(ours.cache), 3)
+        # Filters that want nothing else leave the other part unknown.
+        parts = ours.cache.get(1)
+        assert parts is not None
+        self.assertIsNone(parts[1])
+        # The rest added: the same node, both parts counted.
+        name = StateFilter.from_types([(EventTypes.Name, "")])
+        ours.fill({1: name.filter_state(STATE)}, name, ours.sequence)
+        self.assertEqual(len(ours.cache.cache), 1)
+        self.assertEqual(len(ours.cache), 4)
+        # Asked again, a key it knows adds nothing (the node is not replaced).
+        parts = ours.cache.get(1)
+        ours.fill({1: more.filter_state(STATE)}, more, ours.sequence)
+        self.assertIs(ours.cache.get(1), parts)
 
     def test_a_fill_prepared_before_an_invalidation_is_dropped(self) -> None:
         ours, _ = self._caches()
         wanted = StateFilter.from_types([(EventTypes.Member, "@u1:x"), (EventTypes.Name, "")])
-        sequences = ours.sequences()
-        ours.members.invalidate_all()
-        ours.fill({1: wanted.filter_state(STATE)}, wanted, sequences)
-        self.assertIsNone(ours.members.get(1))
-        # The other part's fill, whose cache was not invalidated, is kept.
-        self.assertIsNotNone(ours.non_members.get(1))
+        sequence = ours.sequence
+        ours.invalidate_all()
+        ours.fill({1: wanted.filter_state(STATE)}, wanted, sequence)
+        self.assertIsNone(ours.cache.get(1))
+        ours.fill({1: wanted.filter_state(STATE)}, wanted, ours.sequence)
+        self.assertIsNotNone(ours.cache.get(1))
 
     def test_whole_part_answers_any_keys_of_it(self) -> None:
         ours, _ = self._caches()
         members = StateFilter.from_types([(EventTypes.Member, None)])
-        ours.fill({1: members.filter_state(STATE)}, members, ours.sequences())
-        part = ours.members.get(1)
-        assert part is not None
-        self.assertTrue(part.full)
-        self.assertEqual(len(ours.members.cache), 6)
+        ours.fill({1: members.filter_state(STATE)}, members, ours.sequence)
+        parts = ours.cache.get(1)
+        assert parts is not None and parts[0] is not None
+        self.assertTrue(parts[0].full)
+        self.assertEqual(len(ours.cache), 6)
         one = StateFilter.from_types([(EventTypes.Member, "@u3:x"), (EventTypes.Member, "@gone:x")])
         self.assertEqual(ours.get(1, ours.prepare(one)), {(EventTypes.Member, "@u3:x"): "$m3"})
         # A later narrow fill does not replace what is whole.
-        ours.fill({1: one.filter_state(STATE)}, one, ours.sequences())
-        self.assertIs(ours.members.get(1), part)
+        ours.fill({1: one.filter_state(STATE)}, one, ours.sequence)
+        self.assertIs(ours.cache.get(1), parts)
 
     def test_parts_of_many_snapshots_share_one_tuple_a_key(self) -> None:
         ours, _ = self._caches()
@@ -153,18 +161,18 @@ class SplitCacheTest(unittest.TestCase):
             for snapshot in (1, 2)
         }
         self.assertIsNot(*(next(iter(a)) for a in answers.values()))
-        ours.fill(answers, wanted, ours.sequences())
-        for part in (ours.members, ours.non_members):
-            first, second = (part.get(s) for s in (1, 2))
-            assert first is not None and second is not None
-            self.assertEqual(first.value, second.value)
-            for key in first.value:
-                self.assertIs(next(k for k in second.value if k == key), key)
-        # Bounded: once it holds more keys than both caches may, it starts over.
-        bound = ours.members.cache.max_size + ours.non_members.cache.max_size
-        ours._keys.update({("x", str(i)): ("x", str(i)) for i in range(bound)})
-        ours.fill({3: {(t, k): e for (t, k), e in answers[1].items()}}, wanted, ours.sequences())
+        ours.fill(answers, wanted, ours.sequence)
+        first, second = ours.cache.get(1), ours.cache.get(2)
+        assert first is not None and second is not None
+        for a, b in zip(first, second, strict=True):
+            assert a is not None and b is not None
+            self.assertEqual(a.value, b.value)
+            for key in a.value:
+                self.assertIs(next(k for k in b.value if k == key), key)
+        # Bounded: once it holds more keys than the cache may, it starts over.
+        ours._keys.update({("x", str(i)): ("x", str(i)) for i in range(ours.cache.max_size)})
+        ours.fill({3: {(t, k): e for (t, k), e in answers[1].items()}}, wanted, ours.sequence)
         self.assertEqual(len(ours._keys), 2)
-        third, first = ours.members.get(3), ours.members.get(1)
-        assert third is not None and first is not None
-        self.assertIsNot(next(iter(third.value)), next(iter(first.value)))
+        third = ours.cache.get(3)
+        assert third is not None and third[0] is not None and first[0] is not None
+        self.assertIsNot(next(iter(third[0].value)), next(iter(first[0].value)))

@@ -106,8 +106,7 @@ class StateReadStore(ResolvedStateStore):
         self._split = SplitStateCache(
             self._clock, self._server_name, config.resolved_state_cache_size
         )
-        self.named_caches["nidstate_snapshot_members"] = self._split.members.cache
-        self.named_caches["nidstate_snapshot_non_members"] = self._split.non_members.cache
+        self.named_caches["nidstate_snapshot_parts"] = self._split.cache
 
     def _publish(self, learnt: TxnLearnt) -> None:
         super()._publish(learnt)
@@ -322,7 +321,7 @@ class StateReadStore(ResolvedStateStore):
         if whole:
             by_snapshot.update(self._resolve_whole(txn, learnt, block_lists, state_filter))
             return by_snapshot
-        sequences = self._split.sequences()
+        sequence = self._split.sequence
         if filter_nids is None:
             filter_nids = _FilterNids.of(self, state_filter)
         nid_filter = self._nid_filter_read(txn, state_filter, filter_nids)
@@ -364,7 +363,7 @@ class StateReadStore(ResolvedStateStore):
         )
         by_snapshot.update(strings)
         insert = functools.partial(
-            self._split.fill, cast("dict[int, StateMap[str]]", strings), state_filter, sequences
+            self._split.fill, cast("dict[int, StateMap[str]]", strings), state_filter, sequence
         )
         if txn is None:
             insert()

@@ -13,13 +13,14 @@ tells each cache it fetched. Whole states are kept apart, once per base
 
 Unlike ``DictionaryCache``, which holds each key of each group in a node of
 its own (an ``LruCache`` node, a ``TreeCache`` entry and a wrapper, so that
-keys are evicted one by one), a part of a snapshot is
-one node holding what is known of it (:class:`Part`), sized, as Synapse
-sizes its caches, by the keys it holds, and replaced whole when a read adds
-keys: a warm read of a page's members is one lookup, and a key kept costs
-a dict slot (``benchmarks.mix --trace-memory`` shows what the caches keep
-after a replay). A part is evicted as one: snapshots never change, and the
-keys a room's reads ask are few.
+keys are evicted one by one), a snapshot is one node holding what is known
+of both its parts (:class:`Part`), sized, as Synapse sizes its caches, by
+the keys they hold, and replaced when a read adds keys: a warm read of a
+page's visibility is one lookup, and a key kept costs a dict slot
+(``benchmarks.mix --trace-memory`` shows what the cache keeps after a
+replay; a node is about 280 bytes, so one a part cost 0.7 MiB more after
+the mix at M). A snapshot is evicted as one: snapshots never change, and
+the keys a room's reads ask are few.
 """
 
 import functools
@@ -60,81 +61,69 @@ class Part:
     known_absent: frozenset[StateKey]
 
     def __len__(self) -> int:
-        # The cache's size, in keys, as DictionaryCache counts them (one at least).
-        return max(1, len(self.value) + len(self.known_absent))
+        # The keys it holds, as DictionaryCache counts them.
+        return len(self.value) + len(self.known_absent)
 
 
-class PartCache:
-    """One part of snapshots' states, a node a snapshot (see the module's doc),
-    with ``DictionaryCache``'s sequence: a fill prepared before an
-    invalidation is dropped."""
+#: What is known of a snapshot's state: its members, and the rest (None:
+#: nothing yet). One cache node for both.
+Parts = tuple[Part | None, Part | None]
 
-    def __init__(self, name: str, clock: "Clock", server_name: str, max_entries: int) -> None:
-        self.cache: LruCache[int, Part] = LruCache(
-            max_size=max_entries,
-            clock=clock,
-            server_name=server_name,
-            cache_name=name,
-            size_callback=len,
-        )
-        self.sequence = 0
 
-    def get(self, snapshot_nid: int) -> Part | None:
-        return self.cache.get(snapshot_nid)
+def _size(parts: Parts) -> int:
+    """A snapshot's size in the cache: the keys its parts hold (one at least)."""
+    return max(1, sum(len(part) for part in parts if part is not None))
 
-    def invalidate_all(self) -> None:
-        self.sequence += 1
-        self.cache.clear()
 
-    def update(
-        self,
-        sequence: int,
-        snapshot_nid: int,
-        value: dict[StateKey, str],
-        fetched_keys: Collection[StateKey] | None,
-    ) -> None:
-        """Add what a read fetched (``DictionaryCache.update``): all of the
-        part (``fetched_keys`` None), or ``value`` for ``fetched_keys``, the
-        others of them known absent."""
-        if sequence != self.sequence:
-            return
-        if fetched_keys is None:
-            self.cache.set(snapshot_nid, Part(True, value, _NONE))
-            return
-        if not fetched_keys:
-            return  # the read fetched nothing of this part
-        known = self.cache.get(snapshot_nid, update_metrics=False)
-        if known is not None:
-            if known.full:
-                return
-            value = {**known.value, **value}
-            absent = known.known_absent.union(fetched_keys)
-        else:
-            absent = frozenset(fetched_keys)
-        absent = absent.difference(value) or _NONE
-        if known is not None and len(value) == len(known.value) and absent == known.known_absent:
-            return  # nothing new
-        self.cache.set(snapshot_nid, Part(False, value, absent))
+def _updated(
+    known: Part | None, value: dict[StateKey, str], fetched_keys: Collection[StateKey] | None
+) -> Part | None:
+    """A part after a read fetched ``value`` of it (``DictionaryCache.update``):
+    all of the part (``fetched_keys`` None), or ``value`` for ``fetched_keys``,
+    the others of them known absent; ``known`` itself if nothing is new."""
+    if fetched_keys is None:
+        return Part(True, value, _NONE)
+    if not fetched_keys:
+        return known  # the read fetched nothing of this part
+    if known is not None:
+        if known.full:
+            return known
+        value = {**known.value, **value}
+        absent = known.known_absent.union(fetched_keys)
+    else:
+        absent = frozenset(fetched_keys)
+    absent = absent.difference(value) or _NONE
+    if known is not None and len(value) == len(known.value) and absent == known.known_absent:
+        return known
+    return Part(False, value, absent)
 
 
 class SplitStateCache:
+    """The parts of snapshots' states, one node a snapshot for both (see the
+    module's doc), with ``DictionaryCache``'s sequence: a fill prepared
+    before an invalidation is dropped."""
+
     def __init__(self, clock: "Clock", server_name: str, max_entries: int) -> None:
-        self.members = PartCache("nidstate_snapshot_members", clock, server_name, max_entries)
-        self.non_members = PartCache(
-            "nidstate_snapshot_non_members", clock, server_name, max_entries
+        self.cache: LruCache[int, Parts] = LruCache(
+            max_size=max_entries,
+            clock=clock,
+            server_name=server_name,
+            cache_name="nidstate_snapshot_parts",
+            size_callback=_size,
         )
+        #: Taken before a read (:meth:`fill`).
+        self.sequence = 0
         #: One tuple per (type, state key) for the parts of every snapshot:
         #: a room's reads ask the same few keys at many snapshots (after a
         #: replay of the mix at M, 11,789 entries held 586 keys), and each
         #: read's answer has a tuple of its own for each (56 bytes). Emptied
-        #: when it holds as many keys as both caches may, so that keys no
+        #: when it holds as many keys as the cache may, so that keys no
         #: part holds any more do not pile up; the parts keep theirs.
         self._keys: dict[StateKey, StateKey] = {}
 
-    def sequences(self) -> tuple[int, int]:
-        """Taken before a read: a fill with them is dropped if a cache was
-        invalidated meanwhile (:meth:`PartCache.update`)."""
-        return self.members.sequence, self.non_members.sequence
+    def invalidate_all(self) -> None:
+        self.sequence += 1
+        self.cache.clear()
 
     @staticmethod
     @functools.lru_cache(maxsize=_SPLITS_KEPT)
@@ -147,11 +136,16 @@ class SplitStateCache:
         return SplitFilter(_PartFilter.of(member_filter), _PartFilter.of(non_member_filter))
 
     def get(self, snapshot_nid: int, wanted: "SplitFilter") -> MutableStateMap[str] | None:
-        """The snapshot's state filtered, if both caches hold all the filter wants."""
-        non_members = wanted.non_members.read(self.non_members, snapshot_nid)
+        """The snapshot's state filtered, if the cache holds all the filter wants."""
+        if wanted.nothing:
+            return {}
+        parts = self.cache.get(snapshot_nid)
+        if parts is None:
+            return None
+        non_members = wanted.non_members.read(parts[1])
         if non_members is None:
             return None
-        members = wanted.members.read(self.members, snapshot_nid)
+        members = wanted.members.read(parts[0])
         if members is None:
             return None
         non_members.update(members)
@@ -161,10 +155,13 @@ class SplitStateCache:
         self,
         states: dict[int, StateMap[str]],
         state_filter: StateFilter,
-        sequences: tuple[int, int],
+        sequence: int,
     ) -> None:
         """Keep what a read of ``states`` with ``state_filter`` fetched (the
-        filter's concrete keys, or all of a part it wants whole)."""
+        filter's concrete keys, or all of a part it wants whole), unless the
+        cache was invalidated since ``sequence``."""
+        if sequence != self.sequence:
+            return
         split = self.prepare(state_filter)
         member_filter, non_member_filter = (
             split.members.state_filter,
@@ -172,13 +169,13 @@ class SplitStateCache:
         )
         # concrete_types() is all the filter fetched unless it has wildcards;
         # with wildcards it names fewer keys than were fetched, which only
-        # makes the caches know less.
+        # makes the cache know less.
         member_keys = None if member_filter.is_full() else member_filter.concrete_types()
         non_member_keys = (
             None if non_member_filter.is_full() else non_member_filter.concrete_types()
         )
         keys = self._keys
-        if len(keys) > self.members.cache.max_size + self.non_members.cache.max_size:
+        if len(keys) > self.cache.max_size:
             keys.clear()
         for snapshot_nid, state in states.items():
             members: dict[StateKey, str] = {}
@@ -186,8 +183,12 @@ class SplitStateCache:
             for key, event_id in state.items():
                 key = keys.setdefault(key, key)
                 (members if key[0] == EventTypes.Member else non_members)[key] = event_id
-            self.members.update(sequences[0], snapshot_nid, members, member_keys)
-            self.non_members.update(sequences[1], snapshot_nid, non_members, non_member_keys)
+            known = self.cache.get(snapshot_nid, update_metrics=False)
+            old_members, old_rest = (None, None) if known is None else known
+            new_members = _updated(old_members, members, member_keys)
+            new_rest = _updated(old_rest, non_members, non_member_keys)
+            if new_members is not old_members or new_rest is not old_rest:
+                self.cache.set(snapshot_nid, (new_members, new_rest))
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -205,11 +206,10 @@ class _PartFilter:
         keys = None if state_filter.has_wildcards() else list(state_filter.concrete_types())
         return cls(state_filter, state_filter.is_full(), keys)
 
-    def read(self, cache: PartCache, snapshot_nid: int) -> MutableStateMap[str] | None:
-        """What the filter wants of the cache's part, if the cache holds all of it."""
+    def read(self, part: Part | None) -> MutableStateMap[str] | None:
+        """What the filter wants of a snapshot's part, if ``part`` holds all of it."""
         if self.keys is not None and not self.keys:
             return {}  # the filter wants nothing of this part
-        part = cache.get(snapshot_nid)
         if part is None:
             return None
         if part.full:
@@ -232,3 +232,8 @@ class SplitFilter:
 
     members: _PartFilter
     non_members: _PartFilter
+
+    @property
+    def nothing(self) -> bool:
+        """Whether the filter wants no key at all."""
+        return self.members.keys == [] and self.non_members.keys == []
