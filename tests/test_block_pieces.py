@@ -162,8 +162,7 @@ class BlockPiecesTests:
                     [b for b in store._blocks.cache if b in store._piece_covers.cache], name
                 )
                 # Asked again with the answer dropped, from the caches alone.
-                store._split.members.invalidate_all()
-                store._split.non_members.invalidate_all()
+                store._split.invalidate_all()
                 self.assertEqual(  # type: ignore[attr-defined]
                     store.cached_state_for_events(latest, state_filter), expected, name
                 )
