@@ -19,8 +19,11 @@ digested on both sides and compared: a difference is a mismatch.
 As a command, the mix in a process of its own, for the memory an operator
 sees (``benchmarks.run`` runs it twice, with and without the module):
 
-    python -m benchmarks.mix --homeserver-config YAML --requests N --json FILE
+    python -m benchmarks.mix --homeserver-config YAML --requests N --write-trace TRACE
+    python -m benchmarks.mix --homeserver-config YAML --trace TRACE --json FILE
 
+draws the trace in a process of its own (the first command: the history's
+events, a million at HQ scale, are never held by a measured process), then
 starts a homeserver from the file, replays the trace once from cold through
 Synapse's own entry point (``get_state_ids_for_events``, which the module
 serves when the file configures it) and writes the process's resident memory
@@ -135,6 +138,41 @@ def draw_trace(rooms: dict[str, list[tuple[str, str]]], requests: int, seed: int
     return trace
 
 
+def trace_to_json(trace: Sequence[Request]) -> list[dict[str, Any]]:
+    """A trace as JSON (``--write-trace``): each call's event IDs and filter."""
+    return [
+        {
+            "kind": request.kind,
+            "calls": [
+                {
+                    "events": list(ids),
+                    "types": {
+                        t: None if keys is None else sorted(keys)
+                        for t, keys in state_filter.types.items()
+                    },
+                    "include_others": state_filter.include_others,
+                }
+                for ids, state_filter in request.calls
+            ],
+        }
+        for request in trace
+    ]
+
+
+def trace_from_json(data: list[dict[str, Any]]) -> list[Request]:
+    """:func:`trace_to_json`'s inverse (the filters equal the drawn ones)."""
+    return [
+        Request(
+            request["kind"],
+            tuple(
+                (tuple(call["events"]), StateFilter.freeze(call["types"], call["include_others"]))
+                for call in request["calls"]
+            ),
+        )
+        for request in data
+    ]
+
+
 def _digest(answers: Sequence[dict[str, MutableStateMap[str]]]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for answer in answers:
@@ -221,9 +259,32 @@ def cache_nodes(hs: HomeServer) -> dict[str, int]:
     return {name: len(cache.cache) for name, cache in _state_caches(hs).items()}  # type: ignore[arg-type]
 
 
+async def write_trace(config_path: str, requests: int, path: str) -> None:
+    """Draw the trace from the database ``config_path`` opens and write it to
+    ``path`` (``--write-trace``): in a process of its own, so that the
+    measured processes never hold every event of the history (a million
+    at HQ scale, half a GiB, whose freed memory the caches would then
+    fill without the process growing)."""
+    import yaml
+
+    from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    hs = await start_homeserver(config, os.path.dirname(os.path.abspath(config_path)))
+    try:
+        trace = draw_trace(await timelines(hs), requests, seed=12)
+    finally:
+        await stop_homeserver(hs)
+    with open(path, "w") as f:
+        json.dump(trace_to_json(trace), f)
+
+
 async def measure_process(
-    config_path: str, requests: int, trace_memory: bool = False
+    config_path: str, requests: int, trace_memory: bool = False, trace_path: str | None = None
 ) -> dict[str, Any]:
+    """The replay from cold in this process (see the module's doc), of the
+    trace in ``trace_path`` (``--trace``) or of one drawn here."""
     import yaml
 
     from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
@@ -233,7 +294,11 @@ async def measure_process(
     data_dir = os.path.dirname(os.path.abspath(config_path))
     hs = await start_homeserver(config, data_dir)
     try:
-        trace = draw_trace(await timelines(hs), requests, seed=12)
+        if trace_path is None:
+            trace = draw_trace(await timelines(hs), requests, seed=12)
+        else:
+            with open(trace_path) as f:
+                trace = trace_from_json(json.load(f))
         gc.collect()
         if trace_memory:
             tracemalloc.start()
@@ -274,16 +339,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mix", description=__doc__.split("\n")[0])
     parser.add_argument("--homeserver-config", required=True, metavar="YAML")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--json", metavar="FILE", required=True)
+    parser.add_argument("--json", metavar="FILE", help="where the measures go")
+    parser.add_argument(
+        "--write-trace", metavar="FILE",
+        help="only draw the trace of --requests requests and write it to FILE",
+    )
+    parser.add_argument(
+        "--trace", metavar="FILE",
+        help="replay the trace in FILE (from --write-trace) instead of drawing one here, "
+        "which holds every event of the history in the measured process meanwhile",
+    )
     parser.add_argument(
         "--trace-memory", action="store_true",
         help="also record, with tracemalloc, which files allocated what the replay left "
         "behind, and every state cache's entries (slower; its RSS is not comparable)",
     )
     args = parser.parse_args(argv)
+    if (args.json is None) == (args.write_trace is None):
+        parser.error("give one of --json (measure) and --write-trace (draw the trace)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.write_trace is not None:
+        run_in_reactor(
+            lambda: write_trace(args.homeserver_config, args.requests, args.write_trace),
+            "nidstate-benchmark-mix",
+        )
+        return 0
     measured = run_in_reactor(
-        lambda: measure_process(args.homeserver_config, args.requests, args.trace_memory),
+        lambda: measure_process(
+            args.homeserver_config, args.requests, args.trace_memory, args.trace
+        ),
         "nidstate-benchmark-mix",
     )
     with open(args.json, "w") as f:

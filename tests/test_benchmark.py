@@ -96,11 +96,16 @@ class BenchmarkSmokeTests(unittest.TestCase):
         figures = self.run_benchmark("sqlite")
         self.assertEqual(figures["engine"], "sqlite")
         self.profile_homeserver(os.path.join(self.work, "sqlite"))
-        self.trace_mix_memory(os.path.join(self.work, "sqlite"))
+        self.trace_mix_memory(
+            os.path.join(self.work, "sqlite"), figures["process_memory"]["nid"]["digest"]
+        )
 
-    def trace_mix_memory(self, data_dir: str) -> None:
+    def trace_mix_memory(self, data_dir: str, runner_digest: str) -> None:
         """``benchmarks.mix --trace-memory`` with the module: where what the replay
-        left behind was allocated, and every state cache's entries."""
+        left behind was allocated, and every state cache's entries. The trace
+        is drawn in the process here; the runner's processes replayed it from
+        the file another process drew (``--write-trace``, ``--trace``): the
+        same requests, so the same answers."""
         out = os.path.join(self.work, "mix-traced.json")
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.mix", "--homeserver-config",
@@ -113,6 +118,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
             traced = json.load(f)
         self.assertTrue(any(site["file"].startswith("synapse_nidstate/")
                             for site in traced["traced_growth"]), traced["traced_growth"])
+        self.assertEqual(traced["digest"], runner_digest)
         entries = traced["cache_entries"]
         self.assertGreater(entries["nidstate_blocks"], 0)
         self.assertEqual(entries["state_group_members_cache"], 0)  # the module answered
