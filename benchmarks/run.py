@@ -16,7 +16,8 @@ One run, one process, the same data both ways:
 7. the storage of both (the server's own size functions) and the memory of the
    caches that hold state in each;
 8. the mix again in a process of its own, Synapse alone and with the module
-   (``python -m benchmarks.mix``): the process's resident memory after it.
+   (``python -m benchmarks.mix``), its trace drawn in a third: the process's
+   resident memory after it.
 
 It prints markdown tables; ``--json FILE`` writes every figure with its unit.
 """
