@@ -259,21 +259,33 @@ def cache_nodes(hs: HomeServer) -> dict[str, int]:
     return {name: len(cache.cache) for name, cache in _state_caches(hs).items()}  # type: ignore[arg-type]
 
 
+async def _start(config_path: str) -> tuple[dict[str, Any], HomeServer]:
+    """A homeserver started from a homeserver.yaml, and the file's config."""
+    import yaml
+
+    from synapse_nidstate.demo.inprocess import start_homeserver
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    return config, await start_homeserver(config, os.path.dirname(os.path.abspath(config_path)))
+
+
+async def _drawn_trace(hs: HomeServer, requests: int) -> list[Request]:
+    """The mix's trace of ``requests`` requests, drawn from ``hs``'s history."""
+    return draw_trace(await timelines(hs), requests, seed=12)
+
+
 async def write_trace(config_path: str, requests: int, path: str) -> None:
     """Draw the trace from the database ``config_path`` opens and write it to
     ``path`` (``--write-trace``): in a process of its own, so that the
     measured processes never hold every event of the history (a million
     at HQ scale, half a GiB, whose freed memory the caches would then
     fill without the process growing)."""
-    import yaml
+    from synapse_nidstate.demo.inprocess import stop_homeserver
 
-    from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
-
-    with open(config_path) as f:
-        config = yaml.safe_load(f)
-    hs = await start_homeserver(config, os.path.dirname(os.path.abspath(config_path)))
+    _, hs = await _start(config_path)
     try:
-        trace = draw_trace(await timelines(hs), requests, seed=12)
+        trace = await _drawn_trace(hs, requests)
     finally:
         await stop_homeserver(hs)
     with open(path, "w") as f:
@@ -285,17 +297,12 @@ async def measure_process(
 ) -> dict[str, Any]:
     """The replay from cold in this process (see the module's doc), of the
     trace in ``trace_path`` (``--trace``) or of one drawn here."""
-    import yaml
+    from synapse_nidstate.demo.inprocess import stop_homeserver
 
-    from synapse_nidstate.demo.inprocess import start_homeserver, stop_homeserver
-
-    with open(config_path) as f:
-        config = yaml.safe_load(f)
-    data_dir = os.path.dirname(os.path.abspath(config_path))
-    hs = await start_homeserver(config, data_dir)
+    config, hs = await _start(config_path)
     try:
         if trace_path is None:
-            trace = draw_trace(await timelines(hs), requests, seed=12)
+            trace = await _drawn_trace(hs, requests)
         else:
             with open(trace_path) as f:
                 trace = trace_from_json(json.load(f))

@@ -650,27 +650,21 @@ def mix_process(results: Results, requests: int) -> dict[str, dict[str, Any]]:
     """The mix (``benchmarks.mix``) from cold in a process of its own, Synapse
     alone then with the module: the resident memory an operator sees. The
     trace is drawn first, in a process of its own, and replayed by both."""
-    measured = {}
-    trace = os.path.join(os.path.dirname(results.configs["native"]), "mix-trace.json")
-    commands = [("trace", [
-        "--homeserver-config", results.configs["native"], "--requests", str(requests),
-        "--write-trace", trace,
-    ])]
-    for side, path in results.configs.items():
-        commands.append((side, [
-            "--homeserver-config", path, "--trace", trace,
-            "--json", path[: -len(".yaml")] + "-mix.json",
-        ]))
-    for side, arguments in commands:
+    def mix(side: str, *arguments: str) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.mix", *arguments],
             cwd=REPO, capture_output=True, text=True,
         )
         if done.returncode != 0:
             raise SystemExit(f"benchmarks.mix ({side}) failed:\n{done.stdout}{done.stderr[-3000:]}")
-        if side == "trace":
-            continue
-        out = arguments[-1]
+
+    trace = os.path.join(os.path.dirname(results.configs["native"]), "mix-trace.json")
+    mix("trace", "--homeserver-config", results.configs["native"], "--requests", str(requests),
+        "--write-trace", trace)
+    measured = {}
+    for side, path in results.configs.items():
+        out = path[: -len(".yaml")] + "-mix.json"
+        mix(side, "--homeserver-config", path, "--trace", trace, "--json", out)
         with open(out) as f:
             measured[side] = json.load(f)
     return measured
