@@ -156,6 +156,24 @@ class BenchmarkSmokeTests(unittest.TestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
             self.assertIn(f"{lookup} lookups, {path}", result.stdout)
             self.assertIn(reader, result.stdout)
+        # The whole reads' time and peak, each regime's answers as Synapse's.
+        out = os.path.join(self.work, "whole-read.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.whole_read", "--homeserver-config", config_path,
+             "--room", room_id, "--events", "2", "--json", out],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
+        with open(out) as f:
+            reads = json.load(f)["reads"]
+        self.assertEqual(list(reads), ["native", "nid cold", "nid blocks kept"])
+        for regime, figures in reads.items():
+            self.assertIn(regime, result.stdout)
+            self.assertEqual(len(figures), 2)
+            for read in figures:
+                self.assertGreater(read["ms"], 0)
+                self.assertGreater(read["peak_mib"], 0)
+                self.assertGreater(read["entries"], 0)
 
     def test_postgres(self) -> None:
         figures = self.run_benchmark("postgres", *self.postgres_args())

@@ -158,6 +158,57 @@ class BlockStringsTests:
         self.assertTrue(groups)  # type: ignore[attr-defined]
 
     @in_logcontext
+    async def test_a_whole_read_takes_the_strings_of_cached_blocks(self) -> None:
+        # The blocks cache keeps NIDs only. A whole read whose big blocks are
+        # cached (its answer evicted meanwhile) takes their stored strings in
+        # its blocks statement, as a cold read does, instead of reading every
+        # entry's strings by NID: at HQ scale that was 3.5x slower.
+        hs = await self.make_homeserver(SERVE)  # type: ignore[attr-defined]
+        module = self.module(hs)  # type: ignore[attr-defined]
+        _, _, room_id = await big_room(hs)
+        await module.migrator.fill_block_strings()
+        event_ids, _ = await room_event_ids(hs, room_id)
+        latest = event_ids[-1:]
+        forget_caches(hs, module)
+        expected = await module.lookups.native_state_ids(latest, StateFilter.all())
+        forget_caches(hs, module)
+        self.assertEqual(  # type: ignore[attr-defined]
+            await module.lookups.mirrored_state_ids(latest, StateFilter.all()), expected
+        )
+        _, _, snapshot_nid = await last_event_snapshot(hs, room_id)
+        store = module.store
+        block_nids = store._snapshot_blocks.get(snapshot_nid)[0]
+        big = [b for b in block_nids if len(store._blocks.get(b, ())) >= 3 * MIN_ENTRIES]
+        self.assertTrue(big)  # type: ignore[attr-defined]
+
+        by_nid: list[int] = []  # per read of strings by NID: event IDs read
+        strings_read = store._strings_of_nids_read
+
+        def counting(txn, types, keys, events, fill=True, known=None):  # type: ignore[no-untyped-def]
+            beside = known[2] if known is not None else {}
+            by_nid.append(sum(1 for e in events if e not in beside))
+            return strings_read(txn, types, keys, events, fill, known)
+
+        self.patch(store, "_strings_of_nids_read", counting)  # type: ignore[attr-defined]
+        for _ in range(2):
+            # The answers forgotten, the blocks and block lists kept.
+            store._resolved.clear()
+            store._resolved_index.clear()
+            store._split.invalidate_all()
+            by_nid.clear()
+            self.assertEqual(  # type: ignore[attr-defined]
+                await module.lookups.mirrored_state_ids(latest, StateFilter.all()), expected
+            )
+            self.assertTrue(all(b in store._blocks.cache for b in big))  # type: ignore[attr-defined]
+            # Of the event IDs, those of the blocks without strings alone
+            # were read by NID (in the transaction that follows the attempt
+            # from the caches alone, which misses).
+            self.assertLessEqual(  # type: ignore[attr-defined]
+                by_nid[-1], await entries_without_strings(hs, snapshot_nid)
+            )
+            self.assertLess(by_nid[-1], len(expected[latest[0]]))  # type: ignore[attr-defined]
+
+    @in_logcontext
     async def test_strings_that_do_not_fit_their_block_are_a_fault(self) -> None:
         # Stored strings for fewer entries than the block has: the read fails
         # (never an answer from them) and Synapse's rows answer instead.

@@ -19,7 +19,7 @@ pays the conversion, a few microseconds beside its statements.
 import itertools
 from array import array
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse.storage.database import LoggingTransaction
 from synapse.util.caches.lrucache import LruCache
@@ -28,7 +28,7 @@ from synapse_nidstate import algebra
 from synapse_nidstate.algebra import Block
 from synapse_nidstate.algebra.pieces import check_covers, unpack_piece_checked
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
-from synapse_nidstate.storage.block_strings import NidStrings
+from synapse_nidstate.storage.block_strings import MIN_ENTRIES, NidStrings
 from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
 from synapse_nidstate.storage.narrow_statement import key_patterns, narrow_statement
 
@@ -232,8 +232,13 @@ class BlockStore(NidStoreBase):
         """The blocks ``block_nids``, cached or read (a missing row is an
         error; a narrow read takes :meth:`_narrow_blocks_txn` instead). With
         ``strings`` (a whole read), the strings stored beside the blocks read
-        go into it, by NID (schema 7; blocks without them, and cached blocks,
-        add nothing)."""
+        go into it, by NID (schema 7; blocks without them add nothing).
+
+        In a transaction it also takes, in the same statement, the stored
+        strings of the cached blocks of :data:`MIN_ENTRIES` entries or more
+        (the cache keeps NIDs only): else a whole read of a big room whose
+        blocks are cached read every entry's strings by NID, 3.5x slower than
+        cold at HQ scale (``benchmarks.whole_read``; docs/benchmarks.md)."""
         flat, missing = self._split_cached(self._blocks, block_nids)
         found = {nid: _block_of(entries) for nid, entries in flat.items()}
         for b in missing:
@@ -242,18 +247,22 @@ class BlockStore(NidStoreBase):
             elif b in learnt.flat_blocks:
                 found[b] = _block_of(learnt.flat_blocks[b])
         missing = self._to_read(txn, learnt, missing, None)
-        if missing:
-            rows = self._block_rows_txn(txn, missing, strings is not None)
+        texts_of: list[int] = []
+        if strings is not None and txn is not None:
+            texts_of = [b for b, entries in flat.items() if len(entries) >= 3 * MIN_ENTRIES]
+        if missing or texts_of:
+            rows = self._block_rows_txn(txn, missing, strings is not None, texts_of)
             loaded = {
                 nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
                 for nid, data, digest, _ in rows
+                if data is not None and digest is not None
             }
             learnt.blocks.update(loaded)
             found.update(loaded)
             if strings is not None:
                 for nid, _, _, text in rows:
                     if text is not None:
-                        strings.add(nid, loaded[nid], text)
+                        strings.add(nid, found[nid], text)
         return found
 
     def _narrow_blocks_txn(
@@ -428,22 +437,33 @@ class BlockStore(NidStoreBase):
         return missing
 
     def _block_rows_txn(
-        self, txn: LoggingTransaction | None, missing: list[int], with_strings: bool
-    ) -> list[tuple[int, bytes, bytes, str | None]]:
+        self,
+        txn: LoggingTransaction | None,
+        missing: list[int],
+        with_strings: bool,
+        texts_of: Sequence[int] = (),
+    ) -> list[tuple[int, bytes | None, bytes | None, str | None]]:
         """(block NID, entries, content hash, strings) of each of ``missing``,
-        whole. Every row must be there (a missing one is ``CorruptState``)."""
+        and (block NID, None, None, strings) of each of ``texts_of`` (cached),
+        in one statement. A row of ``missing`` not there is ``CorruptState``."""
         assert txn is not None
-        clause, args = in_list_clause(self.engine, "block_nid", missing)
-        strings = ", strings" if with_strings else ", NULL"
-        self.prepared.execute(
-            txn,
-            "blocks",
-            f"SELECT block_nid, entries, content_hash{strings} FROM nidstate_blocks WHERE {clause}",
-            args,
-        )
+        parts: list[str] = []
+        args: list[Any] = []
+        if missing:
+            clause, args = in_list_clause(self.engine, "block_nid", missing)
+            strings = ", strings" if with_strings else ", NULL"
+            parts.append(
+                f"SELECT block_nid, entries, content_hash{strings} FROM nidstate_blocks WHERE {clause}"
+            )
+        if texts_of:
+            clause, more = in_list_clause(self.engine, "block_nid", texts_of)
+            parts.append(f"SELECT block_nid, NULL, NULL, strings FROM nidstate_blocks WHERE {clause}")
+            args += more
+        self.prepared.execute(txn, "blocks", " UNION ALL ".join(parts), args)
         rows = txn.fetchall()
-        if len(rows) != len(missing):
-            raise CorruptState(f"state blocks missing: {set(missing) - {r[0] for r in rows}}")
+        if sum(r[1] is not None for r in rows) != len(missing):
+            read = {r[0] for r in rows if r[1] is not None}
+            raise CorruptState(f"state blocks missing: {set(missing) - read}")
         return rows
 
     def _snapshots_txn(
