@@ -14,6 +14,8 @@ from twisted.trial.unittest import SkipTest
 from synapse_nidstate import algebra
 from synapse_nidstate.demo.history import Driver
 from synapse_nidstate.storage.block_strings import MIN_ENTRIES
+from synapse_nidstate.storage.common import STATE_KEYS
+from synapse_nidstate.storage.flat_blocks import FlatBlocks
 from tests.harness import HomeserverTestCase, in_logcontext
 from tests.scenarios import compare_room, filters_for, room_event_ids
 from tests.test_read_faults import last_event_snapshot
@@ -172,9 +174,22 @@ class BlockStringsTests:
         forget_caches(hs, module)
         expected = await module.lookups.native_state_ids(latest, StateFilter.all())
         forget_caches(hs, module)
+        # Resolved in the strings stored beside its big blocks, the read never
+        # makes those blocks the algebra's tuples (most of its peak at HQ scale).
+        made: list[int] = []
+        missing = FlatBlocks.__missing__
+
+        def counting_blocks(blocks: FlatBlocks, block_nid: int) -> Any:
+            made.append(block_nid)
+            return missing(blocks, block_nid)
+
+        self.patch(FlatBlocks, "__missing__", counting_blocks)  # type: ignore[attr-defined]
         self.assertEqual(  # type: ignore[attr-defined]
             await module.lookups.mirrored_state_ids(latest, StateFilter.all()), expected
         )
+        with_strings = {nid for nid, _, strings in await block_rows(hs) if strings}
+        self.assertTrue(with_strings)  # type: ignore[attr-defined]
+        self.assertEqual(with_strings.intersection(made), set())  # type: ignore[attr-defined]
         _, _, snapshot_nid = await last_event_snapshot(hs, room_id)
         store = module.store
         block_nids = store._snapshot_blocks.get(snapshot_nid)[0]
@@ -207,6 +222,34 @@ class BlockStringsTests:
                 by_nid[-1], await entries_without_strings(hs, snapshot_nid)
             )
             self.assertLess(by_nid[-1], len(expected[latest[0]]))  # type: ignore[attr-defined]
+            # The attempt from the caches alone missed a big block's event
+            # IDs before it resolved anything, and read no string.
+            self.assertEqual(len(by_nid), 1)  # type: ignore[attr-defined]
+
+        # Every string of the state cached: the caches alone answer, no
+        # transaction (the big blocks resolved by NID).
+        def all_strings_txn(txn: Any) -> list[list[tuple[int, str]]]:
+            txn.execute("SELECT state_key_nid, state_key FROM nidstate_state_keys")
+            keys = txn.fetchall()
+            txn.execute("SELECT event_nid, event_id FROM nidstate_events")
+            return [keys, txn.fetchall()]
+
+        keys, events = await hs.get_datastores().main.db_pool.runInteraction(
+            "nidstate_test_strings", all_strings_txn
+        )
+        for nid, key in keys:
+            store._nid_strings[STATE_KEYS].set(nid, key)
+        for nid, event_id in events:
+            store._event_ids.set(nid, event_id)
+        store._resolved.clear()
+        store._resolved_index.clear()
+        store._split.invalidate_all()
+        by_nid.clear()
+        self.patch(store.db_pool, "runInteraction", None)  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await module.lookups.mirrored_state_ids(latest, StateFilter.all()), expected
+        )
+        self.assertEqual(len(by_nid), 1)  # type: ignore[attr-defined]
 
     @in_logcontext
     async def test_strings_that_do_not_fit_their_block_are_a_fault(self) -> None:

@@ -438,6 +438,32 @@ class MirrorTests:
             db_pool.runInteraction = original  # type: ignore[method-assign]
         self.assertEqual(reads, [])
 
+    @in_logcontext
+    async def test_answers_are_the_callers_own(self) -> None:
+        # Events of one snapshot get one state each, never a cache's: a
+        # caller that changes one changes nothing else, cold or warm.
+        hs = await self.make_homeserver({"mode": "serve"})
+        module = self.module(hs)
+        d = Driver(hs)
+        alice = await d.register("alice")
+        room_id = await d.create_room(alice, "public_chat")
+        first = await d.message(alice, room_id, "one")
+        second = await d.message(alice, room_id, "two")
+        events = [first.event_id, second.event_id]
+        for state_filter in (
+            StateFilter.all(),
+            StateFilter.from_types([(EventTypes.Member, alice)]),
+        ):
+            module.store.clear_caches()
+            for _ in ("cold", "warm"):
+                answer = await module.lookups.mirrored_state_ids(events, state_filter)
+                expected = dict(answer[second.event_id])
+                self.assertIsNot(answer[first.event_id], answer[second.event_id])
+                answer[first.event_id].clear()
+                self.assertEqual(answer[second.event_id], expected)
+                again = await module.lookups.mirrored_state_ids(events, state_filter)
+                self.assertEqual(again, {e: expected for e in events})
+
 
 class SqliteMirrorTests(MirrorTests, HomeserverTestCase):
     engine = "sqlite"

@@ -13,13 +13,13 @@ would cost the writer what it saves the reader. A block not filled yet is
 read by NID, as before: filling is never needed for an answer, only for speed.
 """
 
+from array import array
 from collections.abc import Mapping
 from typing import cast
 
 from synapse.storage.database import LoggingTransaction
 
 from synapse_nidstate import algebra
-from synapse_nidstate.algebra import Block
 from synapse_nidstate.storage.common import CorruptState
 from synapse_nidstate.storage.strings import ByNid, StringStore
 
@@ -42,17 +42,18 @@ class NidStrings:
     __slots__ = ("_blocks", "_maps")
 
     def __init__(self) -> None:
-        self._blocks: dict[int, tuple[Block, list[tuple[str, int]], list[str], list[str]]] = {}
+        self._blocks: dict[int, tuple[array, list[tuple[str, int]], list[str], list[str]]] = {}
         self._maps: tuple[dict[int, str], dict[int, str], dict[int, str]] | None = None
 
-    def add(self, block_nid: int, block: Block, text: str) -> None:
-        """The strings stored beside ``block`` (checked against it)."""
+    def add(self, block_nid: int, flat: array, text: str) -> None:
+        """The strings stored beside a block (its entries' NIDs ``flat``,
+        three an entry), checked against it."""
         try:
-            unpacked = algebra.unpack_strings(text, len(block))
+            unpacked = algebra.unpack_strings(text, len(flat) // 3)
         except algebra.AlgebraError as e:
             raise CorruptState(f"block {block_nid}: {e}") from e
         if unpacked is not None:  # else stored without strings: read by NID
-            self._blocks[block_nid] = (block, *unpacked)
+            self._blocks[block_nid] = (flat, *unpacked)
             self._maps = None
 
     def __contains__(self, block_nid: int) -> bool:
@@ -77,15 +78,13 @@ class NidStrings:
             types: dict[int, str] = {}
             keys: dict[int, str] = {}
             events: dict[int, str] = {}
-            for block, runs, key_strings, event_strings in self._blocks.values():
+            for flat, runs, key_strings, event_strings in self._blocks.values():
                 first = 0
                 for event_type, count in runs:
-                    types[block[first][0]] = event_type
+                    types[flat[3 * first]] = event_type
                     first += count
-                # Columns by comprehension: zip(*block) over thousands of
-                # entries costs ten times as much.
-                keys.update(zip([entry[1] for entry in block], key_strings))
-                events.update(zip([entry[2] for entry in block], event_strings))
+                keys.update(zip(flat[1::3], key_strings))
+                events.update(zip(flat[2::3], event_strings))
             events.pop(0, None)  # tombstones
             self._maps = (types, keys, events)
         return self._maps

@@ -18,7 +18,7 @@ pays the conversion, a few microseconds beside its statements.
 
 import itertools
 from array import array
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse.storage.database import LoggingTransaction
@@ -30,6 +30,7 @@ from synapse_nidstate.algebra.pieces import check_covers, unpack_piece_checked
 from synapse_nidstate.storage.base import NidStoreBase, TxnLearnt
 from synapse_nidstate.storage.block_strings import MIN_ENTRIES, NidStrings
 from synapse_nidstate.storage.common import CacheMiss, CorruptState, in_list_clause
+from synapse_nidstate.storage.flat_blocks import FlatBlocks, block_of, ints, joined
 from synapse_nidstate.storage.narrow_statement import key_patterns, narrow_statement
 
 if TYPE_CHECKING:
@@ -84,34 +85,8 @@ def _snapshot_ranges(
     return out
 
 
-def _joined(pieces: list[array]) -> array:
-    """Pieces of one block (flat, in order; of one width, as stored) as one array."""
-    if not pieces:
-        return array("q")
-    joined = array(pieces[0].typecode)
-    for piece in pieces:
-        joined.extend(piece)
-    return joined
-
-
-def _ints(values: Iterable[int]) -> array:
-    """NIDs as an array of int32s where they fit (as blocks are stored, and
-    as a read decodes them: half the memory of int64s), else of int64s."""
-    values = list(values)
-    try:
-        return array("i", values)
-    except OverflowError:
-        return array("q", values)
-
-
 #: A snapshot's cached block list, and its blocks' key ranges once known.
 Listed = tuple[array, array | None]
-
-
-def _block_of(flat: array) -> Block:
-    """A cached block (its entries' NIDs, flat) as the algebra's tuple of entries."""
-    it = iter(flat)
-    return tuple(zip(it, it, it))
 
 
 class BlockStore(NidStoreBase):
@@ -166,15 +141,15 @@ class BlockStore(NidStoreBase):
             if snapshot_nid not in learnt.snapshot_ranges and not self._snapshot_blocks.contains(
                 snapshot_nid
             ):
-                self._snapshot_blocks.set(snapshot_nid, (_ints(block_nids), None))
+                self._snapshot_blocks.set(snapshot_nid, (ints(block_nids), None))
         for snapshot_nid, (listed_nids, flat) in learnt.snapshot_ranges.items():
             listed = self._snapshot_blocks.get(snapshot_nid, update_metrics=False)
             if listed is None or listed[1] is None:
                 self._snapshot_blocks.set(
-                    snapshot_nid, (_ints(listed_nids) if listed is None else listed[0], flat)
+                    snapshot_nid, (ints(listed_nids) if listed is None else listed[0], flat)
                 )
         for block_nid, block in learnt.blocks.items():
-            self._blocks.set(block_nid, _ints(itertools.chain.from_iterable(block)))
+            self._blocks.set(block_nid, ints(itertools.chain.from_iterable(block)))
         for block_nid, flat in learnt.flat_blocks.items():
             self._blocks.set(block_nid, flat)
         for block_nid, covers in learnt.piece_covers.items():
@@ -240,29 +215,44 @@ class BlockStore(NidStoreBase):
         blocks are cached read every entry's strings by NID, 3.5x slower than
         cold at HQ scale (``benchmarks.whole_read``; docs/benchmarks.md)."""
         flat, missing = self._split_cached(self._blocks, block_nids)
-        found = {nid: _block_of(entries) for nid, entries in flat.items()}
+        found: dict[int, Block]
+        if strings is None:
+            found = {nid: block_of(entries) for nid, entries in flat.items()}
+        else:
+            found = FlatBlocks(flat)
         for b in missing:
             if b in learnt.blocks:
                 found[b] = learnt.blocks[b]
             elif b in learnt.flat_blocks:
-                found[b] = _block_of(learnt.flat_blocks[b])
+                found[b] = block_of(learnt.flat_blocks[b])
         missing = self._to_read(txn, learnt, missing, None)
         texts_of: list[int] = []
-        if strings is not None and txn is not None:
+        if strings is not None:
             texts_of = [b for b, entries in flat.items() if len(entries) >= 3 * MIN_ENTRIES]
-        if missing or texts_of:
-            rows = self._block_rows_txn(txn, missing, strings is not None, texts_of)
-            loaded = {
-                nid: _checked(algebra.unpack_block_checked, "block", nid, data, digest)
-                for nid, data, digest, _ in rows
-                if data is not None and digest is not None
-            }
-            learnt.blocks.update(loaded)
-            found.update(loaded)
-            if strings is not None:
-                for nid, _, _, text in rows:
-                    if text is not None:
-                        strings.add(nid, found[nid], text)
+            if txn is None and texts_of:
+                # From the caches alone, resolved by NID: a miss of a big
+                # block's event IDs is a miss before the resolving, not after.
+                cached = self._event_ids.cache
+                for b in texts_of:
+                    if not all(e in cached for e in flat[b][2::3] if e):
+                        raise CacheMiss()
+                texts_of = []
+        if not missing and not texts_of:
+            return found
+        for nid, data, digest, text in self._block_rows_txn(
+            txn, missing, strings is not None, texts_of
+        ):
+            if data is not None and digest is not None:
+                if strings is None:
+                    found[nid] = learnt.blocks[nid] = _checked(
+                        algebra.unpack_block_checked, "block", nid, data, digest
+                    )
+                    continue
+                flat[nid] = learnt.flat_blocks[nid] = _checked(
+                    algebra.unpack_flat_checked, "block", nid, data, digest
+                )
+            if strings is not None and text is not None:
+                strings.add(nid, flat[nid], text)
         return found
 
     def _narrow_blocks_txn(
@@ -302,7 +292,7 @@ class BlockStore(NidStoreBase):
             if b in learnt.flat_blocks:
                 found[b] = learnt.flat_blocks[b]
             elif b in learnt.blocks:
-                found[b] = _ints(itertools.chain.from_iterable(learnt.blocks[b]))
+                found[b] = ints(itertools.chain.from_iterable(learnt.blocks[b]))
             elif b in with_covers and (pieces := self._cached_pieces(b, key_ranges)) is not None:
                 ranges[b], found[b] = pieces
             else:
@@ -332,7 +322,7 @@ class BlockStore(NidStoreBase):
                 if piece is None:
                     return None
                 taken.append(piece)
-        return (covers[0], covers[-1]), _joined(taken)
+        return (covers[0], covers[-1]), joined(taken)
 
     def _narrow_rows_txn(
         self,
@@ -411,7 +401,7 @@ class BlockStore(NidStoreBase):
         except algebra.AlgebraError as e:
             raise CorruptState(f"block {block_nid}: {e}") from e
         learnt.piece_covers[block_nid] = covers
-        return _joined(taken)
+        return joined(taken)
 
     def _to_read(
         self,
