@@ -186,16 +186,40 @@ def _digest(answers: Sequence[dict[str, MutableStateMap[str]]]) -> bytes:
 
 
 async def replay(
-    trace: Sequence[Request], lookup: Lookup, clear_caches: Callable[[], None]
+    trace: Sequence[Request],
+    lookup: Lookup,
+    clear_caches: Callable[[], None],
+    peaks: dict[str, list[int]] | None = None,
 ) -> Replay:
-    """The whole trace through ``lookup``, from cold: wall time and digests."""
+    """The whole trace through ``lookup``, from cold: wall time and digests.
+    With ``peaks`` (``tracemalloc`` running), each request's peak of traced
+    memory above what was traced when it started goes into it, by kind."""
     clear_caches()
     digests = []
     started = time.perf_counter()
     for request in trace:
+        if peaks is not None:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
         answers = [await lookup(list(ids), state_filter) for ids, state_filter in request.calls]
+        if peaks is not None:
+            peaks.setdefault(request.kind, []).append(tracemalloc.get_traced_memory()[1] - before)
         digests.append(_digest(answers))
     return Replay(time.perf_counter() - started, digests)
+
+
+def peak_summary(peaks: dict[str, list[int]]) -> dict[str, dict[str, int]]:
+    """Each kind's requests' peaks (``replay``): how many, p50, p90 and max, in bytes."""
+    summary = {}
+    for kind, values in peaks.items():
+        values = sorted(values)
+        summary[kind] = {
+            "requests": len(values),
+            "p50": values[len(values) // 2],
+            "p90": values[int(len(values) * 0.9)],
+            "max": values[-1],
+        }
+    return summary
 
 
 def resident_memory(pid: int | str = "self") -> dict[str, int]:
@@ -316,14 +340,18 @@ async def measure_process(
         async def lookup(ids: list[str], state_filter: StateFilter) -> dict[str, MutableStateMap[str]]:
             return dict(await controller.get_state_ids_for_events(ids, state_filter))  # type: ignore[arg-type]
 
-        replayed = await replay(trace, lookup, lambda: None)
+        peaks: dict[str, list[int]] | None = {} if trace_memory else None
+        replayed = await replay(trace, lookup, lambda: None, peaks)
         gc.collect()
         after = resident_memory()
         traced = {}
         if trace_memory:
             snapshot = tracemalloc.take_snapshot()
             tracemalloc.stop()
+            assert peaks is not None
             traced = {"traced_growth": traced_growth(before, snapshot),
+                      "traced_after": sum(stat.size for stat in snapshot.statistics("filename")),
+                      "request_peaks": peak_summary(peaks),
                       "cache_entries": cache_entries(hs),
                       "cache_nodes": cache_nodes(hs)}
     finally:
@@ -359,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace-memory", action="store_true",
         help="also record, with tracemalloc, which files allocated what the replay left "
-        "behind, and every state cache's entries (slower; its RSS is not comparable)",
+        "behind, each request's peak by kind, and every state cache's entries (slower; "
+        "its RSS is not comparable)",
     )
     args = parser.parse_args(argv)
     if (args.json is None) == (args.write_trace is None):
@@ -381,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(measured, f, indent=2)
     for site in measured.get("traced_growth", []):
         print(f"{site['bytes'] / 2**20:8.2f} MiB {site['blocks']:9,} blocks  {site['file']}")
+    for kind, peak in measured.get("request_peaks", {}).items():
+        print(
+            f"{kind:14} {peak['requests']:5} requests, traced peak above their start:"
+            f" p50 {peak['p50'] / 2**20:.2f}, p90 {peak['p90'] / 2**20:.2f},"
+            f" max {peak['max'] / 2**20:.2f} MiB"
+        )
     nodes = measured.get("cache_nodes", {})
     for name, entries in measured.get("cache_entries", {}).items():
         print(f"{entries:9,} entries {nodes.get(name, 0):9,} nodes  {name}")

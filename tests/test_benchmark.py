@@ -119,6 +119,12 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertTrue(any(site["file"].startswith("synapse_nidstate/")
                             for site in traced["traced_growth"]), traced["traced_growth"])
         self.assertEqual(traced["digest"], runner_digest)
+        # Each request kind's traced peak, the three kinds of the mix.
+        self.assertEqual(set(traced["request_peaks"]), {"/messages", "/context", "initial sync"})
+        for peak in traced["request_peaks"].values():
+            self.assertGreater(peak["requests"], 0)
+            self.assertLessEqual(peak["p50"], peak["max"])
+        self.assertGreater(traced["traced_after"], 0)
         entries = traced["cache_entries"]
         self.assertGreater(entries["nidstate_blocks"], 0)
         self.assertEqual(entries["state_group_members_cache"], 0)  # the module answered
