@@ -317,10 +317,15 @@ async def write_trace(config_path: str, requests: int, path: str) -> None:
 
 
 async def measure_process(
-    config_path: str, requests: int, trace_memory: bool = False, trace_path: str | None = None
+    config_path: str,
+    requests: int,
+    trace_memory: bool = False,
+    trace_path: str | None = None,
+    settle: float = 0,
 ) -> dict[str, Any]:
     """The replay from cold in this process (see the module's doc), of the
-    trace in ``trace_path`` (``--trace``) or of one drawn here."""
+    trace in ``trace_path`` (``--trace``) or of one drawn here; the memory
+    after it read ``settle`` seconds after it ends (``--settle``)."""
     from synapse_nidstate.demo.inprocess import stop_homeserver
 
     config, hs = await _start(config_path)
@@ -343,6 +348,14 @@ async def measure_process(
         peaks: dict[str, list[int]] | None = {} if trace_memory else None
         replayed = await replay(trace, lookup, lambda: None, peaks)
         gc.collect()
+        if settle:
+            from synapse.logging.context import make_deferred_yieldable
+            from twisted.internet import reactor
+            from twisted.internet.task import deferLater
+
+            # (Made yieldable: the sleep leaves this task's logging context,
+            # as Synapse's own waits do.)
+            await make_deferred_yieldable(deferLater(reactor, settle, lambda: None))  # type: ignore[arg-type]
         after = resident_memory()
         traced = {}
         if trace_memory:
@@ -390,7 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         "behind, each request's peak by kind, and every state cache's entries (slower; "
         "its RSS is not comparable)",
     )
+    parser.add_argument(
+        "--settle", type=float, default=0, metavar="SECONDS",
+        help="read the memory after the replay this many seconds after it ends, the "
+        "homeserver idle meanwhile (jemalloc, which Synapse's FAQ advises, returns freed "
+        "pages to the system after a delay: 10 s by default)",
+    )
     args = parser.parse_args(argv)
+    if args.settle < 0:
+        parser.error("--settle must be 0 or more")
     if (args.json is None) == (args.write_trace is None):
         parser.error("give one of --json (measure) and --write-trace (draw the trace)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -402,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     measured = run_in_reactor(
         lambda: measure_process(
-            args.homeserver_config, args.requests, args.trace_memory, args.trace
+            args.homeserver_config, args.requests, args.trace_memory, args.trace, args.settle
         ),
         "nidstate-benchmark-mix",
     )
