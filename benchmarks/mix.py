@@ -28,10 +28,12 @@ starts a homeserver from the file, replays the trace once from cold through
 Synapse's own entry point (``get_state_ids_for_events``, which the module
 serves when the file configures it) and writes the process's resident memory
 after start-up, after the replay and at its peak (``/proc/self/status``:
-VmRSS, VmHWM), with a digest of every answer.
+VmRSS, VmHWM), what glibc's allocator holds after the replay (in use, and
+freed but kept: ``mallinfo2``), with a digest of every answer.
 """
 
 import argparse
+import ctypes
 import gc
 import hashlib
 import json
@@ -234,6 +236,31 @@ def resident_memory(pid: int | str = "self") -> dict[str, int]:
     return memory
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (``malloc.h``, glibc 2.33 and later)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_statistics() -> dict[str, int] | None:
+    """What glibc's allocator holds in this process (``mallinfo2``, every
+    arena summed), in bytes: ``heap`` (from the system, outside mmap), of it
+    ``in_use`` and ``free`` (freed, kept by the allocator: what RSS counts
+    beyond the live objects, where its pages are touched), ``mmapped`` (big
+    blocks mapped one by one) and ``trimmable`` (free at the heap's top);
+    None where the C library is not glibc or is older than 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"heap": info.arena, "in_use": info.uordblks, "free": info.fordblks,
+            "mmapped": info.hblkhd, "trimmable": info.keepcost}
+
+
 #: With --trace-memory: how many allocation sites (by file) to report.
 TRACED_FILES = 12
 
@@ -357,6 +384,7 @@ async def measure_process(
             # as Synapse's own waits do.)
             await make_deferred_yieldable(deferLater(reactor, settle, lambda: None))  # type: ignore[arg-type]
         after = resident_memory()
+        allocator = malloc_statistics()
         traced = {}
         if trace_memory:
             snapshot = tracemalloc.take_snapshot()
@@ -377,6 +405,7 @@ async def measure_process(
         "rss_started": started["now"],
         "rss_after": after["now"],
         "rss_peak": after["peak"],
+        "malloc_after": allocator,
         "digest": hashlib.blake2b(b"".join(replayed.digests), digest_size=16).hexdigest(),
     }
 
@@ -437,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
             f" p50 {peak['p50'] / 2**20:.2f}, p90 {peak['p90'] / 2**20:.2f},"
             f" max {peak['max'] / 2**20:.2f} MiB"
         )
+    allocator = measured["malloc_after"]
+    if allocator is not None:
+        print("glibc's allocator after the replay (MiB): " + ", ".join(
+            f"{name} {value / 2**20:.1f}" for name, value in allocator.items()))
     nodes = measured.get("cache_nodes", {})
     for name, entries in measured.get("cache_entries", {}).items():
         print(f"{entries:9,} entries {nodes.get(name, 0):9,} nodes  {name}")

@@ -991,10 +991,13 @@ def report(results: Results, command: str) -> str:
                 [("Synapse alone" if side == "native" else "with the module",
                   f"{p['rss_started'] / mib:,.1f}", f"{p['rss_after'] / mib:,.1f}",
                   f"{(p['rss_after'] - p['rss_started']) / mib:,.1f}", f"{p['rss_peak'] / mib:,.1f}",
+                  *((f"{p['malloc_after']['in_use'] / mib:,.1f}",
+                     f"{p['malloc_after']['free'] / mib:,.1f}")
+                    if p["malloc_after"] else ("n/a", "n/a")),
                   f"{p['seconds']:.1f}")
                  for side, p in results.process.items()],
                 ("process", "RSS after start-up MiB", "after the mix MiB", "growth MiB",
-                 "peak MiB", "mix s"),
+                 "peak MiB", "malloc in use MiB", "malloc freed, kept MiB", "mix s"),
             ),
             "",
             f"{results.process['nid']['requests']:,} requests each; every answer equal: "
@@ -1089,6 +1092,10 @@ def as_json(results: Results, command: str) -> dict[str, Any]:
                 "rss_started": fig(p["rss_started"], "bytes"),
                 "rss_after": fig(p["rss_after"], "bytes"),
                 "rss_peak": fig(p["rss_peak"], "bytes"),
+                # glibc's allocator after the mix (None elsewhere): in use, freed but kept.
+                "malloc_after": None if p["malloc_after"] is None else {
+                    name: fig(value, "bytes") for name, value in p["malloc_after"].items()
+                },
                 "seconds": fig(p["seconds"], "s"),
                 "requests": fig(p["requests"], "requests"),
                 "digest": p["digest"],

@@ -87,6 +87,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertEqual(process["native"]["digest"], process["nid"]["digest"])
         for side in process.values():
             self.assertGreater(side["rss_after"]["value"], 0)
+            self.assertGreater(side["malloc_after"]["in_use"]["value"], 0)
             self.assertEqual(side["requests"]["value"], 30)
         self.assertIn("process RSS after the mix lower with the module",
                       {t["target"] for t in figures["targets"]})
@@ -125,6 +126,12 @@ class BenchmarkSmokeTests(unittest.TestCase):
             self.assertGreater(peak["requests"], 0)
             self.assertLessEqual(peak["p50"], peak["max"])
         self.assertGreater(traced["traced_after"], 0)
+        # glibc's own account (this machine's C library is glibc): what it
+        # holds is what is in use and what it keeps freed.
+        allocator = traced["malloc_after"]
+        self.assertGreater(allocator["in_use"], 0)
+        self.assertGreaterEqual(allocator["heap"], allocator["in_use"])
+        self.assertRegex(result.stdout, r"glibc's allocator after the replay \(MiB\): heap ")
         entries = traced["cache_entries"]
         self.assertGreater(entries["nidstate_blocks"], 0)
         self.assertEqual(entries["state_group_members_cache"], 0)  # the module answered
