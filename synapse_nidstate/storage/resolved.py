@@ -84,13 +84,13 @@ class ResolvedState:
             # Almost the whole state: copied, then the other types' keys it
             # does not want taken out.
             out = dict(self.full)
-            for event_type, of_type in others.items():
-                state_keys = types.get(event_type) if event_type in types else (
+            for event_type, entries in others.items():
+                wanted = types.get(event_type) if event_type in types else (
                     None if state_filter.include_others else frozenset()
                 )
-                if state_keys is not None:
-                    for key in of_type:
-                        if key[1] not in state_keys:
+                if wanted is not None:
+                    for key in entries:
+                        if key[1] not in wanted:
                             del out[key]
             return out
         out = {}
