@@ -310,6 +310,17 @@ def cache_nodes(hs: HomeServer) -> dict[str, int]:
     return {name: len(cache.cache) for name, cache in _state_caches(hs).items()}  # type: ignore[arg-type]
 
 
+def _releases(hs: HomeServer) -> dict[str, float] | None:
+    """How often the module gave freed memory back, and the seconds it took;
+    None without the module."""
+    from synapse_nidstate.runtime.module import module_for
+
+    module = module_for(hs)
+    if module is None:
+        return None
+    return {"releases": module.freed_memory.releases, "seconds": module.freed_memory.seconds}
+
+
 async def _start(config_path: str) -> tuple[dict[str, Any], HomeServer]:
     """A homeserver started from a homeserver.yaml, and the file's config."""
     import yaml
@@ -385,6 +396,7 @@ async def measure_process(
             await make_deferred_yieldable(deferLater(reactor, settle, lambda: None))  # type: ignore[arg-type]
         after = resident_memory()
         allocator = malloc_statistics()
+        released = _releases(hs)
         traced = {}
         if trace_memory:
             snapshot = tracemalloc.take_snapshot()
@@ -406,6 +418,8 @@ async def measure_process(
         "rss_after": after["now"],
         "rss_peak": after["peak"],
         "malloc_after": allocator,
+        # The module's releases of freed memory (runtime/freed_memory.py): how many, seconds.
+        "freed_memory_releases": released,
         "digest": hashlib.blake2b(b"".join(replayed.digests), digest_size=16).hexdigest(),
     }
 
@@ -470,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     if allocator is not None:
         print("glibc's allocator after the replay (MiB): " + ", ".join(
             f"{name} {value / 2**20:.1f}" for name, value in allocator.items()))
+    released = measured["freed_memory_releases"]
+    if released is not None:
+        print(f"the module released freed memory {released['releases']} times, in "
+              f"{released['seconds'] * 1000:.1f} ms in all")
     nodes = measured.get("cache_nodes", {})
     for name, entries in measured.get("cache_entries", {}).items():
         print(f"{entries:9,} entries {nodes.get(name, 0):9,} nodes  {name}")

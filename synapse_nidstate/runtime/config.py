@@ -58,7 +58,7 @@ class NidStateConfig:
     mode: str = "shadow"
     #: State entries (summed over blocks) of the immutable-block cache. Sized in
     #: entries, not blocks: a compacted block of a big room holds thousands.
-    block_cache_size: int = 500_000
+    block_cache_size: int = 50_000
     #: Entries of each NID <-> string cache (events, types, state keys, rooms).
     string_cache_size: int = 500_000
     #: Entries of the event -> snapshot and state group -> snapshot caches.
@@ -77,6 +77,9 @@ class NidStateConfig:
     #: on PostgreSQL (``storage/prepared.py``); false behind a connection
     #: pooler in transaction mode, which does not keep a session's statements.
     prepared_statements: bool = True
+    #: After a read that built a big room's whole state, give the memory it
+    #: freed back to the system (glibc's ``malloc_trim``; runtime/freed_memory.py).
+    trim_freed_memory: bool = True
     #: Start on a Synapse release outside TESTED_SYNAPSE anyway.
     allow_untested_synapse: bool = False
     background_migration: BackgroundMigrationConfig = BackgroundMigrationConfig()

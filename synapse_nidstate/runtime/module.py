@@ -13,6 +13,7 @@ from synapse_nidstate.runtime.block_strings import BlockStringsFiller
 from synapse_nidstate.runtime.compat import check_synapse_instances, check_synapse_internals
 from synapse_nidstate.runtime.config import NidStateConfig, check_synapse_version, parse_config
 from synapse_nidstate.runtime.faults import FaultLog
+from synapse_nidstate.runtime.freed_memory import FreedMemory
 from synapse_nidstate.runtime.group_reads import GroupReads
 from synapse_nidstate.runtime.lookups import StateLookups
 from synapse_nidstate.runtime.metrics import COLLECTOR, NidStateStats
@@ -85,6 +86,9 @@ class NidStateModule:
         self.persists_events = hooks.install_mirror(hs, self.mirror)
         self.block_strings = BlockStringsFiller(api, self.store, self.stats.block_strings)
         self.mirror.wrote_big_blocks = self.block_strings.kick
+        self.freed_memory = FreedMemory(api, hs.get_reactor())
+        if config.trim_freed_memory:
+            self.store.after_big_read = self.freed_memory.kick
         hooks.install_full_state_updates(hs, self.mirror)
         hooks.install_purges(hs, self.store)
 

@@ -202,8 +202,14 @@ class _Plan:
 
 
 class ResolvedStateStore(BlockStore, StringStore):
+    #: A read that builds whole states of at least this many entries in all
+    #: (a big room's) calls ``after_big_read`` once its transaction ends: the
+    #: memory it decoded them in is freed by then (runtime/freed_memory.py).
+    BIG_READ_ENTRIES = 10_000
+
     def __init__(self, hs: "HomeServer", config: "NidStateConfig") -> None:
         super().__init__(hs, config)
+        self.after_big_read: Callable[[], None] | None = None
         # snapshot -> its whole state as strings (immutable), or its changes
         # against an ancestor's, sized in entries.
         self._resolved: LruCache[int, ResolvedState | ResolvedChanges] = self._cache(
@@ -394,6 +400,13 @@ class ResolvedStateStore(BlockStore, StringStore):
                 remember()
             else:
                 txn.call_after(remember)
+        if self.after_big_read is not None and (
+            sum(map(len, bases.values())) >= self.BIG_READ_ENTRIES
+        ):
+            if txn is None:
+                self.after_big_read()
+            else:
+                txn.call_after(self.after_big_read)
         return answer
 
     def _ancestor(
