@@ -3,13 +3,13 @@
 A whole read of a big room's state decodes tens of thousands of entries at
 once: its block strings split, its maps by NID, its answer. Once freed, that
 memory stays in glibc's heaps, below what the caches keep, and the process's
-resident memory with it: at HQ scale, after the realistic mix, glibc held
-15.7 MiB freed in the module's process against 1.0 MiB in Synapse's alone
-(``benchmarks.mix``, which reports ``mallinfo2``; docs/benchmarks.md, session
-30), most of it in the heap of the database thread that ran the reads.
-glibc returns such pages only from the top of a heap, or when asked:
-``malloc_trim(0)`` gives back every whole free page of every heap (1.3 ms
-there, run on a thread of Synapse's pool).
+resident memory with it: at HQ scale, after the realistic mix, glibc kept
+14.0-14.2 MiB freed in the module's process against 1.0 MiB in Synapse's
+alone (``benchmarks.mix``, which reports ``mallinfo2``; docs/benchmarks.md,
+session 30), most of it in the heap of a database thread. glibc returns
+such pages only from the top of a heap, or when asked: ``malloc_trim(0)``
+gives back every whole free page of every heap (1.4-1.6 ms there, on a
+thread of Synapse's pool; ``benchmarks.mix`` prints the releases).
 
 So a read that built a whole state of at least
 ``NidStore.BIG_READ_ENTRIES`` entries kicks a release
