@@ -55,7 +55,7 @@ class FreedMemory:
         self._reactor = reactor
         self._trim = malloc_trim()
         self._pending = False
-        #: Releases done, and the seconds they took (``status``, tests).
+        #: Releases done, and the seconds they took (``benchmarks.mix``, tests).
         self.releases = 0
         self.seconds = 0.0
 
