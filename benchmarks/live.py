@@ -82,6 +82,7 @@ from benchmarks.mix import resident_memory
 from benchmarks.run import REPO, SCALES, ensure_dataset, prepare_postgres
 from synapse_nidstate.commands.homeserver import run_in_reactor
 from synapse_nidstate.demo.inprocess import homeserver_config, postgres_database
+from synapse_nidstate.demo.listen import free_port
 
 #: name -> the module's configuration (None: Synapse alone).
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -680,14 +681,6 @@ def process_memory(server: Server) -> dict[str, float]:
     """The Synapse process's resident memory now and at its peak, MiB."""
     assert server.proc is not None
     return {key: value / 2**20 for key, value in resident_memory(server.proc.pid).items()}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def report(results: list[dict[str, Any]], command: str) -> str:

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from synapse_nidstate.demo.listen import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "operating.md"
 SERVER_NAME = "guide.example"
@@ -57,12 +58,6 @@ FENCE = re.compile(r"```(\w+)\n(.*?)```", re.S)
 
 class GuideError(Exception):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def steps(text: str) -> list[tuple[str, str, int]]:

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from synapse_nidstate.demo.history import ROOM_VERSION
+from synapse_nidstate.demo.listen import free_port
 
 SERVER_NAME = "nidstate.e2e"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +50,6 @@ LAZY_ROOM_FILTER = json.dumps(
     {"room": {"state": {"lazy_load_members": True}}}, separators=(",", ":")
 )
 GENEROUS = {"per_second": 100000, "burst_count": 100000}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def q(value: str) -> str:
@@ -701,3 +696,30 @@ class EndToEndTest(ServerTestCase):
         self.assertSameAnswers(
             requests, native_answers, cold_answers, "mirror", "serve (restarted)"
         )
+
+
+class FreePortTests(unittest.TestCase):
+    """The ports real Synapse processes are given (``demo/listen.py``)."""
+
+    def test_below_the_ephemeral_range_and_never_twice(self) -> None:
+        from synapse_nidstate.demo.listen import ephemeral_start
+
+        start = ephemeral_start()
+        ports = [free_port() for _ in range(200)]
+        self.assertEqual(len(set(ports)), len(ports))
+        self.assertTrue(all(1024 <= port < start for port in ports), ports)
+
+    def test_a_port_something_listens_on_is_not_given(self) -> None:
+        from unittest import mock
+
+        from synapse_nidstate.demo import listen
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            # Only that port in range: free_port must refuse it.
+            with mock.patch.object(listen, "ephemeral_start", return_value=port + 1), \
+                    mock.patch.object(listen, "SPAN", 1):
+                with self.assertRaises(OSError):
+                    listen.free_port()
