@@ -5,6 +5,7 @@ many such reads end together; never after a narrow one; not when
 on glibc."""
 
 from synapse.api.constants import EventTypes
+from synapse.logging.context import make_deferred_yieldable
 from synapse.types.state import StateFilter
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -17,7 +18,10 @@ from tests.test_reclaim import SERVE, forget_caches
 
 
 async def wait(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+    # Yieldable: a bare deferLater would leave this test's logcontext current
+    # while the reactor runs Synapse's looping calls meanwhile (which assert
+    # they start in the sentinel context: the test failed now and then).
+    await make_deferred_yieldable(deferLater(reactor, seconds, lambda: None))
 
 
 class FreedMemoryTests(HomeserverTestCase):
