@@ -23,6 +23,7 @@ from synapse_nidstate.algebra import (
     SnapshotPlan,
     block_hash,
     block_key_range,
+    bounded_difference,
     changes,
     compact,
     delta,
@@ -39,6 +40,7 @@ from synapse_nidstate.algebra import (
     pack_strings,
     rebase,
     resolve,
+    shared_prefix,
     snapshot_hash,
     unpack_block,
     unpack_block_checked,
@@ -1060,3 +1062,33 @@ class BlockStringsTests(unittest.TestCase):
         ):
             with self.assertRaises(AlgebraError, msg=(text, entries)):
                 unpack_strings(text, entries)
+
+
+class BoundedDifferenceTests(unittest.TestCase):
+    """``bounded_difference``: how the resolved-state cache keeps a whole state
+    as its changes against a related base (storage/resolved.py)."""
+
+    maps = st.dictionaries(st.integers(0, 30), st.text(max_size=2), max_size=25)
+
+    @settings(max_examples=500, **_SETTINGS)
+    @given(state=maps, base=maps, most=st.integers(0, 60))
+    def test_applied_to_the_base_gives_the_state(self, state, base, most) -> None:
+        changes = bounded_difference(state, base, most)
+        differing = {k for k in state.keys() | base.keys() if state.get(k) != base.get(k)}
+        if len(differing) > most:
+            self.assertIsNone(changes)
+            return
+        assert changes is not None
+        self.assertEqual(set(changes), differing)
+        rebuilt = dict(base)
+        for key, value in changes.items():
+            if value is None:
+                rebuilt.pop(key, None)
+            else:
+                rebuilt[key] = value
+        self.assertEqual(rebuilt, state)
+
+    def test_shared_prefix(self) -> None:
+        self.assertEqual(shared_prefix((1, 2, 3), (1, 2, 4, 5)), 2)
+        self.assertEqual(shared_prefix((), (1,)), 0)
+        self.assertEqual(shared_prefix((7, 8), (7, 8)), 2)

@@ -24,6 +24,7 @@ from synapse_nidstate.algebra.state import (
     NidFilter,
     SnapshotPlan,
     block_key_range,
+    bounded_difference,
     changes,
     compact,
     delta,
@@ -38,6 +39,7 @@ from synapse_nidstate.algebra.state import (
     ranges_meet,
     rebase,
     resolve,
+    shared_prefix,
 )
 from synapse_nidstate.algebra.types import (
     COMPACTED_BLOCKS_TARGET,
@@ -67,6 +69,7 @@ __all__ = [
     "StateKeyNids",
     "block_hash",
     "block_key_range",
+    "bounded_difference",
     "changes",
     "compact",
     "content_hash",
@@ -85,6 +88,7 @@ __all__ = [
     "ranges_meet",
     "rebase",
     "resolve",
+    "shared_prefix",
     "snapshot_hash",
     "unpack_block",
     "unpack_block_checked",

@@ -7,6 +7,7 @@ import functools
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import attr
 
@@ -22,6 +23,9 @@ from synapse_nidstate.algebra.types import (
     NidStateMap,
     StateKeyNids,
 )
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def make_block(entries: Iterable[Entry]) -> Block:
@@ -414,3 +418,37 @@ class NidFilter:
         return {key: e for key, e in state.items() if self.matches(key)}
 
 
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading block NIDs two block lists share."""
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
+def bounded_difference(
+    state: Mapping[K, V], base: Mapping[K, V], most: int
+) -> dict[K, V | None] | None:
+    """What turns ``base`` into ``state`` (a key ``state`` lacks: None), or
+    None if that is more than ``most`` keys (given up as soon as it is).
+    No value of either is None."""
+    changes: dict[K, V | None] = {}
+    added = 0
+    for key, value in state.items():
+        theirs = base.get(key)
+        if theirs != value:
+            if theirs is None:
+                added += 1
+            changes[key] = value
+            if len(changes) > most:
+                return None
+    removed = len(base) - (len(state) - added)
+    if removed:
+        if len(changes) + removed > most:
+            return None
+        changes.update((key, None) for key in base if key not in state)
+    return changes

@@ -147,7 +147,7 @@ class ProofStore(GroupStateStore, InterningStore):
         for group, prev_snapshot in prev_snapshots.items():
             if prev_snapshot is not None:
                 mine, base = lists[snapshots[group]], lists[prev_snapshot]
-                k = _shared_prefix(mine, base)
+                k = algebra.shared_prefix(mine, base)
                 if k == len(base) or k:
                     added[group] = (mine[k:], base[k:])
         blocks = self._blocks_txn(
@@ -196,7 +196,7 @@ class ProofStore(GroupStateStore, InterningStore):
             return set()
         nid_rows = self._nids_of_rows_txn(txn, {group: rows[group] for group in cut})
         shared = {
-            group: _shared_prefix(lists[snapshots[group]], base) for group, base in cut.items()
+            group: algebra.shared_prefix(lists[snapshots[group]], base) for group, base in cut.items()
         }
         blocks = self._blocks_txn(
             txn,
@@ -257,12 +257,3 @@ class ProofStore(GroupStateStore, InterningStore):
             if all(t in types and k in keys and e in events for (t, k), e in state.items())
         }
 
-
-def _shared_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """How many leading block NIDs two block lists share."""
-    k = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        k += 1
-    return k

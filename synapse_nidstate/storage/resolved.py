@@ -218,10 +218,14 @@ class ResolvedStateStore(BlockStore, StringStore):
         #: The block list of each snapshot in ``_resolved`` (kept in step by the
         #: cache's callbacks): how a snapshot finds a resolved ancestor.
         self._resolved_index: dict[tuple[int, ...], int] = {}
+        #: The bases in ``_resolved`` by first block, with their block lists
+        #: (:meth:`_related_base`).
+        self._bases_by_first_block: dict[int, dict[int, tuple[int, ...]]] = {}
 
     def clear_caches(self) -> None:
         super().clear_caches()
         self._resolved_index.clear()
+        self._bases_by_first_block.clear()
 
     def _cached_resolved(
         self, snapshot_nid: int
@@ -367,12 +371,26 @@ class ResolvedStateStore(BlockStore, StringStore):
                 block_lists[snapshot_nid], by_nid_entries[snapshot_nid], known, by_nid
             )
         bases: dict[int, ResolvedState] = {}
+        built = 0  # entries of the whole states built
         answer: dict[int, MutableStateMap[str]] = {}
         for snapshot_nid in order:  # a base before what builds on it
             plan = plans[snapshot_nid]
             own_strings = strings[snapshot_nid]
             resolved: ResolvedState | ResolvedChanges
+            # Built whole, kept as changes against a related base if few.
+            related = changed = None
             if plan.whole:
+                built += len(own_strings)
+                if snapshot_nid not in parents:
+                    related = self._related_base(block_lists[snapshot_nid])
+            if related is not None:
+                most = max(MIN_CHANGES, len(related[1]) // CHANGES_PART)
+                changed = algebra.bounded_difference(own_strings, related[1].full, most)
+            if changed is not None:
+                assert related is not None
+                resolved = ResolvedChanges(related[0], changed)
+                answer[snapshot_nid] = resolved.filter(related[1], state_filter)
+            elif plan.whole:
                 resolved = bases[snapshot_nid] = ResolvedState(
                     cast("dict[tuple[str, str], str]", own_strings)
                 )
@@ -389,6 +407,7 @@ class ResolvedStateStore(BlockStore, StringStore):
                         else:
                             state[string_key] = event_id
                     resolved = bases[snapshot_nid] = ResolvedState(state)
+                    built += len(state)
                     answer[snapshot_nid] = resolved.filter(state_filter)
                 else:
                     resolved = ResolvedChanges(plan.base, changes)
@@ -400,9 +419,7 @@ class ResolvedStateStore(BlockStore, StringStore):
                 remember()
             else:
                 txn.call_after(remember)
-        if self.after_big_read is not None and (
-            sum(map(len, bases.values())) >= self.BIG_READ_ENTRIES
-        ):
+        if self.after_big_read is not None and built >= self.BIG_READ_ENTRIES:
             if txn is None:
                 self.after_big_read()
             else:
@@ -447,7 +464,33 @@ class ResolvedStateStore(BlockStore, StringStore):
             callbacks=(functools.partial(self._forget_resolved, snapshot_nid, block_nids),),
         )
         self._resolved_index[block_nids] = snapshot_nid
+        if isinstance(resolved, ResolvedState) and block_nids:
+            self._bases_by_first_block.setdefault(block_nids[0], {})[snapshot_nid] = block_nids
 
     def _forget_resolved(self, snapshot_nid: int, block_nids: tuple[int, ...]) -> None:
         if self._resolved_index.get(block_nids) == snapshot_nid:
             del self._resolved_index[block_nids]
+        if block_nids and (same := self._bases_by_first_block.get(block_nids[0])):
+            same.pop(snapshot_nid, None)
+            if not same:
+                del self._bases_by_first_block[block_nids[0]]
+
+    def _related_base(self, block_nids: tuple[int, ...]) -> tuple[int, ResolvedState] | None:
+        """The cached base sharing the most leading blocks with ``block_nids``
+        (the first at least: same room and chunk), then the shortest. A
+        snapshot that merged its last blocks (``algebra.merge_point``), or
+        read after those that extend it, has no resolved ancestor yet is a
+        few entries from such a base: at PostgreSQL L the 20,001-member
+        room's 167 latest groups were 8 whole states, each 2-46 entries apart."""
+        same = self._bases_by_first_block.get(block_nids[0]) if block_nids else None
+        if not same:
+            return None
+        best = max(  # (a list: the reactor may change the dict meanwhile)
+            ((n := algebra.shared_prefix(block_nids, b), n - len(b), s) for s, b in list(same.items())),
+            default=None,
+        )
+        if best is None:
+            return None
+        base = self._resolved.get(best[2])  # held here: the reactor may evict it
+        return (best[2], base) if isinstance(base, ResolvedState) else None
+
