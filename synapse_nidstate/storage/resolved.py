@@ -3,8 +3,8 @@
 A whole state is kept once per base (:class:`ResolvedState`); a snapshot whose
 block list extends a resolved one (every snapshot between two compactions of
 its room, ``algebra.extend``) is read from its extra blocks alone and kept as
-its changes against that base (:class:`ResolvedChanges`). Also where NIDs
-become strings for ``reads`` (``strings``).
+its changes against that base (:class:`ResolvedChanges`); one read whole is
+kept so against a base it shares its first blocks with, if they are few.
 """
 
 import functools
@@ -218,8 +218,7 @@ class ResolvedStateStore(BlockStore, StringStore):
         #: The block list of each snapshot in ``_resolved`` (kept in step by the
         #: cache's callbacks): how a snapshot finds a resolved ancestor.
         self._resolved_index: dict[tuple[int, ...], int] = {}
-        #: The bases in ``_resolved`` by first block, with their block lists
-        #: (:meth:`_related_base`).
+        #: The bases in ``_resolved`` by first block, with their block lists.
         self._bases_by_first_block: dict[int, dict[int, tuple[int, ...]]] = {}
 
     def clear_caches(self) -> None:
@@ -377,23 +376,17 @@ class ResolvedStateStore(BlockStore, StringStore):
             plan = plans[snapshot_nid]
             own_strings = strings[snapshot_nid]
             resolved: ResolvedState | ResolvedChanges
-            # Built whole, kept as changes against a related base if few.
-            related = changed = None
+            related = whole = None
             if plan.whole:
-                built += len(own_strings)
-                if snapshot_nid not in parents:
-                    related = self._related_base(block_lists[snapshot_nid])
+                whole = cast("dict[tuple[str, str], str]", own_strings)
+                built += len(whole)
+                if snapshot_nid not in parents:  # kept as changes, if few
+                    related = self._related(block_lists[snapshot_nid], whole, bases, block_lists)
             if related is not None:
-                most = max(MIN_CHANGES, len(related[1]) // CHANGES_PART)
-                changed = algebra.bounded_difference(own_strings, related[1].full, most)
-            if changed is not None:
-                assert related is not None
-                resolved = ResolvedChanges(related[0], changed)
+                resolved = related[0]
                 answer[snapshot_nid] = resolved.filter(related[1], state_filter)
-            elif plan.whole:
-                resolved = bases[snapshot_nid] = ResolvedState(
-                    cast("dict[tuple[str, str], str]", own_strings)
-                )
+            elif whole is not None:
+                resolved = bases[snapshot_nid] = ResolvedState(whole)
                 answer[snapshot_nid] = resolved.filter(state_filter)
             else:
                 assert plan.base is not None
@@ -475,22 +468,33 @@ class ResolvedStateStore(BlockStore, StringStore):
             if not same:
                 del self._bases_by_first_block[block_nids[0]]
 
-    def _related_base(self, block_nids: tuple[int, ...]) -> tuple[int, ResolvedState] | None:
-        """The cached base sharing the most leading blocks with ``block_nids``
-        (the first at least: same room and chunk), then the shortest. A
-        snapshot that merged its last blocks (``algebra.merge_point``), or
-        read after those that extend it, has no resolved ancestor yet is a
-        few entries from such a base: at PostgreSQL L the 20,001-member
-        room's 167 latest groups were 8 whole states, each 2-46 entries apart."""
-        same = self._bases_by_first_block.get(block_nids[0]) if block_nids else None
-        if not same:
-            return None
-        best = max(  # (a list: the reactor may change the dict meanwhile)
-            ((n := algebra.shared_prefix(block_nids, b), n - len(b), s) for s, b in list(same.items())),
+    def _related(
+        self,
+        block_nids: tuple[int, ...],
+        state: dict[tuple[str, str], str],
+        in_read: Mapping[int, ResolvedState],
+        block_lists: Mapping[int, tuple[int, ...]],
+    ) -> tuple[ResolvedChanges, ResolvedState] | None:
+        """``state`` as changes against a base, and the base, if few enough:
+        the base (cached, or of this read: ``in_read``) sharing the most
+        leading blocks with ``block_nids``, the first at least, then the
+        shortest. At PostgreSQL L the 20,001-member room's 167 latest groups
+        were 8 whole states 2-46 entries apart: snapshots merged at the limit
+        or read before those they extend have no resolved ancestor."""
+        # (A list: the reactor may change the dict meanwhile; the base is held.)
+        same = self._bases_by_first_block.get(block_nids[0], {}) if block_nids else {}
+        candidates = list(same.items())
+        candidates += [(s, block_lists[s]) for s in in_read if block_lists[s][:1] == block_nids[:1]]
+        best = max(
+            ((n := algebra.shared_prefix(block_nids, b), n - len(b), s) for s, b in candidates),
             default=None,
         )
         if best is None:
             return None
-        base = self._resolved.get(best[2])  # held here: the reactor may evict it
-        return (best[2], base) if isinstance(base, ResolvedState) else None
+        base = in_read[best[2]] if best[2] in in_read else self._resolved.get(best[2])
+        if not isinstance(base, ResolvedState):
+            return None
+        most = max(MIN_CHANGES, len(base) // CHANGES_PART)
+        changes = algebra.bounded_difference(state, base.full, most)
+        return None if changes is None else (ResolvedChanges(best[2], changes), base)
 
