@@ -189,6 +189,20 @@ class BenchmarkSmokeTests(unittest.TestCase):
                 self.assertGreater(read["ms"], 0)
                 self.assertGreater(read["peak_mib"], 0)
                 self.assertGreater(read["entries"], 0)
+        # What the resolved-state cache keeps for the room's latest groups.
+        out = os.path.join(self.work, "resolved-cache.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.resolved_cache", "--homeserver-config",
+             config_path, "--room", room_id, "--groups", "5", "--order", "newest", "--json", out],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-3000:])
+        with open(out) as f:
+            kept = json.load(f)
+        self.assertIn("read newest", result.stdout)
+        self.assertGreaterEqual(kept["bases"], 1)
+        self.assertEqual(kept["bases"] + kept["changes"], kept["cache_entries"])
+        self.assertGreater(kept["bytes"], 0)
 
     def test_postgres(self) -> None:
         figures = self.run_benchmark("postgres", *self.postgres_args())
