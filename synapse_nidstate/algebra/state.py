@@ -418,8 +418,6 @@ class NidFilter:
         return {key: e for key, e in state.items() if self.matches(key)}
 
 
-
-
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading block NIDs two block lists share."""
     k = 0

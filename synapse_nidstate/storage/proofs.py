@@ -256,4 +256,3 @@ class ProofStore(GroupStateStore, InterningStore):
             for group, state in rows.items()
             if all(t in types and k in keys and e in events for (t, k), e in state.items())
         }
-

@@ -497,4 +497,3 @@ class ResolvedStateStore(BlockStore, StringStore):
         most = max(MIN_CHANGES, len(base) // CHANGES_PART)
         changes = algebra.bounded_difference(state, base.full, most)
         return None if changes is None else (ResolvedChanges(best[2], changes), base)
-
